@@ -1,0 +1,36 @@
+# `make demo` and `make test` each create .venv if missing, install with the pinned constraints, then run.
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.memrl-installed
+
+.PHONY: install demo test test-slow lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,optuna]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) -m memrl.train_agent
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy memrl
+
+bench: install
+	$(PY) bench/bench_finetune.py
+	$(PY) bench/bench_nn_search.py
+	$(PY) bench/bench_metrics.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""Shipped configs (YAML), installed with the package so names resolve outside the repo."""

