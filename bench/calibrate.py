@@ -22,8 +22,16 @@ from memrl.config import load_config
 from memrl.evaluate import EvalSpec, Evaluator, TaskContext
 from memrl.store import EvaluationStore
 
-COLUMNS = ("canary_copy_fraction", "near_copy_fraction", "canary_loss_gap", "loss_gap",
-           "noise_norm_canary", "nn_similarity_mean", "kid", "heldout_loss")
+COLUMNS = (
+    "canary_copy_fraction",
+    "near_copy_fraction",
+    "canary_loss_gap",
+    "loss_gap",
+    "noise_norm_canary",
+    "nn_similarity_mean",
+    "kid",
+    "heldout_loss",
+)
 
 
 def presets(space) -> list[tuple[str, str, np.ndarray]]:
@@ -62,13 +70,18 @@ def main(argv: list[str] | None = None) -> int:
             results.setdefault(label, []).append(ev.metrics)
             if not ev.cache_hit:
                 times.append(ev.timings["total"])
-            print(f"{label:<34} seed {seed}: " + " ".join(
-                f"{c}={ev.metrics.get(c, float('nan')):.4f}" for c in COLUMNS[:4]), flush=True)
+            print(
+                f"{label:<34} seed {seed}: "
+                + " ".join(f"{c}={ev.metrics.get(c, float('nan')):.4f}" for c in COLUMNS[:4]),
+                flush=True,
+            )
 
-    print(f"\n{cfg.data.private_size} private images, {cfg.data.canaries} canaries x "
-          f"{cfg.data.duplication}, {cfg.finetune.steps} steps at lr {cfg.finetune.lr}, "
-          f"{cfg.sample.num_samples} samples; {args.seeds} seeds; "
-          f"threshold {ctx.threshold:.4f}")
+    print(
+        f"\n{cfg.data.private_size} private images, {cfg.data.canaries} canaries x "
+        f"{cfg.data.duplication}, {cfg.finetune.steps} steps at lr {cfg.finetune.lr}, "
+        f"{cfg.sample.num_samples} samples; {args.seeds} seeds; "
+        f"threshold {ctx.threshold:.4f}"
+    )
     if times:
         print(f"uncached evaluation: mean {statistics.mean(times):.1f} s over {len(times)}")
     header = "| mask | trainable % | " + " | ".join(COLUMNS) + " |"
@@ -84,13 +97,18 @@ def main(argv: list[str] | None = None) -> int:
     if "full" in results and "no fine-tune" in results:
         print("\nseparation (full - none) / pooled seed std, per metric:")
         for c in COLUMNS:
-            sds = [statistics.stdev([r[c] for r in runs]) for runs in results.values()
-                   if len(runs) > 1 and c in runs[0]]
+            sds = [
+                statistics.stdev([r[c] for r in runs])
+                for runs in results.values()
+                if len(runs) > 1 and c in runs[0]
+            ]
             pooled = float(np.sqrt(np.mean(np.square(sds)))) if sds else float("nan")
             full = statistics.mean(r[c] for r in results["full"])
             none = statistics.mean(r[c] for r in results["no fine-tune"])
-            print(f"  {c:<22} full-none={full - none:+.4f}  noise={pooled:.4f}  "
-                  f"ratio={(full - none) / pooled if pooled else float('inf'):+.1f}")
+            print(
+                f"  {c:<22} full-none={full - none:+.4f}  noise={pooled:.4f}  "
+                f"ratio={(full - none) / pooled if pooled else float('inf'):+.1f}"
+            )
     return 0
 
 

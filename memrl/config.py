@@ -145,8 +145,12 @@ class EnvConfig:
     """``mask``: the whole mask in one step. ``sequential``: one group per step."""
     max_groups: int | None = None
     """Sequential mode: at most this many groups unfrozen (None: no budget)."""
+    stop_action: bool = False
+    """Sequential mode: add action 2, which freezes the remaining groups and ends the episode."""
     backend: str = "inprocess"
     """``inprocess``, ``subprocess`` or ``replay``."""
+    replay_fallback: bool = False
+    """Replay backend: evaluate masks missing from the store in-process instead of raising."""
     store: str | None = None
     """Path of the EvaluationStore (sqlite); None uses ``$MEMRL_CACHE/evaluations.sqlite``."""
     tasks: list[dict[str, Any]] = field(default_factory=list)
@@ -232,9 +236,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 raise ValueError
             return annotation(value)
         except (TypeError, ValueError):
-            raise ConfigError(
-                f"{where}: expected {annotation.__name__}, got {value!r}"
-            ) from None
+            raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}") from None
     return value
 
 

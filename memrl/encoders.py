@@ -47,10 +47,18 @@ class ContrastiveEncoder(nn.Module):
         super().__init__()
         self.num_features = dim
         self.net = nn.Sequential(
-            nn.Conv2d(channels, width, 3, padding=1), nn.GroupNorm(4, width), nn.SiLU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.GroupNorm(4, 2 * width), nn.SiLU(),
-            nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1), nn.GroupNorm(4, 4 * width), nn.SiLU(),
-            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16 * width, dim),
+            nn.Conv2d(channels, width, 3, padding=1),
+            nn.GroupNorm(4, width),
+            nn.SiLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+            nn.GroupNorm(4, 2 * width),
+            nn.SiLU(),
+            nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1),
+            nn.GroupNorm(4, 4 * width),
+            nn.SiLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(16 * width, dim),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,8 +74,12 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
     rows = (dy[:, None] + torch.arange(h)[None]).clamp(max=h + 2 * pad - 1)
     cols = (dx[:, None] + torch.arange(w)[None]).clamp(max=w + 2 * pad - 1)
-    out = padded[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None],
-                 rows[:, None, :, None], cols[:, None, None, :]]
+    out = padded[
+        torch.arange(n)[:, None, None, None],
+        torch.arange(x.shape[1])[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
     contrast = 1 + 0.3 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)
     brightness = 0.2 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)
     noise = 0.1 * torch.randn(out.shape, generator=g)
@@ -84,7 +96,9 @@ def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1) -> torch
     return F.cross_entropy(sim, target)
 
 
-def train_contrastive(images: torch.Tensor, dim: int, steps: int, batch_size: int, seed: int) -> ContrastiveEncoder:
+def train_contrastive(
+    images: torch.Tensor, dim: int, steps: int, batch_size: int, seed: int
+) -> ContrastiveEncoder:
     """Train a :class:`ContrastiveEncoder` on ``images`` (N, C, H, W) in [-1, 1]."""
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():

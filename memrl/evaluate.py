@@ -64,8 +64,9 @@ class EvalSpec:
 
     @property
     def hash(self) -> str:
-        return stable_hash({"settings": self.settings, "mask": list(self.mask),
-                            "fingerprints": self.fingerprints}, length=24)
+        return stable_hash(
+            {"settings": self.settings, "mask": list(self.mask), "fingerprints": self.fingerprints}, length=24
+        )
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -100,9 +101,13 @@ class Evaluation:
             np.savez_compressed(buf, samples=self.samples, nearest=self.nearest)
             blob = buf.getvalue()
         return {
-            "spec_hash": self.spec_hash, "mask": json.dumps(list(self.mask)), "ok": int(self.ok),
-            "error": self.error, "metrics": json.dumps(self.metrics),
-            "timings": json.dumps(self.timings), "versions": json.dumps(self.versions),
+            "spec_hash": self.spec_hash,
+            "mask": json.dumps(list(self.mask)),
+            "ok": int(self.ok),
+            "error": self.error,
+            "metrics": json.dumps(self.metrics),
+            "timings": json.dumps(self.timings),
+            "versions": json.dumps(self.versions),
             "samples": blob,
         }
 
@@ -113,10 +118,15 @@ class Evaluation:
             with np.load(io.BytesIO(row["samples"]), allow_pickle=False) as data:
                 samples, nearest = data["samples"], data["nearest"]
         return cls(
-            spec_hash=row["spec_hash"], mask=tuple(json.loads(row["mask"])),
-            metrics=json.loads(row["metrics"]), ok=bool(row["ok"]), error=row["error"],
-            timings=json.loads(row["timings"]), versions=json.loads(row["versions"]),
-            samples=samples, nearest=nearest,
+            spec_hash=row["spec_hash"],
+            mask=tuple(json.loads(row["mask"])),
+            metrics=json.loads(row["metrics"]),
+            ok=bool(row["ok"]),
+            error=row["error"],
+            timings=json.loads(row["timings"]),
+            versions=json.loads(row["versions"]),
+            samples=samples,
+            nearest=nearest,
         )
 
     def to_json(self) -> str:
@@ -151,9 +161,7 @@ class TaskContext:
         self.space = SearchSpace(self.base.unet, cfg.search.granularity, cfg.search.method)
         self.encoder = get_encoder(cfg, self.splits)
         self.train_embeddings = embed(self.encoder, self.splits.private)
-        self.index = NearestNeighbourIndex(
-            self.train_embeddings, cfg.metrics.index, cfg.metrics.faiss_index
-        )
+        self.index = NearestNeighbourIndex(self.train_embeddings, cfg.metrics.index, cfg.metrics.faiss_index)
         self.heldout_embeddings = embed(self.encoder, self.splits.heldout)
         self.threshold = copy_threshold(self.index, self.heldout_embeddings, cfg.metrics.copy_quantile)
         self.fingerprints = {
@@ -187,19 +195,41 @@ def sample_labels(ctx: TaskContext, cfg: Config) -> tuple[torch.Tensor, torch.Te
     null = torch.full((n,), -1, dtype=torch.long)
     parts = []
     if n_canary:
-        parts.append(canary.repeat(n_canary // len(canary) + 1)[:n_canary] if canary is not None
-                     else null[:n_canary])
+        parts.append(
+            canary.repeat(n_canary // len(canary) + 1)[:n_canary] if canary is not None else null[:n_canary]
+        )
     if n - n_canary:
-        parts.append(heldout.repeat((n - n_canary) // len(heldout) + 1)[: n - n_canary]
-                     if heldout is not None else null[: n - n_canary])
+        parts.append(
+            heldout.repeat((n - n_canary) // len(heldout) + 1)[: n - n_canary]
+            if heldout is not None
+            else null[: n - n_canary]
+        )
     is_canary = torch.arange(n) < n_canary
     return torch.cat(parts), is_canary
 
 
 def evaluate_spec(spec: EvalSpec) -> Evaluation:
     """Fine-tune, sample and score one mask. Pure function of ``spec``; raises on failure."""
-    from memrl.encoders import embed
     from memrl.finetune import finetune
+
+    start = time.perf_counter()
+    cfg = spec.to_config()
+    ctx = TaskContext.get(cfg)
+    context_time = time.perf_counter() - start
+    model, ft = finetune(ctx.base, ctx.splits.finetune_set(), ctx.space.prefixes(np.array(spec.mask)), cfg)
+    if ft.diverged:
+        raise FloatingPointError(f"fine-tune diverged: {ft.stop_reason}")
+    result = score_model(model, ctx, cfg, spec.mask, spec.hash)
+    result.metrics["finetune_loss"] = ft.final_loss
+    result.metrics["trainable_params"] = float(ft.trainable_params)
+    result.metrics["trainable_fraction"] = ft.trainable_fraction
+    result.timings.update(context=context_time, finetune=ft.wall_time, total=time.perf_counter() - start)
+    return result
+
+
+def score_model(model, ctx: TaskContext, cfg: Config, mask, spec_hash: str = "") -> Evaluation:
+    """Every metric of a (fine-tuned) model on ``ctx``'s task: losses, samples, copies, quality."""
+    from memrl.encoders import embed
     from memrl.metrics.memorization import (
         copy_scores,
         denoising_loss,
@@ -209,20 +239,8 @@ def evaluate_spec(spec: EvalSpec) -> Evaluation:
     from memrl.metrics.quality import fid_kid
     from memrl.sampling import sample
 
-    cfg = spec.to_config()
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    ctx = TaskContext.get(cfg)
-    timings["context"] = time.perf_counter() - start
     splits, m = ctx.splits, cfg.metrics
-    prefixes = ctx.space.prefixes(np.array(spec.mask))
-
-    t0 = time.perf_counter()
-    model, ft = finetune(ctx.base, splits.finetune_set(), prefixes, cfg)
-    timings["finetune"] = time.perf_counter() - t0
-    if ft.diverged:
-        raise FloatingPointError(f"fine-tune diverged: {ft.stop_reason}")
-
+    timings: dict[str, float] = {}
     t0 = time.perf_counter()
     is_canary_private = torch.zeros(len(splits.private), dtype=torch.bool)
     is_canary_private[splits.canary_index] = True
@@ -238,43 +256,47 @@ def evaluate_spec(spec: EvalSpec) -> Evaluation:
 
     t0 = time.perf_counter()
     sample_emb = embed(ctx.encoder, samples)
-    scores = copy_scores(sample_emb, ctx.index, ctx.threshold, splits.canary_index, is_canary,
-                         m.ratio_test)
+    scores = copy_scores(sample_emb, ctx.index, ctx.threshold, splits.canary_index, is_canary, m.ratio_test)
     _, nearest = ctx.index.search(sample_emb, 1)
     extracted, match_frac = extraction_count(samples, splits.private.images, m.extraction_threshold)
     quality = fid_kid(ctx.encoder, samples, splits.heldout.images, m.kid_subset_size)
-    canary_labels = splits.canaries.labels
     norms = {}
-    if canary_labels is not None:
+    canary_labels = splits.canaries.labels
+    if canary_labels is not None and splits.heldout.labels is not None:
         norms["noise_norm_canary"] = float(noise_norm(model, canary_labels, m.noise_norm_timesteps).mean())
         norms["noise_norm_heldout"] = float(
-            noise_norm(model, splits.heldout.labels[:32], m.noise_norm_timesteps).mean())
+            noise_norm(model, splits.heldout.labels[:32], m.noise_norm_timesteps).mean()
+        )
     timings["metrics"] = time.perf_counter() - t0
 
     held = float(heldout_loss.mean())
     non_canary = train_loss[~is_canary_private]
     canary = train_loss[is_canary_private]
+    nan = float("nan")
     metrics = {
         "heldout_loss": held,
-        "train_loss": float(non_canary.mean()) if len(non_canary) else float("nan"),
-        "canary_loss": float(canary.mean()) if len(canary) else float("nan"),
-        "loss_gap": held - float(non_canary.mean()) if len(non_canary) else float("nan"),
-        "canary_loss_gap": held - float(canary.mean()) if len(canary) else float("nan"),
+        "train_loss": float(non_canary.mean()) if len(non_canary) else nan,
+        "canary_loss": float(canary.mean()) if len(canary) else nan,
+        "loss_gap": held - float(non_canary.mean()) if len(non_canary) else nan,
+        "canary_loss_gap": held - float(canary.mean()) if len(canary) else nan,
         **{k: float(v) for k, v in dataclasses.asdict(scores).items()},
         "copy_threshold": ctx.threshold,
         "extracted": float(extracted),
         "extraction_match_fraction": match_frac,
         **quality,
         **norms,
-        "finetune_loss": ft.final_loss,
-        "trainable_params": float(ft.trainable_params),
-        "trainable_fraction": ft.trainable_fraction,
-        "group_fraction": ctx.space.group_fraction(np.array(spec.mask)),
+        "trainable_params": 0.0,
+        "trainable_fraction": 0.0,
+        "group_fraction": ctx.space.group_fraction(np.array(mask)),
     }
-    timings["total"] = time.perf_counter() - start
     return Evaluation(
-        spec_hash=spec.hash, mask=spec.mask, metrics=metrics, timings=timings,
-        versions=package_versions(), samples=_to_uint8(samples), nearest=nearest[:, 0].numpy(),
+        spec_hash=spec_hash,
+        mask=tuple(int(v) for v in mask),
+        metrics=metrics,
+        timings=timings,
+        versions=package_versions(),
+        samples=_to_uint8(samples),
+        nearest=nearest[:, 0].numpy(),
     )
 
 
@@ -314,8 +336,9 @@ class Evaluator:
         fallback: for ``replay``, the live backend to use for specs not in the store (None: raise).
     """
 
-    def __init__(self, store, backend: str = "inprocess", fallback: str | None = None,
-                 timeout: float | None = None) -> None:
+    def __init__(
+        self, store, backend: str = "inprocess", fallback: str | None = None, timeout: float | None = None
+    ) -> None:
         if backend not in ("inprocess", "subprocess", "replay"):
             raise ValueError(f"backend={backend!r} is not inprocess, subprocess or replay")
         self.store, self.backend, self.fallback, self.timeout = store, backend, fallback, timeout

@@ -115,9 +115,16 @@ def finetune(
     apply_method(model.unet, prefixes, cfg.search.method, cfg.search.lora_rank)
     f = cfg.finetune
     result = train_denoiser(
-        model, data, steps=f.steps, batch_size=f.batch_size, lr=f.lr,
-        cond_dropout=cfg.model.cond_dropout, seed=f.seed, grad_clip=f.grad_clip,
-        weight_decay=f.weight_decay, desc="fine-tune",
+        model,
+        data,
+        steps=f.steps,
+        batch_size=f.batch_size,
+        lr=f.lr,
+        cond_dropout=cfg.model.cond_dropout,
+        seed=f.seed,
+        grad_clip=f.grad_clip,
+        weight_decay=f.weight_decay,
+        desc="fine-tune",
     )
     result.total_params = total
     return model, result

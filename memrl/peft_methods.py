@@ -79,41 +79,62 @@ def _lora(unet: nn.Module, modules: list[tuple[str, nn.Module]], rank: int) -> N
         param.requires_grad_("lora_" in name)
 
 
+def _full(unet: nn.Module, modules: list[tuple[str, nn.Module]], rank: int) -> None:
+    for _, module in modules:
+        module.requires_grad_(True)
+
+
+def _attention(unet: nn.Module, modules: list[tuple[str, nn.Module]], rank: int) -> None:
+    attention = _attention_class()
+    for _, module in modules:
+        if isinstance(module, attention):
+            module.requires_grad_(True)
+
+
+def _bias_norm(unet: nn.Module, modules: list[tuple[str, nn.Module]], rank: int) -> None:
+    for _, module in modules:
+        if isinstance(module, _NORMS):
+            module.requires_grad_(True)
+        elif isinstance(module, _WEIGHTED) and module.bias is not None:
+            module.bias.requires_grad_(True)
+
+
+def _difffit(unet: nn.Module, modules: list[tuple[str, nn.Module]], rank: int) -> None:
+    _bias_norm(unet, modules, rank)
+    for _, module in modules:
+        if isinstance(module, _WEIGHTED):
+            out = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+            module.difffit_scale = nn.Parameter(torch.ones(out))
+            module.register_forward_hook(_scale_output)
+
+
+def _svdiff(unet: nn.Module, modules: list[tuple[str, nn.Module]], rank: int) -> None:
+    for _, module in modules:
+        if isinstance(module, _WEIGHTED):
+            parametrize.register_parametrization(module, "weight", SpectralShift(module.weight))
+            module.parametrizations.weight.original.requires_grad_(False)
+
+
+_APPLY = {
+    "full": _full,
+    "attention": _attention,
+    "bias_norm": _bias_norm,
+    "difffit": _difffit,
+    "lora": _lora,
+    "svdiff": _svdiff,
+}
+
+
 def apply_method(unet: nn.Module, prefixes: list[str], method: str, lora_rank: int = 4) -> list[nn.Parameter]:
     """Freeze ``unet``, then unfreeze ``method``'s parameters inside ``prefixes``.
 
     Modifies ``unet`` in place (adds adapters for lora/difffit/svdiff); apply it to a copy.
     Returns the trainable parameters.
     """
-    if method not in METHODS:
+    if method not in _APPLY:
         raise ValueError(f"method={method!r} is not one of {METHODS}")
     unet.requires_grad_(False)
-    modules = _modules_under(unet, prefixes)
-    if method == "full":
-        for _, module in modules:
-            module.requires_grad_(True)
-    elif method == "attention":
-        attention = _attention_class()
-        for _, module in modules:
-            if isinstance(module, attention):
-                module.requires_grad_(True)
-    elif method in ("bias_norm", "difffit"):
-        for _, module in modules:
-            if isinstance(module, _NORMS):
-                module.requires_grad_(True)
-            elif isinstance(module, _WEIGHTED) and module.bias is not None:
-                module.bias.requires_grad_(True)
-            if method == "difffit" and isinstance(module, _WEIGHTED):
-                out = module.out_features if isinstance(module, nn.Linear) else module.out_channels
-                module.difffit_scale = nn.Parameter(torch.ones(out))
-                module.register_forward_hook(_scale_output)
-    elif method == "lora":
-        _lora(unet, modules, lora_rank)
-    elif method == "svdiff":
-        for _, module in modules:
-            if isinstance(module, _WEIGHTED):
-                parametrize.register_parametrization(module, "weight", SpectralShift(module.weight))
-                module.parametrizations.weight.original.requires_grad_(False)
+    _APPLY[method](unet, _modules_under(unet, prefixes), lora_rank)
     return [p for p in unet.parameters() if p.requires_grad]
 
 

@@ -20,8 +20,7 @@ from torch import nn
 
 from memrl.config import stable_hash
 
-_STAGE = {"conv_in": 0, "time_embedding": 1, "down_blocks": 2, "mid_block": 3, "up_blocks": 4,
-          "conv_out": 5}
+_STAGE = {"conv_in": 0, "time_embedding": 1, "down_blocks": 2, "mid_block": 3, "up_blocks": 4, "conv_out": 5}
 _TRANSFORMER = re.compile(r"^(down_blocks\.\d+|up_blocks\.\d+|mid_block)\.attentions\.\d+$")
 _LAYER = re.compile(r"^(down_blocks\.\d+|up_blocks\.\d+|mid_block)\.(attentions|resnets)\.\d+$")
 GRANULARITIES = ("block", "transformer", "layer")

@@ -66,8 +66,9 @@ class EvaluationStore:
         columns = ", ".join(row)
         marks = ", ".join("?" for _ in row)
         with self._connect() as db:
-            db.execute(f"INSERT OR REPLACE INTO evaluations ({columns}) VALUES ({marks})",
-                       tuple(row.values()))
+            db.execute(
+                f"INSERT OR REPLACE INTO evaluations ({columns}) VALUES ({marks})", tuple(row.values())
+            )
 
     def __len__(self) -> int:
         with self._connect() as db:
@@ -82,20 +83,24 @@ class EvaluationStore:
         """Every evaluation as a flat dict: spec_hash, mask, ok, error, metrics..., timings."""
         with self._connect() as db:
             raw = db.execute(
-                "SELECT spec_hash, mask, ok, error, metrics, timings, spec FROM evaluations "
-                "ORDER BY created").fetchall()
+                "SELECT spec_hash, mask, ok, error, metrics, timings, spec FROM evaluations ORDER BY created"
+            ).fetchall()
         out = []
         for r in raw:
             spec = json.loads(r["spec"]) if r["spec"] else {}
             settings = spec.get("settings", {})
-            out.append({
-                "spec_hash": r["spec_hash"], "mask": "".join(map(str, json.loads(r["mask"]))),
-                "ok": bool(r["ok"]), "error": r["error"] or "",
-                "method": settings.get("search", {}).get("method", ""),
-                "data_fingerprint": spec.get("fingerprints", {}).get("data", ""),
-                **json.loads(r["metrics"]),
-                **{f"time_{k}": v for k, v in json.loads(r["timings"]).items()},
-            })
+            out.append(
+                {
+                    "spec_hash": r["spec_hash"],
+                    "mask": "".join(map(str, json.loads(r["mask"]))),
+                    "ok": bool(r["ok"]),
+                    "error": r["error"] or "",
+                    "method": settings.get("search", {}).get("method", ""),
+                    "data_fingerprint": spec.get("fingerprints", {}).get("data", ""),
+                    **json.loads(r["metrics"]),
+                    **{f"time_{k}": v for k, v in json.loads(r["timings"]).items()},
+                }
+            )
         return out
 
     def export_csv(self, path: str | Path) -> Path:
@@ -116,14 +121,17 @@ def summary(store: EvaluationStore) -> str:
     ok = [r for r in rows if r["ok"]]
     lines = [f"{store.path}: {len(rows)} evaluations ({len(rows) - len(ok)} failed)"]
     if ok:
-        lines.append(f"{'mask':<20} {'method':<10} {'canary_copy':>11} {'canary_gap':>10} "
-                     f"{'kid':>8} {'heldout':>8} {'train%':>7} {'secs':>6}")
+        lines.append(
+            f"{'mask':<20} {'method':<10} {'canary_copy':>11} {'canary_gap':>10} "
+            f"{'kid':>8} {'heldout':>8} {'train%':>7} {'secs':>6}"
+        )
         for r in ok[-40:]:
             lines.append(
                 f"{r['mask']:<20} {r['method']:<10} {r.get('canary_copy_fraction', float('nan')):>11.3f} "
                 f"{r.get('canary_loss_gap', float('nan')):>10.4f} {r.get('kid', float('nan')):>8.4f} "
                 f"{r.get('heldout_loss', float('nan')):>8.4f} "
-                f"{100 * r.get('trainable_fraction', 0):>7.2f} {r.get('time_total', 0):>6.1f}")
+                f"{100 * r.get('trainable_fraction', 0):>7.2f} {r.get('time_total', 0):>6.1f}"
+            )
     for r in rows:
         if not r["ok"]:
             lines.append(f"failed {r['mask']}: {r['error']}")
@@ -131,8 +139,10 @@ def summary(store: EvaluationStore) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m memrl.store", description=summary.__doc__ or
-                                     "Summarise (and export) an evaluation store.")
+    parser = argparse.ArgumentParser(
+        prog="python -m memrl.store",
+        description=summary.__doc__ or "Summarise (and export) an evaluation store.",
+    )
     parser.add_argument("path", help="the sqlite store")
     parser.add_argument("--csv", help="also export every evaluation to this CSV file")
     args = parser.parse_args(argv)

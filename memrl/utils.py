@@ -13,8 +13,15 @@ from pathlib import Path
 import numpy as np
 
 _PACKAGES = (
-    "memrl", "torch", "diffusers", "peft", "gymnasium", "stable-baselines3",
-    "torchmetrics", "faiss-cpu", "numpy",
+    "memrl",
+    "torch",
+    "diffusers",
+    "peft",
+    "gymnasium",
+    "stable-baselines3",
+    "torchmetrics",
+    "faiss-cpu",
+    "numpy",
 )
 
 

@@ -4,6 +4,12 @@ from memrl.data.imageset import DataError, ImageSet, load_folder, load_npz, resi
 from memrl.data.splits import DataSplits, base_split, load_splits
 
 __all__ = [
-    "DataError", "DataSplits", "ImageSet", "base_split", "load_folder", "load_npz",
-    "load_splits", "resize_images",
+    "DataError",
+    "DataSplits",
+    "ImageSet",
+    "base_split",
+    "load_folder",
+    "load_npz",
+    "load_splits",
+    "resize_images",
 ]

@@ -127,9 +127,7 @@ def _read_image(path: Path, channels: int) -> np.ndarray:
             img = img.convert("L" if channels == 1 else "RGB")
             array = np.asarray(img, dtype=np.float32)
     except (OSError, UnidentifiedImageError, SyntaxError) as exc:
-        raise DataError(
-            f"{path}: cannot read this image ({exc}); remove or replace the file"
-        ) from None
+        raise DataError(f"{path}: cannot read this image ({exc}); remove or replace the file") from None
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
 
@@ -159,9 +157,7 @@ def load_folder(folder: str | Path, resolution: int, channels: int = 1, resize: 
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder; point data.source at a folder of images or an .npz")
-    files = sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    )
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DataError(
             f"{folder}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))}); "

@@ -37,8 +37,13 @@ class DataSplits:
     def fingerprint(self) -> str:
         """Changes when any split, the canaries or the duplication changes."""
         return stable_hash(
-            [self.base.fingerprint, self.private.fingerprint, self.heldout.fingerprint,
-             self.canary_index.tolist(), self.duplication]
+            [
+                self.base.fingerprint,
+                self.private.fingerprint,
+                self.heldout.fingerprint,
+                self.canary_index.tolist(),
+                self.duplication,
+            ]
         )
 
     def finetune_set(self) -> ImageSet:
@@ -95,12 +100,25 @@ def load_splits(cfg: DataConfig) -> DataSplits:
     settings = {"seed": cfg.seed, "classes": cfg.private_classes}
     private = source.subset(pool[: cfg.private_size], name="private")
     heldout = source.subset(pool[cfg.private_size : need], name="heldout")
-    private = ImageSet(private.images, private.labels, private.captions, "private",
-                       {**private.meta, **settings, "split": "private"})
-    heldout = ImageSet(heldout.images, heldout.labels, heldout.captions, "heldout",
-                       {**heldout.meta, **settings, "split": "heldout"})
+    private = ImageSet(
+        private.images,
+        private.labels,
+        private.captions,
+        "private",
+        {**private.meta, **settings, "split": "private"},
+    )
+    heldout = ImageSet(
+        heldout.images,
+        heldout.labels,
+        heldout.captions,
+        "heldout",
+        {**heldout.meta, **settings, "split": "heldout"},
+    )
     canary_index = torch.randperm(cfg.private_size, generator=g)[: cfg.canaries].sort().values
     return DataSplits(
-        base=base_split(cfg), private=private, heldout=heldout,
-        canary_index=canary_index, duplication=cfg.duplication,
+        base=base_split(cfg),
+        private=private,
+        heldout=heldout,
+        canary_index=canary_index,
+        duplication=cfg.duplication,
     )

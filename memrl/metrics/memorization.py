@@ -70,16 +70,21 @@ class NearestNeighbourIndex:
             built = faiss.IndexFlatIP(self.dim)
         elif index == "ivf":
             nlist = nlist or max(1, int(4 * np.sqrt(len(data))))
-            built = faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, nlist,
-                                       faiss.METRIC_INNER_PRODUCT)
+            built = faiss.IndexIVFFlat(
+                faiss.IndexFlatIP(self.dim), self.dim, nlist, faiss.METRIC_INNER_PRODUCT
+            )
             built.train(data)
             built.nprobe = nprobe
         elif index == "hnsw":
             built = faiss.IndexHNSWFlat(self.dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
         else:
             raise ValueError(f"index={index!r} is not one of flat, ivf, hnsw")
-        if use_gpu and index == "flat" and hasattr(faiss, "StandardGpuResources") \
-                and faiss.get_num_gpus() > 0:
+        if (
+            use_gpu
+            and index == "flat"
+            and hasattr(faiss, "StandardGpuResources")
+            and faiss.get_num_gpus() > 0
+        ):
             built = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, built)
         built.add(data)
         return built

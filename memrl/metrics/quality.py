@@ -20,7 +20,10 @@ class _Features(nn.Module):
 
 @torch.no_grad()
 def fid_kid(
-    encoder: nn.Module, generated: torch.Tensor, real: torch.Tensor, kid_subset_size: int = 32,
+    encoder: nn.Module,
+    generated: torch.Tensor,
+    real: torch.Tensor,
+    kid_subset_size: int = 32,
     kid_subsets: int = 50,
 ) -> dict[str, float]:
     """FID and KID (mean, std) of ``generated`` against ``real`` images in [-1, 1].

@@ -174,8 +174,13 @@ def load_model(path: str | Path, num_classes: int = 10) -> DiffusionModel:
 
 def base_model_key(cfg: Config, splits: DataSplits) -> str:
     """Cache key of the tiny base model: its config and the base split's fingerprint."""
-    parts = {"model": cfg.model.__dict__, "resolution": cfg.data.resolution,
-             "channels": cfg.data.channels, "base": splits.base.fingerprint, "version": 1}
+    parts = {
+        "model": cfg.model.__dict__,
+        "resolution": cfg.data.resolution,
+        "channels": cfg.data.channels,
+        "base": splits.base.fingerprint,
+        "version": 1,
+    }
     return stable_hash(parts)
 
 
@@ -216,9 +221,16 @@ def pretrain_base_model(cfg: Config, splits: DataSplits) -> DiffusionModel:
     m = cfg.model
     log.info("pretraining the base UNet: %d steps on %d images", m.pretrain_steps, len(splits.base))
     result = train_denoiser(
-        model, splits.base, steps=m.pretrain_steps, batch_size=m.pretrain_batch_size,
-        lr=m.pretrain_lr, cond_dropout=m.cond_dropout, seed=cfg.seed, grad_clip=1.0,
-        cosine=True, desc="pretrain base UNet",
+        model,
+        splits.base,
+        steps=m.pretrain_steps,
+        batch_size=m.pretrain_batch_size,
+        lr=m.pretrain_lr,
+        cond_dropout=m.cond_dropout,
+        seed=cfg.seed,
+        grad_clip=1.0,
+        cosine=True,
+        desc="pretrain base UNet",
     )
     if result.diverged:
         raise RuntimeError(f"base-model pretraining diverged: {result.stop_reason}")
@@ -227,6 +239,12 @@ def pretrain_base_model(cfg: Config, splits: DataSplits) -> DiffusionModel:
 
 
 __all__ = [
-    "DiffusionModel", "ModelError", "base_model_key", "build_unet",
-    "get_base_model", "install_groupnorm_guard", "load_model", "pretrain_base_model",
+    "DiffusionModel",
+    "ModelError",
+    "base_model_key",
+    "build_unet",
+    "get_base_model",
+    "install_groupnorm_guard",
+    "load_model",
+    "pretrain_base_model",
 ]

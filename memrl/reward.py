@@ -1,0 +1,86 @@
+"""Scalarised reward from memorization and quality, normalised against two references.
+
+For each dataset two reference evaluations are run once (and cached in the store): the base model
+without fine-tuning (mask of zeros) and full fine-tuning (mask of ones). Then
+
+* memorization term  ``m = (mem - mem_none) / (mem_full - mem_none)``: 0 memorizes as little as
+  the base model, 1 as much as full fine-tuning;
+* quality term  ``q = (qual - qual_full) / (qual_none - qual_full)`` (lower ``qual`` is better):
+  0 is as good as full fine-tuning, 1 as poor as no fine-tuning;
+
+and ``reward = -(w_m * m + w_q * q + w_p * trainable_fraction)``. Both references score -1 (with
+unit weights); a mask that keeps full fine-tuning's quality while memorizing like the base model
+scores 0. So rewards are comparable across datasets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from memrl.config import RewardConfig
+
+_EPS = 1e-6
+
+
+@dataclass
+class References:
+    none: dict[str, float]
+    """Metrics of the base model without fine-tuning."""
+    full: dict[str, float]
+    """Metrics of full fine-tuning."""
+
+
+class Reward:
+    """Scalarise an evaluation's metrics (see the module docstring)."""
+
+    def __init__(self, cfg: RewardConfig, refs: References) -> None:
+        for key in (cfg.memorization, cfg.quality):
+            if key not in refs.none or key not in refs.full:
+                raise ValueError(
+                    f"reward term {key!r} is not a metric of the reference evaluations; "
+                    f"choose one of {sorted(refs.full)}"
+                )
+        self.cfg, self.refs = cfg, refs
+
+    def _scale(self, key: str) -> tuple[float, float]:
+        lo, hi = self.refs.none[key], self.refs.full[key]
+        span = hi - lo
+        return lo, span if abs(span) > _EPS else (_EPS if span >= 0 else -_EPS)
+
+    def terms(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The normalised terms: memorization (0 none .. 1 full) and quality cost (0 full .. 1 none)."""
+        c = self.cfg
+        lo, span = self._scale(c.memorization)
+        mem = (metrics[c.memorization] - lo) / span
+        q_none, q_full = self.refs.none[c.quality], self.refs.full[c.quality]
+        q_span = q_none - q_full
+        if abs(q_span) < _EPS:
+            q_span = _EPS
+        quality = (metrics[c.quality] - q_full) / q_span
+        return {
+            "memorization_term": float(mem),
+            "quality_term": float(quality),
+            "param_term": float(metrics.get("trainable_fraction", 0.0)),
+        }
+
+    def __call__(self, metrics: dict[str, float]) -> float:
+        t = self.terms(metrics)
+        c = self.cfg
+        value = -(
+            c.memorization_weight * t["memorization_term"]
+            + c.quality_weight * t["quality_term"]
+            + c.param_weight * t["param_term"]
+        )
+        return float(value) if np.isfinite(value) else float(c.failure_penalty)
+
+
+def pareto_front(points: np.ndarray) -> np.ndarray:
+    """Boolean mask of the points (rows, every column to be minimised) no other point dominates."""
+    points = np.asarray(points, dtype=float)
+    keep = np.ones(len(points), dtype=bool)
+    for i, p in enumerate(points):
+        dominated = np.all(points <= p, axis=1) & np.any(points < p, axis=1)
+        keep[i] = not dominated.any()
+    return keep

@@ -1,0 +1,132 @@
+import pytest
+import torch
+
+from memrl.encoders import PixelEncoder, embed, get_encoder, train_contrastive
+from memrl.finetune import finetune
+from memrl.metrics.memorization import (
+    NearestNeighbourIndex,
+    copy_scores,
+    copy_threshold,
+    denoising_loss,
+    extraction_count,
+    noise_norm,
+    tiled_l2_distance,
+)
+from memrl.metrics.quality import fid_kid
+
+
+def test_faiss_flat_matches_torch_brute_force():
+    g = torch.Generator().manual_seed(0)
+    train, queries = torch.randn(500, 32, generator=g), torch.randn(40, 32, generator=g)
+    fs, fi = NearestNeighbourIndex(train, "faiss").search(queries, 5)
+    ts, ti = NearestNeighbourIndex(train, "torch").search(queries, 5)
+    assert torch.equal(fi, ti)
+    assert torch.allclose(fs, ts, atol=1e-5)
+    # brute force by hand
+    ref = torch.nn.functional.normalize(queries, dim=1) @ torch.nn.functional.normalize(train, dim=1).T
+    assert torch.equal(ref.argmax(1), ti[:, 0])
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_indexes_have_high_recall(kind):
+    g = torch.Generator().manual_seed(1)
+    train, queries = torch.randn(4000, 16, generator=g), torch.randn(100, 16, generator=g)
+    _, exact = NearestNeighbourIndex(train, "torch").search(queries, 1)
+    _, approx = NearestNeighbourIndex(train, "faiss", index=kind, nprobe=16).search(queries, 1)
+    assert (exact == approx).float().mean() >= 0.9
+
+
+def test_torch_backend_rejects_approximate_index():
+    with pytest.raises(ValueError, match="needs the faiss backend"):
+        NearestNeighbourIndex(torch.randn(5, 3), "torch", index="ivf")
+
+
+@pytest.fixture(scope="module")
+def trained_encoder(ctx):
+    s = ctx.splits
+    images = torch.cat([s.base.images, s.private.images, s.heldout.images])
+    return train_contrastive(images, dim=32, steps=150, batch_size=128, seed=0)
+
+
+def test_copies_score_as_memorized_and_heldout_images_do_not(ctx, trained_encoder):
+    s = ctx.splits
+    index = NearestNeighbourIndex(embed(trained_encoder, s.private))
+    threshold = copy_threshold(index, embed(trained_encoder, s.heldout), 0.99)
+    exact = copy_scores(embed(trained_encoder, s.private), index, threshold)
+    assert exact.near_copy_fraction == 1.0 and exact.distinct_copied == len(s.private)
+    held = copy_scores(embed(trained_encoder, s.heldout), index, threshold)
+    assert held.near_copy_fraction <= 0.05
+    g = torch.Generator().manual_seed(0)
+    noisy = (s.private.images + 0.05 * torch.randn(s.private.images.shape, generator=g)).clamp(-1, 1)
+    assert copy_scores(embed(trained_encoder, noisy), index, threshold).near_copy_fraction >= 0.8
+    shifted = torch.roll(s.private.images, shifts=1, dims=3)
+    shifted_scores = copy_scores(embed(trained_encoder, shifted), index, threshold)
+    assert shifted_scores.nn_similarity_mean > held.nn_similarity_mean
+
+
+def test_canary_copy_fraction_counts_only_canary_hits(ctx):
+    enc = PixelEncoder(1, 8)
+    s = ctx.splits
+    index = NearestNeighbourIndex(embed(enc, s.private), "torch")
+    samples = torch.cat([s.private.images[s.canary_index], s.heldout.images[:2]])
+    is_canary = torch.tensor([True] * len(s.canary_index) + [False, False])
+    scores = copy_scores(embed(enc, samples), index, 0.999, s.canary_index, is_canary)
+    assert scores.canary_copy_fraction == 1.0
+
+
+def test_tiled_l2_and_extraction():
+    g = torch.Generator().manual_seed(0)
+    train = torch.rand(6, 1, 8, 8, generator=g) * 2 - 1
+    assert tiled_l2_distance(train, train).diagonal().abs().max() < 1e-5
+    samples = torch.cat(
+        [
+            train[2:3].repeat(3, 1, 1, 1),
+            train[4:5].repeat(2, 1, 1, 1),
+            torch.rand(3, 1, 8, 8, generator=g) * 2 - 1,
+        ]
+    )
+    extracted, frac = extraction_count(samples, train, threshold=0.05)
+    assert extracted == 1  # image 2 is matched by a clique of 3; image 4 only by 2
+    assert frac == pytest.approx(5 / 8)
+
+
+def test_fid_of_a_set_against_itself_is_small_and_against_another_domain_large(ctx, trained_encoder):
+    s = ctx.splits
+    same = fid_kid(trained_encoder, s.heldout.images, s.heldout.images, kid_subset_size=16)
+    other = fid_kid(trained_encoder, s.base.images[:64], s.heldout.images, kid_subset_size=16)
+    noise = fid_kid(trained_encoder, torch.rand(64, 1, 8, 8) * 2 - 1, s.heldout.images, 16)
+    assert abs(same["fid"]) < 1e-3 and abs(same["kid"]) < 1e-3
+    assert noise["fid"] > other["fid"] > 10 * abs(same["fid"])
+    assert noise["kid"] > 0.05
+
+
+def test_encoder_is_cached_by_dataset(cfg, ctx):
+    a = get_encoder(cfg, ctx.splits)
+    assert get_encoder(cfg, ctx.splits) is a
+    cfg.data.seed = 3
+    from memrl.data import load_splits
+
+    assert get_encoder(cfg, load_splits(cfg.data)) is not a
+
+
+def test_noise_norm_is_zero_for_the_null_label(ctx):
+    null = torch.full((3,), ctx.base.null_label)
+    assert noise_norm(ctx.base, null, [100, 500]).abs().max() == 0
+    assert noise_norm(ctx.base, torch.tensor([1, 2, 3]), [100, 500]).min() > 0
+
+
+def test_long_finetune_on_duplicated_canaries_memorizes_them(cfg, ctx):
+    """Fast version: a long full fine-tune lowers the canaries' loss below held-out images'."""
+    s = ctx.splits
+    cfg.finetune.steps, cfg.finetune.lr = 120, 3e-3
+    canary = s.canaries
+    before_gap = (
+        denoising_loss(ctx.base, s.heldout.images, s.heldout.labels, [100, 300, 500]).mean()
+        - denoising_loss(ctx.base, canary.images, canary.labels, [100, 300, 500]).mean()
+    )
+    model, _ = finetune(ctx.base, s.finetune_set(), ctx.space.prefixes([1, 1, 1, 1]), cfg)
+    after_gap = (
+        denoising_loss(model, s.heldout.images, s.heldout.labels, [100, 300, 500]).mean()
+        - denoising_loss(model, canary.images, canary.labels, [100, 300, 500]).mean()
+    )
+    assert after_gap > before_gap + 0.02
