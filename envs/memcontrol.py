@@ -215,8 +215,6 @@ class MemControlEnv(gym.Env):
             "ok": result.ok,
             "error": result.error,
             "metrics": dict(result.metrics),
-            "cache_hits": self.evaluator.hits,
-            "cache_misses": self.evaluator.misses,
         }
         if result.ok:
             reward_fn = Reward(self.cfg.reward, refs)

@@ -45,7 +45,7 @@ class DataConfig:
     """Restrict the private and held-out splits to these labels (None: all)."""
     canaries: int = 4
     """Images of the private set duplicated ``duplication`` times to induce memorization."""
-    duplication: int = 50
+    duplication: int = 100
     """How often each canary appears in the fine-tune set (MemControl's reference uses 50-300)."""
     seed: int = 0
     """Seed of the split; part of the dataset fingerprint."""
@@ -81,9 +81,9 @@ class SearchConfig:
 
 @dataclass
 class FinetuneConfig:
-    steps: int = 60
+    steps: int = 150
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0

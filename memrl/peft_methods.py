@@ -140,3 +140,25 @@ def apply_method(unet: nn.Module, prefixes: list[str], method: str, lora_rank: i
 
 def count_trainable(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def merge_adapters(unet: nn.Module) -> nn.Module:
+    """Fold every method's extra parameters into plain weights, in place, so the UNet saves and
+    loads as an ordinary diffusers model: LoRA is merged, SVDiff's shifted spectrum is written
+    back, DiffFit's scales are folded into weights and biases."""
+    for name, module in list(unet.named_modules()):
+        if hasattr(module, "difffit_scale"):
+            scale = module.difffit_scale.detach()
+            shape = (-1,) + (1,) * (module.weight.ndim - 1)
+            module.weight.data.mul_(scale.view(shape))
+            if module.bias is not None:
+                module.bias.data.mul_(scale)
+            module._forward_hooks.clear()
+            del module.difffit_scale
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        if hasattr(module, "merge") and hasattr(module, "get_base_layer") and "." in name:
+            module.merge()
+            parent_name, child = name.rsplit(".", 1)
+            setattr(unet.get_submodule(parent_name), child, module.get_base_layer())
+    return unet

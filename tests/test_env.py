@@ -27,13 +27,21 @@ def test_spaces_come_from_the_search_space(store_path):
     assert seq.observation_space.shape == (12 + 2 * 4,)
 
 
-def test_gymnasium_and_sb3_checkers_pass(store_path):
+def test_gymnasium_and_sb3_checkers_pass_on_a_replayed_store(store_path):
+    """As intended for checkers: every mask evaluated once live, then served by replay."""
+    import itertools
+
     from gymnasium.utils.env_checker import check_env as gym_check
     from stable_baselines3.common.env_checker import check_env as sb3_check
 
-    gym_check(make(store_path).unwrapped)
-    sb3_check(make(store_path).unwrapped, warn=False)
-    gym_check(make(store_path, **{"env.mode": "sequential"}).unwrapped)
+    live = make(store_path)
+    for mask in itertools.product((0, 1), repeat=4):
+        live.reset(seed=0)
+        live.step(np.array(mask, dtype=np.int8))
+    replay = {"env.backend": "replay"}
+    gym_check(make(store_path, **replay).unwrapped)
+    sb3_check(make(store_path, **replay).unwrapped, warn=False)
+    gym_check(make(store_path, **replay, **{"env.mode": "sequential", "env.stop_action": True}).unwrapped)
 
 
 def test_step_runs_a_real_finetune_and_caches_it(store_path):
@@ -91,7 +99,8 @@ def test_sequential_mode_with_a_budget(store_path):
     assert terminated and info["mask"] == [0, 1, 0, 0]
 
 
-def test_replay_serves_stored_masks_and_refuses_unknown_ones(store_path):
+def test_replay_serves_stored_masks_and_refuses_unknown_ones(tmp_path):
+    store_path = str(tmp_path / "own.sqlite")
     live = make(store_path)
     live.reset(seed=0)
     live.step(np.array([1, 1, 0, 0], dtype=np.int8))

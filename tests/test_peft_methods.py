@@ -51,3 +51,23 @@ def test_only_the_intended_parameters_change(method, ctx):
 def test_unknown_method_is_rejected(ctx):
     with pytest.raises(ValueError, match="method='magic' is not one of"):
         apply_method(ctx.base.copy().unet, [], "magic")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_merged_adapters_give_the_same_outputs_as_a_plain_unet(method, ctx):
+    from memrl.peft_methods import merge_adapters
+
+    model = ctx.base.copy()
+    trainable = apply_method(model.unet, ctx.space.prefixes(MASK), method, lora_rank=2)
+    with torch.no_grad():
+        for p in trainable:
+            p.add_(0.05 * torch.randn_like(p))
+    x, t, labels = ctx.splits.private.images[:4], torch.full((4,), 300), ctx.splits.private.labels[:4]
+    with torch.no_grad():
+        before = model(x, t, labels)
+    merge_adapters(model.unet)
+    names = [n for n, _ in model.unet.named_parameters()]
+    assert not any("lora_" in n or "difffit" in n or "parametrizations" in n for n in names)
+    assert sorted(names) == sorted(n for n, _ in ctx.base.unet.named_parameters())
+    with torch.no_grad():
+        assert torch.allclose(model(x, t, labels), before, atol=1e-4)

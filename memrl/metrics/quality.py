@@ -25,6 +25,7 @@ def fid_kid(
     real: torch.Tensor,
     kid_subset_size: int = 32,
     kid_subsets: int = 50,
+    seed: int = 0,
 ) -> dict[str, float]:
     """FID and KID (mean, std) of ``generated`` against ``real`` images in [-1, 1].
 
@@ -41,5 +42,7 @@ def fid_kid(
     for metric in (fid, kid):
         metric.update(real, real=True)
         metric.update(generated, real=False)
-    kid_mean, kid_std = kid.compute()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # KID's random subsets: the same every time for the same inputs
+        kid_mean, kid_std = kid.compute()
     return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
