@@ -87,6 +87,9 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
+    device: str = "cpu"
+    """``cpu``, ``cuda`` (or ``cuda:N``), or ``auto`` (cuda when available). Results can differ
+    slightly between devices, so the device is part of an evaluation's spec."""
 
 
 @dataclass
@@ -288,6 +291,8 @@ def _validate(cfg: Config) -> None:
         )
     if cfg.finetune.steps < 0 or cfg.finetune.lr <= 0:
         raise ConfigError("finetune.steps must be >= 0 and finetune.lr > 0")
+    if not (cfg.finetune.device in ("cpu", "auto") or cfg.finetune.device.startswith("cuda")):
+        raise ConfigError(f"finetune.device={cfg.finetune.device!r} must be cpu, cuda, cuda:N or auto")
     if not 0.5 <= cfg.metrics.copy_quantile < 1:
         raise ConfigError(f"metrics.copy_quantile={cfg.metrics.copy_quantile} must be in [0.5, 1)")
 

@@ -75,6 +75,7 @@ def train_denoiser(
     lr_at = (lambda i: 0.5 * (1 + math.cos(math.pi * i / steps))) if cosine else (lambda i: 1.0)
     g = torch.Generator().manual_seed(seed)
     labels_all = model.labels_or_null(data.labels, len(data))
+    device = next(model.parameters()).device
     model.train()
     for step in tqdm(range(steps), desc=desc, leave=False, mininterval=2.0):
         idx = torch.randint(0, len(data), (batch_size,), generator=g)
@@ -84,6 +85,7 @@ def train_denoiser(
         labels[drop] = model.null_label
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), generator=g)
+        x0, noise, t, labels = x0.to(device), noise.to(device), t.to(device), labels.to(device)
         xt = sched.add_noise(x0, noise, t)
         loss = (model(xt, t, labels) - noise).square().mean()
         if not torch.isfinite(loss):
@@ -102,6 +104,15 @@ def train_denoiser(
     return result
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is cuda when available, else cpu."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"finetune.device={name!r} but torch sees no GPU; use finetune.device=cpu")
+    return torch.device(name)
+
+
 def finetune(
     base: DiffusionModel, data: ImageSet, prefixes: list[str], cfg: Config
 ) -> tuple[DiffusionModel, FinetuneResult]:
@@ -109,7 +120,7 @@ def finetune(
 
     The base model is never modified. Returns the fine-tuned copy and its FinetuneResult.
     """
-    model = base.copy()
+    model = base.copy().to(resolve_device(cfg.finetune.device))
     model.label_embedding.requires_grad_(False)
     total = sum(p.numel() for p in model.unet.parameters())
     apply_method(model.unet, prefixes, cfg.search.method, cfg.search.lora_rank)

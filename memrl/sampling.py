@@ -33,14 +33,16 @@ def sample(
     g = torch.Generator().manual_seed(seed)
     model.eval()
     shape = (model.channels, model.resolution, model.resolution)
+    device = next(model.parameters()).device
     out = []
     for chunk in labels.split(batch_size):
-        x = torch.randn((len(chunk), *shape), generator=g)
+        x = torch.randn((len(chunk), *shape), generator=g).to(device)
+        chunk = chunk.to(device)
         null = torch.full_like(chunk, model.null_label)
         for t in sched.timesteps:
-            tt = t.expand(2 * len(chunk))
+            tt = t.expand(2 * len(chunk)).to(device)
             eps_cond, eps_uncond = model(torch.cat([x, x]), tt, torch.cat([chunk, null])).chunk(2)
             eps = eps_uncond + guidance * (eps_cond - eps_uncond)
             x = sched.step(eps, t, x).prev_sample
-        out.append(x.clamp(-1, 1))
+        out.append(x.clamp(-1, 1).cpu())
     return torch.cat(out)

@@ -108,6 +108,15 @@ def test_sampling_shape_range_and_seed(ctx):
 
 
 GROUPNORM_SCRIPT = textwrap.dedent("""
+    import torch
+    from memrl.models import install_groupnorm_guard
+    # torch 2.13's three-line crash (exit 139 without the guard): a non-contiguous input that
+    # needs no grad into a GroupNorm whose affine parameters do.
+    norm = torch.nn.Sequential(torch.nn.GroupNorm(8, 64))
+    install_groupnorm_guard(norm)
+    x = torch.randn(32, 16, 64).transpose(1, 2).reshape(32, 64, 4, 4)
+    norm(x).square().sum().backward()
+    assert norm[0].weight.grad is not None
     from memrl.config import load_config
     from memrl.evaluate import TaskContext
     from memrl.finetune import finetune
@@ -122,7 +131,8 @@ GROUPNORM_SCRIPT = textwrap.dedent("""
 
 def test_only_mid_block_trainable_does_not_segfault():
     """torch 2.13 CPU segfaults in GroupNorm backward on non-contiguous frozen inputs; the guard
-    in memrl.models prevents it. A crash here is exit code -11 (139 in a shell)."""
+    in memrl.models prevents it. A crash here is exit code -11 (139 in a shell). Also trains with
+    only the mid block unfrozen, the case the guard exists for."""
     proc = subprocess.run([sys.executable, "-c", GROUPNORM_SCRIPT], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().endswith("ok")

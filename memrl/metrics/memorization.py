@@ -211,10 +211,12 @@ def denoising_loss(
     Comparing it on training vs held-out images is a loss-based membership signal (no sampling).
     """
     model.eval()
-    labels = model.labels_or_null(labels, len(images))
+    device = next(model.parameters()).device
+    labels = model.labels_or_null(labels, len(images)).to(device)
     total = torch.zeros(len(images))
     for xt, tt, noise in _noised(model, images, timesteps, seed):
-        total += (model(xt, tt, labels) - noise).square().flatten(1).mean(1)
+        pred = model(xt.to(device), tt.to(device), labels)
+        total += (pred - noise.to(device)).square().flatten(1).mean(1).cpu()
     return total / len(timesteps)
 
 
@@ -226,12 +228,13 @@ def noise_norm(model, labels: torch.Tensor, timesteps: list[int], seed: int = 0)
     model.eval()
     g = torch.Generator().manual_seed(seed)
     shape = (len(labels), model.channels, model.resolution, model.resolution)
-    labels = model.labels_or_null(labels, len(labels))
+    device = next(model.parameters()).device
+    labels = model.labels_or_null(labels, len(labels)).to(device)
     null = torch.full_like(labels, model.null_label)
     total = torch.zeros(len(labels))
     for t in timesteps:
-        x = torch.randn(shape, generator=g)
-        tt = torch.full((len(labels),), t, dtype=torch.long)
+        x = torch.randn(shape, generator=g).to(device)
+        tt = torch.full((len(labels),), t, dtype=torch.long, device=device)
         diff = model(x, tt, labels) - model(x, tt, null)
-        total += diff.flatten(1).norm(dim=1) / diff[0].numel() ** 0.5
+        total += (diff.flatten(1).norm(dim=1) / diff[0].numel() ** 0.5).cpu()
     return total / len(timesteps)

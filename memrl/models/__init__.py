@@ -213,11 +213,12 @@ def get_base_model(cfg: Config, splits: DataSplits) -> DiffusionModel:
 
 def pretrain_base_model(cfg: Config, splits: DataSplits) -> DiffusionModel:
     """Pretrain the tiny base UNet on the base split with classifier-free label dropout."""
-    from memrl.finetune import train_denoiser
+    from memrl.finetune import resolve_device, train_denoiser
 
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
         model = DiffusionModel(build_unet(cfg), cfg.model.num_classes)
+    model.to(resolve_device(cfg.finetune.device))
     m = cfg.model
     log.info("pretraining the base UNet: %d steps on %d images", m.pretrain_steps, len(splits.base))
     result = train_denoiser(
@@ -234,7 +235,7 @@ def pretrain_base_model(cfg: Config, splits: DataSplits) -> DiffusionModel:
     )
     if result.diverged:
         raise RuntimeError(f"base-model pretraining diverged: {result.stop_reason}")
-    model.eval()
+    model.cpu().eval()
     return model
 
 
