@@ -162,10 +162,16 @@ class EnvConfig:
 
 @dataclass
 class PPOConfig:
-    total_timesteps: int = 64
-    n_steps: int = 16
-    batch_size: int = 16
-    n_epochs: int = 4
+    """PPO sized for expensive steps (each env step is a fine-tune of ~30 s on 2 CPU cores).
+
+    SB3's default n_steps=2048 would mean 2,048 fine-tunes per update; the default here makes
+    three updates of 8 episodes (a demo of minutes). A real run wants total_timesteps of 256+.
+    """
+
+    total_timesteps: int = 24
+    n_steps: int = 8
+    batch_size: int = 8
+    n_epochs: int = 10
     learning_rate: float = 3e-3
     gamma: float = 0.99
     ent_coef: float = 0.01

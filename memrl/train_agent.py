@@ -103,9 +103,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, report: bool = True)
     from memrl.agents.ppo import CHECKPOINT, AtomicCheckpoint, EvaluationLogger, build_ppo, make_env
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not Path(cfg.env.store).is_absolute():
-        cfg.env.store = str((run_dir / cfg.env.store).resolve())
-    record_run(cfg, run_dir)
+    record_run(cfg, run_dir)  # a relative env.store stays relative: it lives inside the run directory
+    cfg = load_config(cfg, {"env.store": str((run_dir / (cfg.env.store or "evaluations.sqlite")).resolve())})
     env = make_env(cfg, cfg.ppo.n_envs, cfg.seed)
     checkpoint = run_dir / CHECKPOINT
     if resume and checkpoint.is_file():

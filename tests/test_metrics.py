@@ -95,7 +95,7 @@ def test_fid_of_a_set_against_itself_is_small_and_against_another_domain_large(c
     same = fid_kid(trained_encoder, s.heldout.images, s.heldout.images, kid_subset_size=16)
     other = fid_kid(trained_encoder, s.base.images[:64], s.heldout.images, kid_subset_size=16)
     noise = fid_kid(trained_encoder, torch.rand(64, 1, 8, 8) * 2 - 1, s.heldout.images, 16)
-    assert abs(same["fid"]) < 1e-3 and abs(same["kid"]) < 1e-3
+    assert abs(same["fid"]) < 1e-3 and abs(same["kid"]) < 0.02  # KID is unbiased: can dip below 0
     assert noise["fid"] > other["fid"] > 10 * abs(same["fid"])
     assert noise["kid"] > 0.05
 
@@ -116,17 +116,40 @@ def test_noise_norm_is_zero_for_the_null_label(ctx):
 
 
 def test_long_finetune_on_duplicated_canaries_memorizes_them(cfg, ctx):
-    """Fast version: a long full fine-tune lowers the canaries' loss below held-out images'."""
+    """Fast version: the canaries' loss gap grows with their duplication (and above the base)."""
+    import dataclasses
+
     s = ctx.splits
     cfg.finetune.steps, cfg.finetune.lr = 120, 3e-3
-    canary = s.canaries
-    before_gap = (
-        denoising_loss(ctx.base, s.heldout.images, s.heldout.labels, [100, 300, 500]).mean()
-        - denoising_loss(ctx.base, canary.images, canary.labels, [100, 300, 500]).mean()
+    steps = [100, 300, 500]
+
+    def canary_gap(model):
+        held = denoising_loss(model, s.heldout.images, s.heldout.labels, steps).mean()
+        return float(held - denoising_loss(model, s.canaries.images, s.canaries.labels, steps).mean())
+
+    gaps = {}
+    for dup in (1, 20):
+        data = dataclasses.replace(s, duplication=dup).finetune_set()
+        model, _ = finetune(ctx.base, data, ctx.space.prefixes([1, 1, 1, 1]), cfg)
+        gaps[dup] = canary_gap(model)
+    assert gaps[20] > gaps[1] + 0.015
+    assert gaps[20] > canary_gap(ctx.base) + 0.015
+
+
+@pytest.mark.slow
+def test_full_finetune_on_the_default_copies_canaries_and_a_sparse_mask_does_not():
+    """Slow (about a minute): the embedded default's calibration, one seed."""
+    import numpy as np
+
+    from memrl.config import load_config
+    from memrl.evaluate import EvalSpec, TaskContext, evaluate_spec
+
+    cfg = load_config("default")
+    ctx = TaskContext.get(cfg)
+    full = evaluate_spec(EvalSpec.from_config(cfg, np.ones(ctx.space.k, int), ctx.fingerprints))
+    mid = evaluate_spec(
+        EvalSpec.from_config(cfg, ctx.space.mask_from_groups(["mid_block.attentions.0"]), ctx.fingerprints)
     )
-    model, _ = finetune(ctx.base, s.finetune_set(), ctx.space.prefixes([1, 1, 1, 1]), cfg)
-    after_gap = (
-        denoising_loss(model, s.heldout.images, s.heldout.labels, [100, 300, 500]).mean()
-        - denoising_loss(model, canary.images, canary.labels, [100, 300, 500]).mean()
-    )
-    assert after_gap > before_gap + 0.02
+    assert full.metrics["canary_copy_fraction"] > 0.1 and full.metrics["extracted"] >= 1
+    assert mid.metrics["canary_copy_fraction"] == 0
+    assert full.metrics["canary_loss_gap"] > mid.metrics["canary_loss_gap"] + 0.02

