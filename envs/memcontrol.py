@@ -62,9 +62,9 @@ class MemControlEnv(gym.Env):
     current group (K).
 
     ## Rewards
-    ``memrl.reward.Reward``: minus the normalised memorization term (0 = base model, 1 = full
-    fine-tuning) minus the normalised quality cost (0 = full fine-tuning, 1 = no fine-tuning)
-    minus an optional parameter cost. Full fine-tuning and no fine-tuning both score -1. A failed
+    ``memrl.reward.Reward``: minus the normalised memorization term (0 = base model, 1 = every
+    group fine-tuned, i.e. the mask of ones) minus the normalised quality cost (0 = mask of ones,
+    1 = no fine-tuning) minus an optional parameter cost. Both references score -1. A failed
     evaluation scores ``reward.failure_penalty`` with the reason in ``info["error"]``.
     Sequential mode rewards 0 until the last step.
 

@@ -90,6 +90,7 @@ def final_finetune(cfg: Config, mask: np.ndarray, out: Path, label: str):
 
 def apply(args: argparse.Namespace) -> Path:
     from memrl.agents.policy import load_policy
+    from memrl.evaluate import TaskContext
     from memrl.envs.memcontrol import MemControlEnv
 
     policy = load_policy(args.policy)
@@ -111,7 +112,9 @@ def apply(args: argparse.Namespace) -> Path:
     dump_config(final_cfg, out / "config.yaml")
     log.info("mask %s: %s", "".join(map(str, mask)), env.space.selected(mask))
     chosen, ctx = final_finetune(final_cfg, mask, out, "model")
-    full, _ = final_finetune(final_cfg, np.ones(env.k, dtype=np.int8), out, "")
+    # The comparison is true full fine-tuning: every group at block granularity = every parameter.
+    whole = load_config(final_cfg, {"search.granularity": "block", "search.method": "full"})
+    full, _ = final_finetune(whole, np.ones(TaskContext.get(whole).space.k, dtype=np.int8), out, "")
     keys = (
         "canary_copy_fraction",
         "near_copy_fraction",
@@ -143,7 +146,7 @@ def apply(args: argparse.Namespace) -> Path:
         f"# memrl apply: {args.data}\n\nPolicy `{args.policy}` proposed mask "
         f"`{''.join(map(str, mask))}` = {', '.join(env.space.selected(mask)) or '(none)'}.\n"
         f"Final fine-tune: {steps} steps; model saved to `model/` (diffusers UNet, safetensors).\n\n"
-        f"| metric | chosen mask | full fine-tune |\n|---|---|---|\n{rows}\n"
+        f"| metric | chosen mask | full fine-tune (every parameter) |\n|---|---|---|\n{rows}\n"
     )
     atomic_write_text(out / "report.md", report)
     return out

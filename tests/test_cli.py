@@ -107,11 +107,12 @@ def test_apply_policy_on_a_new_dataset(run_dir, new_dataset, tmp_path):
     result = json.loads((out / "result.json").read_text())
     assert len(result["mask"]) == 4 and len(result["candidates_tried"]) == 2
     assert set(result["chosen"]) >= {"canary_copy_fraction", "kid", "trainable_fraction"}
-    assert result["full_finetune"]["trainable_fraction"] > 0.99
+    assert result["full_finetune"]["trainable_fraction"] == 1.0  # every UNet parameter
+    assert 0 <= result["chosen"]["trainable_fraction"] < 1
     from memrl.models import load_model
 
     assert load_model(out / "model").resolution == 8
-    assert "| metric | chosen mask | full fine-tune |" in (out / "report.md").read_text()
+    assert "| metric | chosen mask | full fine-tune (every parameter) |" in (out / "report.md").read_text()
 
 
 def test_policy_from_another_search_space_is_refused(run_dir, new_dataset, tmp_path):
