@@ -130,7 +130,7 @@ class Policy:
         from memrl.envs.memcontrol import MemControlEnv
 
         cfg = source if isinstance(source, Config) else self.config
-        env = MemControlEnv(cfg, overrides={"env.tasks": []})
+        env = MemControlEnv(cfg, overrides={"env.tasks": [], "env.store": None})
         self.check_space(env.space)
         if not isinstance(source, Config):
             env.reset(options={"dataset": source})

@@ -45,20 +45,40 @@ def main() -> None:
     start = time.perf_counter()
     ctx = TaskContext.get(cfg)  # pretrains the base UNet and trains the encoder on this machine
     report["default_context_s"] = time.perf_counter() - start
-    for label, mask in (("full", np.ones(ctx.space.k, int)), ("mid", ctx.space.mask_from_groups(
-            ["mid_block.attentions.0"]))):
+    for label, mask in (
+        ("full", np.ones(ctx.space.k, int)),
+        ("mid", ctx.space.mask_from_groups(["mid_block.attentions.0"])),
+    ):
         ev = evaluate(cfg, mask)
         report[f"default_{label}"] = {k: ev.metrics[k] for k in KEYS} | {
-            k: round(v, 2) for k, v in ev.timings.items()}
+            k: round(v, 2) for k, v in ev.timings.items()
+        }
         print(label, report[f"default_{label}"], flush=True)
 
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "memrl.train_agent", "--config", "test", "--run-dir", str(out_dir / "run"),
-         "--set", "finetune.device=cuda", "ppo.total_timesteps=8", "ppo.n_steps=4", "--no-report"],
-        capture_output=True, text=True)
-    report["train_agent_cuda"] = {"exit": proc.returncode, "seconds": time.perf_counter() - start,
-                                  "stderr_tail": proc.stderr[-800:]}
+        [
+            sys.executable,
+            "-m",
+            "memrl.train_agent",
+            "--config",
+            "test",
+            "--run-dir",
+            str(out_dir / "run"),
+            "--set",
+            "finetune.device=cuda",
+            "ppo.total_timesteps=8",
+            "ppo.n_steps=4",
+            "--no-report",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    report["train_agent_cuda"] = {
+        "exit": proc.returncode,
+        "seconds": time.perf_counter() - start,
+        "stderr_tail": proc.stderr[-800:],
+    }
     print(report["train_agent_cuda"], flush=True)
     (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=2))
 

@@ -149,12 +149,13 @@ class MemControlEnv(gym.Env):
             self._descriptors[key] = describe(TaskContext.get(cfg), cfg)
         return self._descriptors[key]
 
-    def references(self) -> References:
-        """No-fine-tune and full-fine-tune evaluations of the current task (cached in the store)."""
+    def references(self) -> References | str:
+        """The no-fine-tune and mask-of-ones evaluations of the current task (cached in the
+        store), or the reason one of them failed."""
         none = self._evaluate(np.zeros(self.k, dtype=np.int8))
         full = self._evaluate(np.ones(self.k, dtype=np.int8))
         if not (none.ok and full.ok):
-            raise RuntimeError(f"reference evaluation failed: {none.error or full.error}")
+            return f"reference evaluation failed: {none.error or full.error}"
         return References(none.metrics, full.metrics)
 
     def _evaluate(self, mask: np.ndarray) -> Evaluation:
@@ -216,7 +217,9 @@ class MemControlEnv(gym.Env):
             "error": result.error,
             "metrics": dict(result.metrics),
         }
-        if result.ok:
+        if result.ok and isinstance(refs, str):
+            info["ok"], info["error"] = False, refs
+        if info["ok"]:
             reward_fn = Reward(self.cfg.reward, refs)
             reward = reward_fn(result.metrics)
             info.update(reward_fn.terms(result.metrics))

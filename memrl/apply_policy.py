@@ -90,8 +90,8 @@ def final_finetune(cfg: Config, mask: np.ndarray, out: Path, label: str):
 
 def apply(args: argparse.Namespace) -> Path:
     from memrl.agents.policy import load_policy
-    from memrl.evaluate import TaskContext
     from memrl.envs.memcontrol import MemControlEnv
+    from memrl.evaluate import TaskContext
 
     policy = load_policy(args.policy)
     out = args.out

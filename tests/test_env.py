@@ -132,3 +132,11 @@ def test_make_by_module_path_without_importing_memrl(store_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "MultiBinary(4)" in out.stdout
+
+
+def test_a_diverging_finetune_is_a_penalised_failure_not_an_exception(tmp_path):
+    env = make(str(tmp_path / "s.sqlite"), **{"finetune.lr": 1e30})
+    env.reset(seed=0)
+    _, reward, terminated, _, info = env.step(np.array([1, 0, 0, 0], dtype=np.int8))
+    assert terminated and not info["ok"] and "diverged" in info["error"]
+    assert reward == env.unwrapped.cfg.reward.failure_penalty

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
-import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
