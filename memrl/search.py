@@ -13,20 +13,19 @@ from __future__ import annotations
 
 import argparse
 import csv
-import logging
 import sys
 from pathlib import Path
 
 from memrl.config import ConfigError, dump_config, load_config, parse_overrides
 from memrl.data import DataError
-from memrl.utils import atomic_path
+from memrl.utils import atomic_path, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
     from memrl.agents.baselines import METHODS, run_search
     from memrl.report import write_report
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     parser = argparse.ArgumentParser(
         prog="python -m memrl.search",
         description="Run a search baseline (random, Optuna, exhaustive, fixed presets) on MemControl-v0.",
@@ -54,7 +53,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     table = args.out / f"search-{args.method}.csv"
-    columns = ["label", "mask", "method", "reward", "memorization_term", "quality_term", "ok", "cache_hit"]
+    columns = [
+        "label",
+        "mask",
+        "method",
+        "reward",
+        "memorization_term",
+        "quality_term",
+        "ok",
+        "cache_hit",
+        "seconds",
+    ]
     metric_keys = sorted({k for r in rows for k in r["metrics"]})
     with atomic_path(table) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
@@ -65,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
                 [r["label"], mask] + [r[c] for c in columns[2:]] + [r["metrics"].get(k) for k in metric_keys]
             )
     best = max(rows, key=lambda r: r["reward"])
-    print(f"{len(rows)} evaluations; best {best['label']} ({best['method']}) reward {best['reward']:+.3f}")
+    spent = sum(r["seconds"] for r in rows)
+    print(
+        f"{len(rows)} evaluations ({spent:.0f} s of fine-tuning and scoring, cache hits free); "
+        f"best {best['label']} ({best['method']}) reward {best['reward']:+.3f}"
+    )
     print(f"table: {table}\nreport: {write_report(args.out, cfg, chosen=best['mask'])}")
     return 0
 

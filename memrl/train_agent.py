@@ -20,7 +20,7 @@ from pathlib import Path
 
 from memrl.config import Config, ConfigError, dump_config, load_config, parse_overrides
 from memrl.data import DataError
-from memrl.utils import atomic_write_text, package_versions
+from memrl.utils import atomic_write_text, package_versions, setup_logging
 
 log = logging.getLogger("memrl.train_agent")
 
@@ -140,7 +140,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, report: bool = True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = parse_args(argv)
     try:
         cfg, run_dir = resolve_run(args)

@@ -69,3 +69,12 @@ def package_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return out
+
+
+def setup_logging(level: int = 20) -> None:
+    """Logging for the command-line tools: memrl at INFO, chatty dependencies at WARNING."""
+    import logging
+
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("faiss", "faiss.loader", "httpx", "matplotlib"):
+        logging.getLogger(name).setLevel(logging.WARNING)

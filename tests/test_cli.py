@@ -76,6 +76,24 @@ def test_resume_continues_and_reuses_evaluations(run_dir, tmp_path):
     assert len(episodes) == 12
 
 
+def test_parallel_envs_in_subprocesses(tmp_path):
+    out = tmp_path / "par"
+    proc = run(
+        "memrl.train_agent",
+        "--config",
+        "test",
+        "--run-dir",
+        str(out),
+        "--no-report",
+        "--set",
+        "ppo.n_envs=2",
+        "ppo.n_steps=2",
+        "ppo.total_timesteps=4",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len((out / "episodes.jsonl").read_text().splitlines()) == 4
+
+
 def test_policy_proposes_masks_from_python(run_dir, new_dataset):
     from memrl.agents import load_policy
 

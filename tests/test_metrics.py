@@ -153,3 +153,17 @@ def test_full_finetune_on_the_default_copies_canaries_and_a_sparse_mask_does_not
     assert full.metrics["canary_copy_fraction"] > 0.1 and full.metrics["extracted"] >= 1
     assert mid.metrics["canary_copy_fraction"] == 0
     assert full.metrics["canary_loss_gap"] > mid.metrics["canary_loss_gap"] + 0.02
+
+
+def test_a_torchscript_model_file_is_a_pluggable_encoder(cfg, ctx, tmp_path):
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.AdaptiveAvgPool2d(1))
+    torch.jit.save(torch.jit.script(net), tmp_path / "enc.pt")
+    cfg.encoder.kind, cfg.encoder.path, cfg.encoder.input_size = "torchscript", str(tmp_path / "enc.pt"), 12
+    encoder = get_encoder(cfg, ctx.splits)
+    assert encoder.num_features == 5
+    features = embed(encoder, ctx.splits.private)
+    assert features.shape == (len(ctx.splits.private), 5)
+    assert torch.allclose(features.norm(dim=1), torch.ones(len(features)))
+    cfg.encoder.path = str(tmp_path / "missing.pt")
+    with pytest.raises(FileNotFoundError, match="no such TorchScript file"):
+        get_encoder(cfg, ctx.splits)

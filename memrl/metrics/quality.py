@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -38,7 +40,9 @@ def fid_kid(
     features = _Features(encoder)
     subset = min(kid_subset_size, len(generated), len(real))
     fid = FrechetInceptionDistance(feature=features, reset_real_features=True)
-    kid = KernelInceptionDistance(feature=features, subset_size=subset, subsets=kid_subsets)
+    with warnings.catch_warnings():  # "will save all extracted features": a few hundred here
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        kid = KernelInceptionDistance(feature=features, subset_size=subset, subsets=kid_subsets)
     for metric in (fid, kid):
         metric.update(real, real=True)
         metric.update(generated, real=False)
