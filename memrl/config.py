@@ -269,7 +269,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         path = f"{where}.{name}" if where else name
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, path)
+            kwargs[name] = _build(typing.cast(type, hint), value, path)
         else:
             kwargs[name] = _coerce(value, hint, path)
     return cls(**kwargs)

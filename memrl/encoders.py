@@ -179,7 +179,7 @@ def get_encoder(cfg: Config, splits: DataSplits) -> nn.Module:
     if e.kind in ("inception", "torchscript"):
         if e.kind == "torchscript" and not e.path:
             raise ValueError("encoder.kind=torchscript needs encoder.path, a file saved with torch.jit.save")
-        path, size = (inception_path(), 299) if e.kind == "inception" else (Path(e.path), e.input_size)
+        path, size = (inception_path(), 299) if e.kind == "inception" else (Path(str(e.path)), e.input_size)
         key = f"{e.kind}:{path}:{size}"
         if key not in _LOADED:
             _LOADED[key] = TorchScriptEncoder(path, size)

@@ -98,7 +98,8 @@ class Evaluation:
         blob = None
         if self.samples is not None:
             buf = io.BytesIO()
-            np.savez_compressed(buf, samples=self.samples, nearest=self.nearest)
+            nearest = self.nearest if self.nearest is not None else np.zeros(0, dtype=np.int64)
+            np.savez_compressed(buf, samples=self.samples, nearest=nearest)
             blob = buf.getvalue()
         return {
             "spec_hash": self.spec_hash,

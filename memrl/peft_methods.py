@@ -17,6 +17,7 @@ freezes the whole model, then makes trainable, inside the selected modules only:
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,7 +43,7 @@ def _attention_class() -> type:
     return Attention
 
 
-def _scale_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+def _scale_output(module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor:
     scale = module.difffit_scale
     shape = (1, -1, 1, 1) if isinstance(module, nn.Conv2d) else (-1,)
     return output * scale.view(shape)
@@ -50,6 +51,10 @@ def _scale_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch
 
 class SpectralShift(nn.Module):
     """Parametrization W = U diag(relu(S + delta)) V^T with frozen U, S, V and trainable delta."""
+
+    u: torch.Tensor
+    s: torch.Tensor
+    vh: torch.Tensor
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
@@ -108,11 +113,12 @@ def _difffit(unet: nn.Module, modules: list[tuple[str, nn.Module]], rank: int) -
             module.register_forward_hook(_scale_output)
 
 
-def _svdiff(unet: nn.Module, modules: list[tuple[str, nn.Module]], rank: int) -> None:
+def _svdiff(unet: nn.Module, modules: list[tuple[str, Any]], rank: int) -> None:
     for _, module in modules:
         if isinstance(module, _WEIGHTED):
-            parametrize.register_parametrization(module, "weight", SpectralShift(module.weight))
-            module.parametrizations.weight.original.requires_grad_(False)
+            target: Any = module  # gains .parametrizations below
+            parametrize.register_parametrization(target, "weight", SpectralShift(target.weight))
+            target.parametrizations.weight.original.requires_grad_(False)
 
 
 _APPLY = {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from memrl.models import DiffusionModel
@@ -28,7 +30,7 @@ def sample(
             raise ValueError("give labels or n")
         labels = torch.full((n,), model.null_label, dtype=torch.long)
     labels = model.labels_or_null(labels, len(labels))
-    sched = DDIMScheduler(num_train_timesteps=model.unet.config.get("num_train_timesteps", 1000))
+    sched: Any = DDIMScheduler(num_train_timesteps=model.unet.config.get("num_train_timesteps", 1000))
     sched.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
     model.eval()

@@ -41,3 +41,16 @@ def test_missing_config_names_the_choices():
 def test_hash_changes_with_any_field():
     a, b = load_config("test"), load_config("test", {"finetune.seed": 1})
     assert a.hash() != b.hash() and a.hash() == load_config("test").hash()
+
+
+def test_atomic_writes_keep_old_content_on_failure_and_normal_permissions(tmp_path):
+    from memrl.utils import atomic_path, atomic_write_text
+
+    target = tmp_path / "f.txt"
+    atomic_write_text(target, "old")
+    assert target.stat().st_mode & 0o644 == 0o644
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash mid-write")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]

@@ -127,8 +127,8 @@ def _read_image(path: Path, channels: int) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-            img = img.convert("L" if channels == 1 else "RGB")
-            array = np.asarray(img, dtype=np.float32)
+            converted = img.convert("L" if channels == 1 else "RGB")
+            array = np.asarray(converted, dtype=np.float32)
     except (OSError, UnidentifiedImageError, SyntaxError) as exc:
         raise DataError(f"{path}: cannot read this image ({exc}); remove or replace the file") from None
     return array[None] if channels == 1 else array.transpose(2, 0, 1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,6 +67,7 @@ class NearestNeighbourIndex:
         import faiss
 
         data = self.train.numpy()
+        built: Any
         if index == "flat":
             built = faiss.IndexFlatIP(self.dim)
         elif index == "ivf":

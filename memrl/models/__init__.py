@@ -53,9 +53,9 @@ def install_groupnorm_guard(model: nn.Module) -> None:
 class DiffusionModel(nn.Module):
     """A diffusers ``UNet2DConditionModel`` conditioned on integer labels through cross-attention."""
 
-    def __init__(self, unet: nn.Module, num_classes: int) -> None:
+    def __init__(self, unet: Any, num_classes: int) -> None:
         super().__init__()
-        self.unet = unet
+        self.unet: Any = unet
         self.num_classes = num_classes
         dim = unet.config.cross_attention_dim
         self.label_embedding = nn.Embedding(num_classes + 1, dim)
@@ -116,7 +116,7 @@ class DiffusionModel(nn.Module):
         tmp.rename(folder)
 
 
-def build_unet(cfg: Config) -> nn.Module:
+def build_unet(cfg: Config) -> Any:
     """memrl's tiny label-conditioned UNet (random weights), sized by ``cfg.model``."""
     from diffusers import UNet2DConditionModel
 
