@@ -67,14 +67,21 @@ class ImageSet:
         h.update(json.dumps(self.meta, sort_keys=True, default=str).encode())
         return h.hexdigest()[:16]
 
-    def subset(self, index: torch.Tensor | list[int], name: str | None = None) -> ImageSet:
+    def subset(
+        self, index: torch.Tensor | list[int], name: str | None = None, meta: dict[str, Any] | None = None
+    ) -> ImageSet:
+        """The images at ``index`` (copied), with ``meta`` added to this set's meta."""
         index = torch.as_tensor(index, dtype=torch.long)
         return ImageSet(
             images=self.images[index],
             labels=None if self.labels is None else self.labels[index],
             captions=None if self.captions is None else [self.captions[i] for i in index.tolist()],
             name=name or self.name,
-            meta={**self.meta, "subset": hashlib.sha256(index.numpy().tobytes()).hexdigest()[:12]},
+            meta={
+                **self.meta,
+                "subset": hashlib.sha256(index.numpy().tobytes()).hexdigest()[:12],
+                **(meta or {}),
+            },
         )
 
 

@@ -98,22 +98,8 @@ def load_splits(cfg: DataConfig) -> DataSplits:
     g = torch.Generator().manual_seed(cfg.seed)
     pool = pool[torch.randperm(len(pool), generator=g)]
     settings = {"seed": cfg.seed, "classes": cfg.private_classes}
-    private = source.subset(pool[: cfg.private_size], name="private")
-    heldout = source.subset(pool[cfg.private_size : need], name="heldout")
-    private = ImageSet(
-        private.images,
-        private.labels,
-        private.captions,
-        "private",
-        {**private.meta, **settings, "split": "private"},
-    )
-    heldout = ImageSet(
-        heldout.images,
-        heldout.labels,
-        heldout.captions,
-        "heldout",
-        {**heldout.meta, **settings, "split": "heldout"},
-    )
+    private = source.subset(pool[: cfg.private_size], "private", {**settings, "split": "private"})
+    heldout = source.subset(pool[cfg.private_size : need], "heldout", {**settings, "split": "heldout"})
     canary_index = torch.randperm(cfg.private_size, generator=g)[: cfg.canaries].sort().values
     return DataSplits(
         base=base_split(cfg),
