@@ -51,7 +51,7 @@ class SearchRunner:
     def evaluate(self, mask, method: str | None = None, label: str = "") -> dict[str, Any]:
         env = self.env(method)
         env.reset(seed=self.cfg.seed, options={"dataset": self.task})
-        _, reward, _, _, info = env.step(np.asarray(mask, dtype=np.int8))
+        reward, info = env.evaluate_mask(np.asarray(mask, dtype=np.int8))
         row = {
             "label": label or "".join(map(str, mask)),
             "mask": [int(m) for m in mask],

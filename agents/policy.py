@@ -136,7 +136,7 @@ class Policy:
             env.reset(options={"dataset": source})
         else:
             env.reset(options={"dataset": 0})
-        return self.candidates(env._descriptor, n)
+        return self.candidates(env.dataset_descriptor, n)
 
 
 def load_policy(path: str | Path) -> Policy:

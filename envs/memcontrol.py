@@ -149,6 +149,11 @@ class MemControlEnv(gym.Env):
             self._descriptors[key] = describe(TaskContext.get(cfg), cfg)
         return self._descriptors[key]
 
+    @property
+    def dataset_descriptor(self) -> np.ndarray:
+        """The descriptor of the current task (set by ``reset``)."""
+        return self._descriptor.copy()
+
     def references(self) -> References | str:
         """The no-fine-tune and mask-of-ones evaluations of the current task (cached in the
         store), or the reason one of them failed."""
@@ -205,6 +210,12 @@ class MemControlEnv(gym.Env):
         else:
             mask = self.space.validate(action)
             self._mask = mask
+        reward, info = self.evaluate_mask(mask)
+        return self._obs(), reward, True, False, info
+
+    def evaluate_mask(self, mask) -> tuple[float, dict[str, Any]]:
+        """Reward and info of a whole mask on the current task, in either action mode."""
+        mask = self.space.validate(mask)
         refs = self.references()
         result = self._evaluate(mask)
         self._last = result
@@ -226,7 +237,7 @@ class MemControlEnv(gym.Env):
             info["trainable_percent"] = 100 * result.metrics["trainable_fraction"]
         else:
             reward = float(self.cfg.reward.failure_penalty)
-        return self._obs(), float(reward), True, False, info
+        return float(reward), info
 
     def render(self):
         if self.render_mode != "rgb_array":

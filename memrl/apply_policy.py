@@ -49,13 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def choose_mask(policy, env, candidates: int, budget: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """The policy's best mask; with a budget, the best-rewarded of its top candidates."""
-    masks = policy.candidates(env._descriptor, max(candidates, 1))
+    masks = policy.candidates(env.dataset_descriptor, max(candidates, 1))
     if budget <= 0 or len(masks) == 1:
         return masks[0], []
     tried = []
     for mask in masks[:budget]:
-        env.reset(options={"dataset": 0})
-        _, reward, _, _, info = env.step(mask)
+        reward, info = env.evaluate_mask(mask)
         tried.append({"mask": mask.tolist(), "reward": reward, "ok": info["ok"]})
     best = max(range(len(tried)), key=lambda i: tried[i]["reward"])
     return masks[best], tried
@@ -128,7 +127,7 @@ def apply(args: argparse.Namespace) -> Path:
         "mask": mask.tolist(),
         "groups": env.space.selected(mask),
         "candidates_tried": tried,
-        "descriptor": env._descriptor.tolist(),
+        "descriptor": env.dataset_descriptor.tolist(),
         "chosen": {k: chosen.metrics[k] for k in (*keys, "trainable_fraction")},
         "full_finetune": {k: full.metrics[k] for k in (*keys, "trainable_fraction")},
         "final_steps": steps,

@@ -91,7 +91,7 @@ def _plot_samples(run_dir: Path, store, rows, ctx, masks: tuple[str, str]) -> bo
     import matplotlib.pyplot as plt
 
     grids = []
-    for label, key in zip(("full fine-tune", "chosen mask"), masks):
+    for label, key in zip(("all groups", "chosen mask"), masks):
         ev = next((store.get(r["spec_hash"]) for r in rows if r["mask"] == key), None)
         if ev is not None and ev.samples is not None:
             grids.append((label, sample_grid(ev.samples, ev.nearest, ctx.splits.private)))
@@ -152,7 +152,7 @@ def write_report(run_dir: str | Path, config: Config | None = None, chosen: list
     ax.scatter(points[:, 0], points[:, 1], c=[r["reward"] for r in rows], cmap="viridis", s=28)
     order = np.argsort(points[front, 0])
     ax.plot(points[front][order, 0], points[front][order, 1], "r--", lw=1, label="Pareto front")
-    for label, row, marker in (("no fine-tune", refs_none, "s"), ("full", refs_full, "^")):
+    for label, row, marker in (("no fine-tune", refs_none, "s"), ("all groups", refs_full, "^")):
         ax.scatter(
             row[mem_key], row[q_key], marker=marker, s=90, facecolors="none", edgecolors="k", label=label
         )

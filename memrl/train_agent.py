@@ -101,6 +101,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, report: bool = True)
 
     from memrl.agents.policy import write_card
     from memrl.agents.ppo import CHECKPOINT, AtomicCheckpoint, EvaluationLogger, build_ppo, make_env
+    from memrl.envs.memcontrol import MemControlEnv
 
     run_dir.mkdir(parents=True, exist_ok=True)
     record_run(cfg, run_dir)  # a relative env.store stays relative: it lives inside the run directory
@@ -125,17 +126,18 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, report: bool = True)
         callbacks[1].save()
     policy_path = run_dir / "policy.zip"
     model.save(policy_path)
-    first_env = env.envs[0].unwrapped if hasattr(env, "envs") else None
-    if first_env is None:
-        from memrl.envs.memcontrol import MemControlEnv
-
-        first_env = MemControlEnv(cfg)
+    first_env = env.envs[0].unwrapped if hasattr(env, "envs") else MemControlEnv(cfg)
     write_card(policy_path, first_env, cfg, {"num_timesteps": int(model.num_timesteps)})
     env.close()
     if report:
+        from memrl.agents.policy import load_policy
         from memrl.report import write_report
 
-        write_report(run_dir)
+        # Evaluate the trained policy's own mask on the first task, so the report can show it.
+        first_env.reset(options={"dataset": 0})
+        chosen = load_policy(policy_path).candidates(first_env.dataset_descriptor, 1)[0]
+        first_env.evaluate_mask(chosen)
+        write_report(run_dir, chosen=[int(v) for v in chosen])
     return policy_path
 
 

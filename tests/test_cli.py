@@ -60,7 +60,8 @@ def test_train_writes_a_complete_run(run_dir):
     assert card["num_timesteps"] == 8 and card["descriptor"]["fields"][0] == "log_size"
     meta = json.loads((run_dir / "run.json").read_text())
     assert meta["seed"] == 0 and "torch" in meta["versions"] and meta["tasks"][0]["data"]
-    assert "## Chosen mask" in (run_dir / "report.md").read_text()
+    report = (run_dir / "report.md").read_text()
+    assert "## Chosen mask" in report and "not evaluated yet" not in report
 
 
 def test_resume_continues_and_reuses_evaluations(run_dir, tmp_path):
@@ -74,6 +75,28 @@ def test_resume_continues_and_reuses_evaluations(run_dir, tmp_path):
     assert card["num_timesteps"] == 12
     episodes = [json.loads(x) for x in (copy / "episodes.jsonl").read_text().splitlines()]
     assert len(episodes) == 12
+
+
+def test_sequential_mode_trains_applies_and_reports(tmp_path, new_dataset):
+    out = tmp_path / "seq"
+    proc = run(
+        "memrl.train_agent",
+        "--config",
+        "test",
+        "--run-dir",
+        str(out),
+        "--set",
+        "env.mode=sequential",
+        "env.max_groups=2",
+        "ppo.n_steps=4",
+        "ppo.total_timesteps=8",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "policy.card.json").read_text())["action_mode"] == "sequential"
+    from memrl.agents import load_policy
+
+    (mask,) = load_policy(out).propose(str(new_dataset))
+    assert mask.shape == (4,) and mask.sum() <= 2
 
 
 def test_parallel_envs_in_subprocesses(tmp_path):
