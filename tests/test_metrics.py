@@ -137,8 +137,9 @@ def test_long_finetune_on_duplicated_canaries_memorizes_them(cfg, ctx):
 
 
 @pytest.mark.slow
-def test_full_finetune_on_the_default_copies_canaries_and_a_sparse_mask_does_not():
-    """Slow (about a minute): the embedded default's calibration, one seed."""
+def test_full_finetune_on_the_default_copies_canaries_and_a_sparse_mask_does_not(user_cache):
+    """Slow (about a minute with the default base UNet cached, +10 min to pretrain it first):
+    the embedded default's calibration, one seed."""
     import numpy as np
 
     from memrl.config import load_config
