@@ -144,10 +144,6 @@ def apply_method(unet: nn.Module, prefixes: list[str], method: str, lora_rank: i
     return [p for p in unet.parameters() if p.requires_grad]
 
 
-def count_trainable(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
 def merge_adapters(unet: nn.Module) -> nn.Module:
     """Fold every method's extra parameters into plain weights, in place, so the UNet saves and
     loads as an ordinary diffusers model: LoRA is merged, SVDiff's shifted spectrum is written

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import random
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-import numpy as np
 
 _PACKAGES = (
     "memrl",
@@ -58,14 +55,6 @@ def _umask() -> int:
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
-
-
-def seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def package_versions() -> dict[str, str]:
