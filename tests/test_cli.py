@@ -9,8 +9,6 @@ import zipfile
 import numpy as np
 import pytest
 
-TRAIN = ["--config", "test", "--set", "ppo.total_timesteps=8", "ppo.n_steps=4"]
-
 
 def run(*args, cwd=None):
     return subprocess.run(
@@ -18,10 +16,16 @@ def run(*args, cwd=None):
     )
 
 
+def train(out, *settings, report=True):
+    """``python -m memrl.train_agent`` on the test config into ``out`` with extra overrides."""
+    extra = [] if report else ["--no-report"]
+    return run("memrl.train_agent", "--config", "test", "--run-dir", str(out), *extra, "--set", *settings)
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("train") / "run"
-    proc = run("memrl.train_agent", *TRAIN, "--run-dir", str(out))
+    proc = train(out, "ppo.total_timesteps=8", "ppo.n_steps=4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -79,18 +83,7 @@ def test_resume_continues_and_reuses_evaluations(run_dir, tmp_path):
 
 def test_sequential_mode_trains_applies_and_reports(tmp_path, new_dataset):
     out = tmp_path / "seq"
-    proc = run(
-        "memrl.train_agent",
-        "--config",
-        "test",
-        "--run-dir",
-        str(out),
-        "--set",
-        "env.mode=sequential",
-        "env.max_groups=2",
-        "ppo.n_steps=4",
-        "ppo.total_timesteps=8",
-    )
+    proc = train(out, "env.mode=sequential", "env.max_groups=2", "ppo.n_steps=4", "ppo.total_timesteps=8")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "policy.card.json").read_text())["action_mode"] == "sequential"
     from memrl.agents import load_policy
@@ -101,18 +94,7 @@ def test_sequential_mode_trains_applies_and_reports(tmp_path, new_dataset):
 
 def test_parallel_envs_in_subprocesses(tmp_path):
     out = tmp_path / "par"
-    proc = run(
-        "memrl.train_agent",
-        "--config",
-        "test",
-        "--run-dir",
-        str(out),
-        "--no-report",
-        "--set",
-        "ppo.n_envs=2",
-        "ppo.n_steps=2",
-        "ppo.total_timesteps=4",
-    )
+    proc = train(out, "ppo.n_envs=2", "ppo.n_steps=2", "ppo.total_timesteps=4", report=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len((out / "episodes.jsonl").read_text().splitlines()) == 4
 
