@@ -25,7 +25,7 @@ test-slow: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy memrl
+	$(VENV)/bin/mypy memrl envs agents
 
 bench: install
 	$(PY) bench/bench_finetune.py

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from memrl.config import Config, load_config
+from memrl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -29,40 +30,43 @@ PEFT_PRESETS = ("attention", "bias_norm", "difffit", "lora", "svdiff")
 
 
 class SearchRunner:
-    """Evaluates masks for one task of one config and keeps the rows."""
+    """Evaluates masks on one task of one config (through :class:`memrl.task.Task`) and keeps the rows."""
 
-    def __init__(self, cfg: Config, task: int | dict[str, Any] | str = 0) -> None:
-        self.cfg, self.task = cfg, task
+    def __init__(self, cfg: Config, task: int | str | dict[str, Any] = 0) -> None:
+        from memrl.task import make_evaluator, resolve_task
+
+        self.cfg = cfg
+        self.task_cfg = resolve_task(cfg, task)
+        self.evaluator = make_evaluator(cfg)
         self.rows: list[dict[str, Any]] = []
-        self._envs: dict[str, Any] = {}
+        self._tasks: dict[str, Any] = {}
 
-    def env(self, method: str | None = None):
-        from memrl.envs.memcontrol import MemControlEnv
+    def task(self, method: str | None = None):
+        from memrl.task import Task
 
         method = method or self.cfg.search.method
-        if method not in self._envs:
-            self._envs[method] = MemControlEnv(load_config(self.cfg, {"search.method": method}))
-        return self._envs[method]
+        if method not in self._tasks:
+            self._tasks[method] = Task(load_config(self.task_cfg, {"search.method": method}), self.evaluator)
+        return self._tasks[method]
 
     @property
     def k(self) -> int:
-        return self.env().k
+        return self.task().space.k
 
     def evaluate(self, mask, method: str | None = None, label: str = "") -> dict[str, Any]:
-        env = self.env(method)
-        env.reset(seed=self.cfg.seed, options={"dataset": self.task})
-        reward, info = env.evaluate_mask(np.asarray(mask, dtype=np.int8))
+        outcome = self.task(method).score(np.asarray(mask, dtype=np.int8))
+        ev = outcome.evaluation
         row = {
             "label": label or "".join(map(str, mask)),
             "mask": [int(m) for m in mask],
             "method": method or self.cfg.search.method,
-            "reward": reward,
-            "ok": info["ok"],
-            "cache_hit": info["cache_hit"],
-            "memorization_term": info.get("memorization_term", float("nan")),
-            "quality_term": info.get("quality_term", float("nan")),
-            "seconds": info["timings"].get("total", 0.0) if not info["cache_hit"] else 0.0,
-            "metrics": info["metrics"],
+            "reward": outcome.reward,
+            "ok": outcome.ok,
+            "cache_hit": ev.cache_hit,
+            "memorization_term": outcome.terms.get("memorization_term", float("nan")),
+            "quality_term": outcome.terms.get("quality_term", float("nan")),
+            "seconds": 0.0 if ev.cache_hit else ev.timings.get("total", 0.0),
+            "metrics": ev.metrics,
         }
         self.rows.append(row)
         return row
@@ -84,7 +88,7 @@ def _random(runner: SearchRunner, budget: int, seed: int) -> None:
 def _exhaustive(runner: SearchRunner, budget: int, seed: int) -> None:
     total = 2**runner.k
     if total > budget:
-        raise ValueError(f"exhaustive search needs {total} evaluations (K={runner.k}); raise --budget")
+        raise ConfigError(f"exhaustive search needs {total} evaluations (K={runner.k}); raise --budget")
     for mask in tqdm(list(itertools.product((0, 1), repeat=runner.k)), desc="exhaustive"):
         runner.evaluate(mask)
 
@@ -102,6 +106,7 @@ def _optuna(runner: SearchRunner, budget: int, seed: int, sampler_name: str) -> 
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     k = runner.k
+    sampler: optuna.samplers.BaseSampler
     if sampler_name == "nsga2":
         sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(16, budget // 2)))
         study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
@@ -126,9 +131,9 @@ def _optuna(runner: SearchRunner, budget: int, seed: int, sampler_name: str) -> 
 def run_search(cfg: Config, method: str, budget: int, seed: int = 0, task=0) -> list[dict[str, Any]]:
     """Run baseline ``method`` with ``budget`` evaluations; returns the result rows."""
     if method not in METHODS:
-        raise ValueError(f"method={method!r} is not one of {METHODS}")
+        raise ConfigError(f"method={method!r} is not one of {METHODS}")
     if budget <= 0:
-        raise ValueError(f"budget={budget} must be positive")
+        raise ConfigError(f"--budget {budget} must be positive")
     runner = SearchRunner(cfg, task)
     if method == "random":
         _random(runner, budget, seed)

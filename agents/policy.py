@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +22,73 @@ import torch
 
 from memrl.config import Config, load_config
 from memrl.data.descriptor import DESCRIPTOR_FIELDS, DESCRIPTOR_VERSION
+from memrl.errors import ConfigError, PolicyError
 from memrl.utils import atomic_write_text, package_versions
 
 CARD_SUFFIX = ".card.json"
+MAX_MEMBER_BYTES = 64 * 2**20
+"""Largest zip member memrl reads (a policy's weights are a few hundred kB)."""
+_CARD_FIELDS = (
+    "search_space",
+    "descriptor",
+    "action_mode",
+    "observation_dim",
+    "net_arch",
+    "config",
+    "config_hash",
+)
 
 
-class PolicyError(ValueError):
-    """A policy file or card is missing, corrupt, or does not fit this base model."""
+def read_weights(path: Path, member: str, limit: int = MAX_MEMBER_BYTES) -> dict[str, Any]:
+    """A state dict from zip ``member`` of ``path``, read safely: the declared size is checked
+    before decompressing, and ``torch.load(weights_only=True)`` refuses anything but tensors."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            info = zf.getinfo(member)
+            if info.file_size > limit:
+                raise PolicyError(
+                    f"{path}: member {member} declares {info.file_size:,} bytes, more than a memrl "
+                    f"policy holds ({limit:,}); the file is not a memrl policy or checkpoint"
+                )
+            data = zf.read(member)
+    except KeyError:
+        raise PolicyError(f"{path}: no {member} inside; not a memrl policy or checkpoint") from None
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise PolicyError(f"{path}: not a readable memrl policy ({exc}); retrain or re-copy it") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PolicyError(
+            f"{path}: {member} is not plain tensors ({first[:120]}); memrl does not unpickle "
+            "other objects: use a policy trained by memrl"
+        ) from None
+    if not isinstance(state, dict):
+        raise PolicyError(f"{path}: {member} is not a state dict; use a policy trained by memrl")
+    return state
+
+
+def read_card(card_file: Path) -> dict[str, Any]:
+    """The policy card as a validated JSON object."""
+    try:
+        card = json.loads(card_file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise PolicyError(f"{card_file}: not UTF-8 text; re-copy the card written with the policy") from None
+    except json.JSONDecodeError as exc:
+        raise PolicyError(
+            f"{card_file}: not valid JSON ({exc}); re-copy the card written with the policy"
+        ) from None
+    if not isinstance(card, dict):
+        raise PolicyError(f"{card_file}: a card is a JSON object, got {type(card).__name__}")
+    missing = [f for f in _CARD_FIELDS if f not in card]
+    if missing:
+        raise PolicyError(f"{card_file}: the card lacks {', '.join(missing)}; re-copy or retrain the policy")
+    space = card["search_space"]
+    if not isinstance(space, dict) or not isinstance(space.get("groups"), list) or "signature" not in space:
+        raise PolicyError(f"{card_file}: search_space must hold signature and groups")
+    if card["action_mode"] not in ("mask", "sequential"):
+        raise PolicyError(f"{card_file}: action_mode {card['action_mode']!r} is not mask or sequential")
+    return card
 
 
 def card_path(policy_path: str | Path) -> Path:
@@ -35,23 +96,25 @@ def card_path(policy_path: str | Path) -> Path:
     return policy_path.with_name(policy_path.stem + CARD_SUFFIX)
 
 
-def write_card(policy_path: Path, env, cfg: Config, extra: dict[str, Any] | None = None) -> Path:
-    """Write the policy card for a policy trained on ``env`` (a MemControlEnv)."""
+def write_card(
+    policy_path: Path, space: Any, cfg: Config, observation_dim: int, extra: dict[str, Any] | None = None
+) -> Path:
+    """Write the policy card for a policy trained on ``cfg``'s tasks in search space ``space``."""
     card = {
         "format": 1,
         "search_space": {
-            "signature": env.space.signature,
-            "granularity": env.space.granularity,
-            "method": env.space.method,
-            "groups": env.space.names,
+            "signature": space.signature,
+            "granularity": space.granularity,
+            "method": space.method,
+            "groups": space.names,
         },
         "descriptor": {"version": DESCRIPTOR_VERSION, "fields": list(DESCRIPTOR_FIELDS)},
         "action_mode": cfg.env.mode,
         "stop_action": cfg.env.stop_action,
         "max_groups": cfg.env.max_groups,
-        "observation_dim": int(env.observation_space.shape[0]),
+        "observation_dim": int(observation_dim),
         "net_arch": list(cfg.ppo.net_arch),
-        "training_tasks": env.tasks,
+        "training_tasks": [t for t in cfg.env.tasks if not t.get("heldout")] or [cfg.data.__dict__],
         "config": cfg.to_dict(),
         "config_hash": cfg.hash(),
         "versions": package_versions(),
@@ -126,17 +189,17 @@ class Policy:
         return mask
 
     def propose(self, source: Config | str | dict[str, Any], n: int = 1) -> list[np.ndarray]:
-        """Masks for a dataset: a Config, a data source path, or a dict of ``data`` overrides."""
-        from memrl.envs.memcontrol import MemControlEnv
+        """Masks for a dataset: a Config, a data source (bundled name or path), or a dict of
+        ``data`` overrides. Computes the dataset's descriptor; fine-tunes nothing."""
+        from memrl.task import Task, make_evaluator, task_config
 
-        cfg = source if isinstance(source, Config) else self.config
-        env = MemControlEnv(cfg, overrides={"env.tasks": [], "env.store": None})
-        self.check_space(env.space)
-        if not isinstance(source, Config):
-            env.reset(options={"dataset": source})
-        else:
-            env.reset(options={"dataset": 0})
-        return self.candidates(env.dataset_descriptor, n)
+        base = load_config(
+            self.config, {"env.tasks": [], "env.store": None, "env.table": None, "env.backend": "inprocess"}
+        )
+        cfg = source if isinstance(source, Config) else task_config(base, source)
+        task = Task(cfg, make_evaluator(base))
+        self.check_space(task.space)
+        return self.candidates(task.descriptor(), n)
 
 
 def load_policy(path: str | Path) -> Policy:
@@ -151,27 +214,26 @@ def load_policy(path: str | Path) -> Policy:
     for needed in (path, card_file):
         if not needed.is_file():
             raise PolicyError(f"{needed}: no such file; train one with python -m memrl.train_agent")
-    try:
-        card = json.loads(card_file.read_text())
-        with zipfile.ZipFile(path) as zf:
-            state = torch.load(io.BytesIO(zf.read("policy.pth")), map_location="cpu", weights_only=True)
-    except (json.JSONDecodeError, zipfile.BadZipFile, KeyError, RuntimeError, OSError) as exc:
-        raise PolicyError(f"{path}: not a readable memrl policy ({exc}); retrain or re-copy it") from None
+    card = read_card(card_file)
+    state = read_weights(path, "policy.pth")
     if card.get("descriptor", {}).get("version") != DESCRIPTOR_VERSION:
         raise PolicyError(
             f"{card_file}: descriptor version {card.get('descriptor', {}).get('version')} "
             f"differs from this memrl's {DESCRIPTOR_VERSION}; retrain the policy"
         )
     k = len(card["search_space"]["groups"])
-    obs_space = spaces.Box(-10.0, 10.0, shape=(card["observation_dim"],), dtype=np.float32)
+    obs_space = spaces.Box(-10.0, 10.0, shape=(int(card["observation_dim"]),), dtype=np.float32)
     if card["action_mode"] == "mask":
         act_space: spaces.Space = spaces.MultiBinary(k)
     else:
         act_space = spaces.Discrete(3 if card.get("stop_action") else 2)
-    network = ActorCriticPolicy(obs_space, act_space, lambda _: 0.0, net_arch=card["net_arch"])
     try:
+        network = ActorCriticPolicy(obs_space, act_space, lambda _: 0.0, net_arch=list(card["net_arch"]))
         network.load_state_dict(state)
-    except RuntimeError as exc:
-        raise PolicyError(f"{path}: weights do not match its card ({exc})") from None
+        config = load_config(card["config"])
+    except (RuntimeError, TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise PolicyError(f"{card_file}: its config is not valid for this memrl ({exc})") from None
+        raise PolicyError(f"{path}: weights do not match its card ({str(exc)[:200]})") from None
     network.eval()
-    return Policy(card=card, network=network, config=load_config(card["config"]))
+    return Policy(card=card, network=network, config=config)

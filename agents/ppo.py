@@ -1,19 +1,26 @@
-"""PPO on MemControl-v0: construction from config, TensorBoard/episode logging, atomic checkpoints."""
+"""PPO on MemControl-v0: construction from config, TensorBoard/episode logging, and checkpoints
+that resume without unpickling anything (weights and optimizer state with
+``torch.load(weights_only=True)``, counters as JSON)."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from memrl.agents.policy import read_weights
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
 from memrl.config import Config
+from memrl.errors import PolicyError
 from memrl.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -35,7 +42,7 @@ def build_ppo(cfg: Config, env, run_dir: Path) -> PPO:
         "MlpPolicy",
         env,
         n_steps=p.n_steps,
-        batch_size=min(p.batch_size, p.n_steps * p.n_envs),
+        batch_size=p.batch_size,
         n_epochs=p.n_epochs,
         learning_rate=p.learning_rate,
         gamma=p.gamma,
@@ -62,29 +69,35 @@ class EvaluationLogger(BaseCallback):
         self.best_mask: list[int] | None = None
         self.episodes = 0
         self.hits = 0
+        self.failures = 0
 
     def _on_step(self) -> bool:
-        for info, reward, done in zip(self.locals["infos"], self.locals["rewards"], self.locals["dones"]):
+        dones = self.locals["dones"]
+        diagnostics = self.training_env.get_attr("diagnostics") if any(dones) else []
+        for i, (info, reward, done) in enumerate(zip(self.locals["infos"], self.locals["rewards"], dones)):
             if not done or "metrics" not in info:
                 continue
             self.episodes += 1
-            self.hits += int(info["cache_hit"])
+            cache_hit = bool(diagnostics[i]["cache_hit"])
+            self.hits += int(cache_hit)
+            self.failures += int(not info["ok"])
             reward = float(reward)
-            if reward > self.best_reward:
-                self.best_reward, self.best_mask = reward, info["mask"]
+            if reward > self.best_reward or self.best_mask is None:
+                self.best_reward, self.best_mask = reward, list(info["mask"])
             self.logger.record("episode/reward", reward)
             for key, value in info["metrics"].items():
-                if np.isfinite(value):
+                if value is not None and np.isfinite(value):
                     self.logger.record(f"metrics/{key}", value)
             self.logger.record("episode/cache_hit_rate", self.hits / self.episodes)
             self.logger.record("episode/best_reward", self.best_reward)
-            self.logger.record("episode/best_mask", "".join(map(str, self.best_mask)), exclude="tensorboard")
+            best = "".join(map(str, self.best_mask or []))
+            self.logger.record("episode/best_mask", best, exclude="tensorboard")
             row: dict[str, Any] = {
                 "timestep": int(self.num_timesteps),
                 "reward": reward,
                 "mask": info["mask"],
                 "ok": info["ok"],
-                "cache_hit": info["cache_hit"],
+                "cache_hit": cache_hit,
                 "error": info["error"],
                 **{k: info[k] for k in ("memorization_term", "quality_term") if k in info},
             }
@@ -94,19 +107,62 @@ class EvaluationLogger(BaseCallback):
         return True
 
 
+def save_checkpoint(model: PPO, path: Path) -> None:
+    """Write ``model``'s weights, optimizer state and counters to ``path`` atomically."""
+    members = {"policy.pth": model.policy.state_dict(), "optimizer.pth": model.policy.optimizer.state_dict()}
+    state = {"format": 1, "num_timesteps": int(model.num_timesteps), "n_updates": int(model._n_updates)}
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as zf:
+        for name, value in members.items():
+            buf = io.BytesIO()
+            torch.save(value, buf)
+            zf.writestr(name, buf.getvalue())
+        zf.writestr("state.json", json.dumps(state))
+
+
+def load_checkpoint(model: PPO, path: Path) -> None:
+    """Restore a checkpoint written by :func:`save_checkpoint` into a freshly built ``model``.
+
+    Nothing is unpickled; a file that is not such a checkpoint raises PolicyError.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            info = zf.getinfo("state.json")
+            if info.file_size > 4096:
+                raise PolicyError(f"{path}: state.json is {info.file_size:,} bytes; not a memrl checkpoint")
+            state = json.loads(zf.read("state.json").decode("utf-8"))
+    except (KeyError, zipfile.BadZipFile, OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PolicyError(
+            f"{path}: not a memrl checkpoint ({exc}); delete it to start the run afresh"
+        ) from None
+    if not isinstance(state, dict) or not all(
+        isinstance(state.get(k), int) for k in ("num_timesteps", "n_updates")
+    ):
+        raise PolicyError(
+            f"{path}: state.json lacks integer num_timesteps and n_updates; not a memrl checkpoint"
+        )
+    try:
+        model.policy.load_state_dict(read_weights(path, "policy.pth"))
+        model.policy.optimizer.load_state_dict(read_weights(path, "optimizer.pth"))
+    except (RuntimeError, ValueError, KeyError) as exc:
+        if isinstance(exc, PolicyError):
+            raise
+        raise PolicyError(
+            f"{path}: the checkpoint does not fit this run's network ({str(exc)[:160]}); "
+            "resume with the run's own config.yaml"
+        ) from None
+    model.num_timesteps, model._n_updates = state["num_timesteps"], state["n_updates"]
+
+
 class AtomicCheckpoint(BaseCallback):
-    """Saves the model to ``run_dir/checkpoints/last.zip`` after every rollout, atomically."""
+    """Saves a resumable checkpoint to ``run_dir/checkpoints/last.zip`` after every rollout."""
 
     def __init__(self, run_dir: Path) -> None:
         super().__init__()
         self.path = run_dir / CHECKPOINT
 
     def save(self) -> None:
-        with atomic_path(self.path) as tmp:
-            zip_path = tmp.with_suffix(".zip")
-            self.model.save(zip_path)
-            zip_path.replace(tmp)
-        (self.path.parent / "progress.json").write_text(json.dumps({"num_timesteps": self.num_timesteps}))
+        assert isinstance(self.model, PPO)
+        save_checkpoint(self.model, self.path)
 
     def _on_rollout_end(self) -> None:
         self.save()

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from memrl.config import load_config
-from memrl.evaluate import TaskContext
 from memrl.finetune import finetune
+from memrl.task import TaskContext
 
 
 def main() -> None:

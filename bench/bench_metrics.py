@@ -14,7 +14,8 @@ import statistics
 import numpy as np
 
 from memrl.config import load_config
-from memrl.evaluate import EvalSpec, TaskContext, evaluate_spec
+from memrl.scoring import evaluate_spec
+from memrl.task import TaskContext
 
 
 def main() -> None:
@@ -30,9 +31,7 @@ def main() -> None:
     print("| mask | finetune s | losses s | sample s | metrics s | total s |\n|---|---|---|---|---|---|")
     for label, mask in masks.items():
         runs = [
-            evaluate_spec(
-                EvalSpec.from_config(load_config(cfg, {"finetune.seed": s}), mask, ctx.fingerprints)
-            ).timings
+            evaluate_spec(TaskContext.get(load_config(cfg, {"finetune.seed": s})).spec(mask)).timings
             for s in range(args.repeat)
         ]
         cells = [

@@ -18,9 +18,10 @@ import sys
 
 import numpy as np
 
+from memrl.backends import Evaluator
 from memrl.config import load_config
-from memrl.evaluate import EvalSpec, Evaluator, TaskContext
 from memrl.store import EvaluationStore
+from memrl.task import TaskContext
 
 COLUMNS = (
     "canary_copy_fraction",
@@ -62,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for seed in range(args.seeds):
             run = load_config(cfg, {"search.method": method, "finetune.seed": seed})
-            run_ctx = TaskContext.get(run)
-            ev = evaluator.evaluate(EvalSpec.from_config(run, mask, run_ctx.fingerprints))
+            ev = evaluator.evaluate(TaskContext.get(run).spec(mask))
             if not ev.ok:
                 print(f"{label} seed {seed} failed: {ev.error}", file=sys.stderr)
                 continue

@@ -20,14 +20,14 @@ import numpy as np
 import torch
 
 from memrl.config import load_config
-from memrl.evaluate import EvalSpec, TaskContext, evaluate_spec
+from memrl.scoring import evaluate_spec
+from memrl.task import TaskContext
 
 KEYS = ("heldout_loss", "canary_loss_gap", "canary_copy_fraction", "kid", "noise_norm_canary")
 
 
 def evaluate(cfg, mask):
-    ctx = TaskContext.get(cfg)
-    return evaluate_spec(EvalSpec.from_config(cfg, mask, ctx.fingerprints))
+    return evaluate_spec(TaskContext.get(cfg).spec(mask))
 
 
 def main() -> None:
@@ -43,7 +43,8 @@ def main() -> None:
 
     cfg = load_config("default", {"finetune.device": "cuda"})
     start = time.perf_counter()
-    ctx = TaskContext.get(cfg)  # pretrains the base UNet and trains the encoder on this machine
+    ctx = TaskContext.get(cfg)
+    _ = ctx.base, ctx.encoder  # loads the shipped base UNet and trains the encoder on this machine
     report["default_context_s"] = time.perf_counter() - start
     for label, mask in (
         ("full", np.ones(ctx.space.k, int)),

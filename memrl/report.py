@@ -15,31 +15,9 @@ from typing import Any
 import numpy as np
 
 from memrl.config import Config, load_config
-from memrl.data import ImageSet
+from memrl.render import sample_grid
 from memrl.reward import References, Reward, pareto_front
 from memrl.utils import atomic_path, atomic_write_text
-
-
-def _to_rgb(images: np.ndarray) -> np.ndarray:
-    """(N, C, H, W) uint8 -> (N, H, W, 3) uint8."""
-    images = images.transpose(0, 2, 3, 1)
-    return np.repeat(images, 3, axis=3) if images.shape[3] == 1 else images
-
-
-def sample_grid(
-    samples: np.ndarray, nearest: np.ndarray, train: ImageSet, n: int = 16, pad: int = 1
-) -> np.ndarray:
-    """An RGB image: each row pairs a generated sample (left) with its nearest training image."""
-    n = min(n, len(samples))
-    train_u8 = ((train.images[nearest[:n]].clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
-    left, right = _to_rgb(samples[:n]), _to_rgb(train_u8)
-    h, w = left.shape[1:3]
-    grid = np.full((n * (h + pad) + pad, 2 * w + 3 * pad, 3), 255, dtype=np.uint8)
-    for i in range(n):
-        y = pad + i * (h + pad)
-        grid[y : y + h, pad : pad + w] = left[i]
-        grid[y : y + h, 2 * pad + w : 2 * pad + 2 * w] = right[i]
-    return grid
 
 
 def _save_figure(fig, path: Path) -> None:
@@ -47,16 +25,14 @@ def _save_figure(fig, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
-def _task_rows(cfg: Config, store) -> tuple[list[dict[str, Any]], Any, Config]:
-    """Evaluations of the first task (method of the config) and that task's context."""
-    from memrl.evaluate import TaskContext
+def _task_rows(task_cfg: Config, store: Any) -> tuple[list[dict[str, Any]], Any]:
+    """Evaluations of one task in the store, and that task's context."""
+    from memrl.task import TaskContext
 
-    task = (cfg.env.tasks or [{}])[0]
-    task_cfg = load_config(cfg, {f"data.{k}": v for k, v in task.items()})
     ctx = TaskContext.get(task_cfg)
     fp = ctx.fingerprints["data"]
     rows = [r for r in store.rows() if r["ok"] and r["data_fingerprint"] == fp]
-    return rows, ctx, task_cfg
+    return rows, ctx
 
 
 def _plot_rewards(run_dir: Path) -> None:
@@ -107,20 +83,30 @@ def _plot_samples(run_dir: Path, store, rows, ctx, masks: tuple[str, str]) -> bo
     return True
 
 
-def write_report(run_dir: str | Path, config: Config | None = None, chosen: list[int] | None = None) -> Path:
-    """Write ``report.md`` and PNG plots into ``run_dir`` from its store and episode log."""
+def write_report(
+    run_dir: str | Path,
+    config: Config | None = None,
+    chosen: list[int] | None = None,
+    task_cfg: Config | None = None,
+) -> Path:
+    """Write ``report.md`` and PNG plots into ``run_dir`` from its store and episode log, for
+    ``task_cfg`` (default: the config's first training task)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from memrl.store import EvaluationStore
+    from memrl.task import suite
 
     run_dir = Path(run_dir)
     cfg = config or load_config(run_dir / "config.yaml")
+    if task_cfg is None:
+        entries = suite(cfg)
+        task_cfg = next((e for e in entries if not e.heldout), entries[0]).cfg
     store_path = Path(cfg.env.store) if cfg.env.store else run_dir / "evaluations.sqlite"
-    store = EvaluationStore(store_path if store_path.is_absolute() else run_dir / store_path)
-    rows, ctx, task_cfg = _task_rows(cfg, store)
+    store = EvaluationStore(store_path if store_path.is_absolute() else run_dir / store_path, readonly=True)
+    rows, ctx = _task_rows(task_cfg, store)
     rows = [r for r in rows if r["method"] == cfg.search.method] or rows
     k = ctx.space.k
     mem_key, q_key = cfg.reward.memorization, cfg.reward.quality
@@ -214,14 +200,20 @@ def write_report(run_dir: str | Path, config: Config | None = None, chosen: list
 
 
 def main(argv: list[str] | None = None) -> int:
+    from memrl.cli import run_main
+    from memrl.errors import ConfigError
+
     parser = argparse.ArgumentParser(prog="python -m memrl.report", description="Write a run's report.")
     parser.add_argument("run_dir", type=Path)
     args = parser.parse_args(argv)
-    if not (args.run_dir / "config.yaml").is_file():
-        print(f"error: {args.run_dir}: no config.yaml here; give a run directory", file=sys.stderr)
-        return 2
-    print(write_report(args.run_dir))
-    return 0
+
+    def body() -> int:
+        if not (args.run_dir / "config.yaml").is_file():
+            raise ConfigError(f"{args.run_dir}: no config.yaml here; give a run directory")
+        print(write_report(args.run_dir))
+        return 0
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

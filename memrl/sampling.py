@@ -6,29 +6,22 @@ from typing import Any
 
 import torch
 
-from memrl.models import DiffusionModel
+from memrl.models.unet import DiffusionModel
 
 
 @torch.no_grad()
 def sample(
     model: DiffusionModel,
-    labels: torch.Tensor | None = None,
-    n: int | None = None,
+    labels: torch.Tensor,
     steps: int = 20,
     guidance: float = 2.0,
     seed: int = 0,
     batch_size: int = 256,
 ) -> torch.Tensor:
-    """Generate images in [-1, 1] with DDIM; ``labels`` (or ``n`` unconditional samples).
-
-    ``guidance`` is the classifier-free guidance scale (1 = conditional only, no guidance).
-    """
+    """Generate one image in [-1, 1] per label with DDIM (unknown labels and -1 sample
+    unconditionally). ``guidance`` is the classifier-free guidance scale (1 = no guidance)."""
     from diffusers import DDIMScheduler
 
-    if labels is None:
-        if n is None:
-            raise ValueError("give labels or n")
-        labels = torch.full((n,), model.null_label, dtype=torch.long)
     labels = model.labels_or_null(labels, len(labels))
     sched: Any = DDIMScheduler(num_train_timesteps=model.unet.config.get("num_train_timesteps", 1000))
     sched.set_timesteps(steps)

@@ -16,8 +16,9 @@ import csv
 import sys
 from pathlib import Path
 
-from memrl.config import ConfigError, dump_config, load_config, parse_overrides
-from memrl.data import DataError
+from memrl.cli import add_config_args, config_from_args, run_main
+from memrl.config import dump_config
+from memrl.errors import MemrlError
 from memrl.utils import atomic_path, setup_logging
 
 
@@ -34,24 +35,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--method", choices=METHODS, required=True)
     parser.add_argument("--budget", type=int, default=16, help="number of evaluations")
-    parser.add_argument("--config", default="default", help="config name or YAML path")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--task", type=int, default=0, help="index into env.tasks")
+    add_config_args(parser)
+    parser.add_argument("--task", default="0", help="index or name of a task in env.tasks")
     parser.add_argument("--out", type=Path, default=Path("runs/search"), help="results folder")
     args = parser.parse_args(argv)
-    try:
-        overrides = parse_overrides(args.set)
-        overrides.setdefault("seed", args.seed)
-        cfg = load_config(args.config, overrides)
-        args.out.mkdir(parents=True, exist_ok=True)
-        if cfg.env.store is None:
-            cfg.env.store = str((args.out / "evaluations.sqlite").resolve())
-        dump_config(cfg, args.out / "config.yaml")
-        rows = run_search(cfg, args.method, args.budget, args.seed, args.task)
-    except (ConfigError, DataError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_main(
+        lambda: _search(args, run_search, write_report),
+        interrupted=f"evaluations so far are stored; rerun to continue (they are reused from {args.out})",
+    )
+
+
+def _search(args: argparse.Namespace, run_search, write_report) -> int:
+    cfg = config_from_args(args)
+    task = int(args.task) if args.task.isdigit() else args.task
+    args.out.mkdir(parents=True, exist_ok=True)
+    if cfg.env.store is None:
+        cfg.env.store = str((args.out / "evaluations.sqlite").resolve())
+    dump_config(cfg, args.out / "config.yaml")
+    rows = run_search(cfg, args.method, args.budget, cfg.seed, task)
+    if not any(r["ok"] for r in rows):
+        raise MemrlError(
+            f"every one of the {len(rows)} evaluations failed (first: {rows[0]['metrics'] or 'see the log'})"
+        )
     table = args.out / f"search-{args.method}.csv"
     columns = [
         "label",
@@ -79,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(rows)} evaluations ({spent:.0f} s of fine-tuning and scoring, cache hits free); "
         f"best {best['label']} ({best['method']}) reward {best['reward']:+.3f}"
     )
-    print(f"table: {table}\nreport: {write_report(args.out, cfg, chosen=best['mask'])}")
+    from memrl.task import resolve_task
+
+    report = write_report(args.out, cfg, chosen=best["mask"], task_cfg=resolve_task(cfg, task))
+    print(f"table: {table}\nreport: {report}")
     return 0
 
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 from torch import nn
 
-from memrl.config import stable_hash
+from memrl.utils import stable_hash
 
 _STAGE = {"conv_in": 0, "time_embedding": 1, "down_blocks": 2, "mid_block": 3, "up_blocks": 4, "conv_out": 5}
 _TRANSFORMER = re.compile(r"^(down_blocks\.\d+|up_blocks\.\d+|mid_block)\.attentions\.\d+$")
@@ -73,7 +73,7 @@ class SearchSpace:
                 f"the UNet has no {granularity!r} groups (a UNet without cross-attention blocks "
                 "has no transformer groups); use granularity 'block' or 'layer'"
             )
-        self._unet_config = dict(getattr(unet, "config", {}))
+        self._shapes = sorted((n, tuple(p.shape)) for n, p in unet.named_parameters())
         self._group_params = {
             g: sum(p.numel() for prefix in prefixes for p in unet.get_submodule(prefix).parameters())
             for g, prefixes in self.groups.items()
@@ -93,9 +93,9 @@ class SearchSpace:
 
     @property
     def signature(self) -> str:
-        """Hash of the architecture, granularity, method and group names."""
-        config = {k: v for k, v in self._unet_config.items() if not k.startswith("_")}
-        return stable_hash([config, self.granularity, self.method, self.names])
+        """Hash of the architecture (every parameter's name and shape), granularity, method and
+        group names: the same on any machine and diffusers version that builds the same network."""
+        return stable_hash([self._shapes, self.granularity, self.method, self.names])
 
     def validate(self, mask: Sequence[int] | np.ndarray) -> np.ndarray:
         """Check and return ``mask`` as an int8 array of 0s and 1s of length ``k``."""

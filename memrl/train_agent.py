@@ -4,9 +4,10 @@
     python -m memrl.train_agent --config configs/my.yaml --set ppo.total_timesteps=256 env.mode=sequential
     python -m memrl.train_agent --resume runs/20261127-221500-ab12cd34
 
-The run directory holds the resolved config, seed and package versions, the evaluation store,
-TensorBoard logs (``tb/``), checkpoints, ``episodes.jsonl``, and at the end ``policy.zip`` with
-its card ``policy.card.json`` and a report (``report.md`` + plots).
+The run directory holds the resolved config, ``run.json`` (seed, config hash, package versions,
+task fingerprints, and ``status``: running, complete, interrupted or failed), the evaluation
+store, TensorBoard logs (``tb/``), a resumable checkpoint, ``episodes.jsonl``, and at the end
+``policy.zip`` with its card ``policy.card.json`` and a report (``report.md`` + plots).
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from memrl.config import Config, ConfigError, dump_config, load_config, parse_overrides
-from memrl.data import DataError
+from memrl.cli import add_config_args, config_from_args, run_main
+from memrl.config import Config, dump_config, load_config
+from memrl.errors import ConfigError, MemrlError
 from memrl.utils import atomic_write_text, package_versions, setup_logging
 
 log = logging.getLogger("memrl.train_agent")
@@ -32,23 +35,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
-    parser.add_argument(
-        "--config", default="default", help="a shipped config name (default, test) or a YAML path"
-    )
-    parser.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="dotted overrides, e.g. ppo.n_steps=32 env.mode=sequential finetune.steps=40",
-    )
-    parser.add_argument("--seed", type=int, default=None, help="seed of PPO, tasks and fine-tunes")
+    add_config_args(parser)
     parser.add_argument(
         "--run-dir", type=Path, default=None, help="where results go (default: runs/<time>-<hash>)"
     )
-    parser.add_argument(
-        "--resume", type=Path, default=None, help="continue the run in this directory from its checkpoint"
-    )
+    parser.add_argument("--resume", type=Path, default=None, help="continue the run in this directory")
     parser.add_argument(
         "--timesteps", type=int, default=None, help="total env steps (= evaluations); ppo.total_timesteps"
     )
@@ -62,81 +53,108 @@ def resolve_run(args: argparse.Namespace) -> tuple[Config, Path]:
         run_dir = args.resume
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"{run_dir}: no config.yaml here; --resume takes a run directory")
-        cfg = load_config(run_dir / "config.yaml", args.set)
-        return cfg, run_dir
-    overrides = parse_overrides(args.set)
-    if args.seed is not None:
-        overrides["seed"] = args.seed
-    if args.timesteps is not None:
-        overrides["ppo.total_timesteps"] = args.timesteps
-    cfg = load_config(args.config, overrides)
+        args.config = run_dir / "config.yaml"
+        return config_from_args(args, **{"ppo.total_timesteps": args.timesteps}), run_dir
+    cfg = config_from_args(args, **{"ppo.total_timesteps": args.timesteps})
     if cfg.env.store is None:
-        cfg.env.store = "evaluations.sqlite"  # resolved inside the run directory below
+        cfg.env.store = "evaluations.sqlite"  # inside the run directory
     run_dir = args.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.hash()[:8]}"
     return cfg, run_dir
 
 
-def record_run(cfg: Config, run_dir: Path) -> None:
-    """Seed, config, versions and dataset fingerprints beside the results."""
-    from memrl.evaluate import TaskContext
+def record_run(cfg: Config, run_dir: Path, status: str, extra: dict[str, Any] | None = None) -> None:
+    """``run.json``: seed, config hash, versions, task fingerprints and the run's status."""
+    from memrl.task import TaskContext, suite
 
-    dump_config(cfg, run_dir / "config.yaml")
-    tasks = [dict(t) for t in cfg.env.tasks] or [{}]
-    fingerprints = []
-    for task in tasks:
-        task_cfg = load_config(cfg, {f"data.{k}": v for k, v in task.items()})
-        fingerprints.append({"task": task, **TaskContext.get(task_cfg).fingerprints})
+    tasks = [
+        {"name": e.name, "heldout": e.heldout, **TaskContext.get(e.cfg).fingerprints} for e in suite(cfg)
+    ]
     meta = {
+        "status": status,
         "seed": cfg.seed,
         "config_hash": cfg.hash(),
         "versions": package_versions(),
-        "tasks": fingerprints,
+        "tasks": tasks,
+        **(extra or {}),
     }
     atomic_write_text(run_dir / "run.json", json.dumps(meta, indent=2))
 
 
 def train(cfg: Config, run_dir: Path, resume: bool = False, report: bool = True) -> Path:
-    """Build env and PPO, learn, save policy + card, write the report. Returns the policy path."""
-    from stable_baselines3 import PPO
+    """Build env and PPO, learn, save policy + card, write the report. Returns the policy path.
 
-    from memrl.agents.policy import write_card
-    from memrl.agents.ppo import CHECKPOINT, AtomicCheckpoint, EvaluationLogger, build_ppo, make_env
-    from memrl.envs.memcontrol import MemControlEnv
+    Everything that can fail on bad input is built before the run directory is written; the
+    directory's ``run.json`` says whether the run completed.
+    """
+    from memrl.agents.policy import load_policy, write_card
+    from memrl.agents.ppo import (
+        CHECKPOINT,
+        AtomicCheckpoint,
+        EvaluationLogger,
+        build_ppo,
+        load_checkpoint,
+        make_env,
+    )
+    from memrl.task import Task, TaskContext, architecture_space, make_evaluator, suite
 
+    store = cfg.env.store or "evaluations.sqlite"
+    cfg = load_config(
+        cfg, {"env.store": str(store if Path(store).is_absolute() else (run_dir / store).resolve())}
+    )
+    entries = suite(cfg)
+    for e in entries:  # every task's data, base model and space load before anything is written
+        _ = TaskContext.get(e.cfg).fingerprints
     run_dir.mkdir(parents=True, exist_ok=True)
-    record_run(cfg, run_dir)  # a relative env.store stays relative: it lives inside the run directory
-    cfg = load_config(cfg, {"env.store": str((run_dir / (cfg.env.store or "evaluations.sqlite")).resolve())})
+    dump_config(load_config(cfg, {"env.store": store}), run_dir / "config.yaml")
+    record_run(cfg, run_dir, "running")
     env = make_env(cfg, cfg.ppo.n_envs, cfg.seed)
+    model = build_ppo(cfg, env, run_dir)
     checkpoint = run_dir / CHECKPOINT
     if resume and checkpoint.is_file():
-        model = PPO.load(checkpoint, env=env, device="cpu")
+        load_checkpoint(model, checkpoint)
         log.info("resumed from %s at %d timesteps", checkpoint, model.num_timesteps)
-    else:
-        model = build_ppo(cfg, env, run_dir)
+    logger = EvaluationLogger(run_dir)
+    saver = AtomicCheckpoint(run_dir)
     remaining = cfg.ppo.total_timesteps - model.num_timesteps
-    if remaining > 0:
-        callbacks = [EvaluationLogger(run_dir), AtomicCheckpoint(run_dir)]
-        model.learn(
-            remaining,
-            callback=callbacks,
-            progress_bar=True,
-            reset_num_timesteps=not resume,
-            tb_log_name="ppo",
+    try:
+        if remaining > 0:
+            model.learn(
+                remaining,
+                callback=[logger, saver],
+                progress_bar=True,
+                reset_num_timesteps=not resume,
+                tb_log_name="ppo",
+            )
+            saver.save()
+    except KeyboardInterrupt:
+        record_run(cfg, run_dir, "interrupted", {"num_timesteps": int(model.num_timesteps)})
+        raise
+    finally:
+        env.close()
+    if logger.episodes and logger.failures == logger.episodes:
+        record_run(cfg, run_dir, "failed: every evaluation failed")
+        raise MemrlError(
+            f"every one of the {logger.episodes} evaluations failed (see {run_dir / 'episodes.jsonl'}); "
+            "no policy was written: fix the config (finetune.lr? data?) and run again"
         )
-        callbacks[1].save()
     policy_path = run_dir / "policy.zip"
     model.save(policy_path)
-    first_env = env.envs[0].unwrapped if hasattr(env, "envs") else MemControlEnv(cfg)
-    write_card(policy_path, first_env, cfg, {"num_timesteps": int(model.num_timesteps)})
-    env.close()
+    write_card(
+        policy_path,
+        architecture_space(cfg),
+        cfg,
+        env.observation_space.shape[0],
+        {"num_timesteps": int(model.num_timesteps)},
+    )
+    record_run(cfg, run_dir, "complete", {"num_timesteps": int(model.num_timesteps)})
     if report:
-        from memrl.agents.policy import load_policy
         from memrl.report import write_report
 
-        # Evaluate the trained policy's own mask on the first task, so the report can show it.
-        first_env.reset(options={"dataset": 0})
-        chosen = load_policy(policy_path).candidates(first_env.dataset_descriptor, 1)[0]
-        first_env.evaluate_mask(chosen)
+        # Evaluate the trained policy's own mask on the first training task, so the report shows it.
+        first = next((e for e in entries if not e.heldout), entries[0])
+        task = Task(first.cfg, make_evaluator(cfg), first.name)
+        chosen = load_policy(policy_path).candidates(task.descriptor(), 1)[0]
+        task.score(chosen)
         write_report(run_dir, chosen=[int(v) for v in chosen])
     return policy_path
 
@@ -144,14 +162,23 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, report: bool = True)
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
-    try:
+    where = [args.resume or args.run_dir or "runs/<the new run>"]
+
+    def body() -> int:
         cfg, run_dir = resolve_run(args)
+        where[0] = run_dir
         policy = train(cfg, run_dir, resume=args.resume is not None, report=not args.no_report)
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"policy: {policy}\nreport: {run_dir / 'report.md'}")
-    return 0
+        print(f"policy: {policy}\nreport: {run_dir / 'report.md'}")
+        return 0
+
+    code = run_main(body, interrupted="")
+    if code == 130:
+        print(
+            f"every finished evaluation is stored and the last rollout checkpointed in {where[0]}; "
+            f"continue with python -m memrl.train_agent --resume {where[0]}",
+            file=sys.stderr,
+        )
+    return code
 
 
 if __name__ == "__main__":

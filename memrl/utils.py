@@ -1,13 +1,16 @@
-"""Small shared helpers: cache folder, atomic writes, seeding, package versions."""
+"""Small shared helpers: stable hashes, cache folder, atomic writes, package versions, logging."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 _PACKAGES = (
     "memrl",
@@ -20,6 +23,19 @@ _PACKAGES = (
     "faiss-cpu",
     "numpy",
 )
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """sha256 of the canonical JSON form of ``obj`` (sorted keys), cut to ``length`` hex digits."""
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def without_none(tree: Any) -> Any:
+    """``tree`` with every dict entry whose value is None removed (recursively)."""
+    if isinstance(tree, dict):
+        return {k: without_none(v) for k, v in tree.items() if v is not None}
+    return tree
 
 
 def cache_dir() -> Path:

@@ -1,4 +1,9 @@
-"""Shared fixtures: every test runs on the tiny test config with its own cache folder."""
+"""Shared fixtures: every test runs on the tiny test config with its own cache folder.
+
+Structure tests (search space, PEFT methods, sampling shapes) use ``tiny_model``, a randomly
+initialised UNet built in milliseconds, as diffusers' own tests do; tests about learning use
+``ctx``, whose base model is pretrained (20 steps) once per session.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,15 @@ import tempfile
 
 import pytest
 
-# The user's cache, for slow tests on the default config (its base UNet takes ~10 min to pretrain).
+# The user's cache, for slow tests on the default config.
 USER_CACHE = os.environ.get("MEMRL_CACHE", os.path.expanduser("~/.cache/memrl"))
 # One cache per test session (tiny base model and encoder are built once, in seconds).
-os.environ.setdefault("MEMRL_CACHE", tempfile.mkdtemp(prefix="memrl-test-cache-"))
+os.environ["MEMRL_CACHE"] = tempfile.mkdtemp(prefix="memrl-test-cache-")
 
 
 @pytest.fixture
 def user_cache(monkeypatch):
-    """Point memrl at the user's cache (slow tests reuse the default base model from there)."""
+    """Point memrl at the user's cache (slow tests reuse the default's encoder from there)."""
     monkeypatch.setenv("MEMRL_CACHE", USER_CACHE)
     return USER_CACHE
 
@@ -27,10 +32,22 @@ def cfg():
     return load_config("test")
 
 
+@pytest.fixture
+def tiny_model():
+    """A random-initialised label-conditioned UNet of the test config's architecture."""
+    import torch
+
+    from memrl.config import load_config
+    from memrl.models import DiffusionModel, build_unet
+
+    torch.manual_seed(0)
+    return DiffusionModel(build_unet(load_config("test")), num_classes=10)
+
+
 @pytest.fixture(scope="session")
 def ctx():
-    """The shared task context (splits, base model, search space, encoder) of the test config."""
+    """The shared task context (splits, pretrained base model, search space, encoder) of the test config."""
     from memrl.config import load_config
-    from memrl.evaluate import TaskContext
+    from memrl.task import TaskContext
 
     return TaskContext.get(load_config("test"))

@@ -1,5 +1,6 @@
 """The command-line tools end to end on the tiny test config, through subprocess."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -43,6 +44,8 @@ def new_dataset(tmp_path_factory):
 
 
 def test_train_writes_a_complete_run(run_dir):
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["status"] == "complete" and meta["num_timesteps"] == 8
     for name in (
         "policy.zip",
         "policy.card.json",
@@ -62,7 +65,6 @@ def test_train_writes_a_complete_run(run_dir):
     card = json.loads((run_dir / "policy.card.json").read_text())
     assert card["action_mode"] == "mask" and len(card["search_space"]["groups"]) == 4
     assert card["num_timesteps"] == 8 and card["descriptor"]["fields"][0] == "log_size"
-    meta = json.loads((run_dir / "run.json").read_text())
     assert meta["seed"] == 0 and "torch" in meta["versions"] and meta["tasks"][0]["data"]
     report = (run_dir / "report.md").read_text()
     assert "## Chosen mask" in report and "not evaluated yet" not in report
@@ -108,7 +110,7 @@ def test_policy_proposes_masks_from_python(run_dir, new_dataset):
     assert len({tuple(m) for m in masks}) == 3
 
 
-def test_apply_policy_on_a_new_dataset(run_dir, new_dataset, tmp_path):
+def test_apply_policy_delivers_a_model_trained_on_all_but_the_heldout_images(run_dir, new_dataset, tmp_path):
     out = tmp_path / "applied"
     proc = run(
         "memrl.apply_policy",
@@ -129,7 +131,11 @@ def test_apply_policy_on_a_new_dataset(run_dir, new_dataset, tmp_path):
     assert (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     result = json.loads((out / "result.json").read_text())
     assert len(result["mask"]) == 4 and len(result["candidates_tried"]) == 2
-    assert set(result["chosen"]) >= {"canary_copy_fraction", "kid", "trainable_fraction"}
+    # 120 images: 24 held out, the other 96 fine-tuned on, without canaries or duplication
+    assert (result["images"], result["heldout"], result["finetuned_on"]) == (120, 24, 96)
+    config = (out / "config.yaml").read_text()
+    assert "canaries: 0" in config and "duplication: 1" in config
+    assert set(result["chosen"]) >= {"near_copy_fraction", "loss_gap", "kid", "trainable_fraction"}
     assert result["full_finetune"]["trainable_fraction"] == 1.0  # every UNet parameter
     assert 0 <= result["chosen"]["trainable_fraction"] < 1
     from memrl.models import load_model
@@ -170,16 +176,143 @@ def test_missing_or_corrupt_policy_and_empty_data_are_explained(run_dir, new_dat
     assert proc.returncode == 2 and "no images found" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_policy_zip_holds_only_weights_we_read_safely(run_dir):
-    with zipfile.ZipFile(run_dir / "policy.zip") as zf:
-        assert "policy.pth" in zf.namelist()
+class _Payload:
+    """Unpickling this runs code: it creates the file named in ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
 
 
-def test_bad_config_override_is_explained(tmp_path):
+def _pickle_bytes(obj):
+    import io
+    import pickle
+
+    buf = io.BytesIO()
+    pickle.dump(obj, buf)
+    return buf.getvalue()
+
+
+def test_a_policy_holding_a_pickle_is_refused_without_running_it(run_dir, new_dataset, tmp_path):
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "policy.zip"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("policy.pth", _pickle_bytes({"weight": _Payload(marker)}))
+    (tmp_path / "policy.card.json").write_text((run_dir / "policy.card.json").read_text())
+    proc = run(
+        "memrl.apply_policy", "--policy", str(bad), "--data", str(new_dataset), "--out", str(tmp_path / "o")
+    )
+    assert proc.returncode == 2 and "does not unpickle" in proc.stderr and "Traceback" not in proc.stderr
+    assert "weights_only=False" not in proc.stderr and not marker.exists()
+
+
+def test_a_zip_member_too_large_to_be_a_policy_is_refused_before_reading(run_dir, tmp_path):
+    from memrl.agents.policy import MAX_MEMBER_BYTES, PolicyError, load_policy
+
+    bomb = tmp_path / "policy.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("policy.pth", bytes(MAX_MEMBER_BYTES + 1))
+    (tmp_path / "policy.card.json").write_text((run_dir / "policy.card.json").read_text())
+    assert bomb.stat().st_size < 1_000_000
+    with pytest.raises(PolicyError, match="more than a memrl policy holds"):
+        load_policy(bomb)
+
+
+@pytest.mark.parametrize(
+    "card,message",
+    [
+        (b"[1, 2]", "a card is a JSON object"),
+        (b'{"format": 1}', "the card lacks"),
+        (b"\xff\xfe{", "not UTF-8"),
+    ],
+)
+def test_bad_cards_are_explained(run_dir, tmp_path, card, message):
+    import shutil
+
+    shutil.copy(run_dir / "policy.zip", tmp_path / "policy.zip")
+    (tmp_path / "policy.card.json").write_bytes(card)
+    proc = run(
+        "memrl.apply_policy", "--policy", str(tmp_path), "--data", "digits", "--out", str(tmp_path / "o")
+    )
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_resume_never_unpickles_a_checkpoint(run_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    marker = tmp_path / "pwned"
+    with zipfile.ZipFile(copy / "checkpoints" / "last.zip", "w") as zf:  # SB3's layout, poisoned
+        zf.writestr(
+            "data", json.dumps({"policy_class": {":serialized:": _pickle_bytes(_Payload(marker)).hex()}})
+        )
+        zf.writestr("policy.pth", _pickle_bytes(_Payload(marker)))
+        zf.writestr("state.json", json.dumps({"format": 1, "num_timesteps": 4, "n_updates": 1}))
+    proc = run("memrl.train_agent", "--resume", str(copy), "--set", "ppo.total_timesteps=12")
+    assert proc.returncode == 2 and "does not unpickle" in proc.stderr and "Traceback" not in proc.stderr
+    assert not marker.exists()
+    (copy / "checkpoints" / "last.zip").write_bytes(b"not a zip")
+    proc = run("memrl.train_agent", "--resume", str(copy), "--set", "ppo.total_timesteps=12")
+    assert proc.returncode == 2 and "not a memrl checkpoint" in proc.stderr
+
+
+def test_bad_config_override_is_explained_and_leaves_no_run_directory(tmp_path):
     proc = run(
         "memrl.train_agent", "--config", "test", "--set", "ppo.n_stepz=3", "--run-dir", str(tmp_path / "r")
     )
     assert proc.returncode == 2 and "unknown field ppo.n_stepz" in proc.stderr
+    for bad, message in (
+        ("model.path=/no/such/unet", "no diffusers UNet here"),
+        ("data.source=/no/such/data", "is not a bundled dataset"),
+        ("finetune.steps=[1", "not valid YAML"),
+    ):
+        proc = train(tmp_path / "r", bad)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, bad
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_run_whose_evaluations_all_fail_does_not_succeed(tmp_path):
+    out = tmp_path / "failing"
+    proc = train(out, "finetune.lr=1e30", "ppo.total_timesteps=4", "ppo.n_steps=4", "ppo.batch_size=2")
+    assert proc.returncode == 2 and "evaluations failed" in proc.stderr
+    assert not (out / "policy.zip").exists()
+    assert json.loads((out / "run.json").read_text())["status"].startswith("failed")
+
+
+def test_ctrl_c_stops_with_one_line_saying_how_to_resume(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "memrl.train_agent",
+            "--config",
+            "test",
+            "--run-dir",
+            str(out),
+            "--no-report",
+            "--set",
+            "ppo.total_timesteps=400",
+            "ppo.n_steps=4",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not (out / "episodes.jsonl").is_file() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr
+    assert f"--resume {out}" in stderr
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
 
 
 @pytest.mark.parametrize("method", ["random", "optuna-nsga2"])
@@ -202,17 +335,28 @@ def test_other_baselines_share_the_store(method, budget, rows, tmp_path):
 
     cfg = load_config("test", {"env.store": str(tmp_path / "s.sqlite")})
     result = run_search(cfg, method, budget)
-    assert len(result) == rows
-    assert all(r["ok"] for r in result)
+    assert len(result) == rows and all(r["ok"] for r in result)
+    assert len({(tuple(r["mask"]), r["method"]) for r in result}) == rows  # distinct evaluations
     if method == "exhaustive":
-        assert len({tuple(r["mask"]) for r in result}) == 16
+        assert {tuple(r["mask"]) for r in result} == set(itertools.product((0, 1), repeat=4))
     if method == "fixed":
         assert {r["method"] for r in result} >= {"full", "lora", "svdiff"}
-    again = run_search(cfg, "random", 2)
-    assert all(r["cache_hit"] for r in again) or method != "exhaustive"
+    again = run_search(cfg, method, budget)  # the same seeded search again: every evaluation stored
+    assert all(r["cache_hit"] and r["seconds"] == 0 for r in again)
+    assert [r["reward"] for r in again] == [r["reward"] for r in result]
 
 
-def test_report_cli(run_dir):
+def test_report_cli_writes_the_report_and_its_plots(run_dir, tmp_path):
+    for name in ("report.md", "pareto.png", "reward.png"):
+        (run_dir / name).unlink(missing_ok=True)
     proc = run("memrl.report", str(run_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().endswith("report.md")
+    assert proc.stdout.strip() == str(run_dir / "report.md")
+    report = (run_dir / "report.md").read_text()
+    assert "## Chosen mask" in report and "## References" in report and "![Pareto](pareto.png)" in report
+    rows = [line for line in report.splitlines() if line.startswith("| `")]
+    assert len(rows) >= 3 and all(len(line.split("|")) == 9 for line in rows)
+    for name in ("pareto.png", "reward.png"):
+        assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    proc = run("memrl.report", str(tmp_path))
+    assert proc.returncode == 2 and "no config.yaml here" in proc.stderr

@@ -54,3 +54,57 @@ def test_atomic_writes_keep_old_content_on_failure_and_normal_permissions(tmp_pa
         raise RuntimeError("crash mid-write")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ({"finetune.lr": "nan"}, r"finetune\.lr='nan': must be a finite number"),
+        ({"finetune.lr": float("inf")}, "must be a finite number"),
+        ({"finetune.lr": 0}, r"finetune\.lr=0\.0 must be positive"),
+        ({"ppo.total_timesteps": -5}, r"ppo\.total_timesteps=-5 must be positive"),
+        ({"ppo.n_envs": 0}, r"ppo\.n_envs=0 must be positive"),
+        ({"ppo.n_epochs": -1}, r"ppo\.n_epochs=-1 must be positive"),
+        ({"ppo.batch_size": 0}, r"ppo\.batch_size=0 must be positive"),
+        ({"ppo.batch_size": 64}, r"ppo\.batch_size=64 must be between 2 and ppo\.n_steps"),
+        ({"finetune.steps": True}, r"finetune\.steps: expected int"),
+        ({"env.tasks": [{"sede": 1}]}, r"env\.tasks\[0\]: unknown key 'sede'"),
+        ({"env.tasks": [{"name": "a"}, {"name": "a"}]}, "task names must be unique"),
+    ],
+)
+def test_every_bad_value_is_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("test", override)
+
+
+def test_choices_come_from_the_modules_that_own_them():
+    from memrl.backends import BACKENDS
+    from memrl.peft_methods import METHODS
+
+    for method in METHODS:
+        assert load_config("test", {"search.method": method}).search.method == method
+    for backend in BACKENDS:
+        assert load_config("test", {"env.backend": backend}).env.backend == backend
+
+
+def test_unparseable_overrides_and_files_are_explained(tmp_path):
+    with pytest.raises(ConfigError, match=r"override 'finetune\.steps=\[1': the value is not valid YAML"):
+        parse_overrides(["finetune.steps=[1"])
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("# caf\u00e9\ndata:\n  seed: 1\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(latin)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="a config is a mapping"):
+        load_config(listy)
+
+
+def test_task_entries_carry_a_name_and_heldout_flag():
+    from memrl.task import suite
+
+    entries = suite(load_config("bench"))
+    assert len(entries) >= 8 and sum(e.heldout for e in entries) >= 2
+    assert len({e.cfg.data.source for e in entries}) >= 4
+    faces = next(e for e in entries if e.name == "faces")
+    assert faces.cfg.data.source == "faces" and faces.cfg.data.private_size == 48

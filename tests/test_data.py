@@ -11,15 +11,17 @@ def test_bundled_splits_are_disjoint_seeded_and_duplicated(cfg):
     assert len(s.private) == cfg.data.private_size and len(s.heldout) == cfg.data.heldout_size
     assert s.private.images.min() >= -1 and s.private.images.max() <= 1
     assert s.private.images.shape[1:] == (1, 8, 8)
+    assert s.heldout.images.shape[1:] == (1, 8, 8) and s.heldout.labels is not None
+    assert len(s.canary_index) == cfg.data.canaries and s.canary_index.max() < cfg.data.private_size
     ft = s.finetune_set()
     assert len(ft) == cfg.data.private_size + cfg.data.canaries * (cfg.data.duplication - 1)
     # every canary appears exactly `duplication` times
     for i in s.canary_index:
         hits = (ft.images == s.private.images[i]).flatten(1).all(1).sum()
         assert hits == cfg.data.duplication
-    # private and held-out do not share images
+    # private and held-out do not share images (and neither is empty)
     d = torch.cdist(s.private.images.flatten(1), s.heldout.images.flatten(1))
-    assert (d > 0).all()
+    assert d.numel() == cfg.data.private_size * cfg.data.heldout_size and (d > 0).all()
     assert load_splits(cfg.data).fingerprint == s.fingerprint
 
 
@@ -92,3 +94,122 @@ def test_too_few_images_is_explained(tmp_path, cfg):
     cfg.data.source = str(tmp_path / "small.npz")
     with pytest.raises(DataError, match="5 usable images"):
         load_splits(cfg.data)
+
+
+def test_every_bundled_dataset_loads_offline_as_greyscale_in_range():
+    from memrl.data import BUNDLED, bundled
+
+    sizes = {"mnist": 5000, "digits": 1797, "faces": 100, "histology": 256, "retina": 804, "cells": 340}
+    for name in BUNDLED:
+        s = bundled(name, 16)
+        assert s.images.shape == (sizes[name], 1, 16, 16), name
+        assert s.images.min() >= -1 and s.images.max() <= 1 and s.images.std() > 0.1, name
+        assert (s.labels is not None) == (name in ("mnist", "digits")), name
+    assert bundled("faces", 16, channels=3).images.shape[1] == 3
+
+
+def test_the_fingerprint_is_of_16_bit_pixels(cfg):
+    """Last-bit float differences (another CPU's resize) do not change it; real edits do."""
+    s = load_splits(cfg.data).private
+    grid = ((s.images + 1) * 32767.5).round() / 32767.5 - 1  # values on the 16-bit grid
+    on_grid = ImageSet(grid, s.labels, None, s.name, s.meta)
+    jitter = 1e-7 * torch.randn_like(grid).sign() * (grid.abs() < 0.99)
+    assert ImageSet(grid + jitter, s.labels, None, s.name, s.meta).fingerprint == on_grid.fingerprint
+    edited = grid.clone()
+    edited[0, 0, 0, 0] += 2 / 32767.5
+    assert ImageSet(edited, s.labels, None, s.name, s.meta).fingerprint != on_grid.fingerprint
+
+
+def test_sixteen_bit_pngs_keep_their_range(tmp_path):
+    ramp = np.linspace(0, 65535, 64, dtype=np.uint16).reshape(8, 8)
+    Image.fromarray(ramp).save(tmp_path / "a.png")
+    assert Image.open(tmp_path / "a.png").mode.startswith("I")
+    s = load_folder(tmp_path, resolution=8)
+    assert s.images.min() == pytest.approx(-1) and s.images.max() == pytest.approx(1)
+    assert (s.images == 1).float().mean() < 0.05  # not clipped to white
+
+
+def test_npz_pixels_are_scaled_by_type_and_bad_values_refused(tmp_path):
+    ramp = np.linspace(0, 1, 64).reshape(1, 8, 8).repeat(10, 0)
+    for name, array in {
+        "u8": (ramp * 255).astype(np.uint8),
+        "u16": (ramp * 65535).astype(np.uint16),
+        "f32": ramp.astype(np.float32),
+    }.items():
+        np.savez(tmp_path / f"{name}.npz", images=array)
+        s = load_npz(tmp_path / f"{name}.npz", 8)
+        assert s.images.min() == pytest.approx(-1, abs=1e-3) and s.images.max() == pytest.approx(
+            1, abs=1e-3
+        ), name
+    bad = {
+        "nan": (ramp.copy(), "NaN or infinite"),
+        "big": (ramp * 255.0, r"must lie in \[0, 1\]"),
+        "int64": ((ramp * 255).astype(np.int64), "type int64 are not supported"),
+        "text": (np.array([["a"] * 8] * 8)[None].repeat(10, 0), "not supported"),
+        "flat": (np.zeros((10, 0, 8), np.uint8), "non-empty"),
+    }
+    bad["nan"][0][0, 0, 0] = np.nan
+    for name, (array, message) in bad.items():
+        np.savez(tmp_path / f"{name}.npz", images=array)
+        with pytest.raises(DataError, match=message):
+            load_npz(tmp_path / f"{name}.npz", 8)
+    np.savez(tmp_path / "inf.npz", images=np.where(ramp > 0.5, np.inf, ramp))
+    with pytest.raises(DataError, match="NaN or infinite"):
+        load_npz(tmp_path / "inf.npz", 8)
+
+
+def test_npz_shape_problems_are_named(tmp_path):
+    rgb_last = np.zeros((10, 28, 28, 3), np.uint8)
+    np.savez(tmp_path / "last.npz", images=rgb_last)
+    assert load_npz(tmp_path / "last.npz", 8).images.shape == (10, 3, 8, 8)
+    np.savez(tmp_path / "odd.npz", images=np.zeros((10, 5, 8, 8), np.uint8))
+    with pytest.raises(DataError, match="5 channels"):
+        load_npz(tmp_path / "odd.npz", 8)
+    np.save(tmp_path / "single.npy", np.zeros((10, 8, 8), np.uint8))
+    (tmp_path / "single.npy").rename(tmp_path / "renamed.npz")
+    with pytest.raises(DataError, match="single .npy array"):
+        load_npz(tmp_path / "renamed.npz", 8)
+
+
+def test_captions_in_other_encodings_are_explained(tmp_path):
+    _png(tmp_path / "a.png")
+    (tmp_path / "captions.csv").write_bytes("file,caption\na.png,caf\u00e9\n".encode("utf-8-sig"))
+    assert load_folder(tmp_path, 8).captions == ["caf\u00e9"]
+    (tmp_path / "captions.csv").write_bytes("file,caption\na.png,caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_folder(tmp_path, 8)
+    (tmp_path / "captions.csv").write_bytes("file,caption\na.png,x\n".encode("utf-16"))
+    with pytest.raises(DataError, match="UTF-16"):
+        load_folder(tmp_path, 8)
+
+
+def test_a_decompression_bomb_is_refused_before_decoding(tmp_path):
+    import zlib
+
+    # a 20000 x 20000 greyscale PNG of a few hundred kB: decoding it would take 400 MB
+    width = height = 20000
+    raw = zlib.compress(b"".join(b"\x00" + bytes(width) for _ in range(height)), 9)
+
+    def chunk(kind, data):
+        import struct
+
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    import struct
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+    (tmp_path / "bomb.png").write_bytes(png)
+    with pytest.raises(DataError, match="bomb|more than memrl reads"):
+        load_folder(tmp_path, 8)
+
+
+def test_small_datasets_get_splits_sized_from_the_data(cfg):
+    import dataclasses
+
+    from memrl.data import fit_sizes
+
+    sized = fit_sizes(dataclasses.replace(cfg.data, private_size=64, heldout_size=128, canaries=4), 16)
+    assert (sized.private_size, sized.heldout_size, sized.canaries) == (12, 4, 1)
+    with pytest.raises(DataError, match="at least 8"):
+        fit_sizes(cfg.data, 7)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import memrl  # noqa: F401  (registers MemControl-v0)
-from memrl.evaluate import NotInStoreError
+from memrl.errors import EpisodeOverError, NotInStoreError
 
 
 @pytest.fixture(scope="module")
@@ -27,21 +27,27 @@ def test_spaces_come_from_the_search_space(store_path):
     assert seq.observation_space.shape == (12 + 2 * 4,)
 
 
-def test_gymnasium_and_sb3_checkers_pass_on_a_replayed_store(store_path):
-    """As intended for checkers: every mask evaluated once live, then served by replay."""
-    import itertools
-
+def test_gymnasium_and_sb3_checkers_pass_on_the_live_test_config(tmp_path):
+    """As a user calls it: a live backend, where the checkers' repeated seeded step is a cache hit."""
     from gymnasium.utils.env_checker import check_env as gym_check
     from stable_baselines3.common.env_checker import check_env as sb3_check
 
-    live = make(store_path)
-    for mask in itertools.product((0, 1), repeat=4):
-        live.reset(seed=0)
-        live.step(np.array(mask, dtype=np.int8))
-    replay = {"env.backend": "replay"}
-    gym_check(make(store_path, **replay).unwrapped)
-    sb3_check(make(store_path, **replay).unwrapped, warn=False)
-    gym_check(make(store_path, **replay, **{"env.mode": "sequential", "env.stop_action": True}).unwrapped)
+    store = str(tmp_path / "live.sqlite")
+    gym_check(gym.make("memrl:MemControl-v0", config="test", overrides={"env.store": store}).unwrapped)
+    sb3_check(make(store).unwrapped, warn=False)
+    sequential = {"env.mode": "sequential", "env.stop_action": True}
+    gym_check(make(store, **sequential).unwrapped)
+
+
+def test_info_is_a_function_of_seed_and_action_and_diagnostics_live_apart(tmp_path):
+    env = make(str(tmp_path / "s.sqlite")).unwrapped
+    env.reset(seed=0)
+    first = env.step(np.array([1, 0, 0, 1], dtype=np.int8))[4]
+    assert env.diagnostics["cache_hit"] is False and env.diagnostics["timings"]["total"] > 0
+    env.reset(seed=0)
+    again = env.step(np.array([1, 0, 0, 1], dtype=np.int8))[4]
+    assert env.diagnostics["cache_hit"] is True
+    assert again == first and "cache_hit" not in first and "timings" not in first
 
 
 def test_step_runs_a_real_finetune_and_caches_it(store_path):
@@ -56,24 +62,31 @@ def test_step_runs_a_real_finetune_and_caches_it(store_path):
         assert key in info["metrics"]
     env.reset(seed=0)
     _, reward2, *_, info2 = env.step(np.array([0, 1, 1, 0], dtype=np.int8))
-    assert info2["cache_hit"] and reward2 == reward
+    assert env.unwrapped.diagnostics["cache_hit"] and reward2 == reward and info2 == info
     # both references score -1 by construction of the normalisation
     env.reset(seed=0)
     assert env.step(np.ones(4, dtype=np.int8))[1] == pytest.approx(-1.0, abs=1e-5)
-    frame = env.unwrapped.render() if env.unwrapped.render_mode else None
-    assert frame is None
+    assert env.unwrapped.render() is None  # render_mode None renders nothing
 
 
-def test_render_pairs_samples_with_nearest_training_images(store_path):
-    env = make(store_path)
+def test_render_pairs_each_sample_with_its_nearest_training_image(store_path):
     env = gym.make(
         "MemControl-v0", config="test", render_mode="rgb_array", overrides={"env.store": store_path}
     )
     env.reset(seed=0)
     env.step(np.array([1, 0, 0, 0], dtype=np.int8))
     frame = env.render()
-    assert frame.dtype == np.uint8 and frame.ndim == 3 and frame.shape[2] == 3
-    assert frame.shape[1] > frame.shape[0] / 16
+    last = env.unwrapped._last
+    private = env.unwrapped.task.context.splits.private
+    side, pad = 8, 1
+    assert frame.dtype == np.uint8 and frame.shape == (16 * (side + pad) + pad, 2 * side + 3 * pad, 3)
+    for row in (0, 5, 15):
+        y = pad + row * (side + pad)
+        left = frame[y : y + side, pad : pad + side, 0]
+        right = frame[y : y + side, 2 * pad + side : 2 * pad + 2 * side, 0]
+        assert np.array_equal(left, last.samples[row, 0])
+        nearest = ((private.images[last.nearest[row], 0].clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+        assert np.array_equal(right, nearest)
 
 
 def test_bad_actions_are_explained(store_path):
@@ -87,6 +100,21 @@ def test_bad_actions_are_explained(store_path):
     seq.reset(seed=0)
     with pytest.raises(ValueError, match="is not in Discrete"):
         seq.step(5)
+
+
+def test_stepping_a_finished_episode_says_to_reset(store_path):
+    seq = make(store_path, **{"env.mode": "sequential", "env.max_groups": 1})
+    with pytest.raises(EpisodeOverError, match="call reset"):
+        seq.unwrapped.step(1)  # unwrapped: gym's own wrapper already refuses this one
+    seq.reset(seed=0)
+    assert seq.step(1)[2]  # the budget of one group ends the episode
+    with pytest.raises(EpisodeOverError, match="episode is over"):
+        seq.step(0)
+    mask_env = make(store_path)
+    mask_env.reset(seed=0)
+    mask_env.step(np.array([1, 0, 0, 0], dtype=np.int8))
+    with pytest.raises(EpisodeOverError):
+        mask_env.step(np.array([1, 0, 0, 0], dtype=np.int8))
 
 
 def test_sequential_mode_with_a_budget(store_path):
@@ -107,19 +135,26 @@ def test_replay_serves_stored_masks_and_refuses_unknown_ones(tmp_path):
     replay = make(store_path, **{"env.backend": "replay"})
     replay.reset(seed=0)
     _, _, _, _, info = replay.step(np.array([1, 1, 0, 0], dtype=np.int8))
-    assert info["cache_hit"]
-    with pytest.raises(NotInStoreError, match="is not in the store"):
+    assert replay.unwrapped.diagnostics["cache_hit"] and info["ok"]
+    replay.reset(seed=0)
+    with pytest.raises(NotInStoreError, match="is in none of"):
         replay.step(np.array([0, 0, 0, 1], dtype=np.int8))
 
 
-def test_reset_draws_tasks_and_options_force_one(store_path):
-    tasks = [{"seed": 1}, {"seed": 2, "private_classes": [0, 1, 2, 3, 4, 5]}]
+def test_reset_draws_training_tasks_and_options_force_any(store_path):
+    tasks = [
+        {"seed": 1},
+        {"name": "six", "seed": 2, "private_classes": [0, 1, 2, 3, 4, 5]},
+        {"name": "kept", "seed": 3, "heldout": True},
+    ]
     env = make(store_path, **{"env.tasks": tasks})
     _, a = env.reset(options={"dataset": 0})
-    _, b = env.reset(options={"dataset": 1})
-    assert a["dataset_fingerprint"] != b["dataset_fingerprint"]
-    seen = {env.reset(seed=s)[1]["task"] for s in range(8)}
-    assert seen == {0, 1}
+    _, b = env.reset(options={"dataset": "six"})
+    _, c = env.reset(options={"dataset": 2})
+    assert len({a["dataset_fingerprint"], b["dataset_fingerprint"], c["dataset_fingerprint"]}) == 3
+    assert b["task_name"] == "six" and c["task_name"] == "kept"
+    seen = {env.reset(seed=s)[1]["task"] for s in range(12)}
+    assert seen == {0, 1}  # the held-out task is never drawn
     o1, _ = env.reset(seed=3)
     o2, _ = env.reset(seed=3)
     assert np.array_equal(o1, o2)

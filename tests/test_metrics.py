@@ -109,6 +109,23 @@ def test_encoder_is_cached_by_dataset(cfg, ctx):
     assert get_encoder(cfg, load_splits(cfg.data)) is not a
 
 
+def test_an_encoder_with_non_finite_weights_is_never_cached(cfg, ctx):
+    import dataclasses
+    from pathlib import Path
+
+    from memrl.encoders import encoder_key
+    from memrl.utils import cache_dir
+
+    poisoned = dataclasses.replace(
+        ctx.splits, heldout=ctx.splits.heldout.subset(range(len(ctx.splits.heldout)))
+    )
+    poisoned.heldout.images[0, 0, 0, 0] = float("nan")
+    cfg.encoder.seed = 99  # a key no other test uses
+    with pytest.raises(RuntimeError, match="non-finite weights"):
+        get_encoder(cfg, poisoned)
+    assert not Path(cache_dir() / "encoders" / f"{encoder_key(cfg, poisoned)}.safetensors").exists()
+
+
 def test_noise_norm_is_zero_for_the_null_label(ctx):
     null = torch.full((3,), ctx.base.null_label)
     assert noise_norm(ctx.base, null, [100, 500]).abs().max() == 0
@@ -138,19 +155,17 @@ def test_long_finetune_on_duplicated_canaries_memorizes_them(cfg, ctx):
 
 @pytest.mark.slow
 def test_full_finetune_on_the_default_copies_canaries_and_a_sparse_mask_does_not(user_cache):
-    """Slow (about a minute with the default base UNet cached, +10 min to pretrain it first):
-    the embedded default's calibration, one seed."""
+    """Slow (about a minute; the default base UNet ships with memrl): the embedded default's
+    calibration, one seed."""
     import numpy as np
 
     from memrl.config import load_config
-    from memrl.evaluate import EvalSpec, TaskContext, evaluate_spec
+    from memrl.scoring import evaluate_spec
+    from memrl.task import TaskContext
 
-    cfg = load_config("default")
-    ctx = TaskContext.get(cfg)
-    full = evaluate_spec(EvalSpec.from_config(cfg, np.ones(ctx.space.k, int), ctx.fingerprints))
-    mid = evaluate_spec(
-        EvalSpec.from_config(cfg, ctx.space.mask_from_groups(["mid_block.attentions.0"]), ctx.fingerprints)
-    )
+    ctx = TaskContext.get(load_config("default"))
+    full = evaluate_spec(ctx.spec(np.ones(ctx.space.k, int)))
+    mid = evaluate_spec(ctx.spec(ctx.space.mask_from_groups(["mid_block.attentions.0"])))
     assert full.metrics["canary_copy_fraction"] > 0.1 and full.metrics["extracted"] >= 1
     assert mid.metrics["canary_copy_fraction"] == 0
     assert full.metrics["canary_loss_gap"] > mid.metrics["canary_loss_gap"] + 0.02

@@ -12,7 +12,8 @@ from memrl.search_space import SearchSpace
 
 
 def test_base_model_is_cached_and_reloads_identically(cfg, ctx, tmp_path):
-    from memrl.models import _LOADED, get_base_model
+    from memrl.models import get_base_model
+    from memrl.models.base import _LOADED
 
     _LOADED.clear()
     again = get_base_model(cfg, ctx.splits)  # from the cache folder this time
@@ -23,8 +24,43 @@ def test_base_model_is_cached_and_reloads_identically(cfg, ctx, tmp_path):
     assert load_model(tmp_path / "m").fingerprint() == ctx.base.fingerprint()
 
 
-def test_a_plain_diffusers_unet_folder_loads(ctx, tmp_path):
-    ctx.base.unet.save_pretrained(tmp_path / "unet_only")
+def test_the_pretraining_seed_is_part_of_the_cache_key(cfg, ctx):
+    from memrl.config import load_config
+    from memrl.models import base_model_key
+
+    reseeded = load_config(cfg, {"model.seed": 1})
+    assert base_model_key(reseeded, ctx.splits) != base_model_key(cfg, ctx.splits)
+    assert base_model_key(load_config(cfg, {"seed": 7}), ctx.splits) == base_model_key(cfg, ctx.splits)
+
+
+def test_the_default_uses_the_shipped_base_model_without_pretraining(monkeypatch, tmp_path):
+    import json
+
+    from memrl.config import load_config
+    from memrl.data import load_splits
+    from memrl.models import base
+    from memrl.models.base import get_base_model, shipped_folder
+
+    monkeypatch.setenv("MEMRL_CACHE", str(tmp_path))
+    monkeypatch.setattr(base, "pretrain_base_model", lambda *a: pytest.fail("pretrained instead of loading"))
+    cfg = load_config("default")
+    model = get_base_model(cfg, load_splits(cfg.data))
+    provenance = json.loads((shipped_folder() / "provenance.json").read_text())
+    assert model.fingerprint() == provenance["weights_fingerprint"]
+    assert provenance["pretrain_steps"] == cfg.model.pretrain_steps and provenance["seconds"] > 0
+    assert not (tmp_path / "models").exists()
+
+
+def test_a_model_with_nan_weights_is_never_saved(tiny_model, tmp_path):
+    with torch.no_grad():
+        next(tiny_model.unet.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(ModelError, match="NaN or infinite weights"):
+        tiny_model.save(tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_plain_diffusers_unet_folder_loads(tiny_model, tmp_path):
+    tiny_model.unet.save_pretrained(tmp_path / "unet_only")
     model = load_model(tmp_path / "unet_only")
     assert model.num_classes == 10
     x = torch.zeros(2, 1, 8, 8)
@@ -58,18 +94,18 @@ def test_sd15_config_gives_16_transformer_groups():
     assert SearchSpace(unet, "block").k == 4 + 1 + 4 + 3  # down, mid, up, conv_in/time/conv_out
 
 
-def test_search_space_masks(ctx):
-    space = SearchSpace(ctx.base.unet, "transformer")
+def test_search_space_masks(tiny_model):
+    space = SearchSpace(tiny_model.unet, "transformer")
     assert space.k == len(space) == 4
     mask = space.mask_from_groups([space.names[1]])
     assert space.selected(mask) == [space.names[1]]
     assert 0 < space.group_fraction(mask) < space.group_fraction([1, 1, 1, 1]) < 1
-    assert space.signature != SearchSpace(ctx.base.unet, "transformer", "lora").signature
+    assert space.signature != SearchSpace(tiny_model.unet, "transformer", "lora").signature
     with pytest.raises(ValueError, match=r"needs \(4,\)"):
         space.validate([1, 0])
     with pytest.raises(ValueError, match="must be 0 or 1"):
         space.validate([2, 0, 0, 0])
-    assert [g.split(".")[0] for g in SearchSpace(ctx.base.unet, "block").names] == [
+    assert [g.split(".")[0] for g in SearchSpace(tiny_model.unet, "block").names] == [
         "conv_in",
         "time_embedding",
         "down_blocks",
@@ -99,12 +135,12 @@ def test_nan_guard_stops_and_reports(cfg, ctx):
     assert result.diverged and "non-finite loss at step 0" in result.stop_reason
 
 
-def test_sampling_shape_range_and_seed(ctx):
-    labels = torch.tensor([0, 1, 2])
-    a = sample(ctx.base, labels, steps=3, seed=1)
+def test_sampling_shape_range_and_seed(tiny_model):
+    labels = torch.tensor([0, 1, -1])
+    a = sample(tiny_model, labels, steps=3, seed=1)
     assert a.shape == (3, 1, 8, 8) and a.min() >= -1 and a.max() <= 1
-    assert torch.equal(a, sample(ctx.base, labels, steps=3, seed=1))
-    assert not torch.equal(a, sample(ctx.base, labels, steps=3, seed=2))
+    assert torch.equal(a, sample(tiny_model, labels, steps=3, seed=1))
+    assert not torch.equal(a, sample(tiny_model, labels, steps=3, seed=2))
 
 
 GROUPNORM_SCRIPT = textwrap.dedent("""
@@ -118,8 +154,8 @@ GROUPNORM_SCRIPT = textwrap.dedent("""
     norm(x).square().sum().backward()
     assert norm[0].weight.grad is not None
     from memrl.config import load_config
-    from memrl.evaluate import TaskContext
     from memrl.finetune import finetune
+    from memrl.task import TaskContext
     cfg = load_config("test", {"search.granularity": "block", "finetune.steps": 1})
     ctx = TaskContext.get(cfg)
     _, r = finetune(ctx.base, ctx.splits.finetune_set(), ctx.space.prefixes(

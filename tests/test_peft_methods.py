@@ -7,10 +7,12 @@ MASK = [1, 0, 1, 0]
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_only_the_intended_parameters_change(method, ctx):
-    model = ctx.base.copy()
+def test_only_the_intended_parameters_change(method, tiny_model):
+    from memrl.search_space import SearchSpace
+
+    model = tiny_model.copy()
     model.label_embedding.requires_grad_(False)
-    prefixes = ctx.space.prefixes(MASK)
+    prefixes = SearchSpace(model.unet).prefixes(MASK)
     trainable = apply_method(model.unet, prefixes, method, lora_rank=2)
     assert trainable, method
     names = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -30,9 +32,9 @@ def test_only_the_intended_parameters_change(method, ctx):
 
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     before = [p.detach().clone() for p in trainable]
-    x = ctx.splits.private.images[:8]
+    x = torch.rand(8, 1, 8, 8) * 2 - 1
     t = torch.full((8,), 500)
-    labels = ctx.splits.private.labels[:8]
+    labels = torch.arange(8)
     loss = (model(x + 0.5 * torch.randn_like(x), t, labels) - x).square().mean()
     loss.backward()
     for n, p in model.named_parameters():
@@ -48,26 +50,27 @@ def test_only_the_intended_parameters_change(method, ctx):
     assert any(not torch.equal(p, q) for p, q in zip(trainable, before)), f"{method}: nothing trained"
 
 
-def test_unknown_method_is_rejected(ctx):
+def test_unknown_method_is_rejected(tiny_model):
     with pytest.raises(ValueError, match="method='magic' is not one of"):
-        apply_method(ctx.base.copy().unet, [], "magic")
+        apply_method(tiny_model.unet, [], "magic")
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_merged_adapters_give_the_same_outputs_as_a_plain_unet(method, ctx):
+def test_merged_adapters_give_the_same_outputs_as_a_plain_unet(method, tiny_model):
     from memrl.peft_methods import merge_adapters
+    from memrl.search_space import SearchSpace
 
-    model = ctx.base.copy()
-    trainable = apply_method(model.unet, ctx.space.prefixes(MASK), method, lora_rank=2)
+    model = tiny_model.copy()
+    trainable = apply_method(model.unet, SearchSpace(model.unet).prefixes(MASK), method, lora_rank=2)
     with torch.no_grad():
         for p in trainable:
             p.add_(0.05 * torch.randn_like(p))
-    x, t, labels = ctx.splits.private.images[:4], torch.full((4,), 300), ctx.splits.private.labels[:4]
+    x, t, labels = torch.rand(4, 1, 8, 8) * 2 - 1, torch.full((4,), 300), torch.arange(4)
     with torch.no_grad():
         before = model(x, t, labels)
     merge_adapters(model.unet)
     names = [n for n, _ in model.unet.named_parameters()]
     assert not any("lora_" in n or "difffit" in n or "parametrizations" in n for n in names)
-    assert sorted(names) == sorted(n for n, _ in ctx.base.unet.named_parameters())
+    assert sorted(names) == sorted(n for n, _ in tiny_model.unet.named_parameters())
     with torch.no_grad():
         assert torch.allclose(model(x, t, labels), before, atol=1e-4)

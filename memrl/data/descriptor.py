@@ -7,9 +7,13 @@ other on the same base model. Every entry is scaled to roughly [0, 1].
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from memrl.task import TaskContext
 
 DESCRIPTOR_VERSION = 1
 DESCRIPTOR_FIELDS = (
@@ -42,12 +46,12 @@ def participation_ratio(embeddings: torch.Tensor) -> float:
     return float(eig.sum() ** 2 / eig.square().sum().clamp_min(1e-12))
 
 
-def describe(ctx, cfg) -> np.ndarray:
-    """The descriptor of ``ctx``'s private set (a :class:`memrl.evaluate.TaskContext`)."""
+def describe(ctx: TaskContext) -> np.ndarray:
+    """The descriptor of ``ctx``'s private set (computed with its base model and encoder)."""
     from memrl.encoders import embed
     from memrl.metrics.memorization import denoising_loss
 
-    splits, m = ctx.splits, cfg.metrics
+    splits, m = ctx.splits, ctx.cfg.metrics
     private, base = splits.private, splits.base
     priv_emb = ctx.train_embeddings
     base_emb = embed(ctx.encoder, base.images[:512])

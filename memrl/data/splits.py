@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from memrl.config import DataConfig, stable_hash
-from memrl.data.imageset import (
-    DataError,
-    ImageSet,
-    bundled_mnist,
-    bundled_sklearn_digits,
-    load_folder,
-    load_npz,
-)
+from memrl.config import DataConfig
+from memrl.data.bundled import BUNDLED, bundled
+from memrl.data.imageset import ImageSet, load_folder, load_npz
+from memrl.errors import DataError
+from memrl.utils import stable_hash
+
+MIN_IMAGES = 8
+"""The fewest images a dataset may have: at least 4 to fine-tune on and 4 held out."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,40 +53,65 @@ class DataSplits:
         return self.private.subset(index, name=f"{self.private.name}-finetune")
 
 
-def _source_set(cfg: DataConfig) -> ImageSet:
-    if cfg.source == "digits":
-        return bundled_sklearn_digits(cfg.resolution)
+def source_set(cfg: DataConfig) -> ImageSet:
+    """Every image of ``data.source``: a bundled name, an .npz file or a folder."""
+    if cfg.source in BUNDLED and cfg.source != "mnist":
+        return bundled(cfg.source, cfg.resolution, cfg.channels)
     path = Path(cfg.source)
     if path.suffix == ".npz":
-        if not path.is_file():
-            raise DataError(f"data.source={cfg.source!r}: no such .npz file")
         return load_npz(path, cfg.resolution, cfg.resize)
     if path.is_dir():
         return load_folder(path, cfg.resolution, cfg.channels, cfg.resize)
+    names = ", ".join(n for n in BUNDLED if n != "mnist")
     raise DataError(
-        f"data.source={cfg.source!r} is not 'digits', an existing folder of images or an .npz file"
+        f"data.source={cfg.source!r} is not a bundled dataset ({names}), an existing folder of images "
+        "or an .npz file"
     )
 
 
 def base_split(cfg: DataConfig) -> ImageSet:
     """The base domain the tiny base UNet is pretrained on: bundled MNIST digits."""
-    mnist = bundled_mnist(cfg.resolution)
-    if cfg.channels == 3:
-        mnist = ImageSet(mnist.images.repeat(1, 3, 1, 1), mnist.labels, None, mnist.name, mnist.meta)
+    mnist = bundled("mnist", cfg.resolution, cfg.channels)
     g = torch.Generator().manual_seed(1234)
     index = torch.randperm(len(mnist), generator=g)[: cfg.base_size]
     return mnist.subset(index, name="base")
 
 
+def fit_sizes(cfg: DataConfig, n_images: int) -> DataConfig:
+    """``cfg`` with split sizes that fit a dataset of ``n_images``: the held-out split takes a
+    quarter (at least 4, at most ``heldout_size``), the private split the rest (at most
+    ``private_size``), and canaries at most an eighth of the private split. Below
+    :data:`MIN_IMAGES` images there is nothing to measure: a DataError says so."""
+    if n_images < MIN_IMAGES:
+        raise DataError(
+            f"{cfg.source}: {n_images} usable images; memrl needs at least {MIN_IMAGES} "
+            "(4 to fine-tune on, 4 held out to measure memorization against)"
+        )
+    if n_images >= cfg.private_size + cfg.heldout_size:
+        return cfg
+    heldout = min(cfg.heldout_size, max(4, n_images // 4))
+    private = min(cfg.private_size, n_images - heldout)
+    canaries = min(cfg.canaries, max(1, private // 8)) if cfg.canaries else 0
+    return dataclasses.replace(cfg, private_size=private, heldout_size=heldout, canaries=canaries)
+
+
+def usable_count(cfg: DataConfig) -> int:
+    """Images of the source that the splits may use (after ``private_classes``)."""
+    source = source_set(cfg)
+    if cfg.private_classes is None or source.labels is None:
+        return len(source)
+    return int(torch.isin(source.labels, torch.tensor(cfg.private_classes)).sum())
+
+
 def load_splits(cfg: DataConfig) -> DataSplits:
     """Build the seeded base / private / held-out splits and pick the canaries."""
-    source = _source_set(cfg)
+    source = source_set(cfg)
     if source.channels != cfg.channels:
         raise DataError(f"{cfg.source}: images have {source.channels} channels, data.channels={cfg.channels}")
     pool = torch.arange(len(source))
     if cfg.private_classes is not None:
         if source.labels is None:
-            raise DataError(f"data.private_classes is set but {cfg.source} has no labels")
+            raise DataError(f"data.private_classes is set but {cfg.source} has no labels; remove it")
         keep = torch.isin(source.labels, torch.tensor(cfg.private_classes))
         pool = pool[keep]
     need = cfg.private_size + cfg.heldout_size

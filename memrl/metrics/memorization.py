@@ -16,6 +16,9 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
+NN_BACKENDS = ("faiss", "torch")
+FAISS_INDEXES = ("flat", "ivf", "hnsw")
+
 
 def faiss_available() -> bool:
     try:
@@ -195,7 +198,7 @@ def extraction_count(
 
 
 def _noised(model, images: torch.Tensor, timesteps: list[int], seed: int):
-    from memrl.finetune import noise_scheduler
+    from memrl.training import noise_scheduler
 
     sched = noise_scheduler(model.unet.config.get("num_train_timesteps", 1000))
     g = torch.Generator().manual_seed(seed)

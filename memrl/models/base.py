@@ -1,0 +1,168 @@
+"""The base model every evaluation fine-tunes: shipped, cached, or pretrained once.
+
+* ``model.path`` set: any local diffusers UNet folder (:func:`memrl.models.unet.load_model`).
+* The embedded default: memrl ships its pretrained tiny UNet (``memrl/assets/base_model``), so every
+  machine fine-tunes bit-identical weights and finds the same stored evaluations.
+* Any other config: memrl pretrains its tiny UNet once on the base split and caches it under
+  ``$MEMRL_CACHE/models/<key>``; the key covers the model settings (the pretraining seed included),
+  the resolution, channels and the base split's fingerprint.
+
+``python -m memrl.models.base`` regenerates the shipped model (about 7 minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from memrl.config import Config, load_config
+from memrl.data import DataSplits
+from memrl.models.unet import META_FILE, DiffusionModel, build_unet, load_model
+from memrl.utils import atomic_write_text, cache_dir, package_versions, stable_hash, without_none
+
+log = logging.getLogger(__name__)
+
+PROVENANCE_FILE = "provenance.json"
+
+
+def base_model_key(cfg: Config, splits: DataSplits) -> str:
+    """Cache key of the tiny base model: its settings (seed included; None-valued ones left out, so
+    a setting added later with a None default keeps the key) and the base split."""
+    parts = {
+        "model": without_none(cfg.model.__dict__),
+        "resolution": cfg.data.resolution,
+        "channels": cfg.data.channels,
+        "base": splits.base.fingerprint,
+        "version": 2,
+    }
+    return stable_hash(parts)
+
+
+def shipped_folder() -> Path:
+    """Where the shipped default base model lives inside the installed package."""
+    return Path(str(resources.files("memrl") / "assets" / "base_model"))
+
+
+def _shipped_provenance() -> dict:
+    provenance = shipped_folder() / PROVENANCE_FILE
+    return json.loads(provenance.read_text()) if provenance.is_file() else {}
+
+
+def _shipped_key() -> str | None:
+    return _shipped_provenance().get("key")
+
+
+def shipped_fingerprint(cfg: Config, splits: DataSplits) -> str | None:
+    """The shipped base model's weight fingerprint if ``cfg`` uses it (read, not computed)."""
+    provenance = _shipped_provenance()
+    return (
+        provenance.get("weights_fingerprint")
+        if provenance.get("key") == base_model_key(cfg, splits)
+        else None
+    )
+
+
+_LOADED: dict[str, DiffusionModel] = {}
+
+
+def get_base_model(cfg: Config, splits: DataSplits) -> DiffusionModel:
+    """The base model: ``model.path`` if set, the shipped model if it matches, else memrl's tiny
+    UNet pretrained once and cached. Shared within a process: callers fine-tune a ``.copy()``."""
+    if cfg.model.path is not None:
+        key = f"path:{Path(cfg.model.path).resolve()}"
+        if key not in _LOADED:
+            _LOADED[key] = load_model(cfg.model.path, cfg.model.num_classes)
+        return _LOADED[key]
+    key = base_model_key(cfg, splits)
+    if key in _LOADED:
+        return _LOADED[key]
+    folder = cache_dir() / "models" / key
+    if _shipped_key() == key:
+        model = load_model(shipped_folder())
+    elif (folder / META_FILE).is_file():
+        model = load_model(folder)
+    else:
+        model, _ = pretrain_base_model(cfg, splits)
+        model.save(folder)
+        log.info("cached base model at %s", folder)
+    _LOADED[key] = model
+    return model
+
+
+def pretrain_base_model(cfg: Config, splits: DataSplits) -> tuple[DiffusionModel, float]:
+    """Pretrain the tiny base UNet on the base split with classifier-free label dropout.
+
+    Returns the model (on the CPU) and the seconds it took.
+    """
+    from memrl.training import resolve_device, train_denoiser
+
+    m = cfg.model
+    with torch.random.fork_rng():
+        torch.manual_seed(m.seed)
+        model = DiffusionModel(build_unet(cfg), m.num_classes)
+    model.to(resolve_device(cfg.finetune.device))
+    log.info("pretraining the base UNet: %d steps on %d images", m.pretrain_steps, len(splits.base))
+    result = train_denoiser(
+        model,
+        splits.base,
+        steps=m.pretrain_steps,
+        batch_size=m.pretrain_batch_size,
+        lr=m.pretrain_lr,
+        cond_dropout=m.cond_dropout,
+        seed=m.seed,
+        grad_clip=1.0,
+        cosine=True,
+        desc="pretrain base UNet",
+    )
+    if result.diverged or not model.is_finite():
+        raise RuntimeError(f"base-model pretraining diverged: {result.stop_reason or 'non-finite weights'}")
+    model.cpu().eval()
+    return model, result.wall_time
+
+
+def write_shipped(
+    model: DiffusionModel, cfg: Config, splits: DataSplits, seconds: float, folder: Path
+) -> None:
+    """Save ``model`` as the shipped base model with its provenance."""
+    model.save(folder)
+    provenance = {
+        "key": base_model_key(cfg, splits),
+        "weights_fingerprint": model.fingerprint(),
+        "base_split_fingerprint": splits.base.fingerprint,
+        "config": {"model": cfg.model.__dict__, "data": cfg.data.__dict__},
+        "pretrain_steps": cfg.model.pretrain_steps,
+        "seconds": round(seconds, 1),
+        "versions": package_versions(),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.platform()}",
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    atomic_write_text(folder / PROVENANCE_FILE, json.dumps(provenance, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Regenerate the shipped default base model (memrl/assets/base_model)."""
+    from memrl.data import load_splits
+    from memrl.utils import setup_logging
+
+    setup_logging()
+    parser = argparse.ArgumentParser(prog="python -m memrl.models.base", description=main.__doc__)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "assets" / "base_model")
+    args = parser.parse_args(argv)
+    cfg = load_config("default")
+    splits = load_splits(cfg.data)
+    model, seconds = pretrain_base_model(cfg, splits)
+    write_shipped(model, cfg, splits, seconds, args.out)
+    print(f"wrote {args.out} (weights {model.fingerprint()}, {seconds:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The value types of an evaluation: what it depends on (:class:`EvalSpec`) and what it measured
+(:class:`Evaluation`).
+
+An evaluation is a pure function of its spec, and the spec's hash keys every stored result, the
+shipped tables included. So the hash is deliberate:
+
+* it covers the config sections that affect the result (:data:`SPEC_SECTIONS`), the mask, the
+  fingerprints of the inputs that are not settings (dataset, base-model weights, search space) and
+  the schema version :data:`SPEC_VERSION`;
+* settings whose value is ``None`` are left out, so a setting added later with a ``None`` default
+  (meaning "as before it existed") keeps every stored hash valid. Any other change to what keys an
+  evaluation must bump :data:`SPEC_VERSION`; ``tests/test_spec.py`` pins a reference hash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from memrl.config import Config, load_config
+from memrl.utils import stable_hash, without_none
+
+SPEC_VERSION = 2
+SPEC_SECTIONS = ("data", "model", "search", "finetune", "sample", "encoder", "metrics")
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """Everything an evaluation depends on; its hash keys the store."""
+
+    settings: dict[str, Any]
+    """The config sections that affect the result (:data:`SPEC_SECTIONS`)."""
+    mask: tuple[int, ...]
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    """``data``, ``base_model`` and ``search_space`` fingerprints (inputs that are not settings)."""
+    version: int = SPEC_VERSION
+
+    @classmethod
+    def from_config(cls, cfg: Config, mask: Any, fingerprints: dict[str, str] | None = None) -> EvalSpec:
+        tree = cfg.to_dict()
+        settings = {k: tree[k] for k in SPEC_SECTIONS}
+        return cls(settings, tuple(int(m) for m in mask), dict(fingerprints or {}))
+
+    def to_config(self) -> Config:
+        return load_config(self.settings)
+
+    @property
+    def hash(self) -> str:
+        return stable_hash(
+            {
+                "version": self.version,
+                "settings": without_none(self.settings),
+                "mask": list(self.mask),
+                "fingerprints": self.fingerprints,
+            },
+            length=24,
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> EvalSpec:
+        d = json.loads(text)
+        return cls(d["settings"], tuple(d["mask"]), d.get("fingerprints", {}), d.get("version", 1))
+
+
+@dataclass
+class Evaluation:
+    """Every measured number for one spec; ``ok`` False means a recorded failure."""
+
+    spec_hash: str
+    mask: tuple[int, ...]
+    metrics: dict[str, float]
+    ok: bool = True
+    error: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    samples: np.ndarray | None = None
+    """Generated images as uint8 (N, C, H, W), kept for render and reports (None in tables)."""
+    nearest: np.ndarray | None = None
+    """Index into the private set of each sample's nearest training image."""
+    cache_hit: bool = False
+    """A run diagnostic: served from the store rather than computed now."""
+
+    def to_json(self) -> str:
+        """JSON for the subprocess worker's reply (samples as nested lists)."""
+        d = dataclasses.asdict(self)
+        for key in ("samples", "nearest"):
+            d[key] = None if d[key] is None else d[key].tolist()
+        return json.dumps(d)
+
+    @classmethod
+    def from_json(cls, text: str) -> Evaluation:
+        d = json.loads(text)
+        d["mask"] = tuple(d["mask"])
+        if d["samples"] is not None:
+            d["samples"] = np.asarray(d["samples"], dtype=np.uint8)
+            d["nearest"] = np.asarray(d["nearest"], dtype=np.int64)
+        return cls(**d)

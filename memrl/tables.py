@@ -1,0 +1,322 @@
+"""MemControl-Bench: every mask of the default search space evaluated on every task of a suite.
+
+A tabular benchmark in the style of NAS-Bench-201 / HPO-B: each (task, mask) is fine-tuned and
+scored once, the table ships with memrl, and every search method and seed replays it in seconds
+(``gym.make("MemControl-v0", config="bench")``). Rows are keyed by the spec hash, so the table
+holds exactly what a live evaluation of the same task and mask would compute.
+
+    python -m memrl.tables build                 # resumable; 2 single-threaded workers
+    python -m memrl.tables status                # rows per task, what is missing
+    python -m memrl.tables export                # working store -> memrl/assets/tables/bench.sqlite
+
+``build`` writes to a working store (``$MEMRL_CACHE/tables/<suite>.sqlite``, with samples);
+``export`` writes the shipped table from it: no sample tensors, task descriptors, provenance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import multiprocessing as mp
+import os
+import platform
+import sqlite3
+import statistics
+import sys
+import time
+from contextlib import closing
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from memrl.config import Config, load_config
+from memrl.errors import StoreError
+from memrl.spec import SPEC_VERSION, EvalSpec
+from memrl.utils import atomic_path, cache_dir, package_versions
+
+log = logging.getLogger("memrl.tables")
+
+SHIPPED = ("bench",)
+NOISE_SEEDS = (1, 2)
+"""Extra fine-tune seeds of the noise sample (seed 0 is the main table)."""
+
+
+def shipped_dir() -> Path:
+    return Path(str(resources.files("memrl") / "assets" / "tables"))
+
+
+def table_path(name: str) -> Path:
+    """A shipped table's file (``bench``) or a path to a table file."""
+    if name in SHIPPED:
+        path = shipped_dir() / f"{name}.sqlite"
+        if not path.is_file():
+            raise StoreError(f"the shipped table {name!r} is missing ({path}); reinstall memrl or build it")
+        return path
+    path = Path(name)
+    if not path.is_file():
+        raise StoreError(f"env.table={name!r} is neither a shipped table ({', '.join(SHIPPED)}) nor a file")
+    return path
+
+
+@dataclass(frozen=True)
+class Job:
+    task: str
+    kind: str
+    """``main`` (every mask, seed 0) or ``noise`` (a mask sample, extra seeds)."""
+    spec: EvalSpec
+
+
+def noise_masks(k: int, n: int = 16, seed: int = 0) -> list[tuple[int, ...]]:
+    """The noise sample's masks: none, all, every single group, then seeded random masks."""
+    masks = [(0,) * k, (1,) * k] + [tuple(int(i == j) for i in range(k)) for j in range(k)]
+    rng = np.random.default_rng(seed)
+    every = list(itertools.product((0, 1), repeat=k))
+    for i in rng.permutation(len(every)):
+        if len(masks) >= n:
+            break
+        if every[i] not in masks:
+            masks.append(every[i])
+    return masks[:n]
+
+
+def jobs(cfg: Config, noise_tasks: list[str], noise_size: int = 16) -> list[Job]:
+    """Every evaluation of the suite's tables: references first, then each task's masks, then
+    the noise sample."""
+    from memrl.task import TaskContext, suite
+
+    out: list[Job] = []
+    entries = suite(cfg)
+    unknown = set(noise_tasks) - {e.name for e in entries}
+    if unknown:
+        raise StoreError(f"--noise-tasks {sorted(unknown)} are not tasks of the suite")
+    contexts = {e.name: TaskContext.get(e.cfg) for e in entries}
+    k = next(iter(contexts.values())).space.k
+    every = list(itertools.product((0, 1), repeat=k))
+    for e in entries:
+        for mask in ((0,) * k, (1,) * k):
+            out.append(Job(e.name, "main", contexts[e.name].spec(mask)))
+    for e in entries:
+        order = np.random.default_rng(0).permutation(len(every))
+        out += [Job(e.name, "main", contexts[e.name].spec(every[i])) for i in order]
+    for e in entries:
+        if e.name not in noise_tasks:
+            continue
+        for seed in NOISE_SEEDS:
+            ctx = TaskContext.get(load_config(e.cfg, {"finetune.seed": seed}))
+            out += [Job(e.name, "noise", ctx.spec(m)) for m in noise_masks(k, noise_size)]
+    seen: set[str] = set()
+    return [j for j in out if not (j.spec.hash in seen or seen.add(j.spec.hash))]  # type: ignore[func-returns-value]
+
+
+def _work(spec_json: str) -> str:
+    from memrl.backends import run_inprocess
+
+    return run_inprocess(EvalSpec.from_json(spec_json)).to_json()
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.getLogger().setLevel(logging.WARNING)
+
+
+def import_rows(store_path: Path, table: Path) -> int:
+    """Copy the rows and descriptors of ``table`` that ``store_path`` lacks (a shipped table
+    seeds the working store, so a build continues on any machine). Returns the rows added."""
+    from memrl.store import EvaluationStore
+
+    EvaluationStore(table, readonly=True)  # checks it is a sound store
+    EvaluationStore(store_path)
+    with closing(sqlite3.connect(store_path, timeout=60)) as db, db:
+        db.execute("ATTACH DATABASE ? AS src", (f"{table.resolve().as_uri()}?mode=ro",))
+        before = db.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0]
+        db.execute("INSERT OR IGNORE INTO evaluations SELECT * FROM src.evaluations")
+        db.execute("INSERT OR IGNORE INTO descriptors SELECT * FROM src.descriptors")
+        return int(db.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0] - before)
+
+
+def build(
+    cfg: Config,
+    store_path: Path,
+    workers: int,
+    threads: int,
+    noise_tasks: list[str],
+    limit: int | None = None,
+    seed_from: Path | None = None,
+) -> int:
+    """Evaluate every missing row into the working store (after importing ``seed_from``, a
+    table built earlier). Returns how many were evaluated."""
+    from tqdm.auto import tqdm
+
+    from memrl.spec import Evaluation
+    from memrl.store import EvaluationStore
+    from memrl.task import Task, make_evaluator, suite
+
+    if seed_from is not None and seed_from.is_file():
+        log.info("imported %d rows from %s", import_rows(store_path, seed_from), seed_from)
+    store = EvaluationStore(store_path)
+    todo_all = jobs(cfg, noise_tasks)
+    have = store.hashes()
+    todo = [j for j in todo_all if j.spec.hash not in have][:limit]
+    log.info(
+        "%d of %d evaluations stored; %d to run with %d workers x %d threads",
+        len(todo_all) - len([j for j in todo_all if j.spec.hash not in have]),
+        len(todo_all),
+        len(todo),
+        workers,
+        threads,
+    )
+    live = load_config(cfg, {"env.backend": "inprocess", "env.store": str(store_path), "env.table": None})
+    evaluator = make_evaluator(live)
+    for e in suite(live):  # descriptors (and each task's encoder, cached for the workers)
+        Task(e.cfg, evaluator, e.name, e.heldout).descriptor()
+    if not todo:
+        return 0
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the spawned workers
+    start, done = time.time(), 0
+    pool = mp.get_context("spawn").Pool(
+        workers, initializer=_init_worker, initargs=(threads,), maxtasksperchild=64
+    )
+    try:
+        results = pool.imap_unordered(_work, [j.spec.to_json() for j in todo])
+        by_hash = {j.spec.hash: j for j in todo}
+        with tqdm(total=len(todo), desc="tables", unit="eval", smoothing=0.05) as bar:
+            for text in results:
+                ev = Evaluation.from_json(text)
+                store.put(ev, by_hash[ev.spec_hash].spec)
+                done += 1
+                bar.update()
+                rate = done / (time.time() - start) * 3600
+                left = (len(todo) - done) / max(rate, 1e-9)
+                log.info(
+                    "%d/%d %s %s %s (%.0f evals/hour, %.1f h left)",
+                    done,
+                    len(todo),
+                    by_hash[ev.spec_hash].task,
+                    "".join(map(str, ev.mask)),
+                    "ok" if ev.ok else ev.error,
+                    rate,
+                    left,
+                )
+    finally:
+        pool.terminate()
+        pool.join()
+    return done
+
+
+def export(store_path: Path, out: Path, suite_name: str) -> Path:
+    """Write the shipped table: every row without samples, descriptors, provenance notes."""
+    from memrl.store import EvaluationStore
+
+    source = EvaluationStore(store_path, readonly=True)
+    rows = source.rows()
+    seconds = [r["time_total"] for r in rows if r["ok"] and "time_total" in r]
+    provenance = {
+        "suite": suite_name,
+        "memrl_spec_version": SPEC_VERSION,
+        "rows": len(rows),
+        "failed": sum(not r["ok"] for r in rows),
+        "seconds_per_evaluation_median": round(statistics.median(seconds), 1) if seconds else None,
+        "versions": package_versions(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, single-threaded workers",
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    with atomic_path(out) as tmp:
+        tmp.unlink()
+        db = sqlite3.connect(tmp.resolve().as_uri(), uri=True)
+        db.execute("ATTACH DATABASE ? AS src", (f"{source.path.resolve().as_uri()}?mode=ro",))
+        schema = db.execute("SELECT sql FROM src.sqlite_master WHERE type='table'").fetchall()
+        for (sql,) in schema:
+            db.execute(sql)
+        db.execute(
+            "INSERT INTO evaluations SELECT spec_hash, mask, ok, error, metrics, timings, versions, NULL, "
+            "spec, created FROM src.evaluations"
+        )
+        db.execute("INSERT INTO descriptors SELECT * FROM src.descriptors")
+        db.execute("INSERT INTO notes VALUES ('provenance', ?)", (json.dumps(provenance),))
+        db.commit()
+        db.execute("DETACH DATABASE src")
+        db.execute("PRAGMA journal_mode=DELETE")
+        db.execute("VACUUM")
+        db.close()
+    return out
+
+
+def status(cfg: Config, store_path: Path, noise_tasks: list[str]) -> str:
+    """Rows stored per task and kind."""
+    from memrl.store import EvaluationStore
+
+    have = EvaluationStore(store_path, readonly=True).hashes() if store_path.is_file() else set()
+    counts: dict[tuple[str, str], list[int]] = {}
+    for j in jobs(cfg, noise_tasks):
+        c = counts.setdefault((j.task, j.kind), [0, 0])
+        c[0] += j.spec.hash in have
+        c[1] += 1
+    lines = [f"{store_path}:"] + [f"  {t:<24} {k:<6} {a:>4}/{b}" for (t, k), (a, b) in counts.items()]
+    total = sum(a for a, _ in counts.values()), sum(b for _, b in counts.values())
+    return "\n".join([*lines, f"  {'all':<31} {total[0]:>4}/{total[1]}"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    from memrl.cli import add_config_args, config_from_args, run_main
+    from memrl.utils import setup_logging
+
+    parser = argparse.ArgumentParser(
+        prog="python -m memrl.tables",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    parser.add_argument("command", choices=("build", "status", "export"))
+    add_config_args(parser, seed=False)
+    parser.set_defaults(config="bench")
+    parser.add_argument(
+        "--store",
+        type=Path,
+        default=None,
+        help="working store (default: $MEMRL_CACHE/tables/<config>.sqlite)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="export: the table file (default: the shipped one)"
+    )
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    parser.add_argument(
+        "--noise-tasks", nargs="*", default=["digits", "faces"], help="tasks of the noise sample"
+    )
+    parser.add_argument("--limit", type=int, default=None, help="build: at most this many evaluations")
+    parser.add_argument("--log", type=Path, default=None, help="also log progress to this file")
+    args = parser.parse_args(argv)
+    setup_logging()
+    if args.log:
+        handler = logging.FileHandler(args.log)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
+    name = Path(str(args.config)).stem
+    store_path = args.store or cache_dir() / "tables" / f"{name}.sqlite"
+
+    def body() -> int:
+        cfg = config_from_args(args)
+        if args.command == "build":
+            shipped = shipped_dir() / f"{name}.sqlite"
+            n = build(cfg, store_path, args.workers, args.threads, args.noise_tasks, args.limit, shipped)
+            print(f"evaluated {n}; working store {store_path}")
+        elif args.command == "status":
+            print(status(cfg, store_path, args.noise_tasks))
+        else:
+            out = export(store_path, args.out or shipped_dir() / f"{name}.sqlite", name)
+            print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+        return 0
+
+    return run_main(
+        body, interrupted=f"stored evaluations are kept in {store_path}; rerun the command to continue"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""Tasks: what every evaluation of one dataset shares, and the evaluation service built on it.
+
+* :class:`TaskContext`: the splits, the search space, the fingerprints, and (built when first
+  needed) the base model, the encoder, the FAISS index over training embeddings and the copy
+  threshold. ``ctx.spec(mask)`` is the EvalSpec of a mask on this task.
+* :class:`Task`: the service every caller uses (the Gymnasium env, the search baselines,
+  ``apply_policy``, ``Policy.propose``, ``train_agent``): its config, its references, its reward,
+  ``score(mask)``, and its descriptor.
+* :func:`suite`: the tasks of a config's ``env.tasks`` (name, held-out flag, config).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memrl.config import Config, load_config, task_overrides
+from memrl.errors import ModelError
+from memrl.reward import References, Reward
+from memrl.search_space import SearchSpace
+from memrl.spec import SPEC_SECTIONS, EvalSpec, Evaluation
+from memrl.utils import stable_hash
+
+log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=32)
+def _architecture_space(
+    model_path: str | None, model_json: str, resolution: int, channels: int, granularity: str, method: str
+) -> SearchSpace:
+    import json
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    if model_path is None:
+        from memrl.models import build_unet
+
+        cfg = load_config(
+            {"model": json.loads(model_json), "data": {"resolution": resolution, "channels": channels}}
+        )
+        with torch.device("meta"):
+            unet = build_unet(cfg)
+    else:
+        folder = Path(model_path)
+        folder = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
+        if not (folder / "config.json").is_file():
+            raise ModelError(
+                f"model.path={model_path!r}: no diffusers UNet here (expected config.json in it or in "
+                "its unet/ folder); point model.path at a folder written by save_pretrained"
+            )
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder))
+    return SearchSpace(unet, granularity, method)
+
+
+def architecture_space(cfg: Config) -> SearchSpace:
+    """The task's search space, read off the base UNet's architecture (no weights, no training)."""
+    import json
+
+    return _architecture_space(
+        cfg.model.path,
+        json.dumps(cfg.model.__dict__, sort_keys=True),
+        cfg.data.resolution,
+        cfg.data.channels,
+        cfg.search.granularity,
+        cfg.search.method,
+    )
+
+
+class TaskContext:
+    """What every evaluation of one task shares. Build with :meth:`get` (cached per settings).
+
+    Cheap parts are built at once (splits, search space, fingerprints); the base model, encoder,
+    index and threshold when first used, so a replayed task never trains an encoder.
+    """
+
+    _cache: dict[str, TaskContext] = {}
+
+    def __init__(self, cfg: Config) -> None:
+        from memrl.data import load_splits
+
+        self.cfg = cfg
+        self.splits = load_splits(cfg.data)
+        self.space = architecture_space(cfg)
+
+    @classmethod
+    def get(cls, cfg: Config) -> TaskContext:
+        tree = cfg.to_dict()
+        key = stable_hash({k: tree[k] for k in SPEC_SECTIONS})
+        if key not in cls._cache:
+            cls._cache[key] = cls(cfg)
+        return cls._cache[key]
+
+    @functools.cached_property
+    def base(self) -> Any:
+        """The base model (shipped, cached or pretrained once); checked against the space."""
+        from memrl.models import get_base_model
+
+        model = get_base_model(self.cfg, self.splits)
+        loaded = SearchSpace(model.unet, self.space.granularity, self.space.method)
+        if loaded.signature != self.space.signature:
+            raise ModelError(
+                f"the base model's architecture ({loaded.k} groups) differs from the one its config "
+                f"describes ({self.space.k} groups); delete the cached model or fix model.*"
+            )
+        return model
+
+    @functools.cached_property
+    def fingerprints(self) -> dict[str, str]:
+        """Fingerprints of the inputs that are not settings: data, base-model weights, search space."""
+        from memrl.models.base import shipped_fingerprint
+
+        base = shipped_fingerprint(self.cfg, self.splits) if self.cfg.model.path is None else None
+        return {
+            "data": self.splits.fingerprint,
+            "base_model": base or self.base.fingerprint(),
+            "search_space": self.space.signature,
+        }
+
+    def spec(self, mask: Any) -> EvalSpec:
+        """The EvalSpec of ``mask`` (validated against the search space) on this task."""
+        return EvalSpec.from_config(self.cfg, self.space.validate(mask), self.fingerprints)
+
+    @functools.cached_property
+    def encoder(self) -> Any:
+        from memrl.encoders import get_encoder
+
+        return get_encoder(self.cfg, self.splits)
+
+    @functools.cached_property
+    def train_embeddings(self) -> Any:
+        from memrl.encoders import embed
+
+        return embed(self.encoder, self.splits.private)
+
+    @functools.cached_property
+    def heldout_embeddings(self) -> Any:
+        from memrl.encoders import embed
+
+        return embed(self.encoder, self.splits.heldout)
+
+    @functools.cached_property
+    def index(self) -> Any:
+        from memrl.metrics.memorization import NearestNeighbourIndex
+
+        m = self.cfg.metrics
+        return NearestNeighbourIndex(self.train_embeddings, m.index, m.faiss_index)
+
+    @functools.cached_property
+    def threshold(self) -> float:
+        from memrl.metrics.memorization import copy_threshold
+
+        return copy_threshold(self.index, self.heldout_embeddings, self.cfg.metrics.copy_quantile)
+
+
+@dataclass
+class Outcome:
+    """A mask scored on a task: reward, normalised terms and the raw evaluation."""
+
+    mask: np.ndarray
+    reward: float
+    evaluation: Evaluation
+    terms: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class Task:
+    """The evaluation service of one task: config, references, reward, score a mask, descriptor.
+
+    Args:
+        cfg: the task's config (``data`` already set to this task).
+        evaluator: where evaluations are looked up and run (:class:`memrl.backends.Evaluator`).
+        name: a label; heldout: never trained on (kept to test transfer).
+    """
+
+    def __init__(self, cfg: Config, evaluator: Any, name: str = "", heldout: bool = False) -> None:
+        self.cfg, self.evaluator, self.name, self.heldout = cfg, evaluator, name, heldout
+        self._references: References | None = None
+        self._descriptor: np.ndarray | None = None
+
+    @functools.cached_property
+    def context(self) -> TaskContext:
+        return TaskContext.get(self.cfg)
+
+    @property
+    def space(self) -> SearchSpace:
+        return self.context.space
+
+    def evaluate(self, mask: Any) -> Evaluation:
+        """The evaluation of ``mask`` (from a table or store, or run now)."""
+        return self.evaluator.evaluate(self.context.spec(mask))
+
+    def references(self) -> References:
+        """No fine-tune (mask of zeros) and every group (mask of ones); raises RuntimeError naming
+        the failed one."""
+        if self._references is None:
+            k = self.space.k
+            none, full = self.evaluate(np.zeros(k, np.int8)), self.evaluate(np.ones(k, np.int8))
+            for label, ev in (("no fine-tune", none), ("mask of ones", full)):
+                if not ev.ok:
+                    raise RuntimeError(f"the reference evaluation ({label}) failed: {ev.error}")
+            self._references = References(none.metrics, full.metrics)
+        return self._references
+
+    def score(self, mask: Any, reward: Any = None) -> Outcome:
+        """Reward (``reward``: a RewardConfig, default the config's) and terms of ``mask``.
+
+        A failed evaluation or reference scores ``reward.failure_penalty`` with the reason in
+        ``error``.
+        """
+        reward_cfg = reward or self.cfg.reward
+        mask = self.space.validate(mask)
+        evaluation = self.evaluate(mask)
+        error = evaluation.error if not evaluation.ok else None
+        terms: dict[str, float] = {}
+        if error is None:
+            try:
+                reward_fn = Reward(reward_cfg, self.references())
+            except RuntimeError as exc:
+                error = str(exc)
+            else:
+                terms = reward_fn.terms(evaluation.metrics)
+                return Outcome(mask, reward_fn(evaluation.metrics), evaluation, terms)
+        return Outcome(mask, float(reward_cfg.failure_penalty), evaluation, terms, error)
+
+    def descriptor_key(self) -> str:
+        from memrl.data.descriptor import DESCRIPTOR_VERSION
+
+        c = self.cfg
+        return stable_hash(
+            [self.context.fingerprints, c.encoder.__dict__, c.metrics.loss_timesteps, DESCRIPTOR_VERSION]
+        )
+
+    def descriptor(self) -> np.ndarray:
+        """The dataset descriptor (stored beside the evaluations, so replay computes nothing)."""
+        from memrl.data.descriptor import describe
+
+        if self._descriptor is None:
+            key = self.descriptor_key()
+            found = self.evaluator.descriptor(key)
+            if found is None:
+                found = describe(self.context)
+                self.evaluator.put_descriptor(key, {"name": self.name, **self.cfg.data.__dict__}, found)
+            self._descriptor = found
+        return self._descriptor.copy()
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    """One entry of ``env.tasks``: its name, held-out flag and full config."""
+
+    name: str
+    heldout: bool
+    cfg: Config
+
+
+def task_config(cfg: Config, task: dict[str, Any] | str) -> Config:
+    """``cfg`` with ``data`` set to ``task``: an ``env.tasks`` entry or a data source."""
+    overrides = {"source": task} if isinstance(task, str) else task
+    return load_config(cfg, task_overrides(overrides))
+
+
+def resolve_task(cfg: Config, task: int | str | dict[str, Any]) -> Config:
+    """The config of one task: an index or name into ``env.tasks``, a data source, or data overrides."""
+    from memrl.errors import ConfigError
+
+    entries = suite(cfg)
+    if isinstance(task, int):
+        if not 0 <= task < len(entries):
+            raise ConfigError(f"task {task} is outside 0..{len(entries) - 1} (the tasks of env.tasks)")
+        return entries[task].cfg
+    names = [e.name for e in entries]
+    if isinstance(task, str) and task in names:
+        return entries[names.index(task)].cfg
+    return task_config(cfg, task)
+
+
+def suite(cfg: Config) -> list[TaskEntry]:
+    """The tasks of ``cfg.env.tasks`` (or ``cfg.data`` alone when it lists none)."""
+    entries = cfg.env.tasks or [{}]
+    return [
+        TaskEntry(str(t.get("name", f"task{i}")), bool(t.get("heldout", False)), task_config(cfg, t))
+        for i, t in enumerate(entries)
+    ]
+
+
+def make_evaluator(cfg: Config) -> Any:
+    """The Evaluator of ``cfg.env``: its store, shipped table, backend and replay fallback."""
+    from memrl.backends import Evaluator
+    from memrl.store import EvaluationStore
+    from memrl.tables import table_path
+
+    e = cfg.env
+    tables = [EvaluationStore(table_path(e.table), readonly=True)] if e.table else []
+    fallback = "inprocess" if e.backend == "replay" and e.replay_fallback else None
+    return Evaluator(EvaluationStore(e.store), e.backend, fallback=fallback, tables=tables)

@@ -1,0 +1,254 @@
+"""The evaluation store through its API: round trips, failures, concurrency, crashes, bad files."""
+
+import multiprocessing as mp
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from memrl.backends import Evaluator
+from memrl.errors import NotInStoreError, StoreError
+from memrl.reward import References, Reward, pareto_front
+from memrl.spec import EvalSpec, Evaluation
+from memrl.store import EvaluationStore
+
+
+def test_evaluation_round_trips_through_the_store(cfg, ctx, tmp_path):
+    store = EvaluationStore(tmp_path / "s.sqlite")
+    ev = Evaluator(store, "inprocess")
+    spec = ctx.spec([1, 0, 1, 0])
+    first = ev.evaluate(spec)
+    assert first.ok and not first.cache_hit and ev.misses == 1
+    again = Evaluator(EvaluationStore(tmp_path / "s.sqlite"), "inprocess").evaluate(spec)
+    assert again.cache_hit and again.metrics == first.metrics
+    assert np.array_equal(again.samples, first.samples) and np.array_equal(again.nearest, first.nearest)
+    assert first.samples.dtype == np.uint8 and len(first.nearest) == cfg.sample.num_samples
+    assert set(first.versions) >= {"torch", "diffusers"}
+    rows = store.rows()
+    assert [r["mask"] for r in rows] == ["1010"] and rows[0]["method"] == "full" and rows[0]["seed"] == 0
+    csv_path = store.export_csv(tmp_path / "table.csv")
+    header = csv_path.read_text().splitlines()[0].split(",")
+    assert {"canary_copy_fraction", "heldout_loss", "time_total"} <= set(header)
+    out = subprocess.run(
+        [sys.executable, "-m", "memrl.store", str(store.path)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "1 evaluations (0 failed)" in out and "1010" in out
+
+
+def test_a_failed_evaluation_is_recorded_not_raised(tmp_path):
+    from memrl.config import load_config
+
+    store = EvaluationStore(tmp_path / "s.sqlite")
+    bad = load_config("test", {"data.source": str(tmp_path / "missing.npz")})
+    spec = EvalSpec.from_config(bad, [1, 0, 0, 0], {})
+    result = Evaluator(store, "subprocess").evaluate(spec)
+    assert not result.ok and "missing.npz" in result.error
+    assert store.get(spec.hash).ok is False
+    assert store.rows()[0]["error"] == result.error
+
+
+def test_subprocess_backend_matches_inprocess(ctx, tmp_path):
+    spec = ctx.spec([0, 0, 1, 1])
+    a = Evaluator(EvaluationStore(tmp_path / "a.sqlite"), "inprocess").evaluate(spec)
+    b = Evaluator(EvaluationStore(tmp_path / "b.sqlite"), "subprocess").evaluate(spec)
+    assert b.ok, b.error
+    for key in ("heldout_loss", "canary_loss_gap", "kid", "near_copy_fraction"):
+        assert b.metrics[key] == pytest.approx(a.metrics[key], rel=1e-4, abs=1e-6), key
+
+
+def test_replay_without_fallback_raises_and_a_table_is_read_first(ctx, tmp_path):
+    spec = ctx.spec([1, 1, 1, 1])
+    with pytest.raises(NotInStoreError, match="is in none of"):
+        Evaluator(EvaluationStore(tmp_path / "s.sqlite"), "replay").evaluate(spec)
+    table = EvaluationStore(tmp_path / "table.sqlite")
+    table.put(Evaluation(spec.hash, spec.mask, {"x": 1.0}), spec)
+    found = Evaluator(
+        EvaluationStore(tmp_path / "s.sqlite"),
+        "replay",
+        tables=[EvaluationStore(tmp_path / "table.sqlite", readonly=True)],
+    ).evaluate(spec)
+    assert found.cache_hit and found.metrics == {"x": 1.0}
+
+
+def _writer(path, start):
+    store = EvaluationStore(path)
+    for i in range(start, start + 20):
+        store.put(Evaluation(f"h{i}", (1, 0), {"x": float(i)}))
+
+
+def test_several_processes_write_at_once(tmp_path):
+    path = tmp_path / "s.sqlite"
+    EvaluationStore(path)
+    procs = [mp.get_context("spawn").Process(target=_writer, args=(path, s)) for s in (0, 100)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    store = EvaluationStore(path)
+    assert len(store) == 40 and store.get("h105").metrics == {"x": 105.0}
+
+
+KILLED_WRITER = """
+import sys
+from memrl.spec import Evaluation
+from memrl.store import EvaluationStore
+store = EvaluationStore(sys.argv[1])
+i = 0
+while True:
+    store.put(Evaluation(f"k{i}", (1, 0), {"x": float(i)}, samples=None))
+    i += 1
+"""
+
+
+def test_a_killed_writer_loses_no_committed_row_and_leaves_a_sound_store(tmp_path):
+    path = tmp_path / "s.sqlite"
+    EvaluationStore(path)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(path)])
+    deadline = time.time() + 60
+    while len(EvaluationStore(path, readonly=True)) < 20 and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    store = EvaluationStore(path)  # opening checks the integrity
+    n = len(store)
+    assert n >= 20
+    assert store.hashes() == {f"k{i}" for i in range(n)}  # a prefix: no gap, no partial row
+    assert all(store.get(f"k{i}").metrics == {"x": float(i)} for i in (0, n - 1))
+
+
+def test_reading_a_store_never_modifies_it(tmp_path):
+    path = tmp_path / "s.sqlite"
+    EvaluationStore(path).put(Evaluation("h", (1,), {"x": 1.0}))
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=DELETE").fetchall()
+    db.close()
+    before = path.read_bytes()
+    out = subprocess.run([sys.executable, "-m", "memrl.store", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0 and "1 evaluations" in out.stdout
+    assert path.read_bytes() == before and not (tmp_path / "s.sqlite-wal").exists()
+    with pytest.raises(StoreError, match="read-only"):
+        EvaluationStore(path, readonly=True).put(Evaluation("g", (1,), {}))
+
+
+def test_another_applications_database_is_refused_and_left_alone(tmp_path):
+    path = tmp_path / "app.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE users (name TEXT)")
+    db.commit()
+    db.close()
+    before = path.read_bytes()
+    for readonly in (False, True):
+        with pytest.raises(StoreError, match="another application|without memrl's evaluations table"):
+            EvaluationStore(path, readonly=readonly)
+    assert path.read_bytes() == before
+    out = subprocess.run([sys.executable, "-m", "memrl.store", str(path)], capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and path.read_bytes() == before
+
+
+def test_a_wrong_schema_and_corrupt_pages_are_found_when_opening(tmp_path):
+    wrong = tmp_path / "wrong.sqlite"
+    db = sqlite3.connect(wrong)
+    db.execute("CREATE TABLE evaluations (spec_hash TEXT)")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="lacks columns"):
+        EvaluationStore(wrong)
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(StoreError, match="not a memrl evaluation store"):
+        EvaluationStore(garbage)
+    corrupt = tmp_path / "corrupt.sqlite"
+    store = EvaluationStore(corrupt)
+    for i in range(200):
+        store.put(Evaluation(f"h{i}", (1, 0), {"x": float(i)}, error="e" * 500))
+    db = sqlite3.connect(corrupt)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    db.close()
+    data = bytearray(corrupt.read_bytes())
+    page = 4096
+    data[3 * page : 5 * page] = os.urandom(2 * page)
+    corrupt.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="damaged|not a memrl evaluation store"):
+        EvaluationStore(corrupt)
+
+
+READ_ONLY_PLACES = """
+import sys
+from pathlib import Path
+from memrl.errors import StoreError
+from memrl.spec import Evaluation
+from memrl.store import EvaluationStore
+folder = Path(sys.argv[1])
+for target, action in ((folder / "ro" / "new.sqlite", "create"), (folder / "s.sqlite", "put")):
+    try:
+        EvaluationStore(target).put(Evaluation("h2", (1,), {}))
+        print(action, "succeeded")
+    except StoreError as exc:
+        print(action, "StoreError", exc)
+"""
+
+
+def test_read_only_places_are_explained(tmp_path):
+    """As an ordinary user (root ignores permissions, so the check runs as nobody under root)."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="memrl-ro-"))
+    try:
+        folder.chmod(0o777)
+        (folder / "ro").mkdir(mode=0o555)
+        (folder / "ro").chmod(0o555)
+        store = EvaluationStore(folder / "s.sqlite")
+        store.put(Evaluation("h", (1,), {"x": 1.0}))
+        for name in ("s.sqlite", "s.sqlite-wal", "s.sqlite-shm"):
+            if (folder / name).exists():
+                (folder / name).chmod(0o444)
+        prefix = []
+        if os.geteuid() == 0:
+            if shutil.which("setpriv") is None:
+                pytest.skip("running as root without setpriv: permissions cannot be tested")
+            prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        proc = subprocess.run(
+            [*prefix, sys.executable, "-c", READ_ONLY_PLACES, str(folder)], capture_output=True, text=True
+        )
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+        lines = proc.stdout.splitlines()
+        assert lines[0].startswith("create StoreError") and "writable" in lines[0]
+        assert lines[1].startswith("put StoreError") and ("read-only" in lines[1] or "writable" in lines[1])
+    finally:
+        for p in folder.rglob("*"):
+            p.chmod(0o777)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_an_export_never_overwrites_the_store(tmp_path):
+    path = tmp_path / "s.sqlite"
+    EvaluationStore(path).put(Evaluation("h", (1,), {"x": 1.0}))
+    out = subprocess.run(
+        [sys.executable, "-m", "memrl.store", str(path), "--csv", str(path)], capture_output=True, text=True
+    )
+    assert out.returncode == 2 and "the store itself" in out.stderr
+    assert len(EvaluationStore(path)) == 1
+
+
+def test_reward_normalisation_and_pareto():
+    from memrl.config import load_config
+
+    cfg = load_config("test").reward
+    refs = References(
+        none={cfg.memorization: 0.0, cfg.quality: 1.0}, full={cfg.memorization: 0.2, cfg.quality: 0.5}
+    )
+    reward = Reward(cfg, refs)
+    assert reward(refs.none) == pytest.approx(-1) and reward(refs.full) == pytest.approx(-1)
+    assert reward({cfg.memorization: 0.0, cfg.quality: 0.5}) == pytest.approx(0)
+    assert reward({cfg.memorization: 0.1, cfg.quality: 0.75}) == pytest.approx(-1)
+    with pytest.raises(ValueError, match="is not a metric"):
+        Reward(load_config("test", {"reward.quality": "nope"}).reward, refs)
+    front = pareto_front(np.array([[0, 1], [1, 0], [1, 1], [0.5, 0.5]]))
+    assert front.tolist() == [True, True, False, True]

@@ -1,0 +1,146 @@
+"""MemControl-Bench tables: build (resumable, parallel), export, replay, and the shipped table's keys."""
+
+import itertools
+import json
+import sqlite3
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import memrl  # noqa: F401  (registers MemControl-v0)
+from memrl.config import load_config
+from memrl.errors import NotInStoreError
+from memrl.store import EvaluationStore
+from memrl.tables import build, export, import_rows, jobs, noise_masks, shipped_dir
+
+TASKS = [{"name": "digits-a", "seed": 1}, {"name": "faces", "source": "faces", "seed": 2, "heldout": True}]
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    """A complete tiny table: every mask of the test space on two tasks, plus a noise sample."""
+    folder = tmp_path_factory.mktemp("tables")
+    cfg = load_config("test", {"env.tasks": TASKS})
+    assert build(cfg, folder / "work.sqlite", workers=2, threads=1, noise_tasks=["faces"]) == 2 * 16 + 2 * 16
+    return export(folder / "work.sqlite", folder / "tiny.sqlite", "tiny"), cfg
+
+
+def test_jobs_cover_every_mask_of_every_task_once(cfg):
+    suite_cfg = load_config(cfg, {"env.tasks": TASKS})
+    all_jobs = jobs(suite_cfg, ["faces"])
+    main = [j for j in all_jobs if j.kind == "main"]
+    assert {(j.task, j.spec.mask) for j in main} == {
+        (t["name"], m) for t in TASKS for m in itertools.product((0, 1), repeat=4)
+    }
+    assert [j.spec.mask for j in main[:4]] == [(0,) * 4, (1,) * 4] * 2  # references first
+    noise = [j for j in all_jobs if j.kind == "noise"]
+    assert len(noise) == 32 and {j.spec.settings["finetune"]["seed"] for j in noise} == {1, 2}
+    assert len({j.spec.hash for j in all_jobs}) == len(all_jobs)
+    assert noise_masks(7)[:2] == [(0,) * 7, (1,) * 7] and len(set(noise_masks(7))) == 16
+
+
+def test_the_exported_table_has_rows_descriptors_provenance_and_no_samples(table):
+    path, _ = table
+    store = EvaluationStore(path, readonly=True)
+    assert len(store) == 64
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT COUNT(*) FROM evaluations WHERE samples IS NOT NULL").fetchone()[0] == 0
+        assert db.execute("SELECT COUNT(*) FROM descriptors").fetchone()[0] == 2
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    provenance = store.notes()["provenance"]
+    assert provenance["rows"] == 64 and provenance["failed"] == 0 and provenance["memrl_spec_version"] == 2
+    assert provenance["seconds_per_evaluation_median"] > 0 and "torch" in provenance["versions"]
+
+
+def test_a_build_resumes_and_a_table_seeds_a_new_working_store(table, tmp_path):
+    path, cfg = table
+    assert import_rows(tmp_path / "work.sqlite", path) == 64
+    assert build(cfg, tmp_path / "work.sqlite", workers=1, threads=1, noise_tasks=["faces"]) == 0
+    out = subprocess.run(
+        [sys.executable, "-m", "memrl.store", str(path), "--csv", str(tmp_path / "t.csv")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "64 evaluations (0 failed)" in out and "provenance" in out
+    assert len((tmp_path / "t.csv").read_text().splitlines()) == 65
+
+
+def test_replay_over_the_table_matches_live_evaluation_and_checkers_pass(table, tmp_path):
+    from gymnasium.utils.env_checker import check_env as gym_check
+    from stable_baselines3.common.env_checker import check_env as sb3_check
+
+    path, cfg = table
+    replay = {
+        "env.tasks": TASKS,
+        "env.backend": "replay",
+        "env.table": str(path),
+        "env.store": str(tmp_path / "empty.sqlite"),
+    }
+    env = gym.make("MemControl-v0", config="test", overrides=replay)
+    _, info = env.reset(seed=0, options={"dataset": "faces"})
+    _, reward, *_, step_info = env.step(np.array([0, 1, 1, 0], dtype=np.int8))
+    assert env.unwrapped.diagnostics["cache_hit"] and len(EvaluationStore(tmp_path / "empty.sqlite")) == 0
+    live = gym.make(
+        "MemControl-v0",
+        config="test",
+        overrides={"env.tasks": TASKS, "env.store": str(tmp_path / "l.sqlite")},
+    )
+    live.reset(seed=0, options={"dataset": "faces"})
+    _, live_reward, *_, live_info = live.step(np.array([0, 1, 1, 0], dtype=np.int8))
+    assert live_reward == pytest.approx(reward, abs=1e-6)
+    assert live_info["metrics"]["heldout_loss"] == pytest.approx(
+        step_info["metrics"]["heldout_loss"], rel=1e-5
+    )
+    gym_check(gym.make("MemControl-v0", config="test", overrides=replay).unwrapped)
+    sb3_check(gym.make("MemControl-v0", config="test", overrides=replay).unwrapped, warn=False)
+
+
+def test_a_mask_the_table_lacks_fails_clearly_or_falls_back_to_a_live_evaluation(table, tmp_path):
+    path, _ = table
+    other = {
+        "env.tasks": [{"name": "new", "seed": 9}],
+        "env.backend": "replay",
+        "env.table": str(path),
+        "env.store": str(tmp_path / "s.sqlite"),
+    }
+    env = gym.make("MemControl-v0", config="test", overrides=other)
+    env.reset(seed=0)
+    with pytest.raises(NotInStoreError, match="env.replay_fallback=true"):
+        env.step(np.array([1, 0, 0, 0], dtype=np.int8))
+    env = gym.make("MemControl-v0", config="test", overrides={**other, "env.replay_fallback": True})
+    env.reset(seed=0)
+    assert env.step(np.array([1, 0, 0, 0], dtype=np.int8))[4]["ok"]
+    assert len(EvaluationStore(tmp_path / "s.sqlite")) == 3  # two references and the mask
+
+
+def test_shipped_rows_still_hash_to_what_the_current_code_computes():
+    """A change to what keys an evaluation (settings, fingerprints, hashing) fails here instead of
+    silently orphaning the shipped table."""
+    from memrl.task import TaskContext, suite
+
+    path = shipped_dir() / "bench.sqlite"
+    if not path.is_file():
+        pytest.skip("no shipped bench table yet")
+    store = EvaluationStore(path, readonly=True)
+    hashes = store.hashes()
+    rng = np.random.default_rng(0)
+    checked = 0
+    for entry in suite(load_config("bench")):
+        ctx = TaskContext.get(entry.cfg)
+        masks = [(0,) * ctx.space.k, (1,) * ctx.space.k]
+        masks += [tuple(int(b) for b in rng.integers(0, 2, ctx.space.k)) for _ in range(3)]
+        specs = [ctx.spec(m) for m in masks]
+        present = [s for s in specs if s.hash in hashes]
+        checked += len(present)
+        for spec in present:
+            stored = json.loads(
+                sqlite3.connect(path)
+                .execute("SELECT spec FROM evaluations WHERE spec_hash = ?", (spec.hash,))
+                .fetchone()[0]
+            )
+            assert stored["fingerprints"] == spec.fingerprints and tuple(stored["mask"]) == spec.mask
+    assert checked >= 2, "the shipped table holds none of the sampled rows: its keys changed"
