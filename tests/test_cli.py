@@ -144,6 +144,43 @@ def test_apply_policy_delivers_a_model_trained_on_all_but_the_heldout_images(run
     assert "| metric | chosen mask | full fine-tune (every parameter) |" in (out / "report.md").read_text()
 
 
+def test_apply_policy_sizes_the_splits_from_a_small_dataset(run_dir, tmp_path):
+    """16 images (a first try with a handful of X-rays): 12 fine-tuned on, 4 held out."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    small = tmp_path / "sixteen.npz"
+    np.savez(small, images=(d.images[:16] * 16).clip(0, 255).astype(np.uint8), labels=d.target[:16])
+    out = tmp_path / "small"
+    proc = run(
+        "memrl.apply_policy",
+        "--policy",
+        str(run_dir),
+        "--data",
+        str(small),
+        "--out",
+        str(out),
+        "--budget",
+        "1",
+        "--steps",
+        "2",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    assert (result["images"], result["heldout"], result["finetuned_on"]) == (16, 4, 12)
+    np.savez(tmp_path / "seven.npz", images=np.zeros((7, 8, 8), np.uint8))
+    proc = run(
+        "memrl.apply_policy",
+        "--policy",
+        str(run_dir),
+        "--data",
+        str(tmp_path / "seven.npz"),
+        "--out",
+        str(tmp_path / "seven"),
+    )
+    assert proc.returncode == 2 and "at least 8" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_policy_from_another_search_space_is_refused(run_dir, new_dataset, tmp_path):
     proc = run(
         "memrl.apply_policy",
