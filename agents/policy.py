@@ -23,6 +23,7 @@ import torch
 from memrl.config import Config, load_config
 from memrl.data.descriptor import DESCRIPTOR_FIELDS, DESCRIPTOR_VERSION
 from memrl.errors import ConfigError, PolicyError
+from memrl.reward import PREFERENCE_FIELDS, preference_of, with_preference
 from memrl.utils import atomic_write_text, package_versions
 
 CARD_SUFFIX = ".card.json"
@@ -109,6 +110,7 @@ def write_card(
             "groups": space.names,
         },
         "descriptor": {"version": DESCRIPTOR_VERSION, "fields": list(DESCRIPTOR_FIELDS)},
+        "preference": {"fields": list(PREFERENCE_FIELDS), "sampling": cfg.env.preferences},
         "action_mode": cfg.env.mode,
         "stop_action": cfg.env.stop_action,
         "max_groups": cfg.env.max_groups,
@@ -160,26 +162,33 @@ class Policy:
             dist = self.network.get_distribution(torch.as_tensor(obs[None], dtype=torch.float32))
             return dist.distribution.probs[0].numpy()
 
-    def candidates(self, descriptor: np.ndarray, n: int = 1) -> list[np.ndarray]:
-        """The ``n`` most probable masks for a dataset with this descriptor, best first."""
+    def preference(self, preference: Any = None) -> np.ndarray:
+        """``preference`` (3 weights) as a vector; None: the weights the policy was trained with."""
+        reward = self.config.reward
+        return preference_of(reward if preference is None else with_preference(reward, preference))
+
+    def candidates(self, descriptor: np.ndarray, n: int = 1, preference: Any = None) -> list[np.ndarray]:
+        """The ``n`` most probable masks for a dataset with this descriptor and a preference
+        (memorization, quality, parameter weights; None: the training config's), best first."""
+        head = np.concatenate([descriptor, self.preference(preference)]).astype(np.float32)
         if self.card["action_mode"] == "mask":
-            p = np.clip(self._probabilities(descriptor), 1e-6, 1 - 1e-6)
+            p = np.clip(self._probabilities(head), 1e-6, 1 - 1e-6)
             if self.k <= 16:
                 masks = np.array(list(itertools.product((0, 1), repeat=self.k)), dtype=np.int8)
                 logp = masks @ np.log(p) + (1 - masks) @ np.log(1 - p)
                 return [masks[i] for i in np.argsort(-logp)[:n]]
             best = (p > 0.5).astype(np.int8)
             return [best][:n]
-        return [self._rollout(descriptor)][:n]
+        return [self._rollout(head)][:n]
 
-    def _rollout(self, descriptor: np.ndarray) -> np.ndarray:
+    def _rollout(self, head: np.ndarray) -> np.ndarray:
         """Sequential policies: walk the groups, taking the most probable action each time."""
         mask = np.zeros(self.k, dtype=np.int8)
         budget = self.card.get("max_groups")
         for position in range(self.k):
             onehot = np.zeros(self.k, dtype=np.float32)
             onehot[position] = 1
-            obs = np.concatenate([descriptor, mask.astype(np.float32), onehot])
+            obs = np.concatenate([head, mask.astype(np.float32), onehot])
             action = int(np.argmax(self._probabilities(obs)))
             if action == 2:
                 break
@@ -188,9 +197,12 @@ class Policy:
                 break
         return mask
 
-    def propose(self, source: Config | str | dict[str, Any], n: int = 1) -> list[np.ndarray]:
+    def propose(
+        self, source: Config | str | dict[str, Any], n: int = 1, preference: Any = None
+    ) -> list[np.ndarray]:
         """Masks for a dataset: a Config, a data source (bundled name or path), or a dict of
-        ``data`` overrides. Computes the dataset's descriptor; fine-tunes nothing."""
+        ``data`` overrides, for a preference (None: the training config's weights). Computes the
+        dataset's descriptor; fine-tunes nothing."""
         from memrl.task import Task, make_evaluator, task_config
 
         base = load_config(
@@ -199,7 +211,7 @@ class Policy:
         cfg = source if isinstance(source, Config) else task_config(base, source)
         task = Task(cfg, make_evaluator(base))
         self.check_space(task.space)
-        return self.candidates(task.descriptor(), n)
+        return self.candidates(task.descriptor(), n, preference)
 
 
 def load_policy(path: str | Path) -> Policy:

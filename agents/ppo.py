@@ -58,8 +58,9 @@ def build_ppo(cfg: Config, env, run_dir: Path) -> PPO:
 class EvaluationLogger(BaseCallback):
     """Logs every finished episode: reward, each metric, cache hit rate, best mask so far.
 
-    Writes TensorBoard scalars through SB3's logger and appends one JSON line per episode to
-    ``run_dir/episodes.jsonl`` (read by the report).
+    Appends one JSON line per episode to ``run_dir/episodes.jsonl`` (read by the report) and writes
+    TensorBoard scalars through SB3's logger: means over the rollout, once per rollout (a replayed
+    run finishes thousands of episodes per second).
     """
 
     def __init__(self, run_dir: Path) -> None:
@@ -70,6 +71,7 @@ class EvaluationLogger(BaseCallback):
         self.episodes = 0
         self.hits = 0
         self.failures = 0
+        self._lines: list[str] = []
 
     def _on_step(self) -> bool:
         dones = self.locals["dones"]
@@ -84,10 +86,10 @@ class EvaluationLogger(BaseCallback):
             reward = float(reward)
             if reward > self.best_reward or self.best_mask is None:
                 self.best_reward, self.best_mask = reward, list(info["mask"])
-            self.logger.record("episode/reward", reward)
+            self.logger.record_mean("episode/reward", reward)
             for key, value in info["metrics"].items():
                 if value is not None and np.isfinite(value):
-                    self.logger.record(f"metrics/{key}", value)
+                    self.logger.record_mean(f"metrics/{key}", value)
             self.logger.record("episode/cache_hit_rate", self.hits / self.episodes)
             self.logger.record("episode/best_reward", self.best_reward)
             best = "".join(map(str, self.best_mask or []))
@@ -101,10 +103,17 @@ class EvaluationLogger(BaseCallback):
                 "error": info["error"],
                 **{k: info[k] for k in ("memorization_term", "quality_term") if k in info},
             }
-            with self.path.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            self.logger.dump(self.num_timesteps)
+            self._lines.append(json.dumps(row))
         return True
+
+    def _on_rollout_end(self) -> None:
+        if self._lines:
+            with self.path.open("a") as fh:
+                fh.write("\n".join(self._lines) + "\n")
+            self._lines = []
+
+    def _on_training_end(self) -> None:
+        self._on_rollout_end()
 
 
 def save_checkpoint(model: PPO, path: Path) -> None:

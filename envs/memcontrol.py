@@ -14,6 +14,7 @@ from gymnasium import spaces
 from memrl.config import Config, load_config
 from memrl.data.descriptor import DESCRIPTOR_FIELDS
 from memrl.errors import EpisodeOverError
+from memrl.reward import PREFERENCE_FIELDS, draw_preference, preference_of, with_preference
 from memrl.spec import Evaluation
 from memrl.task import Outcome, Task, architecture_space, make_evaluator, suite, task_config
 
@@ -58,13 +59,16 @@ class MemControlEnv(gym.Env):
 
     ## Observation Space
     ``Box`` of the dataset descriptor (12 values, see ``memrl.data.descriptor.DESCRIPTOR_FIELDS``,
-    each roughly in [0, 1]); sequential mode appends the partial mask (K) and a one-hot of the
-    current group (K).
+    each roughly in [0, 1]) and the episode's preference (3 reward weights:
+    ``memrl.reward.PREFERENCE_FIELDS``); sequential mode appends the partial mask (K) and a one-hot
+    of the current group (K).
 
     ## Rewards
     ``memrl.reward.Reward``: minus the normalised memorization term (0 = base model, 1 = every
     group fine-tuned, i.e. the mask of ones) minus the normalised quality cost (0 = mask of ones,
-    1 = no fine-tuning) minus an optional parameter cost. Both references score -1. A failed
+    1 = no fine-tuning) minus an optional parameter cost, weighted by the episode's preference
+    (``env.preferences``: the config's weights, or drawn per episode; computed from the stored
+    terms, so another preference costs no fine-tune). Both references score -1. A failed
     evaluation scores ``reward.failure_penalty`` with the reason in ``info["error"]``.
     Sequential mode rewards 0 until the last step. ``info`` depends only on the task and the
     action; run diagnostics (cache hits, timings) are in ``env.diagnostics``.
@@ -73,7 +77,8 @@ class MemControlEnv(gym.Env):
     ``reset`` draws a task from the training tasks of ``env.tasks`` (those not marked
     ``heldout``) with the seeded generator; ``reset(options={"dataset": d})`` forces one: an index
     or name into ``env.tasks`` (held-out ones included), a dict of ``data`` overrides, or a data
-    source path. No fine-tuning happens in ``reset``.
+    source path; ``options={"preference": [w_mem, w_quality, w_param]}`` forces the weights. No
+    fine-tuning happens in ``reset``.
 
     ## Episode End
     Mask mode: after the single step. Sequential mode: after the last group, a stop action, or
@@ -111,7 +116,7 @@ class MemControlEnv(gym.Env):
         )
         e = self.cfg.env
         self.sequential = e.mode == "sequential"
-        n_desc = len(DESCRIPTOR_FIELDS)
+        n_desc = len(DESCRIPTOR_FIELDS) + len(PREFERENCE_FIELDS)
         if self.sequential:
             self.action_space = spaces.Discrete(3 if e.stop_action else 2)
             n_obs = n_desc + 2 * self.k
@@ -121,7 +126,8 @@ class MemControlEnv(gym.Env):
         self.observation_space = spaces.Box(-10.0, 10.0, shape=(n_obs,), dtype=np.float32)
         self.task: Task | None = None
         self.diagnostics: dict[str, Any] = {"cache_hit": None, "timings": {}}
-        self._descriptor = np.zeros(n_desc, dtype=np.float32)
+        self._descriptor = np.zeros(len(DESCRIPTOR_FIELDS), dtype=np.float32)
+        self.preference = preference_of(self.cfg.reward)
         self._mask = np.zeros(self.k, dtype=np.int8)
         self._position = 0
         self._done = True
@@ -152,12 +158,13 @@ class MemControlEnv(gym.Env):
         return self._descriptor.copy()
 
     def _obs(self) -> np.ndarray:
+        head = np.concatenate([self._descriptor, self.preference]).astype(np.float32)
         if not self.sequential:
-            return self._descriptor.copy()
+            return head
         onehot = np.zeros(self.k, dtype=np.float32)
         if self._position < self.k:
             onehot[self._position] = 1
-        return np.concatenate([self._descriptor, self._mask.astype(np.float32), onehot])
+        return np.concatenate([head, self._mask.astype(np.float32), onehot])
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
@@ -168,11 +175,16 @@ class MemControlEnv(gym.Env):
             label = self.train_tasks[int(self.np_random.integers(len(self.train_tasks)))]
             self.task = self.tasks[label]
         self._descriptor = np.clip(self.task.descriptor(), -10, 10).astype(np.float32)
+        if "preference" in options:
+            self.preference = preference_of(with_preference(self.cfg.reward, options["preference"]))
+        else:
+            self.preference = draw_preference(self.cfg.reward, self.cfg.env.preferences, self.np_random)
         self._mask = np.zeros(self.k, dtype=np.int8)
         self._position, self._done = 0, False
         return self._obs(), {
             "task": label,
             "task_name": self.task.name,
+            "preference": self.preference.tolist(),
             "dataset_fingerprint": self.task.context.fingerprints["data"],
         }
 
@@ -197,7 +209,7 @@ class MemControlEnv(gym.Env):
             mask = self.task.space.validate(action)
             self._mask = mask
         self._done = True
-        outcome = self.task.score(mask)
+        outcome = self.task.score(mask, with_preference(self.cfg.reward, self.preference))
         self._last = outcome.evaluation
         self.diagnostics = {"cache_hit": outcome.evaluation.cache_hit, "timings": outcome.evaluation.timings}
         return self._obs(), float(outcome.reward), True, False, outcome_info(outcome, self.task)

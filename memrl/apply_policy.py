@@ -26,7 +26,8 @@ import numpy as np
 
 from memrl.cli import run_main
 from memrl.config import Config, dump_config, load_config, parse_overrides
-from memrl.errors import MemrlError
+from memrl.errors import ConfigError, MemrlError
+from memrl.reward import PREFERENCE_FIELDS
 from memrl.utils import atomic_write_text, package_versions, setup_logging
 
 log = logging.getLogger("memrl.apply_policy")
@@ -59,23 +60,122 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--steps", type=int, default=None, help="final fine-tune steps (default: 2 x finetune.steps)"
     )
+    parser.add_argument(
+        "--memorization-weight",
+        type=float,
+        default=None,
+        help="your trade-off: weight of memorization in [0, 1] (quality gets 1 minus it unless "
+        "--quality-weight is given); default: the policy's training weights",
+    )
+    parser.add_argument("--quality-weight", type=float, default=None, help="weight of quality")
+    parser.add_argument("--param-weight", type=float, default=None, help="cost per trainable fraction")
+    parser.add_argument(
+        "--sweep",
+        type=int,
+        default=5,
+        help="also evaluate the policy's masks for this many memorization weights from 0 to 1 and "
+        "plot them on the task's quality/memorization plane (0: skip)",
+    )
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     return parser.parse_args(argv)
 
 
+def user_preference(args: argparse.Namespace, policy: Any) -> np.ndarray:
+    """The weights asked for on the command line, the rest from the policy's training config."""
+    w = policy.preference().copy()
+    if args.memorization_weight is not None:
+        w[0] = args.memorization_weight
+        w[1] = 1.0 - args.memorization_weight if args.quality_weight is None else args.quality_weight
+    elif args.quality_weight is not None:
+        w[1] = args.quality_weight
+    if args.param_weight is not None:
+        w[2] = args.param_weight
+    if not np.all(np.isfinite(w)) or (w < 0).any():
+        raise ConfigError(
+            f"--memorization-weight/--quality-weight/--param-weight give {w.tolist()}: weights must be "
+            "finite and non-negative (the memorization weight at most 1 when the quality weight is implied)"
+        )
+    return w
+
+
 def choose_mask(
-    policy: Any, task: Any, candidates: int, budget: int
+    policy: Any, task: Any, candidates: int, budget: int, preference: np.ndarray
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """The policy's best mask; with a budget, the best-rewarded of its top candidates."""
-    masks = policy.candidates(task.descriptor(), max(candidates, 1))
+    """The policy's best mask for ``preference``; with a budget, the best-rewarded of its top
+    candidates under that preference."""
+    from memrl.reward import with_preference
+
+    masks = policy.candidates(task.descriptor(), max(candidates, 1), preference)
     if budget <= 0 or len(masks) == 1:
         return masks[0], []
     tried = []
+    reward = with_preference(task.cfg.reward, preference)
     for mask in masks[:budget]:
-        outcome = task.score(mask)
+        outcome = task.score(mask, reward)
         tried.append({"mask": mask.tolist(), "reward": outcome.reward, "ok": outcome.ok})
     best = max(range(len(tried)), key=lambda i: tried[i]["reward"])
     return masks[best], tried
+
+
+def preference_sweep(policy: Any, task: Any, points: int, out: Path) -> list[dict[str, Any]]:
+    """The policy's mask for ``points`` memorization weights from 0 to 1 (quality 1 minus it),
+    each evaluated on the task (search protocol; a mask shared by several weights is evaluated
+    once); writes ``preferences.png``, the masks on the quality/memorization plane."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from memrl.report import save_figure
+
+    base = policy.preference()
+    rows = []
+    for w in np.linspace(0.0, 1.0, points):
+        preference = np.array([w, 1.0 - w, base[2]], dtype=np.float32)
+        mask = policy.candidates(task.descriptor(), 1, preference)[0]
+        outcome = task.score(mask)
+        rows.append(
+            {
+                "memorization_weight": round(float(w), 3),
+                "mask": "".join(map(str, mask)),
+                "ok": outcome.ok,
+                **{k: outcome.terms.get(k, float("nan")) for k in ("memorization_term", "quality_term")},
+            }
+        )
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    ax.scatter(
+        [0, 1], [1, 0], marker="s", facecolors="none", edgecolors="k", s=70, label="no fine-tune / all groups"
+    )
+    for r in rows:
+        ax.scatter(
+            r["memorization_term"],
+            r["quality_term"],
+            c=[[r["memorization_weight"], 0.2, 1 - r["memorization_weight"]]],
+        )
+        ax.annotate(
+            f"w={r['memorization_weight']:.2f} {r['mask']}",
+            (r["memorization_term"], r["quality_term"]),
+            fontsize=7,
+        )
+    ax.set_xlabel("memorization term (0 = base model, 1 = all groups)")
+    ax.set_ylabel("quality term (0 = all groups, 1 = no fine-tune)")
+    ax.set_title("the policy's mask per memorization weight")
+    ax.legend(fontsize=7)
+    save_figure(fig, out / "preferences.png")
+    plt.close(fig)
+    return rows
+
+
+def sweep_section(rows: list[dict[str, Any]]) -> str:
+    lines = "\n".join(
+        f"| {r['memorization_weight']:.2f} | `{r['mask']}` | {r['memorization_term']:.3f} | "
+        f"{r['quality_term']:.3f} |"
+        for r in rows
+    )
+    return (
+        "\n## The policy's masks across trade-offs\n\n| memorization weight | mask | memorization term | "
+        f"quality term |\n|---|---|---|---|\n{lines}\n\n![preferences](preferences.png)\n"
+    )
 
 
 def delivery_config(cfg: Config, n_images: int, steps: int) -> Config:
@@ -127,8 +227,10 @@ def apply(args: argparse.Namespace) -> Path:
     search_cfg = load_config(cfg, {"data": dataclasses.asdict(fit_sizes(cfg.data, n_images))})
     task = Task(search_cfg, make_evaluator(search_cfg), name=str(args.data))
     policy.check_space(task.space)
+    preference = user_preference(args, policy)
     args.out.mkdir(parents=True, exist_ok=True)
-    mask, tried = choose_mask(policy, task, args.candidates, args.budget)
+    mask, tried = choose_mask(policy, task, args.candidates, args.budget, preference)
+    sweep = preference_sweep(policy, task, args.sweep, args.out) if args.sweep > 0 else []
     steps = args.steps if args.steps is not None else 2 * cfg.finetune.steps
     final_cfg = delivery_config(cfg, n_images, steps)
     dump_config(final_cfg, args.out / "config.yaml")
@@ -142,7 +244,9 @@ def apply(args: argparse.Namespace) -> Path:
     result = {
         "mask": mask.tolist(),
         "groups": task.space.selected(mask),
+        "preference": dict(zip(PREFERENCE_FIELDS, preference.tolist())),
         "candidates_tried": tried,
+        "sweep": sweep,
         "descriptor": task.descriptor().tolist(),
         "images": n_images,
         "finetuned_on": final_cfg.data.private_size,
@@ -167,7 +271,7 @@ def apply(args: argparse.Namespace) -> Path:
         f"| metric | chosen mask | full fine-tune (every parameter) |\n|---|---|---|\n{rows}\n\n"
         "near_copy_fraction: share of samples closer to a training image than 99% of held-out images "
         "are; loss_gap: held-out minus training denoising loss (a membership signal); extracted: "
-        "training images reproduced by a clique of samples.\n"
+        "training images reproduced by a clique of samples.\n" + (sweep_section(sweep) if sweep else "")
     )
     atomic_write_text(args.out / "report.md", report)
     return args.out

@@ -166,6 +166,10 @@ class EnvConfig:
     table: str | None = None
     """A shipped MemControl-Bench table (``bench``) or a table file, read-only, consulted before
     the store (see ``memrl.tables``)."""
+    preferences: str = "fixed"
+    """The reward weights of an episode: ``fixed`` (``reward.*_weight``) or ``uniform`` (the
+    memorization weight drawn from U[0, 1] per episode, the quality weight 1 minus it). The weights
+    are part of the observation either way, so one policy serves every trade-off."""
     tasks: list[dict[str, Any]] = field(default_factory=list)
     """Dataset variants that ``reset`` draws from (empty: just ``data``): each a dict of ``data``
     overrides, optionally with ``name`` (a label) and ``heldout: true`` (never trained on:
@@ -228,6 +232,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "metrics.index": NN_BACKENDS,
         "metrics.faiss_index": FAISS_INDEXES,
         "env.mode": ("mask", "sequential"),
+        "env.preferences": ("fixed", "uniform"),
         "env.backend": BACKENDS,
     }
 

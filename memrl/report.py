@@ -20,7 +20,7 @@ from memrl.reward import References, Reward, pareto_front
 from memrl.utils import atomic_path, atomic_write_text
 
 
-def _save_figure(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
@@ -58,7 +58,7 @@ def _plot_rewards(run_dir: Path) -> None:
     ax.set_xlabel("episode (= evaluation)")
     ax.set_ylabel("reward")
     ax.legend(fontsize=8)
-    _save_figure(fig, run_dir / "reward.png")
+    save_figure(fig, run_dir / "reward.png")
     plt.close(fig)
 
 
@@ -78,7 +78,7 @@ def _plot_samples(run_dir: Path, store, rows, ctx, masks: tuple[str, str]) -> bo
         ax.imshow(grid, interpolation="nearest")
         ax.set_title(f"{label}\nsample | nearest train", fontsize=8)
         ax.axis("off")
-    _save_figure(fig, run_dir / "samples.png")
+    save_figure(fig, run_dir / "samples.png")
     plt.close(fig)
     return True
 
@@ -148,7 +148,7 @@ def write_report(
     ax.set_ylabel(f"quality: {q_key} (lower is better)")
     ax.legend(fontsize=8)
     ax.set_title("every evaluated mask (colour: reward)")
-    _save_figure(fig, run_dir / "pareto.png")
+    save_figure(fig, run_dir / "pareto.png")
     plt.close(fig)
 
     _plot_rewards(run_dir)

@@ -15,11 +15,41 @@ scores 0. So rewards are comparable across datasets.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
 from memrl.config import RewardConfig
+
+PREFERENCE_FIELDS = ("memorization_weight", "quality_weight", "param_weight")
+"""The reward weights that make up a preference (appended to the policy's observation)."""
+
+
+def preference_of(cfg: RewardConfig) -> np.ndarray:
+    """The weights of ``cfg`` as a float32 vector in :data:`PREFERENCE_FIELDS` order."""
+    return np.array([getattr(cfg, f) for f in PREFERENCE_FIELDS], dtype=np.float32)
+
+
+def with_preference(cfg: RewardConfig, preference: np.ndarray | list[float]) -> RewardConfig:
+    """``cfg`` with its weights replaced by ``preference`` (memorization, quality, param)."""
+    values = [float(v) for v in preference]
+    if len(values) != len(PREFERENCE_FIELDS) or not all(np.isfinite(v) and v >= 0 for v in values):
+        raise ValueError(
+            f"a preference is {len(PREFERENCE_FIELDS)} non-negative weights {PREFERENCE_FIELDS}, got {values}"
+        )
+    w_mem, w_quality, w_param = values
+    return dataclasses.replace(cfg, memorization_weight=w_mem, quality_weight=w_quality, param_weight=w_param)
+
+
+def draw_preference(cfg: RewardConfig, mode: str, rng: np.random.Generator) -> np.ndarray:
+    """A preference for one episode: ``fixed`` (the config's weights) or ``uniform`` (memorization
+    weight from U[0, 1], quality weight 1 minus it, the config's parameter weight)."""
+    if mode == "fixed":
+        return preference_of(cfg)
+    w = float(rng.uniform(0.0, 1.0))
+    return np.array([w, 1.0 - w, cfg.param_weight], dtype=np.float32)
+
 
 _EPS = 1e-6
 

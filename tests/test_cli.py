@@ -92,6 +92,8 @@ def test_sequential_mode_trains_applies_and_reports(tmp_path, new_dataset):
 
     (mask,) = load_policy(out).propose(str(new_dataset))
     assert mask.shape == (4,) and mask.sum() <= 2
+    (other,) = load_policy(out).propose(str(new_dataset), preference=[1.0, 0.0, 0.0])
+    assert other.shape == (4,)
 
 
 def test_parallel_envs_in_subprocesses(tmp_path):
@@ -126,11 +128,20 @@ def test_apply_policy_delivers_a_model_trained_on_all_but_the_heldout_images(run
         "2",
         "--steps",
         "4",
+        "--memorization-weight",
+        "0.8",
+        "--sweep",
+        "3",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     result = json.loads((out / "result.json").read_text())
     assert len(result["mask"]) == 4 and len(result["candidates_tried"]) == 2
+    assert result["preference"]["memorization_weight"] == pytest.approx(0.8)
+    assert result["preference"]["quality_weight"] == pytest.approx(0.2)
+    assert [r["memorization_weight"] for r in result["sweep"]] == [0.0, 0.5, 1.0]
+    assert (out / "preferences.png").read_bytes()[:4] == b"\x89PNG"
+    assert "## The policy's masks across trade-offs" in (out / "report.md").read_text()
     # 120 images: 24 held out, the other 96 fine-tuned on, without canaries or duplication
     assert (result["images"], result["heldout"], result["finetuned_on"]) == (120, 24, 96)
     config = (out / "config.yaml").read_text()

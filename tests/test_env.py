@@ -21,10 +21,10 @@ def make(store_path, **overrides):
 def test_spaces_come_from_the_search_space(store_path):
     env = make(store_path)
     assert env.action_space == gym.spaces.MultiBinary(4)
-    assert env.observation_space.shape == (12,)
+    assert env.observation_space.shape == (12 + 3,)  # descriptor + preference
     seq = make(store_path, **{"env.mode": "sequential", "env.stop_action": True})
     assert seq.action_space == gym.spaces.Discrete(3)
-    assert seq.observation_space.shape == (12 + 2 * 4,)
+    assert seq.observation_space.shape == (15 + 2 * 4,)
 
 
 def test_gymnasium_and_sb3_checkers_pass_on_the_live_test_config(tmp_path):
@@ -120,9 +120,9 @@ def test_stepping_a_finished_episode_says_to_reset(store_path):
 def test_sequential_mode_with_a_budget(store_path):
     env = make(store_path, **{"env.mode": "sequential", "env.max_groups": 1})
     obs, _ = env.reset(seed=0)
-    assert obs[12 + 4] == 1  # one-hot of the first group
+    assert obs[15 + 4] == 1  # one-hot of the first group
     obs, reward, terminated, _, _ = env.step(0)
-    assert not terminated and reward == 0 and obs[12 + 4 + 1] == 1
+    assert not terminated and reward == 0 and obs[15 + 4 + 1] == 1
     obs, reward, terminated, _, info = env.step(1)
     assert terminated and info["mask"] == [0, 1, 0, 0]
 
@@ -175,3 +175,22 @@ def test_a_diverging_finetune_is_a_penalised_failure_not_an_exception(tmp_path):
     _, reward, terminated, _, info = env.step(np.array([1, 0, 0, 0], dtype=np.int8))
     assert terminated and not info["ok"] and "diverged" in info["error"]
     assert reward == env.unwrapped.cfg.reward.failure_penalty
+
+
+def test_preferences_are_observed_and_reweight_the_stored_terms(store_path):
+    env = make(store_path, **{"env.preferences": "uniform"})
+    drawn = [env.reset(seed=s)[1]["preference"] for s in range(6)]
+    assert len({round(p[0], 6) for p in drawn}) == 6 and all(abs(p[0] + p[1] - 1) < 1e-6 for p in drawn)
+    mask = np.array([0, 1, 0, 1], dtype=np.int8)
+    rewards = {}
+    for w in (0.0, 1.0):
+        obs, info = env.reset(seed=0, options={"preference": [w, 1 - w, 0.0]})
+        assert np.allclose(obs[12:], [w, 1 - w, 0.0])
+        _, rewards[w], *_, step = env.step(mask)
+    # same evaluation (the second step is a stored one), other weights: -quality vs -memorization
+    assert env.unwrapped.diagnostics["cache_hit"]
+    assert rewards[0.0] == pytest.approx(-step["quality_term"]) and rewards[1.0] == pytest.approx(
+        -step["memorization_term"]
+    )
+    with pytest.raises(ValueError, match="non-negative weights"):
+        env.reset(options={"preference": [-1, 0, 0]})

@@ -144,3 +144,46 @@ def test_shipped_rows_still_hash_to_what_the_current_code_computes():
             )
             assert stored["fingerprints"] == spec.fingerprints and tuple(stored["mask"]) == spec.mask
     assert checked >= 2, "the shipped table holds none of the sampled rows: its keys changed"
+
+
+def test_the_transfer_benchmark_runs_every_method_on_the_tables(table, tmp_path):
+    from memrl.benchmark import PREFERENCES, iqm, load_table, summarise, transfer
+
+    path, cfg = table
+    bench_cfg = load_config(
+        cfg,
+        {
+            "env.backend": "replay",
+            "env.table": str(path),
+            "env.store": str(tmp_path / "s.sqlite"),
+            "ppo.n_steps": 16,
+            "ppo.batch_size": 8,
+        },
+    )
+    dense = load_table(bench_cfg)
+    assert dense.terms.shape == (2, 16, 3) and np.isfinite(dense.terms).all()
+    regret = dense.regret(0.5)
+    assert np.allclose(np.nanmin(regret, axis=1), 0) and np.allclose(regret[:, -1], 1)
+    rows = transfer(bench_cfg, seeds=1, timesteps=32, budgets=(4, 16))
+    methods = {r["method"] for r in rows}
+    assert methods == {
+        "ppo",
+        "ppo-top4",
+        "ppo-no-descriptor",
+        "single-best",
+        "all-groups",
+        "regression",
+        "random-4",
+        "tpe-4",
+        "random-16",
+        "tpe-16",
+    }
+    assert {r["task"] for r in rows} == {"faces"}  # the only task with another one to train on
+    assert len(rows) == len(methods) * len(PREFERENCES)
+    by = {(r["method"], r["memorization_weight"]): r for r in rows}
+    for w in PREFERENCES:
+        assert by[("all-groups", w)]["regret"] == pytest.approx(1.0)
+        assert by[("random-16", w)]["regret"] == pytest.approx(0.0)  # 16 fine-tunes see every mask
+        assert 0 <= by[("ppo-top4", w)]["regret"] <= by[("ppo", w)]["regret"] + 1e-9
+    assert iqm(np.array([0.0, 1.0, 1.0, 100.0])) == 1.0
+    assert "| ppo | 1 |" in summarise(rows)
