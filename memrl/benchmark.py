@@ -15,11 +15,15 @@ regret is read off the table, normalised per task and preference (0 = the task's
   trained on the same training rows, taking its argmax (as zero-shot HPO work does);
 * ``random-N`` / ``tpe-N``: random search and Optuna TPE on the test task with N fine-tunes.
 
-    python -m memrl.benchmark --config bench --seeds 10 --timesteps 20000 --out bench/results/transfer
+    python -m memrl.benchmark transfer --seeds 10 --timesteps 20000
+    python -m memrl.benchmark search --seeds 10 --budget 64
 
-Writes ``transfer.csv`` (one row per method, task, preference, seed), ``transfer.md`` (interquartile
-mean regret with 95% bootstrap intervals, and the share of the gap between the single best mask
-and the per-task optimum that each method closes) and ``transfer.png``.
+``transfer`` writes ``transfer.csv`` (one row per method, task, preference, seed), ``transfer.md``
+(interquartile mean regret with 95% bootstrap intervals, and the share of the gap between the
+single best mask and the per-task optimum that each method closes) and ``transfer.png``.
+``search`` is the other question: searching one task from scratch, best-so-far regret against
+the number of distinct fine-tunes (1..64) for PPO, random search, TPE, NSGA-II and GP
+(``search.csv``, ``search.md``, ``search.png``).
 """
 
 from __future__ import annotations
@@ -121,24 +125,117 @@ def random_search(table: BenchTable, test: int, budget: int, rng: np.random.Gene
     return [int(i) for i in rng.permutation(available)[:budget]]
 
 
-def tpe_search(table: BenchTable, test: int, w: float, budget: int, seed: int) -> list[int]:
+def optuna_search(
+    table: BenchTable, test: int, w: float, budget: int, seed: int, sampler: str = "tpe"
+) -> list[int]:
+    """Masks an Optuna sampler (``tpe``, ``gp``, or ``nsga2`` on the two terms) tries on the test
+    task, in order; a missing or failed mask scores the failure penalty."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rewards, k = table.rewards(w)[test], table.masks.shape[1]
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, budget))
-    study = optuna.create_study(direction="maximize", sampler=sampler)
+    terms = table.terms[test]
+    startup = min(5, budget)
+    if sampler == "nsga2":
+        chosen: Any = optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(16, budget // 2)))
+        study = optuna.create_study(directions=["minimize", "minimize"], sampler=chosen)
+    else:
+        cls = optuna.samplers.TPESampler if sampler == "tpe" else optuna.samplers.GPSampler
+        study = optuna.create_study(direction="maximize", sampler=cls(seed=seed, n_startup_trials=startup))
     tried: list[int] = []
 
-    def objective(trial: Any) -> float:
+    def objective(trial: Any) -> Any:
         bits = [trial.suggest_int(f"g{j}", 0, 1) for j in range(k)]
         index = int("".join(map(str, bits)), 2)
         tried.append(index)
-        value = rewards[index]
-        return float(value) if np.isfinite(value) else -2.0
+        if sampler == "nsga2":
+            m, q = terms[index, 0], terms[index, 1]
+            return (float(m), float(q)) if np.isfinite(m) else (2.0, 2.0)
+        return float(rewards[index]) if np.isfinite(rewards[index]) else -2.0
 
-    study.optimize(objective, n_trials=budget)
-    return tried
+    def enough(study: Any, trial: Any) -> None:  # a repeated mask is a stored evaluation: free
+        if len(set(tried)) >= budget:
+            study.stop()
+
+    study.optimize(objective, n_trials=4 * budget, callbacks=[enough])
+    return list(dict.fromkeys(tried))[:budget]
+
+
+def ppo_search(cfg: Config, task: str, w: float, seed: int, budget: int, max_steps: int = 4000) -> list[int]:
+    """Distinct masks PPO proposes while learning from scratch on one task (replay), in order, until
+    ``budget`` distinct ones (= fine-tunes; a repeated mask is a stored evaluation) or ``max_steps``."""
+    import torch
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    from memrl.envs.memcontrol import MemControlEnv
+
+    one = load_config(
+        cfg,
+        {
+            "env.tasks": [t for t in cfg.env.tasks if t.get("name") == task],
+            "env.preferences": "fixed",
+            "reward.memorization_weight": w,
+            "reward.quality_weight": 1.0 - w,
+            "seed": seed,
+        },
+    )
+    seen: list[int] = []
+
+    class Record(BaseCallback):
+        def _on_step(self) -> bool:
+            for info in self.locals["infos"]:
+                index = int("".join(map(str, info["mask"])), 2)
+                if index not in seen:
+                    seen.append(index)
+            return len(seen) < budget
+
+    torch.manual_seed(seed)
+    model = PPO(
+        "MlpPolicy",
+        MemControlEnv(one),
+        n_steps=8,
+        batch_size=8,
+        n_epochs=10,
+        learning_rate=3e-3,
+        ent_coef=0.01,
+        seed=seed,
+        device="cpu",
+        verbose=0,
+        policy_kwargs={"net_arch": [32, 32]},
+    )
+    model.learn(max_steps, callback=Record())
+    return seen[:budget]
+
+
+def search_curves(cfg: Config, seeds: int, budget: int = 64, ppo_steps: int = 4000) -> list[dict[str, Any]]:
+    """Best-so-far regret against distinct fine-tunes (1..budget) when searching one task from
+    scratch: PPO, random, TPE, NSGA-II and GP; one row per method, task, preference, seed and n."""
+    table = load_table(cfg)
+    complete = [t for t in range(len(table.names)) if np.isfinite(table.terms[t, :, 0]).all()]
+    rows: list[dict[str, Any]] = []
+    for seed, test, w in itertools.product(range(seeds), complete, PREFERENCES):
+        regret = table.regret(w)[test]
+        tried = {
+            "ppo": ppo_search(cfg, table.names[test], w, seed, budget, ppo_steps),
+            "random": random_search(table, test, budget, np.random.default_rng(seed)),
+            **{name: optuna_search(table, test, w, budget, seed, name) for name in ("tpe", "nsga2", "gp")},
+        }
+        for method, masks in tried.items():
+            distinct = list(dict.fromkeys(masks))
+            for n in range(1, budget + 1):
+                rows.append(
+                    {
+                        "method": method,
+                        "task": table.names[test],
+                        "memorization_weight": w,
+                        "seed": seed,
+                        "fine_tunes": n,
+                        "regret": best_regret(regret, distinct[:n]),
+                    }
+                )
+        log.info("search: seed %d, task %s, w %.2f done", seed, table.names[test], w)
+    return rows
 
 
 def regression(table: BenchTable, train: list[int], test: int, w: float, seed: int) -> int:
@@ -269,7 +366,7 @@ def transfer(
                 }
                 for n in budgets:
                     tried[f"random-{n}"] = random_search(table, test, n, rng)
-                    tried[f"tpe-{n}"] = tpe_search(table, test, w, n, seed)
+                    tried[f"tpe-{n}"] = optuna_search(table, test, w, n, seed, "tpe")
                 for method, masks in tried.items():
                     rows.append(
                         {
@@ -325,9 +422,81 @@ def summarise(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def plot_transfer(rows: list[dict[str, Any]], path: Path) -> None:
+    """Bars: IQM regret with 95% bootstrap intervals per method, LOTO and held-out side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from memrl.report import save_figure
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(methods)), 3.5))
+    for offset, heldout in ((-0.2, False), (0.2, True)):
+        stats = []
+        for m in methods:
+            v = np.array([r["regret"] for r in rows if r["method"] == m and r["heldout"] == heldout])
+            stats.append((iqm(v), *bootstrap(v, iqm)) if len(v) else (np.nan, np.nan, np.nan))
+        mid, lo, hi = map(np.array, zip(*stats))
+        ax.bar(
+            np.arange(len(methods)) + offset,
+            mid,
+            0.4,
+            yerr=[mid - lo, hi - mid],
+            label="held-out tasks" if heldout else "leave-one-task-out",
+            capsize=2,
+        )
+    ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("IQM regret (0 = best mask, 1 = all groups)")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path) -> str:
+    """Best-so-far regret (IQM over tasks, preferences, seeds) against distinct fine-tunes; returns
+    the Markdown table at 1, 2, 4, ..., the budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from memrl.report import save_figure
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    budget = max(r["fine_tunes"] for r in rows)
+    marks = [n for n in (1, 2, 4, 8, 16, 32, 64, 128) if n <= budget]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lines = ["| method | " + " | ".join(f"n={n}" for n in marks) + " |", "|---|" + "---|" * len(marks)]
+    for m in methods:
+        curve = [
+            iqm(np.array([r["regret"] for r in rows if r["method"] == m and r["fine_tunes"] == n]))
+            for n in range(1, budget + 1)
+        ]
+        ax.plot(range(1, budget + 1), curve, label=m)
+        lines.append(f"| {m} | " + " | ".join(f"{curve[n - 1]:.3f}" for n in marks) + " |")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("distinct fine-tunes")
+    ax.set_ylabel("best-so-far regret (IQM)")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+    plt.close(fig)
+    return "\n".join(lines)
+
+
+def _write_rows(rows: list[dict[str, Any]], path: Path) -> None:
+    from memrl.utils import atomic_path
+
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     from memrl.cli import add_config_args, config_from_args, run_main
-    from memrl.utils import atomic_path, atomic_write_text, setup_logging
+    from memrl.utils import atomic_write_text, setup_logging
 
     parser = argparse.ArgumentParser(
         prog="python -m memrl.benchmark",
@@ -335,26 +504,30 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
+    parser.add_argument("command", choices=("transfer", "search"), nargs="?", default="transfer")
     add_config_args(parser, seed=False)
     parser.set_defaults(config="bench")
     parser.add_argument("--seeds", type=int, default=10)
-    parser.add_argument("--timesteps", type=int, default=20000, help="PPO steps per training (replay)")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/transfer"))
+    parser.add_argument("--timesteps", type=int, default=20000, help="transfer: PPO steps per training")
+    parser.add_argument("--budget", type=int, default=64, help="search: distinct fine-tunes per search")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/benchmark"))
     args = parser.parse_args(argv)
     setup_logging()
 
     def body() -> int:
         start = time.perf_counter()
-        rows = transfer(config_from_args(args), args.seeds, args.timesteps)
+        cfg = config_from_args(args)
         args.out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(args.out / "transfer.csv") as tmp, tmp.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        text = summarise(rows)
-        atomic_write_text(
-            args.out / "transfer.md", text + f"\n\n{args.seeds} seeds; {time.perf_counter() - start:.0f} s\n"
-        )
+        if args.command == "transfer":
+            rows = transfer(cfg, args.seeds, args.timesteps)
+            text = summarise(rows)
+            plot_transfer(rows, args.out / "transfer.png")
+        else:
+            rows = search_curves(cfg, args.seeds, args.budget)
+            text = plot_curves(rows, args.out / "search.png")
+        _write_rows(rows, args.out / f"{args.command}.csv")
+        footer = f"\n\n{args.seeds} seeds; {time.perf_counter() - start:.0f} s\n"
+        atomic_write_text(args.out / f"{args.command}.md", text + footer)
         print(text)
         return 0
 

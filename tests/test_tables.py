@@ -187,3 +187,43 @@ def test_the_transfer_benchmark_runs_every_method_on_the_tables(table, tmp_path)
         assert 0 <= by[("ppo-top4", w)]["regret"] <= by[("ppo", w)]["regret"] + 1e-9
     assert iqm(np.array([0.0, 1.0, 1.0, 100.0])) == 1.0
     assert "| ppo | 1 |" in summarise(rows)
+
+
+def test_search_curves_and_the_benchmark_command(table, tmp_path):
+    from memrl.benchmark import main, search_curves
+    from memrl.config import dump_config
+
+    path, cfg = table
+    bench_cfg = load_config(
+        cfg, {"env.backend": "replay", "env.table": str(path), "env.store": str(tmp_path / "s.sqlite")}
+    )
+    rows = search_curves(bench_cfg, seeds=1, budget=16, ppo_steps=200)
+    assert {r["method"] for r in rows} == {"ppo", "random", "tpe", "nsga2", "gp"}
+    for method in ("random", "tpe", "nsga2", "gp"):
+        for task in ("digits-a", "faces"):
+            curve = [
+                r["regret"]
+                for r in rows
+                if r["method"] == method and r["task"] == task and r["memorization_weight"] == 0.5
+            ]
+            assert len(curve) == 16 and all(a >= b for a, b in zip(curve, curve[1:])), method
+            assert curve[-1] == pytest.approx(0.0), method  # 16 distinct fine-tunes: every mask of K=4
+    dump_config(bench_cfg, tmp_path / "suite.yaml")
+    assert (
+        main(
+            [
+                "search",
+                "--config",
+                str(tmp_path / "suite.yaml"),
+                "--seeds",
+                "1",
+                "--budget",
+                "4",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "out" / "search.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| random |" in (tmp_path / "out" / "search.md").read_text()
