@@ -51,6 +51,9 @@ class DataConfig:
     """How often each canary appears in the fine-tune set (MemControl's reference uses 50-300)."""
     seed: int = 0
     """Seed of the split; part of the dataset fingerprint."""
+    caption_template: str | None = None
+    """Stable Diffusion path: the caption of an image without one, from its class name
+    (None: ``a photo of a {}``). The tiny default is conditioned on labels and ignores it."""
 
 
 @dataclass
@@ -93,6 +96,10 @@ class FinetuneConfig:
     device: str = "cpu"
     """``cpu``, ``cuda`` (or ``cuda:N``), or ``auto`` (cuda when available). Results can differ
     slightly between devices, so the device is part of an evaluation's spec."""
+    mixed_precision: str | None = None
+    """``fp16`` or ``bf16``: the forward pass under autocast (GPUs); None: float32."""
+    gradient_checkpointing: bool | None = None
+    """Recompute activations in the backward pass (less memory, more time; large UNets)."""
 
 
 @dataclass
@@ -217,7 +224,7 @@ class Config:
         return stable_hash(self.to_dict())
 
 
-def _choices() -> dict[str, tuple[str, ...]]:
+def _choices() -> dict[str, tuple[str | None, ...]]:
     """Allowed values of the fields with a fixed vocabulary, from the modules that own them."""
     from memrl.backends import BACKENDS
     from memrl.encoders import ENCODER_KINDS
@@ -233,6 +240,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "metrics.faiss_index": FAISS_INDEXES,
         "env.mode": ("mask", "sequential"),
         "env.preferences": ("fixed", "uniform"),
+        "finetune.mixed_precision": (None, "no", "fp16", "bf16"),
         "env.backend": BACKENDS,
     }
 
@@ -323,7 +331,7 @@ def _validate(cfg: Config) -> None:
         section, name = path.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
-            raise ConfigError(f"{path}={value!r} is not one of {sorted(choices)}")
+            raise ConfigError(f"{path}={value!r} is not one of {list(choices)}")
     p = cfg.ppo
     positive = {
         "data.resolution": cfg.data.resolution,

@@ -18,9 +18,11 @@ def finetune(
     The base model is never modified. Returns the fine-tuned copy and its FinetuneResult.
     """
     model = base.copy().to(resolve_device(cfg.finetune.device))
-    model.label_embedding.requires_grad_(False)
+    model.freeze_conditioning()
     total = sum(p.numel() for p in model.unet.parameters())
     apply_method(model.unet, prefixes, cfg.search.method, cfg.search.lora_rank)
+    if cfg.finetune.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
     f = cfg.finetune
     result = train_denoiser(
         model,
@@ -33,6 +35,7 @@ def finetune(
         grad_clip=f.grad_clip,
         weight_decay=f.weight_decay,
         desc="fine-tune",
+        mixed_precision=f.mixed_precision,
     )
     result.total_params = total
     return model, result

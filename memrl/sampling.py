@@ -20,10 +20,10 @@ def sample(
 ) -> torch.Tensor:
     """Generate one image in [-1, 1] per label with DDIM (unknown labels and -1 sample
     unconditionally). ``guidance`` is the classifier-free guidance scale (1 = no guidance)."""
-    from diffusers import DDIMScheduler
+    from memrl.training import noise_scheduler
 
     labels = model.labels_or_null(labels, len(labels))
-    sched: Any = DDIMScheduler(num_train_timesteps=model.unet.config.get("num_train_timesteps", 1000))
+    sched: Any = noise_scheduler(model, "ddim")
     sched.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
     model.eval()

@@ -31,9 +31,10 @@ def sample_labels(ctx: TaskContext) -> tuple[torch.Tensor, torch.Tensor]:
     Returns (labels, is_canary_conditioned); -1 means unconditional (unlabelled data).
     """
     n = ctx.cfg.sample.num_samples
-    n_canary = round(n * ctx.cfg.sample.canary_fraction) if len(ctx.splits.canary_index) else 0
-    canary = ctx.splits.canaries.labels
-    heldout = ctx.splits.heldout.labels
+    splits = ctx.model_splits
+    n_canary = round(n * ctx.cfg.sample.canary_fraction) if len(splits.canary_index) else 0
+    canary = splits.canaries.labels
+    heldout = splits.heldout.labels
     null = torch.full((n,), -1, dtype=torch.long)
     parts = []
     if n_canary:
@@ -62,17 +63,19 @@ def score_model(model: DiffusionModel, ctx: TaskContext, mask: np.ndarray, ft: F
     from memrl.sampling import sample
 
     splits, m, s = ctx.splits, ctx.cfg.metrics, ctx.cfg.sample
+    trained = ctx.model_splits  # the images themselves, or their latents on the Stable Diffusion path
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     is_canary_private = torch.zeros(len(splits.private), dtype=torch.bool)
     is_canary_private[splits.canary_index] = True
-    train_loss = denoising_loss(model, splits.private.images, splits.private.labels, m.loss_timesteps)
-    heldout_loss = denoising_loss(model, splits.heldout.images, splits.heldout.labels, m.loss_timesteps)
+    train_loss = denoising_loss(model, trained.private.images, trained.private.labels, m.loss_timesteps)
+    heldout_loss = denoising_loss(model, trained.heldout.images, trained.heldout.labels, m.loss_timesteps)
     timings["losses"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     labels, is_canary = sample_labels(ctx)
     samples = sample(model, labels, steps=s.steps, guidance=s.guidance, seed=ctx.cfg.finetune.seed)
+    samples = ctx.to_images(samples)
     timings["sample"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -82,11 +85,11 @@ def score_model(model: DiffusionModel, ctx: TaskContext, mask: np.ndarray, ft: F
     extracted, match_frac = extraction_count(samples, splits.private.images, m.extraction_threshold)
     quality = fid_kid(ctx.encoder, samples, splits.heldout.images, m.kid_subset_size)
     norms = {}
-    canary_labels = splits.canaries.labels
-    if canary_labels is not None and len(canary_labels) and splits.heldout.labels is not None:
+    canary_labels = trained.canaries.labels
+    if canary_labels is not None and len(canary_labels) and trained.heldout.labels is not None:
         norms["noise_norm_canary"] = float(noise_norm(model, canary_labels, m.noise_norm_timesteps).mean())
         norms["noise_norm_heldout"] = float(
-            noise_norm(model, splits.heldout.labels[:32], m.noise_norm_timesteps).mean()
+            noise_norm(model, trained.heldout.labels[:32], m.noise_norm_timesteps).mean()
         )
     timings["metrics"] = time.perf_counter() - t0
 
@@ -131,7 +134,7 @@ def finetune_and_score(ctx: TaskContext, mask: np.ndarray) -> tuple[DiffusionMod
 
     mask = ctx.space.validate(mask)
     start = time.perf_counter()
-    base, data = ctx.base, ctx.splits.finetune_set()
+    base, data = ctx.base, ctx.model_splits.finetune_set()
     context_time = time.perf_counter() - start
     model, ft = finetune(base, data, ctx.space.prefixes(mask), ctx.cfg)
     if ft.diverged:

@@ -98,11 +98,84 @@ class TaskContext:
         return cls._cache[key]
 
     @functools.cached_property
+    def sd(self) -> Any:
+        """The Stable Diffusion components when ``model.path`` is a pipeline folder, else None."""
+        from memrl.models.stable_diffusion import is_pipeline_folder, load_components
+
+        if not is_pipeline_folder(self.cfg.model.path):
+            return None
+        return load_components(str(Path(str(self.cfg.model.path)).resolve()))
+
+    @functools.cached_property
+    def prompts(self) -> list[str]:
+        """Stable Diffusion path: the task's distinct captions, then the empty prompt (null label)."""
+        from memrl.models.stable_diffusion import captions_of
+
+        template = self.cfg.data.caption_template
+        seen = [
+            c
+            for part in (self.splits.base, self.splits.private, self.splits.heldout)
+            for c in captions_of(part, template)
+        ]
+        return [*dict.fromkeys(c for c in seen if c), ""]
+
+    @functools.cached_property
+    def model_splits(self) -> Any:
+        """The splits the model trains and is scored on: the images themselves, or on the Stable
+        Diffusion path their VAE latents, labelled by caption (an index into :attr:`prompts`)."""
+        import dataclasses
+
+        import torch
+
+        from memrl.data import ImageSet
+        from memrl.models.stable_diffusion import captions_of, encode_latents
+
+        if self.sd is None:
+            return self.splits
+        index = {p: i for i, p in enumerate(self.prompts)}
+        null = len(self.prompts) - 1
+
+        def latent(part: Any) -> Any:
+            ids = [index.get(c, null) for c in captions_of(part, self.cfg.data.caption_template)]
+            return ImageSet(
+                encode_latents(self.sd, part.images),
+                torch.tensor(ids),
+                None,
+                part.name,
+                {**part.meta, "latents": self.sd.vae_fingerprint},
+            )
+
+        s = self.splits
+        return dataclasses.replace(
+            s, base=latent(s.base), private=latent(s.private), heldout=latent(s.heldout)
+        )
+
+    def to_images(self, samples: Any) -> Any:
+        """Model outputs as images in [-1, 1] (decoded through the VAE on the Stable Diffusion path)."""
+        if self.sd is None:
+            return samples
+        from memrl.models.stable_diffusion import decode_latents
+
+        return decode_latents(self.sd, samples)
+
+    @functools.cached_property
     def base(self) -> Any:
-        """The base model (shipped, cached or pretrained once); checked against the space."""
+        """The base model (shipped, cached, pretrained once, or a pipeline's UNet conditioned on
+        the task's prompts); checked against the search space."""
         from memrl.models import get_base_model
 
-        model = get_base_model(self.cfg, self.splits)
+        if self.sd is not None:
+            import json
+
+            from memrl.models.stable_diffusion import TextConditionedModel, encode_prompts
+
+            model: Any = TextConditionedModel(
+                self.sd.unet, encode_prompts(self.sd, self.prompts), self.sd.path
+            )
+            config = self.sd.path / "scheduler" / "scheduler_config.json"
+            model.scheduler_config = json.loads(config.read_text()) if config.is_file() else None
+        else:
+            model = get_base_model(self.cfg, self.splits)
         loaded = SearchSpace(model.unet, self.space.granularity, self.space.method)
         if loaded.signature != self.space.signature:
             raise ModelError(
@@ -117,6 +190,8 @@ class TaskContext:
         from memrl.models.base import shipped_fingerprint
 
         base = shipped_fingerprint(self.cfg, self.splits) if self.cfg.model.path is None else None
+        if self.sd is not None:
+            base = self.sd.fingerprint
         return {
             "data": self.splits.fingerprint,
             "base_model": base or self.base.fingerprint(),

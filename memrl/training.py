@@ -40,11 +40,16 @@ class FinetuneResult:
         return float(sum(tail) / len(tail)) if tail else float("nan")
 
 
-def noise_scheduler(num_train_timesteps: int = 1000) -> Any:
-    """The DDPM schedule used for training, evaluation losses and (via DDIM) sampling."""
-    from diffusers import DDPMScheduler
+def noise_scheduler(model: Any, kind: str = "ddpm") -> Any:
+    """The noise schedule of ``model`` for training and evaluation losses (``ddpm``) or sampling
+    (``ddim``): a pipeline's own scheduler config, else diffusers' default 1000-step schedule."""
+    from diffusers import DDIMScheduler, DDPMScheduler
 
-    return DDPMScheduler(num_train_timesteps=num_train_timesteps)
+    cls = DDPMScheduler if kind == "ddpm" else DDIMScheduler
+    config = getattr(model, "scheduler_config", None)
+    if config:
+        return cls.from_config(config)
+    return cls(num_train_timesteps=model.unet.config.get("num_train_timesteps", 1000))
 
 
 def train_denoiser(
@@ -60,10 +65,12 @@ def train_denoiser(
     weight_decay: float = 0.0,
     cosine: bool = False,
     desc: str = "fine-tune",
+    mixed_precision: str | None = None,
 ) -> FinetuneResult:
     """Train the parameters of ``model`` that require grad; seeded and deterministic on CPU.
 
-    Stops early (``diverged=True``) on a non-finite loss instead of raising.
+    ``mixed_precision`` (``fp16`` or ``bf16``) runs the forward pass under autocast. Stops early
+    (``diverged=True``) on a non-finite loss instead of raising.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     result = FinetuneResult(
@@ -73,7 +80,7 @@ def train_denoiser(
     if not params or steps == 0:
         return result
     start = time.perf_counter()
-    sched = noise_scheduler(model.unet.config.get("num_train_timesteps", 1000))
+    sched = noise_scheduler(model)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     lr_at = (lambda i: 0.5 * (1 + math.cos(math.pi * i / steps))) if cosine else (lambda i: 1.0)
     g = torch.Generator().manual_seed(seed)
@@ -90,7 +97,9 @@ def train_denoiser(
         t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), generator=g)
         x0, noise, t, labels = x0.to(device), noise.to(device), t.to(device), labels.to(device)
         xt = sched.add_noise(x0, noise, t)
-        loss = (model(xt, t, labels) - noise).square().mean()
+        with _autocast(device, mixed_precision):
+            prediction = model(xt, t, labels)
+        loss = (prediction.float() - noise).square().mean()
         if not torch.isfinite(loss):
             result.diverged, result.stop_reason = True, f"non-finite loss at step {step}"
             log.warning("%s: %s; stopping early", desc, result.stop_reason)
@@ -105,6 +114,15 @@ def train_denoiser(
     model.eval()
     result.wall_time = time.perf_counter() - start
     return result
+
+
+def _autocast(device: torch.device, mixed_precision: str | None) -> Any:
+    import contextlib
+
+    if mixed_precision in (None, "no"):
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -53,17 +53,20 @@ def describe(ctx: TaskContext) -> np.ndarray:
 
     splits, m = ctx.splits, ctx.cfg.metrics
     private, base = splits.private, splits.base
+    trained = ctx.model_splits  # what the model sees: images, or latents on the Stable Diffusion path
     priv_emb = ctx.train_embeddings
     base_emb = embed(ctx.encoder, base.images[:512])
     finetune_size = len(private) + len(splits.canary_index) * max(splits.duplication - 1, 0)
     labels = private.labels
     coverage = 0.0 if labels is None else len(labels.unique()) / ctx.base.num_classes
-    base_loss = float(denoising_loss(ctx.base, private.images, private.labels, m.loss_timesteps).mean())
+    base_loss = float(
+        denoising_loss(ctx.base, trained.private.images, trained.private.labels, m.loss_timesteps).mean()
+    )
     own_loss = float(
         denoising_loss(
             ctx.base,
-            base.images[:256],
-            base.labels[:256] if base.labels is not None else None,
+            trained.base.images[:256],
+            trained.base.labels[:256] if trained.base.labels is not None else None,
             m.loss_timesteps,
         ).mean()
     )

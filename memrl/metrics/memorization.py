@@ -200,7 +200,7 @@ def extraction_count(
 def _noised(model, images: torch.Tensor, timesteps: list[int], seed: int):
     from memrl.training import noise_scheduler
 
-    sched = noise_scheduler(model.unet.config.get("num_train_timesteps", 1000))
+    sched = noise_scheduler(model)
     g = torch.Generator().manual_seed(seed)
     for t in timesteps:
         noise = torch.randn(images.shape, generator=g)

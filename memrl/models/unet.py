@@ -47,6 +47,9 @@ def install_groupnorm_guard(model: nn.Module) -> None:
 class DiffusionModel(nn.Module):
     """A diffusers ``UNet2DConditionModel`` conditioned on integer labels through cross-attention."""
 
+    scheduler_config: dict[str, Any] | None = None
+    """A pipeline's noise-scheduler config (None: diffusers' default 1000-step schedule)."""
+
     def __init__(self, unet: Any, num_classes: int) -> None:
         super().__init__()
         self.unet: Any = unet
@@ -54,6 +57,10 @@ class DiffusionModel(nn.Module):
         dim = unet.config.cross_attention_dim
         self.label_embedding = nn.Embedding(num_classes + 1, dim)
         install_groupnorm_guard(self.unet)
+
+    def freeze_conditioning(self) -> None:
+        """Keep the conditioning fixed while fine-tuning (the label embedding is not searched)."""
+        self.label_embedding.requires_grad_(False)
 
     @property
     def null_label(self) -> int:
