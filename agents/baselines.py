@@ -32,10 +32,12 @@ PEFT_PRESETS = ("attention", "bias_norm", "difffit", "lora", "svdiff")
 class SearchRunner:
     """Evaluates masks on one task of one config (through :class:`memrl.task.Task`) and keeps the rows."""
 
-    def __init__(self, cfg: Config, task: int | str | dict[str, Any] = 0) -> None:
+    def __init__(self, cfg: Config, task: int | str | dict[str, Any] = 0, workers: int = 1) -> None:
         from memrl.task import make_evaluator, resolve_task
 
-        self.cfg = cfg
+        if workers < 1:
+            raise ConfigError(f"--workers {workers} must be at least 1")
+        self.cfg, self.workers = cfg, workers
         self.task_cfg = resolve_task(cfg, task)
         self.evaluator = make_evaluator(cfg)
         self.rows: list[dict[str, Any]] = []
@@ -71,18 +73,30 @@ class SearchRunner:
         self.rows.append(row)
         return row
 
+    def prefetch(self, masks: list[Any], method: str | None = None) -> None:
+        """Evaluate ``masks`` at once (concurrently with ``env.backend=ray``) before scoring them."""
+        if self.workers > 1:
+            self.task(method).prefetch([np.asarray(m, dtype=np.int8) for m in masks])
+
 
 def _random(runner: SearchRunner, budget: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     seen: set[tuple[int, ...]] = set()
-    limit = 2**runner.k
-    for _ in tqdm(range(min(budget, limit)), desc="random search"):
+    masks = []
+    for _ in range(min(budget, 2**runner.k)):
         while True:
             mask = tuple(int(v) for v in rng.integers(0, 2, runner.k))
             if mask not in seen:
                 break
         seen.add(mask)
-        runner.evaluate(mask)
+        masks.append(mask)
+    with tqdm(total=len(masks), desc="random search") as bar:
+        for start in range(0, len(masks), runner.workers):
+            batch = masks[start : start + runner.workers]
+            runner.prefetch(batch)
+            for mask in batch:
+                runner.evaluate(mask)
+                bar.update()
 
 
 def _exhaustive(runner: SearchRunner, budget: int, seed: int) -> None:
@@ -118,23 +132,30 @@ def _optuna(runner: SearchRunner, budget: int, seed: int, sampler_name: str) -> 
         )
         study = optuna.create_study(direction="maximize", sampler=sampler)
 
-    def objective(trial):
-        mask = [trial.suggest_int(f"g{i}", 0, 1) for i in range(k)]
-        row = runner.evaluate(mask)
-        if sampler_name == "nsga2":
-            return row["memorization_term"], row["quality_term"]
-        return row["reward"]
+    with tqdm(total=budget, desc=f"optuna {sampler_name}") as bar:
+        for start in range(0, budget, runner.workers):  # ask a batch, evaluate it at once, tell
+            trials = [study.ask() for _ in range(min(runner.workers, budget - start))]
+            masks = [[t.suggest_int(f"g{i}", 0, 1) for i in range(k)] for t in trials]
+            runner.prefetch(masks)
+            for trial, mask in zip(trials, masks):
+                row = runner.evaluate(mask)
+                if sampler_name == "nsga2":
+                    study.tell(trial, [row["memorization_term"], row["quality_term"]])
+                else:
+                    study.tell(trial, row["reward"])
+                bar.update()
 
-    study.optimize(objective, n_trials=budget, show_progress_bar=True)
 
-
-def run_search(cfg: Config, method: str, budget: int, seed: int = 0, task=0) -> list[dict[str, Any]]:
-    """Run baseline ``method`` with ``budget`` evaluations; returns the result rows."""
+def run_search(
+    cfg: Config, method: str, budget: int, seed: int = 0, task: Any = 0, workers: int = 1
+) -> list[dict[str, Any]]:
+    """Run baseline ``method`` with ``budget`` evaluations, ``workers`` at a time (concurrent with
+    ``env.backend=ray``); returns the result rows."""
     if method not in METHODS:
         raise ConfigError(f"method={method!r} is not one of {METHODS}")
     if budget <= 0:
         raise ConfigError(f"--budget {budget} must be positive")
-    runner = SearchRunner(cfg, task)
+    runner = SearchRunner(cfg, task, workers)
     if method == "random":
         _random(runner, budget, seed)
     elif method == "exhaustive":

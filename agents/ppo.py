@@ -28,10 +28,30 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoints/last.zip"
 
 
+class PrefetchVecEnv(DummyVecEnv):
+    """Environments in this process whose evaluations of one vector step run at once: with the Ray
+    backend, the ``n_envs`` fine-tunes of a step are concurrent Ray tasks (one cluster, many GPUs)."""
+
+    def step_wait(self):  # type: ignore[no-untyped-def]
+        specs = []
+        for env, action in zip(self.envs, self.actions):
+            inner: Any = env.unwrapped
+            mask = inner.pending_mask(action)
+            if mask is not None:
+                specs += inner.task.specs_with_references([mask])
+        if specs:
+            self.envs[0].unwrapped.evaluator.evaluate_many(specs)  # type: ignore[attr-defined]
+        return super().step_wait()
+
+
 def make_env(cfg: Config, n_envs: int = 1, seed: int = 0):
-    """A vectorised MemControl-v0 (separate processes when ``n_envs > 1``)."""
+    """A vectorised MemControl-v0: with the Ray backend, ``n_envs`` envs in this process whose
+    evaluations run concurrently on Ray; otherwise separate processes when ``n_envs > 1``."""
     kwargs = {"config": cfg}
-    vec_cls = SubprocVecEnv if n_envs > 1 else DummyVecEnv
+    if cfg.env.backend == "ray":
+        vec_cls: Any = PrefetchVecEnv
+    else:
+        vec_cls = SubprocVecEnv if n_envs > 1 else DummyVecEnv
     return make_vec_env("MemControl-v0", n_envs=n_envs, seed=seed, env_kwargs=kwargs, vec_env_cls=vec_cls)
 
 

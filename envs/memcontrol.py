@@ -214,6 +214,22 @@ class MemControlEnv(gym.Env):
         self.diagnostics = {"cache_hit": outcome.evaluation.cache_hit, "timings": outcome.evaluation.timings}
         return self._obs(), float(outcome.reward), True, False, outcome_info(outcome, self.task)
 
+    def pending_mask(self, action: Any) -> np.ndarray | None:
+        """The mask ``step(action)`` would evaluate, or None when that step does not end the
+        episode (a vector env uses it to run several evaluations at once)."""
+        if self.task is None or self._done:
+            return None
+        if not self.sequential:
+            return self.task.space.validate(action)
+        mask = self._mask.copy()
+        if int(action) == 2:
+            return mask
+        mask[self._position] = int(action)
+        budget = self.cfg.env.max_groups
+        if self._position + 1 >= self.k or (budget is not None and mask.sum() >= budget):
+            return mask
+        return None
+
     def render(self):
         if self.render_mode != "rgb_array":
             return None

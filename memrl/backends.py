@@ -6,6 +6,10 @@ and runs a miss on a backend:
 * ``inprocess``: in this process (fast; a crash takes the caller down).
 * ``subprocess``: a fresh worker process per evaluation (memory is returned; a segfault or OOM
   becomes a recorded failure).
+* ``ray``: each evaluation a Ray task (``ray.*``: cluster address, CPUs and fractional GPUs per
+  evaluation) in a fresh worker (``max_calls=1``), retried once if its worker dies, then recorded
+  as a failure; :meth:`Evaluator.evaluate_many` runs misses concurrently. Only the driver writes
+  the store.
 * ``replay``: tables and store only; an unknown spec raises :class:`~memrl.errors.NotInStoreError`
   unless a ``fallback`` backend is given.
 
@@ -15,6 +19,7 @@ and runs a miss on a backend:
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -24,14 +29,14 @@ from typing import Any
 
 import numpy as np
 
-from memrl.errors import MemrlError, NotInStoreError, SpecError
+from memrl.errors import ConfigError, MemrlError, NotInStoreError, SpecError
 from memrl.spec import EvalSpec, Evaluation
 from memrl.store import EvaluationStore
 from memrl.utils import package_versions
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("inprocess", "subprocess", "replay")
+BACKENDS = ("inprocess", "subprocess", "ray", "replay")
 _SPEC_ERROR_EXIT = 3
 
 
@@ -68,6 +73,49 @@ def run_subprocess(spec: EvalSpec) -> Evaluation:
         return Evaluation.from_json(out_path.read_text())
 
 
+def _ray_evaluate(spec_json: str, threads: int) -> str:
+    """The Ray task: one evaluation in a fresh worker, returned as JSON to the driver."""
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    return run_inprocess(EvalSpec.from_json(spec_json)).to_json()
+
+
+def ensure_ray(ray_cfg: Any) -> Any:
+    """``ray``, initialised: the cluster of ``ray.address`` or ``$RAY_ADDRESS``, else a local Ray."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("env.backend=ray needs Ray: pip install 'memrl[ray]'") from None
+    if not ray.is_initialized():
+        address = getattr(ray_cfg, "address", None) or os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+        log.info("Ray: %s", ray.cluster_resources())
+    return ray
+
+
+def run_ray(specs: list[EvalSpec], ray_cfg: Any) -> list[Evaluation]:
+    """Evaluate ``specs`` concurrently as Ray tasks; a task whose worker died ``max_retries + 1``
+    times is a recorded failure."""
+    ray = ensure_ray(ray_cfg)
+    task = ray.remote(max_calls=1)(_ray_evaluate).options(  # a fresh worker per evaluation
+        num_cpus=ray_cfg.num_cpus, num_gpus=ray_cfg.num_gpus, max_retries=ray_cfg.max_retries
+    )
+    refs = [task.remote(spec.to_json(), int(ray_cfg.num_cpus)) for spec in specs]
+    out = []
+    for spec, ref in zip(specs, refs):
+        try:
+            out.append(Evaluation.from_json(ray.get(ref)))
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, SpecError):
+                raise exc.cause from None
+            out.append(failure(spec, f"the evaluation raised in its Ray worker: {str(exc.cause)[:300]}"))
+        except ray.exceptions.RayError as exc:
+            tries = ray_cfg.max_retries + 1
+            out.append(failure(spec, f"its Ray worker died {tries} time(s) ({type(exc).__name__})"))
+    return out
+
+
 class Evaluator:
     """Cached evaluation of specs.
 
@@ -84,10 +132,11 @@ class Evaluator:
         backend: str = "inprocess",
         fallback: str | None = None,
         tables: list[EvaluationStore] | None = None,
+        ray: Any = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
-        self.store, self.backend, self.fallback = store, backend, fallback
+        self.store, self.backend, self.fallback, self.ray = store, backend, fallback, ray
         self.tables = list(tables or [])
         self.hits = self.misses = 0
         self._memo: dict[str, Evaluation] = {}
@@ -95,6 +144,7 @@ class Evaluator:
     def lookup(self, spec_hash: str) -> Evaluation | None:
         """A stored evaluation (tables first, then the store), or None."""
         if spec_hash in self._memo:
+            self._memo[spec_hash].cache_hit = True
             return self._memo[spec_hash]
         for source in (*self.tables, self.store):
             found = source.get(spec_hash)
@@ -105,23 +155,43 @@ class Evaluator:
         return None
 
     def evaluate(self, spec: EvalSpec) -> Evaluation:
-        found = self.lookup(spec.hash)
-        if found is not None:
-            self.hits += 1
-            return found
-        backend = self.backend
-        if backend == "replay":
-            if self.fallback is None:
-                where = ", ".join(str(s.path) for s in (*self.tables, self.store))
-                raise NotInStoreError(
-                    f"mask {''.join(map(str, spec.mask))} (spec {spec.hash}) is in none of {where}; "
-                    "evaluate it with a live backend, or set env.replay_fallback=true"
-                )
-            backend = self.fallback
-        self.misses += 1
-        result = run_subprocess(spec) if backend == "subprocess" else run_inprocess(spec)
-        self.store.put(result, spec)
-        return result
+        return self.evaluate_many([spec])[0]
+
+    def evaluate_many(self, specs: list[EvalSpec]) -> list[Evaluation]:
+        """Evaluations of ``specs``: stored ones looked up, the others run (concurrently on Ray)."""
+        found: dict[str, Evaluation] = {}
+        misses: dict[str, EvalSpec] = {}
+        for spec in specs:
+            hit = self.lookup(spec.hash)
+            if hit is not None:
+                self.hits += 1
+                found[spec.hash] = hit
+            else:
+                misses.setdefault(spec.hash, spec)
+        if misses:
+            backend = self._live_backend(next(iter(misses.values())))
+            todo = list(misses.values())
+            if backend == "ray":
+                results = run_ray(todo, self.ray)
+            else:
+                results = [run_subprocess(s) if backend == "subprocess" else run_inprocess(s) for s in todo]
+            for spec, result in zip(todo, results):
+                self.misses += 1
+                self.store.put(result, spec)
+                self._memo[spec.hash] = result
+                found[spec.hash] = result
+        return [found[s.hash] for s in specs]
+
+    def _live_backend(self, spec: EvalSpec) -> str:
+        if self.backend != "replay":
+            return self.backend
+        if self.fallback is None:
+            where = ", ".join(str(s.path) for s in (*self.tables, self.store))
+            raise NotInStoreError(
+                f"mask {''.join(map(str, spec.mask))} (spec {spec.hash}) is in none of {where}; "
+                "evaluate it with a live backend, or set env.replay_fallback=true"
+            )
+        return self.fallback
 
     def descriptor(self, key: str) -> np.ndarray | None:
         for source in (*self.tables, self.store):

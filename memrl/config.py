@@ -165,7 +165,8 @@ class EnvConfig:
     stop_action: bool = False
     """Sequential mode: add action 2, which freezes the remaining groups and ends the episode."""
     backend: str = "inprocess"
-    """``inprocess``, ``subprocess`` or ``replay``."""
+    """``inprocess``, ``subprocess``, ``ray`` (each evaluation a Ray task; see ``ray.*``) or
+    ``replay``."""
     replay_fallback: bool = False
     """Replay backend: evaluate masks missing from the store in-process instead of raising."""
     store: str | None = None
@@ -203,6 +204,21 @@ class PPOConfig:
 
 
 @dataclass
+class RayConfig:
+    """Evaluations as Ray tasks (``env.backend=ray``; ``pip install memrl[ray]``)."""
+
+    address: str | None = None
+    """The cluster to join (``ray://host:10001`` or ``auto``); None: ``$RAY_ADDRESS``, else a
+    local Ray on this machine."""
+    num_cpus: float = 1.0
+    """CPUs per evaluation (and torch threads in its worker)."""
+    num_gpus: float = 0.0
+    """GPUs per evaluation; fractional values share a GPU (0.125: 8 evaluations per GPU)."""
+    max_retries: int = 1
+    """Times an evaluation whose worker died is retried before it is recorded as a failure."""
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -214,6 +230,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -326,6 +343,14 @@ def _validate_tasks(cfg: Config) -> None:
         raise ConfigError(f"env.tasks: task names must be unique, got {names}")
 
 
+def _validate_ray(r: RayConfig) -> None:
+    if r.num_cpus <= 0 or r.num_gpus < 0 or r.max_retries < 0:
+        raise ConfigError(
+            f"ray.num_cpus={r.num_cpus} must be positive, ray.num_gpus={r.num_gpus} and "
+            f"ray.max_retries={r.max_retries} non-negative"
+        )
+
+
 def _validate(cfg: Config) -> None:
     for path, choices in _choices().items():
         section, name = path.split(".")
@@ -374,6 +399,7 @@ def _validate(cfg: Config) -> None:
     if not 0 <= cfg.model.cond_dropout < 1 or not 0 <= cfg.sample.canary_fraction <= 1:
         raise ConfigError("model.cond_dropout must be in [0, 1) and sample.canary_fraction in [0, 1]")
     _validate_tasks(cfg)
+    _validate_ray(cfg.ray)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

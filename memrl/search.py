@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--method", choices=METHODS, required=True)
     parser.add_argument("--budget", type=int, default=16, help="number of evaluations")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="evaluations at once (concurrent with env.backend=ray)"
+    )
     add_config_args(parser)
     parser.add_argument("--task", default="0", help="index or name of a task in env.tasks")
     parser.add_argument("--out", type=Path, default=Path("runs/search"), help="results folder")
@@ -52,7 +55,7 @@ def _search(args: argparse.Namespace, run_search, write_report) -> int:
     if cfg.env.store is None:
         cfg.env.store = str((args.out / "evaluations.sqlite").resolve())
     dump_config(cfg, args.out / "config.yaml")
-    rows = run_search(cfg, args.method, args.budget, cfg.seed, task)
+    rows = run_search(cfg, args.method, args.budget, cfg.seed, task, args.workers)
     if not any(r["ok"] for r in rows):
         raise MemrlError(
             f"every one of the {len(rows)} evaluations failed (first: {rows[0]['metrics'] or 'see the log'})"

@@ -30,6 +30,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -148,9 +149,12 @@ def build(
     noise_tasks: list[str],
     limit: int | None = None,
     seed_from: Path | None = None,
+    backend: str = "pool",
 ) -> int:
     """Evaluate every missing row into the working store (after importing ``seed_from``, a
-    table built earlier). Returns how many were evaluated."""
+    table built earlier): ``workers`` single-threaded local processes (``pool``), or Ray tasks
+    (``ray``: ``workers`` at a time, on the cluster of ``ray.address``). Returns how many were
+    evaluated."""
     from tqdm.auto import tqdm
 
     from memrl.spec import Evaluation
@@ -177,14 +181,24 @@ def build(
         Task(e.cfg, evaluator, e.name, e.heldout).descriptor()
     if not todo:
         return 0
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the spawned workers
     start, done = time.time(), 0
-    pool = mp.get_context("spawn").Pool(
-        workers, initializer=_init_worker, initargs=(threads,), maxtasksperchild=64
-    )
-    try:
+    by_hash = {j.spec.hash: j for j in todo}
+    if backend == "ray":
+        from memrl.backends import Evaluator
+
+        ray_evaluator = Evaluator(store, "ray", ray=cfg.ray)
+        chunks = [todo[i : i + workers] for i in range(0, len(todo), workers)]
+        results: Any = (
+            ev.to_json() for chunk in chunks for ev in ray_evaluator.evaluate_many([j.spec for j in chunk])
+        )
+        pool = None
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the spawned workers
+        pool = mp.get_context("spawn").Pool(
+            workers, initializer=_init_worker, initargs=(threads,), maxtasksperchild=64
+        )
         results = pool.imap_unordered(_work, [j.spec.to_json() for j in todo])
-        by_hash = {j.spec.hash: j for j in todo}
+    try:
         with tqdm(total=len(todo), desc="tables", unit="eval", smoothing=0.05) as bar:
             for text in results:
                 ev = Evaluation.from_json(text)
@@ -204,8 +218,9 @@ def build(
                     left,
                 )
     finally:
-        pool.terminate()
-        pool.join()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
     return done
 
 
@@ -284,7 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=None, help="export: the table file (default: the shipped one)"
     )
-    parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--workers", type=int, default=2, help="evaluations at once (default 2)")
+    parser.add_argument(
+        "--backend",
+        choices=("pool", "ray"),
+        default="pool",
+        help="pool: single-threaded local processes; ray: Ray tasks (ray.* settings, e.g. a cluster)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument(
         "--noise-tasks", nargs="*", default=["digits", "faces"], help="tasks of the noise sample"
@@ -304,7 +325,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         if args.command == "build":
             shipped = shipped_dir() / f"{name}.sqlite"
-            n = build(cfg, store_path, args.workers, args.threads, args.noise_tasks, args.limit, shipped)
+            n = build(
+                cfg,
+                store_path,
+                args.workers,
+                args.threads,
+                args.noise_tasks,
+                args.limit,
+                shipped,
+                args.backend,
+            )
             print(f"evaluated {n}; working store {store_path}")
         elif args.command == "status":
             print(status(cfg, store_path, args.noise_tasks))

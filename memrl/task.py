@@ -275,6 +275,16 @@ class Task:
         """The evaluation of ``mask`` (from a table or store, or run now)."""
         return self.evaluator.evaluate(self.context.spec(mask))
 
+    def specs_with_references(self, masks: list[Any]) -> list[EvalSpec]:
+        """The specs of the references and of ``masks``: what scoring them needs evaluated."""
+        k = self.space.k
+        return [self.context.spec(m) for m in (np.zeros(k, np.int8), np.ones(k, np.int8), *masks)]
+
+    def prefetch(self, masks: list[Any]) -> None:
+        """Evaluate ``masks`` and the references at once (concurrently on the Ray backend), so
+        that scoring them afterwards only reads stored evaluations."""
+        self.evaluator.evaluate_many(self.specs_with_references(masks))
+
     def references(self) -> References:
         """No fine-tune (mask of zeros) and every group (mask of ones); raises RuntimeError naming
         the failed one."""
@@ -378,4 +388,4 @@ def make_evaluator(cfg: Config) -> Any:
     e = cfg.env
     tables = [EvaluationStore(table_path(e.table), readonly=True)] if e.table else []
     fallback = "inprocess" if e.backend == "replay" and e.replay_fallback else None
-    return Evaluator(EvaluationStore(e.store), e.backend, fallback=fallback, tables=tables)
+    return Evaluator(EvaluationStore(e.store), e.backend, fallback=fallback, tables=tables, ray=cfg.ray)

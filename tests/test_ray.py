@@ -1,0 +1,107 @@
+"""Evaluations on Ray: a local Ray on this machine stands in for a cluster."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from memrl.backends import Evaluator  # noqa: E402
+from memrl.config import load_config  # noqa: E402
+from memrl.store import EvaluationStore  # noqa: E402
+from memrl.task import TaskContext  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _ray_evaluation_pids() -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if b"ray::_ray_evaluate" in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_random_search_with_two_workers_runs_on_ray_and_matches_in_process(tmp_path):
+    from memrl.agents.baselines import run_search
+
+    cfg = load_config("test", {"env.backend": "ray", "env.store": str(tmp_path / "ray.sqlite")})
+    rows = run_search(cfg, "random", 2, workers=2)
+    assert len(rows) == 2 and all(r["ok"] for r in rows)
+    evaluated = {(0, 0, 0, 0), (1, 1, 1, 1)} | {tuple(r["mask"]) for r in rows}  # and the references
+    assert len(EvaluationStore(tmp_path / "ray.sqlite")) == len(evaluated)
+    local = Evaluator(EvaluationStore(tmp_path / "local.sqlite")).evaluate(
+        TaskContext.get(load_config("test")).spec(rows[0]["mask"])
+    )
+    assert local.metrics["heldout_loss"] == pytest.approx(rows[0]["metrics"]["heldout_loss"], rel=1e-4)
+
+
+def test_ppo_collects_from_envs_whose_evaluations_run_concurrently_on_ray(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "memrl.train_agent",
+            "--config",
+            "test",
+            "--run-dir",
+            str(out),
+            "--no-report",
+            "--set",
+            "env.backend=ray",
+            "ppo.n_envs=2",
+            "ppo.n_steps=1",
+            "ppo.batch_size=2",
+            "ppo.total_timesteps=4",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    episodes = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
+    assert len(episodes) == 4 and all(e["ok"] for e in episodes)  # two updates of two envs
+
+
+def test_a_killed_worker_is_retried_once_then_recorded_and_the_run_goes_on(tmp_path):
+    cfg = load_config("test", {"env.backend": "ray", "finetune.steps": 3000})
+    evaluator = Evaluator(EvaluationStore(tmp_path / "s.sqlite"), "ray", ray=cfg.ray)
+    spec = TaskContext.get(cfg).spec([1, 1, 1, 1])
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("ev", evaluator.evaluate(spec)))
+    thread.start()
+    kills, deadline = 0, time.time() + 180
+    while kills < 2 and time.time() < deadline and thread.is_alive():
+        pids = _ray_evaluation_pids()
+        if pids:
+            time.sleep(1.0)  # let it start fine-tuning
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            kills += 1
+            while set(_ray_evaluation_pids()) & set(pids):
+                time.sleep(0.1)
+        time.sleep(0.2)
+    thread.join(timeout=180)
+    assert kills == 2
+    ev = result["ev"]
+    assert not ev.ok and "died 2 time(s)" in ev.error
+    assert EvaluationStore(tmp_path / "s.sqlite").get(spec.hash).ok is False  # recorded
+    quick = TaskContext.get(load_config("test", {"env.backend": "ray"})).spec([1, 0, 0, 0])
+    assert evaluator.evaluate(quick).ok  # and the run goes on
