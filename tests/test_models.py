@@ -47,7 +47,9 @@ def test_the_default_uses_the_shipped_base_model_without_pretraining(monkeypatch
     model = get_base_model(cfg, load_splits(cfg.data))
     provenance = json.loads((shipped_folder() / "provenance.json").read_text())
     assert model.fingerprint() == provenance["weights_fingerprint"]
-    assert provenance["pretrain_steps"] == cfg.model.pretrain_steps and provenance["seconds"] > 0
+    assert provenance["pretrain_steps"] == cfg.model.pretrain_steps and isinstance(
+        provenance["seconds"], float
+    )
     assert not (tmp_path / "models").exists()
 
 
