@@ -92,16 +92,23 @@ def read_card(card_file: Path) -> dict[str, Any]:
     return card
 
 
+def shipped_policy() -> Path:
+    """The policy that ships with memrl (trained on the MemControl-Bench training tasks)."""
+    from importlib import resources
+
+    return Path(str(resources.files("memrl") / "assets" / "policy" / "policy.zip"))
+
+
 def card_path(policy_path: str | Path) -> Path:
     policy_path = Path(policy_path)
     return policy_path.with_name(policy_path.stem + CARD_SUFFIX)
 
 
-def write_card(
-    policy_path: Path, space: Any, cfg: Config, observation_dim: int, extra: dict[str, Any] | None = None
-) -> Path:
-    """Write the policy card for a policy trained on ``cfg``'s tasks in search space ``space``."""
-    card = {
+def make_card(
+    space: Any, cfg: Config, observation_dim: int, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The card of a policy trained on ``cfg``'s tasks in search space ``space``."""
+    return {
         "format": 1,
         "search_space": {
             "signature": space.signature,
@@ -122,8 +129,14 @@ def write_card(
         "versions": package_versions(),
         **(extra or {}),
     }
+
+
+def write_card(
+    policy_path: Path, space: Any, cfg: Config, observation_dim: int, extra: dict[str, Any] | None = None
+) -> Path:
+    """Write the card beside ``policy_path`` (see :func:`make_card`)."""
     path = card_path(policy_path)
-    atomic_write_text(path, json.dumps(card, indent=2))
+    atomic_write_text(path, json.dumps(make_card(space, cfg, observation_dim, extra), indent=2))
     return path
 
 
@@ -134,6 +147,14 @@ class Policy:
     card: dict[str, Any]
     network: Any
     config: Config
+
+    @classmethod
+    def of_model(cls, model: Any, cfg: Config) -> Policy:
+        """The policy of an SB3 model just trained on ``cfg`` (nothing is written)."""
+        from memrl.task import architecture_space
+
+        card = make_card(architecture_space(cfg), cfg, model.observation_space.shape[0])
+        return cls(card=card, network=model.policy, config=cfg)
 
     @property
     def k(self) -> int:

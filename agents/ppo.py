@@ -55,8 +55,8 @@ def make_env(cfg: Config, n_envs: int = 1, seed: int = 0):
     return make_vec_env("MemControl-v0", n_envs=n_envs, seed=seed, env_kwargs=kwargs, vec_env_cls=vec_cls)
 
 
-def build_ppo(cfg: Config, env, run_dir: Path) -> PPO:
-    """PPO sized for expensive steps: every env step is a fine-tune, so rollouts are short."""
+def build_ppo(cfg: Config, env, run_dir: Path | None = None) -> PPO:
+    """PPO with ``cfg.ppo``'s settings and ``cfg.seed``; TensorBoard logs under ``run_dir/tb``."""
     p = cfg.ppo
     return PPO(
         "MlpPolicy",
@@ -68,7 +68,7 @@ def build_ppo(cfg: Config, env, run_dir: Path) -> PPO:
         gamma=p.gamma,
         ent_coef=p.ent_coef,
         policy_kwargs={"net_arch": list(p.net_arch)},
-        tensorboard_log=str(run_dir / "tb"),
+        tensorboard_log=str(run_dir / "tb") if run_dir is not None else None,
         seed=cfg.seed,
         device="cpu",
         verbose=0,

@@ -1,5 +1,6 @@
 """Reuse a trained policy on a new dataset: no new search.
 
+    python -m memrl.apply_policy --data my_images/ --memorization-weight 0.7   # the shipped policy
     python -m memrl.apply_policy --policy runs/RUN/policy.zip --data my_images/ --out results/
     python -m memrl.apply_policy --policy runs/RUN --data set.npz --candidates 4 --budget 4
 
@@ -50,7 +51,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
-    parser.add_argument("--policy", type=Path, required=True, help="policy.zip or the run directory")
+    parser.add_argument(
+        "--policy",
+        type=Path,
+        default=None,
+        help="policy.zip or the run directory (default: the policy shipped with memrl, trained on the "
+        "MemControl-Bench training tasks)",
+    )
     parser.add_argument(
         "--data", required=True, help="a folder of images (+ captions.csv), an .npz, or a bundled name"
     )
@@ -143,6 +150,9 @@ def preference_sweep(policy: Any, task: Any, points: int, out: Path) -> list[dic
             }
         )
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    stored = stored_terms(task)
+    if len(stored):
+        ax.scatter(stored[:, 0], stored[:, 1], c="0.8", s=12, label="every stored mask of the task")
     ax.scatter(
         [0, 1], [1, 0], marker="s", facecolors="none", edgecolors="k", s=70, label="no fine-tune / all groups"
     )
@@ -164,6 +174,22 @@ def preference_sweep(policy: Any, task: Any, points: int, out: Path) -> list[dic
     save_figure(fig, out / "preferences.png")
     plt.close(fig)
     return rows
+
+
+def stored_terms(task: Any) -> np.ndarray:
+    """(N, 2) memorization and quality terms of every stored evaluation of ``task`` (its store and
+    tables; nothing is evaluated)."""
+    from memrl.report import task_rows
+    from memrl.reward import Reward
+
+    ev = task.evaluator
+    rows, _ = task_rows(task.cfg, [ev.store, *ev.tables])
+    try:
+        reward = Reward(task.cfg.reward, task.references())
+    except RuntimeError:
+        return np.zeros((0, 2))
+    terms = [reward.terms(r) for r in rows]
+    return np.array([[t["memorization_term"], t["quality_term"]] for t in terms]).reshape(-1, 2)
 
 
 def sweep_section(rows: list[dict[str, Any]]) -> str:
@@ -208,11 +234,13 @@ def deliver(cfg: Config, mask: np.ndarray, out: Path | None, store: Any) -> Any:
 
 
 def apply(args: argparse.Namespace) -> Path:
-    from memrl.agents.policy import load_policy
+    from memrl.agents.policy import load_policy, shipped_policy
     from memrl.data import fit_sizes, usable_count
     from memrl.store import EvaluationStore
-    from memrl.task import Task, TaskContext, architecture_space, make_evaluator
+    from memrl.task import Task, TaskContext, architecture_space, full_unet, make_evaluator
 
+    if args.policy is None:
+        args.policy = shipped_policy()
     policy = load_policy(args.policy)
     overrides: dict[str, Any] = {
         "data.source": args.data,
@@ -238,7 +266,7 @@ def apply(args: argparse.Namespace) -> Path:
     store = EvaluationStore(cfg.env.store)
     chosen = deliver(final_cfg, mask, args.out / "model", store)
     # The comparison is true full fine-tuning: every group at block granularity = every parameter.
-    whole = load_config(final_cfg, {"search.granularity": "block", "search.method": "full"})
+    whole = full_unet(final_cfg)
     full = deliver(whole, np.ones(architecture_space(whole).k, dtype=np.int8), None, store)
     keys = (*REPORT_METRICS, "trainable_fraction")
     result = {

@@ -15,12 +15,20 @@ regret is read off the table, normalised per task and preference (0 = the task's
   trained on the same training rows, taking its argmax (as zero-shot HPO work does);
 * ``random-N`` / ``tpe-N``: random search and Optuna TPE on the test task with N fine-tunes.
 
-    python -m memrl.benchmark transfer --seeds 10 --timesteps 20000
+    python -m memrl.benchmark transfer --seeds 10 --episodes 20000
+    python -m memrl.benchmark modes --seeds 10
+    python -m memrl.benchmark claims
+    python -m memrl.benchmark ship                  # trains the shipped policy (memrl/assets/policy)
     python -m memrl.benchmark search --seeds 10 --budget 64
 
 ``transfer`` writes ``transfer.csv`` (one row per method, task, preference, seed), ``transfer.md``
 (interquartile mean regret with 95% bootstrap intervals, and the share of the gap between the
 single best mask and the per-task optimum that each method closes) and ``transfer.png``.
+``modes`` compares mask mode with sequential mode (one group per step): the zero-shot regret of
+each one's first proposal after the same numbers of training episodes (``modes.*``).
+``claims`` checks the MemControl paper's findings at small scale (``claims.*``): full fine-tuning
+memorizes more than the attention presets; memorization grows with duplication; searched masks
+against the presets on the Pareto front.
 ``search`` is the other question: searching one task from scratch, best-so-far regret against
 the number of distinct fine-tunes (1..64) for PPO, random search, TPE, NSGA-II and GP
 (``search.csv``, ``search.md``, ``search.png``).
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import itertools
 import logging
 import sys
@@ -161,18 +170,28 @@ def optuna_search(
     return list(dict.fromkeys(tried))[:budget]
 
 
+SEARCH_PPO = {
+    "ppo.n_steps": 8,
+    "ppo.batch_size": 8,
+    "ppo.n_epochs": 10,
+    "ppo.learning_rate": 3e-3,
+    "ppo.ent_coef": 0.01,
+}
+"""PPO searching one task from scratch: short rollouts, many epochs (every sample is a fine-tune)."""
+
+
 def ppo_search(cfg: Config, task: str, w: float, seed: int, budget: int, max_steps: int = 4000) -> list[int]:
     """Distinct masks PPO proposes while learning from scratch on one task (replay), in order, until
     ``budget`` distinct ones (= fine-tunes; a repeated mask is a stored evaluation) or ``max_steps``."""
-    import torch
-    from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
 
+    from memrl.agents.ppo import build_ppo
     from memrl.envs.memcontrol import MemControlEnv
 
     one = load_config(
         cfg,
         {
+            **SEARCH_PPO,
             "env.tasks": [t for t in cfg.env.tasks if t.get("name") == task],
             "env.preferences": "fixed",
             "reward.memorization_weight": w,
@@ -185,27 +204,19 @@ def ppo_search(cfg: Config, task: str, w: float, seed: int, budget: int, max_ste
     class Record(BaseCallback):
         def _on_step(self) -> bool:
             for info in self.locals["infos"]:
-                index = int("".join(map(str, info["mask"])), 2)
-                if index not in seen:
-                    seen.append(index)
+                if "mask" in info:
+                    index = mask_index(info["mask"])
+                    if index not in seen:
+                        seen.append(index)
             return len(seen) < budget
 
-    torch.manual_seed(seed)
-    model = PPO(
-        "MlpPolicy",
-        MemControlEnv(one),
-        n_steps=8,
-        batch_size=8,
-        n_epochs=10,
-        learning_rate=3e-3,
-        ent_coef=0.01,
-        seed=seed,
-        device="cpu",
-        verbose=0,
-        policy_kwargs={"net_arch": [32, 32]},
-    )
-    model.learn(max_steps, callback=Record())
+    build_ppo(one, MemControlEnv(one)).learn(max_steps, callback=Record())
     return seen[:budget]
+
+
+def mask_index(mask: Any) -> int:
+    """A mask's row in :attr:`BenchTable.masks` (binary counting order)."""
+    return int("".join(str(int(v)) for v in mask), 2)
 
 
 def search_curves(cfg: Config, seeds: int, budget: int = 64, ppo_steps: int = 4000) -> list[dict[str, Any]]:
@@ -263,12 +274,24 @@ def regression(table: BenchTable, train: list[int], test: int, w: float, seed: i
     return int(np.argmax(predicted))
 
 
-def train_policy(cfg: Config, tasks: list[str], seed: int, timesteps: int, zero_descriptor: bool) -> Any:
-    """PPO trained by replay on ``tasks`` with uniformly drawn preferences; returns its network."""
-    import gymnasium as gym
-    import torch
-    from stable_baselines3 import PPO
+def train_policies(
+    cfg: Config,
+    tasks: list[str],
+    seed: int,
+    episodes: list[int],
+    zero_descriptor: bool = False,
+    mode: str = "mask",
+) -> list[Any]:
+    """PPO trained by replay on ``tasks`` with uniformly drawn preferences: a
+    :class:`~memrl.agents.policy.Policy` snapshot after each count of ``episodes`` (= masks
+    evaluated; a sequential episode is several steps). ``zero_descriptor`` hides the descriptor."""
+    import copy
 
+    import gymnasium as gym
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    from memrl.agents.policy import Policy
+    from memrl.agents.ppo import build_ppo
     from memrl.envs.memcontrol import MemControlEnv
 
     train_cfg = load_config(
@@ -276,31 +299,29 @@ def train_policy(cfg: Config, tasks: list[str], seed: int, timesteps: int, zero_
         {
             "env.tasks": [t for t in cfg.env.tasks if t.get("name") in tasks],
             "env.preferences": "uniform",
-            "env.mode": "mask",
+            "env.mode": mode,
             "seed": seed,
         },
     )
     env: Any = MemControlEnv(train_cfg)
     if zero_descriptor:
         env = gym.wrappers.TransformObservation(env, _zero_descriptor, env.observation_space)
-    p = train_cfg.ppo
-    torch.manual_seed(seed)
-    model = PPO(
-        "MlpPolicy",
-        env,
-        n_steps=p.n_steps,
-        batch_size=p.batch_size,
-        n_epochs=p.n_epochs,
-        learning_rate=p.learning_rate,
-        gamma=p.gamma,
-        ent_coef=p.ent_coef,
-        seed=seed,
-        policy_kwargs={"net_arch": list(p.net_arch)},
-        device="cpu",
-        verbose=0,
-    )
-    model.learn(timesteps)
-    return model.policy
+
+    class Episodes(BaseCallback):
+        target, done = 0, 0
+
+        def _on_step(self) -> bool:
+            self.done += int(sum(self.locals["dones"]))
+            return self.done < self.target
+
+    model, counter, out = build_ppo(train_cfg, env), Episodes(), []
+    steps_per_episode = 1 if mode == "mask" else env.unwrapped.k + 1
+    for target in sorted(episodes):
+        counter.target = target
+        model.learn(steps_per_episode * (target - counter.done), callback=counter, reset_num_timesteps=False)
+        snapshot = Policy.of_model(model, train_cfg)
+        out.append(dataclasses.replace(snapshot, network=copy.deepcopy(model.policy)))
+    return out
 
 
 def _zero_descriptor(obs: np.ndarray) -> np.ndarray:
@@ -312,17 +333,215 @@ def _zero_descriptor(obs: np.ndarray) -> np.ndarray:
     return out
 
 
-def policy_masks(network: Any, table: BenchTable, test: int, w: float, n: int, zero: bool) -> list[int]:
-    """The ``n`` most probable masks of a mask-mode policy network, as table indices."""
-    import torch
-
+def policy_masks(
+    policy: Any, table: BenchTable, test: int, w: float, n: int, zero: bool = False
+) -> list[int]:
+    """The ``n`` most probable masks of ``policy`` for the test task (one for a sequential
+    policy), as table indices."""
     descriptor = np.zeros_like(table.descriptors[test]) if zero else table.descriptors[test]
-    obs = np.concatenate([descriptor, table.preference(w)]).astype(np.float32)
-    with torch.no_grad():
-        probs = network.get_distribution(torch.as_tensor(obs[None])).distribution.probs[0].numpy()
-    p = np.clip(probs, 1e-6, 1 - 1e-6)
-    logp = table.masks @ np.log(p) + (1 - table.masks) @ np.log(1 - p)
-    return [int(i) for i in np.argsort(-logp)[:n]]
+    return [mask_index(m) for m in policy.candidates(descriptor, n, table.preference(w))]
+
+
+# -- the shipped policy ---------------------------------------------------------------------------
+def ship(cfg: Config, out: Path, results: Path) -> Path:
+    """Train the policy that ships with memrl: PPO by replay on every training task of the suite
+    whose table is complete, with uniformly drawn preferences; write ``policy.zip`` and its card
+    to ``out``. The card carries the transfer benchmark's numbers from ``results/transfer.csv``
+    (the same recipe, judged leave-one-task-out and on the held-out tasks) when present."""
+    import json
+    import shutil
+    import tempfile
+
+    from memrl.agents.policy import card_path, read_card
+    from memrl.train_agent import train
+    from memrl.utils import atomic_path, atomic_write_text
+
+    table = load_table(cfg)
+    complete = {n for t, n in enumerate(table.names) if np.isfinite(table.terms[t, :, 0]).all()}
+    tasks = [t for t in cfg.env.tasks if t.get("heldout") or t.get("name") in complete]
+    left_out = [t["name"] for t in cfg.env.tasks if t not in tasks]
+    if not any(not t.get("heldout") for t in tasks):
+        raise MemrlError("no training task has a complete table yet: python -m memrl.tables build")
+    if left_out:
+        log.warning("training without %s: their tables are incomplete", ", ".join(left_out))
+    ship_cfg = load_config(cfg, {"env.tasks": tasks, "env.preferences": "uniform", "env.store": None})
+    with tempfile.TemporaryDirectory() as tmp:
+        policy = train(ship_cfg, Path(tmp) / "run", report=False)
+        card = read_card(card_path(policy))
+        card["config"] = ship_cfg.to_dict()
+        card["config_hash"] = ship_cfg.hash()
+        card["tasks_left_out"] = left_out
+        if (results / "transfer.csv").is_file():
+            card["benchmark"] = transfer_numbers(results / "transfer.csv")
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "policy.zip") as dest:
+            shutil.copyfile(policy, dest)
+        atomic_write_text(card_path(out / "policy.zip"), json.dumps(card, indent=2))
+    return out / "policy.zip"
+
+
+def transfer_numbers(path: Path) -> dict[str, Any]:
+    """Per method: IQM regret leave-one-task-out and on the held-out tasks, from ``transfer.csv``."""
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    out: dict[str, Any] = {"source": str(path), "seeds": len({r["seed"] for r in rows})}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        out[method] = {
+            split: round(
+                iqm(
+                    np.array(
+                        [float(r["regret"]) for r in rows if r["method"] == method and r["heldout"] == flag]
+                    )
+                ),
+                4,
+            )
+            for split, flag in (("loto_iqm_regret", "False"), ("heldout_iqm_regret", "True"))
+            if any(r["method"] == method and r["heldout"] == flag for r in rows)
+        }
+    return out
+
+
+# -- the MemControl paper's claims at small scale -------------------------------------------------
+CLAIM_METRICS = ("near_copy_fraction", "canary_copy_fraction")
+
+
+def presets(names: list[str]) -> dict[str, np.ndarray]:
+    """The hand-picked masks: attention of the down blocks, the mid block, the up blocks, and all
+    attention (the mask of ones)."""
+    out = {}
+    for family in ("down_blocks", "mid_block", "up_blocks"):
+        mask = np.array([int(n.split(".")[0] == family) for n in names], dtype=np.int8)
+        if 0 < mask.sum() < len(names):
+            out[f"{family.replace('_', '-')} attention"] = mask
+    out["all attention"] = np.ones(len(names), dtype=np.int8)
+    return out
+
+
+def claims(cfg: Config, path: Path) -> tuple[list[dict[str, Any]], str]:
+    """Per complete task: memorization and quality of no fine-tune, full fine-tuning of every UNet
+    parameter, the presets and the searched masks; which of them lie on the Pareto front
+    (memorization metric and quality metric, both minimised). Writes the planes to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from memrl.report import save_figure
+    from memrl.reward import pareto_front
+    from memrl.task import Task, TaskContext, full_unet, make_evaluator, suite
+
+    table = load_table(cfg)
+    evaluator = make_evaluator(cfg)
+    mem, qual = cfg.reward.memorization, cfg.reward.quality
+    rows: list[dict[str, Any]] = []
+    planes = []
+    for t, entry in enumerate(suite(cfg)):
+        if not np.isfinite(table.terms[t, :, 0]).all():
+            continue
+        task = Task(entry.cfg, evaluator, entry.name, entry.heldout)
+        whole = TaskContext.get(full_unet(entry.cfg))
+        full = evaluator.lookup(whole.spec((1,) * whole.space.k).hash)
+        found = [evaluator.lookup(task.context.spec(m).hash) for m in table.masks]
+        points = np.array([[ev.metrics[mem], ev.metrics[qual]] for ev in found])
+        named = {"no fine-tune": 0, **{n: mask_index(m) for n, m in presets(task.space.names).items()}}
+        best = int(np.nanargmin(table.regret(0.5)[t]))
+        named["searched (best at w=0.5)"] = best
+        front = pareto_front(points)
+        d = entry.cfg.data
+        for label, index in named.items():
+            rows.append(
+                {
+                    "task": entry.name,
+                    "private_size": d.private_size,
+                    "duplication": d.duplication,
+                    "canaries": d.canaries,
+                    "mask_kind": label,
+                    "mask": "".join(map(str, table.masks[index])),
+                    mem: float(points[index, 0]),
+                    qual: float(points[index, 1]),
+                    **{k: found[index].metrics.get(k) for k in CLAIM_METRICS},
+                    "on_pareto_front": bool(front[index]),
+                }
+            )
+        if full is not None and full.ok:
+            dominated = bool((np.all(points <= [full.metrics[mem], full.metrics[qual]], axis=1)).any())
+            rows.append(
+                {
+                    "task": entry.name,
+                    "private_size": d.private_size,
+                    "duplication": d.duplication,
+                    "canaries": d.canaries,
+                    "mask_kind": "full fine-tune (every parameter)",
+                    "mask": "1" * whole.space.k,
+                    mem: full.metrics[mem],
+                    qual: full.metrics[qual],
+                    **{k: full.metrics.get(k) for k in CLAIM_METRICS},
+                    "on_pareto_front": not dominated,
+                }
+            )
+        planes.append((entry.name, points, front, named, full))
+    if not planes:
+        raise MemrlError("no task of the suite has a complete table yet: python -m memrl.tables build")
+    cols = min(4, len(planes))
+    fig, axes = plt.subplots(
+        -(-len(planes) // cols), cols, figsize=(3.6 * cols, 3.2 * -(-len(planes) // cols)), squeeze=False
+    )
+    for ax, (name, points, front, named, full) in zip(axes.flat, planes):
+        ax.scatter(points[:, 0], points[:, 1], s=8, c="0.75", label="every mask")
+        order = np.argsort(points[front, 0])
+        ax.plot(points[front][order, 0], points[front][order, 1], "r--", lw=1, label="Pareto front")
+        for (label, index), marker in zip(named.items(), "sv^<>*D"):
+            ax.scatter(*points[index], marker=marker, s=45, label=label)
+        if full is not None and full.ok:
+            ax.scatter(full.metrics[mem], full.metrics[qual], marker="X", s=60, c="k", label="full fine-tune")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(mem, fontsize=8)
+        ax.set_ylabel(qual, fontsize=8)
+    for ax in list(axes.flat)[len(planes) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    save_figure(fig, path)
+    plt.close(fig)
+    return rows, claims_text(rows, mem, qual)
+
+
+def claims_text(rows: list[dict[str, Any]], mem: str, qual: str) -> str:
+    """Markdown: the per-task table and the three claims checked on it."""
+    lines = [
+        f"| task | private / dup / canaries | mask | {mem} | {qual} | near copies | canary copies "
+        "| on front |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['task']} | {r['private_size']} / {r['duplication']} / {r['canaries']} | {r['mask_kind']} "
+            f"`{r['mask']}` | {r[mem]:.4f} | {r[qual]:.4f} | {r['near_copy_fraction']:.3f} | "
+            f"{r['canary_copy_fraction']:.3f} | {'yes' if r['on_pareto_front'] else ''} |"
+        )
+    by_task: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        by_task.setdefault(r["task"], {})[r["mask_kind"]] = r
+    full = [t for t in by_task.values() if "full fine-tune (every parameter)" in t]
+    more = sum(t["full fine-tune (every parameter)"][mem] > t["all attention"][mem] for t in full)
+    searched = sum(t["searched (best at w=0.5)"]["on_pareto_front"] for t in by_task.values())
+    preset_front = sum(r["on_pareto_front"] for r in rows if r["mask_kind"].endswith("attention"))
+    n_presets = sum(r["mask_kind"].endswith("attention") for r in rows)
+    dup = sorted(
+        (t["all attention"]["duplication"], t["all attention"][mem], name)
+        for name, t in by_task.items()
+        if name.startswith("digits")
+    )
+    lines += [
+        "",
+        f"- Full fine-tuning memorizes more ({mem}) than fine-tuning all attention in {more} of "
+        f"{len(full)} tasks.",
+        f"- The searched mask (best at w=0.5) is on the Pareto front in {searched} of {len(by_task)} "
+        f"tasks; the presets in {preset_front} of {n_presets} cases.",
+        "- Memorization against duplication (digits tasks, all attention): "
+        + ", ".join(f"{name} (x{d}) {v:.4f}" for d, v, name in dup)
+        + " (sizes and canaries differ too).",
+    ]
+    return "\n".join(lines)
 
 
 # -- the benchmark --------------------------------------------------------------------------------
@@ -332,11 +551,9 @@ def best_regret(regret: np.ndarray, tried: list[int]) -> float:
     return float(values.min()) if len(values) else float("nan")
 
 
-def transfer(
-    cfg: Config, seeds: int, timesteps: int, budgets: tuple[int, ...] = BUDGETS
-) -> list[dict[str, Any]]:
-    """Regret of every method on every test task, preference and seed (one row each)."""
-    table = load_table(cfg)
+def folds(table: BenchTable) -> list[tuple[int, list[int]]]:
+    """(test task, training tasks): leave-one-task-out over the complete training tasks, then each
+    complete held-out task against all of them."""
     complete = [t for t in range(len(table.names)) if np.isfinite(table.terms[t, :, 0]).all()]
     if len(complete) < 2:
         raise MemrlError(
@@ -344,15 +561,48 @@ def transfer(
             "benchmark needs two or more: continue them with python -m memrl.tables build"
         )
     training = [t for t in complete if not table.heldout[t]]
-    folds = [(t, [u for u in training if u != t]) for t in training]
-    folds += [(t, training) for t in complete if table.heldout[t]]
+    out = [(t, [u for u in training if u != t]) for t in training]
+    out += [(t, training) for t in complete if table.heldout[t]]
+    return [(test, train) for test, train in out if train]
+
+
+def modes(cfg: Config, seeds: int, episodes: tuple[int, ...] = (250, 1000, 4000)) -> list[dict[str, Any]]:
+    """Mask mode against sequential mode: zero-shot regret of each one's first proposal on every
+    fold, after the same numbers of training episodes (= masks evaluated)."""
+    table = load_table(cfg)
+    rows: list[dict[str, Any]] = []
+    for seed, (test, train) in itertools.product(range(seeds), folds(table)):
+        names = [table.names[u] for u in train]
+        for mode in ("mask", "sequential"):
+            policies = train_policies(cfg, names, seed, list(episodes), mode=mode)
+            for n, policy in zip(sorted(episodes), policies):
+                for w in PREFERENCES:
+                    masks = policy_masks(policy, table, test, w, 1)
+                    rows.append(
+                        {
+                            "method": f"ppo-{mode}",
+                            "task": table.names[test],
+                            "heldout": bool(table.heldout[test]),
+                            "memorization_weight": w,
+                            "seed": seed,
+                            "episodes": n,
+                            "regret": best_regret(table.regret(w)[test], masks),
+                        }
+                    )
+        log.info("modes: seed %d, test task %s done", seed, table.names[test])
+    return rows
+
+
+def transfer(
+    cfg: Config, seeds: int, episodes: int, budgets: tuple[int, ...] = BUDGETS
+) -> list[dict[str, Any]]:
+    """Regret of every method on every test task, preference and seed (one row each)."""
+    table = load_table(cfg)
     rows: list[dict[str, Any]] = []
     for seed in range(seeds):
-        for test, train in folds:
-            if not train:
-                continue
+        for test, train in folds(table):
             names = [table.names[u] for u in train]
-            nets = {zero: train_policy(cfg, names, seed, timesteps, zero) for zero in (False, True)}
+            nets = {zero: train_policies(cfg, names, seed, [episodes], zero)[0] for zero in (False, True)}
             for w in PREFERENCES:
                 regret = table.regret(w)[test]
                 rng = np.random.default_rng(seed)
@@ -454,9 +704,11 @@ def plot_transfer(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_curves(rows: list[dict[str, Any]], path: Path) -> str:
-    """Best-so-far regret (IQM over tasks, preferences, seeds) against distinct fine-tunes; returns
-    the Markdown table at 1, 2, 4, ..., the budget."""
+def plot_curves(
+    rows: list[dict[str, Any]], path: Path, x: str = "fine_tunes", xlabel: str = "distinct fine-tunes"
+) -> str:
+    """Regret (IQM over tasks, preferences, seeds) of each method against ``x``; returns the
+    Markdown table at powers of two (or at every value of ``x`` when there are few)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -465,20 +717,18 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> str:
     from memrl.report import save_figure
 
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    budget = max(r["fine_tunes"] for r in rows)
-    marks = [n for n in (1, 2, 4, 8, 16, 32, 64, 128) if n <= budget]
+    xs = sorted({r[x] for r in rows})
+    marks = xs if len(xs) <= 8 else [n for n in xs if n & (n - 1) == 0]
     fig, ax = plt.subplots(figsize=(6, 4))
-    lines = ["| method | " + " | ".join(f"n={n}" for n in marks) + " |", "|---|" + "---|" * len(marks)]
+    header = f"| method / {xlabel} | " + " | ".join(str(n) for n in marks) + " |"
+    lines = [header, "|---|" + "---|" * len(marks)]
     for m in methods:
-        curve = [
-            iqm(np.array([r["regret"] for r in rows if r["method"] == m and r["fine_tunes"] == n]))
-            for n in range(1, budget + 1)
-        ]
-        ax.plot(range(1, budget + 1), curve, label=m)
-        lines.append(f"| {m} | " + " | ".join(f"{curve[n - 1]:.3f}" for n in marks) + " |")
+        curve = {n: iqm(np.array([r["regret"] for r in rows if r["method"] == m and r[x] == n])) for n in xs}
+        ax.plot(xs, [curve[n] for n in xs], marker="o" if len(xs) <= 8 else None, label=m)
+        lines.append(f"| {m} | " + " | ".join(f"{curve[n]:.3f}" for n in marks) + " |")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("distinct fine-tunes")
-    ax.set_ylabel("best-so-far regret (IQM)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("regret (IQM; 0 = best mask, 1 = all groups)")
     ax.legend(fontsize=8)
     save_figure(fig, path)
     plt.close(fig)
@@ -504,13 +754,26 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
-    parser.add_argument("command", choices=("transfer", "search"), nargs="?", default="transfer")
+    parser.add_argument(
+        "command", choices=("transfer", "search", "modes", "claims", "ship"), nargs="?", default="transfer"
+    )
     add_config_args(parser, seed=False)
     parser.set_defaults(config="bench")
     parser.add_argument("--seeds", type=int, default=10)
-    parser.add_argument("--timesteps", type=int, default=20000, help="transfer: PPO steps per training")
+    parser.add_argument(
+        "--episodes",
+        type=int,
+        default=None,
+        help="transfer: PPO training episodes (default: ppo.total_timesteps)",
+    )
     parser.add_argument("--budget", type=int, default=64, help="search: distinct fine-tunes per search")
     parser.add_argument("--out", type=Path, default=Path("bench/results/benchmark"))
+    parser.add_argument(
+        "--ship-to",
+        type=Path,
+        default=None,
+        help="ship: where the policy goes (default: memrl/assets/policy)",
+    )
     args = parser.parse_args(argv)
     setup_logging()
 
@@ -519,9 +782,20 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         args.out.mkdir(parents=True, exist_ok=True)
         if args.command == "transfer":
-            rows = transfer(cfg, args.seeds, args.timesteps)
+            rows = transfer(cfg, args.seeds, args.episodes or cfg.ppo.total_timesteps)
             text = summarise(rows)
             plot_transfer(rows, args.out / "transfer.png")
+        elif args.command == "ship":
+            from memrl.agents.policy import shipped_policy
+
+            path = ship(cfg, args.ship_to or shipped_policy().parent, args.out)
+            print(f"policy: {path}")
+            return 0
+        elif args.command == "claims":
+            rows, text = claims(cfg, args.out / "claims.png")
+        elif args.command == "modes":
+            rows = modes(cfg, args.seeds)
+            text = plot_curves(rows, args.out / "modes.png", "episodes", "training episodes")
         else:
             rows = search_curves(cfg, args.seeds, args.budget)
             text = plot_curves(rows, args.out / "search.png")

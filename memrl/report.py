@@ -25,14 +25,24 @@ def save_figure(fig, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
-def _task_rows(task_cfg: Config, store: Any) -> tuple[list[dict[str, Any]], Any]:
-    """Evaluations of one task in the store, and that task's context."""
+def task_rows(task_cfg: Config, stores: list[Any]) -> tuple[list[dict[str, Any]], Any]:
+    """Evaluations of one task (its data, fine-tune seed and search space) in the stores, the
+    first store's row winning a repeated spec, and that task's context."""
     from memrl.task import TaskContext
 
     ctx = TaskContext.get(task_cfg)
-    fp = ctx.fingerprints["data"]
-    rows = [r for r in store.rows() if r["ok"] and r["data_fingerprint"] == fp]
-    return rows, ctx
+    fp, seed = ctx.fingerprints["data"], task_cfg.finetune.seed
+    rows: dict[str, dict[str, Any]] = {}
+    for store in stores:
+        for r in store.rows():
+            if (
+                r["ok"]
+                and r["data_fingerprint"] == fp
+                and r["seed"] == seed
+                and len(r["mask"]) == ctx.space.k
+            ):
+                rows.setdefault(r["spec_hash"], r)
+    return list(rows.values()), ctx
 
 
 def _plot_rewards(run_dir: Path) -> None:
@@ -88,15 +98,19 @@ def write_report(
     config: Config | None = None,
     chosen: list[int] | None = None,
     task_cfg: Config | None = None,
+    sections: list[str] | None = None,
+    task_name: str | None = None,
 ) -> Path:
-    """Write ``report.md`` and PNG plots into ``run_dir`` from its store and episode log, for
-    ``task_cfg`` (default: the config's first training task)."""
+    """Write ``report.md`` and PNG plots into ``run_dir`` from its store, the config's table and the
+    episode log, for ``task_cfg`` (default: the config's first training task); ``sections`` are
+    Markdown appended at the end."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from memrl.store import EvaluationStore
+    from memrl.tables import table_path
     from memrl.task import suite
 
     run_dir = Path(run_dir)
@@ -106,9 +120,10 @@ def write_report(
         task_cfg = next((e for e in entries if not e.heldout), entries[0]).cfg
     store_path = Path(cfg.env.store) if cfg.env.store else run_dir / "evaluations.sqlite"
     store = EvaluationStore(store_path if store_path.is_absolute() else run_dir / store_path, readonly=True)
-    rows, ctx = _task_rows(task_cfg, store)
-    rows = [r for r in rows if r["method"] == cfg.search.method] or rows
+    tables = [EvaluationStore(table_path(cfg.env.table), readonly=True)] if cfg.env.table else []
+    rows, ctx = task_rows(task_cfg, [store, *tables])
     k = ctx.space.k
+    rows = [r for r in rows if r["method"] == cfg.search.method]
     mem_key, q_key = cfg.reward.memorization, cfg.reward.quality
     refs_none = next((r for r in rows if r["mask"] == "0" * k), None)
     refs_full = next((r for r in rows if r["mask"] == "1" * k), None)
@@ -168,9 +183,10 @@ def write_report(
     )
     best = sorted(rows, key=lambda r: -r["reward"])[:10]
     lines += [
-        f"Task: `{ctx.fingerprints['data']}` · base model `{ctx.fingerprints['base_model']}` · "
+        f"Task: {f'**{task_name}** ' if task_name else ''}`{ctx.fingerprints['data']}` · "
+        f"base model `{ctx.fingerprints['base_model']}` · "
         f"search space `{ctx.space.signature}` ({k} groups, {cfg.search.granularity}, {cfg.search.method})",
-        f"Evaluations in the store for this task: {len(rows)}.",
+        f"Evaluations of this task (run store and table): {len(rows)}.",
         "",
         "## Chosen mask",
         "",
@@ -194,6 +210,7 @@ def write_report(
         lines.append("![reward](reward.png)")
     if grids:
         lines.append("![samples](samples.png)")
+    lines += sections or []
     out = run_dir / "report.md"
     atomic_write_text(out, "\n".join(lines) + "\n")
     return out

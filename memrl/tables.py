@@ -67,7 +67,8 @@ def table_path(name: str) -> Path:
 class Job:
     task: str
     kind: str
-    """``main`` (every mask, seed 0) or ``noise`` (a mask sample, extra seeds)."""
+    """``main`` (every mask, seed 0), ``full`` (every UNet parameter: the paper's full fine-tuning)
+    or ``noise`` (a mask sample, extra seeds)."""
     spec: EvalSpec
 
 
@@ -86,8 +87,8 @@ def noise_masks(k: int, n: int = 16, seed: int = 0) -> list[tuple[int, ...]]:
 
 def jobs(cfg: Config, noise_tasks: list[str], noise_size: int = 16) -> list[Job]:
     """Every evaluation of the suite's tables: references first, then each task's masks, then
-    the noise sample."""
-    from memrl.task import TaskContext, suite
+    full fine-tuning of every UNet parameter, then the noise sample."""
+    from memrl.task import TaskContext, full_unet, suite
 
     out: list[Job] = []
     entries = suite(cfg)
@@ -103,6 +104,9 @@ def jobs(cfg: Config, noise_tasks: list[str], noise_size: int = 16) -> list[Job]
     for e in entries:
         order = np.random.default_rng(0).permutation(len(every))
         out += [Job(e.name, "main", contexts[e.name].spec(every[i])) for i in order]
+    for e in entries:
+        whole = TaskContext.get(full_unet(e.cfg))
+        out.append(Job(e.name, "full", whole.spec((1,) * whole.space.k)))
     for e in entries:
         if e.name not in noise_tasks:
             continue
@@ -184,13 +188,10 @@ def build(
     start, done = time.time(), 0
     by_hash = {j.spec.hash: j for j in todo}
     if backend == "ray":
-        from memrl.backends import Evaluator
+        from memrl.backends import run_ray
 
-        ray_evaluator = Evaluator(store, "ray", ray=cfg.ray)
         chunks = [todo[i : i + workers] for i in range(0, len(todo), workers)]
-        results: Any = (
-            ev.to_json() for chunk in chunks for ev in ray_evaluator.evaluate_many([j.spec for j in chunk])
-        )
+        results: Any = (ev.to_json() for chunk in chunks for ev in run_ray([j.spec for j in chunk], cfg.ray))
         pool = None
     else:
         os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the spawned workers

@@ -349,6 +349,12 @@ class TaskEntry:
     cfg: Config
 
 
+def full_unet(cfg: Config) -> Config:
+    """``cfg`` fine-tuning every parameter of the UNet (mask of ones at block granularity): the
+    MemControl paper's full fine-tuning, which memrl compares masks against."""
+    return load_config(cfg, {"search.granularity": "block", "search.method": "full"})
+
+
 def task_config(cfg: Config, task: dict[str, Any] | str) -> Config:
     """``cfg`` with ``data`` set to ``task``: an ``env.tasks`` entry or a data source."""
     overrides = {"source": task} if isinstance(task, str) else task

@@ -86,7 +86,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, report: bool = True)
     Everything that can fail on bad input is built before the run directory is written; the
     directory's ``run.json`` says whether the run completed.
     """
-    from memrl.agents.policy import load_policy, write_card
+    from memrl.agents.policy import write_card
     from memrl.agents.ppo import (
         CHECKPOINT,
         AtomicCheckpoint,
@@ -95,7 +95,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, report: bool = True)
         load_checkpoint,
         make_env,
     )
-    from memrl.task import Task, TaskContext, architecture_space, make_evaluator, suite
+    from memrl.task import TaskContext, architecture_space, suite
 
     store = cfg.env.store or "evaluations.sqlite"
     cfg = load_config(
@@ -148,15 +148,80 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, report: bool = True)
     )
     record_run(cfg, run_dir, "complete", {"num_timesteps": int(model.num_timesteps)})
     if report:
-        from memrl.report import write_report
-
-        # Evaluate the trained policy's own mask on the first training task, so the report shows it.
-        first = next((e for e in entries if not e.heldout), entries[0])
-        task = Task(first.cfg, make_evaluator(cfg), first.name)
-        chosen = load_policy(policy_path).candidates(task.descriptor(), 1)[0]
-        task.score(chosen)
-        write_report(run_dir, chosen=[int(v) for v in chosen])
+        report_task(cfg, policy_path, run_dir)
     return policy_path
+
+
+def report_task(cfg: Config, policy_path: Path, run_dir: Path) -> None:
+    """The report on the first held-out task (else the first training task): the trained policy's
+    mask on the Pareto plot of every stored mask, its masks across preferences when it was trained
+    on a range of them, and, when the evaluations came from a table, one live fine-tune of its mask
+    printed beside the table's row for the same spec (``check.json``)."""
+    from memrl.agents.policy import load_policy
+    from memrl.apply_policy import preference_sweep, sweep_section
+    from memrl.report import write_report
+    from memrl.task import Task, make_evaluator, suite
+
+    entries = suite(cfg)
+    target = next((e for e in entries if e.heldout), None) or entries[0]
+    # A replayed run falls back to live fine-tunes for masks its table lacks.
+    evaluator = make_evaluator(load_config(cfg, {"env.replay_fallback": True}))
+    task = Task(target.cfg, evaluator, target.name, target.heldout)
+    policy = load_policy(policy_path)
+    chosen = policy.candidates(task.descriptor(), 1)[0]
+    sections = []
+    if cfg.env.table:
+        sections.append(live_check(task, chosen, run_dir))
+    else:
+        task.score(chosen)
+    if cfg.env.preferences != "fixed":
+        sections.append(sweep_section(preference_sweep(policy, task, 5, run_dir)))
+    write_report(
+        run_dir,
+        cfg,
+        chosen=[int(v) for v in chosen],
+        task_cfg=target.cfg,
+        sections=sections,
+        task_name=f"{task.name} (held out: never trained on)" if task.heldout else task.name,
+    )
+
+
+def live_check(task: Any, mask: Any, run_dir: Path) -> str:
+    """Fine-tune ``mask`` on ``task`` live and compare with the table's row for the same spec;
+    the live evaluation goes to the run's store (its samples feed the report's grid). Returns the
+    Markdown section and writes ``check.json``."""
+    from memrl.backends import run_inprocess
+
+    spec = task.context.spec(mask)
+    stored = next((row for t in task.evaluator.tables if (row := t.get(spec.hash)) is not None), None)
+    log.info("live check: fine-tuning mask %s on %s (~30 s)", "".join(map(str, mask)), task.name)
+    live = run_inprocess(spec)
+    task.evaluator.store.put(live, spec)
+    r = task.cfg.reward
+    wanted = (r.memorization, r.quality, "near_copy_fraction", "canary_copy_fraction", "kid", "fid")
+    keys = [k for k in dict.fromkeys(wanted) if k in live.metrics]
+    check = {
+        "task": task.name,
+        "mask": "".join(map(str, mask)),
+        "spec_hash": spec.hash,
+        "live": {k: live.metrics[k] for k in keys},
+        "table": {k: stored.metrics.get(k) if stored else None for k in keys},
+        "live_seconds": live.timings.get("total"),
+    }
+    atomic_write_text(run_dir / "check.json", json.dumps(check, indent=2))
+
+    def value(v: float | None) -> str:
+        return "not in the table" if v is None else f"{v:.4f}"
+
+    rows = "\n".join(f"| {k} | {value(check['live'][k])} | {value(check['table'][k])} |" for k in keys)
+    print(f"\nlive check of the policy's mask {check['mask']} on {task.name}:\n{'metric':>22}  live    table")
+    for k in keys:
+        print(f"{k:>22}  {value(check['live'][k])}  {value(check['table'][k])}")
+    return (
+        f"\n## Live check\n\nThe policy's mask `{check['mask']}` on `{task.name}`, fine-tuned again now "
+        f"beside the table's row for the same spec `{spec.hash}`:\n\n| metric | live | table |\n"
+        f"|---|---|---|\n{rows}\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

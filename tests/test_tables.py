@@ -16,15 +16,18 @@ from memrl.errors import NotInStoreError
 from memrl.store import EvaluationStore
 from memrl.tables import build, export, import_rows, jobs, noise_masks, shipped_dir
 
+ROWS = 2 * 16 + 2 + 2 * 16
+"""Rows of the tiny table: 16 masks and full fine-tuning on each of two tasks, 32 noise rows."""
 TASKS = [{"name": "digits-a", "seed": 1}, {"name": "faces", "source": "faces", "seed": 2, "heldout": True}]
 
 
 @pytest.fixture(scope="module")
 def table(tmp_path_factory):
-    """A complete tiny table: every mask of the test space on two tasks, plus a noise sample."""
+    """A complete tiny table: every mask of the test space and full fine-tuning on two tasks,
+    plus a noise sample."""
     folder = tmp_path_factory.mktemp("tables")
     cfg = load_config("test", {"env.tasks": TASKS})
-    assert build(cfg, folder / "work.sqlite", workers=2, threads=1, noise_tasks=["faces"]) == 2 * 16 + 2 * 16
+    assert build(cfg, folder / "work.sqlite", workers=2, threads=1, noise_tasks=["faces"]) == ROWS
     return export(folder / "work.sqlite", folder / "tiny.sqlite", "tiny"), cfg
 
 
@@ -36,6 +39,10 @@ def test_jobs_cover_every_mask_of_every_task_once(cfg):
         (t["name"], m) for t in TASKS for m in itertools.product((0, 1), repeat=4)
     }
     assert [j.spec.mask for j in main[:4]] == [(0,) * 4, (1,) * 4] * 2  # references first
+    full = [j for j in all_jobs if j.kind == "full"]
+    assert [(j.task, j.spec.settings["search"]["granularity"]) for j in full] == [
+        (t["name"], "block") for t in TASKS
+    ]
     noise = [j for j in all_jobs if j.kind == "noise"]
     assert len(noise) == 32 and {j.spec.settings["finetune"]["seed"] for j in noise} == {1, 2}
     assert len({j.spec.hash for j in all_jobs}) == len(all_jobs)
@@ -45,13 +52,13 @@ def test_jobs_cover_every_mask_of_every_task_once(cfg):
 def test_the_exported_table_has_rows_descriptors_provenance_and_no_samples(table):
     path, _ = table
     store = EvaluationStore(path, readonly=True)
-    assert len(store) == 64
+    assert len(store) == ROWS
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT COUNT(*) FROM evaluations WHERE samples IS NOT NULL").fetchone()[0] == 0
         assert db.execute("SELECT COUNT(*) FROM descriptors").fetchone()[0] == 2
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
     provenance = store.notes()["provenance"]
-    assert provenance["rows"] == 64 and provenance["failed"] == 0 and provenance["memrl_spec_version"] == 2
+    assert provenance["rows"] == ROWS and provenance["failed"] == 0 and provenance["memrl_spec_version"] == 2
     assert (
         isinstance(provenance["seconds_per_evaluation_median"], float) and "torch" in provenance["versions"]
     )
@@ -59,7 +66,7 @@ def test_the_exported_table_has_rows_descriptors_provenance_and_no_samples(table
 
 def test_a_build_resumes_and_a_table_seeds_a_new_working_store(table, tmp_path):
     path, cfg = table
-    assert import_rows(tmp_path / "work.sqlite", path) == 64
+    assert import_rows(tmp_path / "work.sqlite", path) == ROWS
     assert build(cfg, tmp_path / "work.sqlite", workers=1, threads=1, noise_tasks=["faces"]) == 0
     out = subprocess.run(
         [sys.executable, "-m", "memrl.store", str(path), "--csv", str(tmp_path / "t.csv")],
@@ -67,8 +74,8 @@ def test_a_build_resumes_and_a_table_seeds_a_new_working_store(table, tmp_path):
         text=True,
         check=True,
     ).stdout
-    assert "64 evaluations (0 failed)" in out and "provenance" in out
-    assert len((tmp_path / "t.csv").read_text().splitlines()) == 65
+    assert f"{ROWS} evaluations (0 failed)" in out and "provenance" in out
+    assert len((tmp_path / "t.csv").read_text().splitlines()) == ROWS + 1
 
 
 def test_replay_over_the_table_matches_live_evaluation_and_checkers_pass(table, tmp_path):
@@ -150,7 +157,8 @@ def test_shipped_rows_still_hash_to_what_the_current_code_computes():
 
 
 def test_the_transfer_benchmark_runs_every_method_on_the_tables(table, tmp_path):
-    from memrl.benchmark import PREFERENCES, iqm, load_table, summarise, transfer
+    from memrl.agents.policy import load_policy
+    from memrl.benchmark import PREFERENCES, _write_rows, iqm, load_table, modes, ship, summarise, transfer
 
     path, cfg = table
     bench_cfg = load_config(
@@ -167,7 +175,7 @@ def test_the_transfer_benchmark_runs_every_method_on_the_tables(table, tmp_path)
     assert dense.terms.shape == (2, 16, 3) and np.isfinite(dense.terms).all()
     regret = dense.regret(0.5)
     assert np.allclose(np.nanmin(regret, axis=1), 0) and np.allclose(regret[:, -1], 1)
-    rows = transfer(bench_cfg, seeds=1, timesteps=32, budgets=(4, 16))
+    rows = transfer(bench_cfg, seeds=1, episodes=32, budgets=(4, 16))
     methods = {r["method"] for r in rows}
     assert methods == {
         "ppo",
@@ -190,6 +198,37 @@ def test_the_transfer_benchmark_runs_every_method_on_the_tables(table, tmp_path)
         assert 0 <= by[("ppo-top4", w)]["regret"] <= by[("ppo", w)]["regret"] + 1e-9
     assert iqm(np.array([0.0, 1.0, 1.0, 100.0])) == 1.0
     assert "| ppo | 1 |" in summarise(rows)
+    _write_rows(rows, tmp_path / "transfer.csv")
+    shipped = load_policy(ship(bench_cfg, tmp_path / "ship", tmp_path))
+    assert [t["name"] for t in shipped.card["training_tasks"]] == ["digits-a"]
+    assert shipped.card["benchmark"]["ppo"]["heldout_iqm_regret"] == pytest.approx(
+        iqm(np.array([r["regret"] for r in rows if r["method"] == "ppo"]))
+    )
+    assert shipped.card["config"]["env"]["store"] is None and shipped.card["preference"]["sampling"] == "uniform"
+    compared = modes(bench_cfg, seeds=1, episodes=(8, 32))
+    assert {(r["method"], r["episodes"]) for r in compared} == {
+        (f"ppo-{mode}", n) for mode in ("mask", "sequential") for n in (8, 32)
+    }
+    assert all(np.isfinite(r["regret"]) and r["regret"] >= 0 for r in compared)  # >1: worse than all groups
+
+
+def test_the_paper_claims_compare_full_fine_tuning_presets_and_searched_masks(table, tmp_path):
+    from memrl.benchmark import claims, load_table
+
+    path, cfg = table
+    bench_cfg = load_config(
+        cfg, {"env.backend": "replay", "env.table": str(path), "env.store": str(tmp_path / "s.sqlite")}
+    )
+    rows, text = claims(bench_cfg, tmp_path / "claims.png")
+    dense = load_table(bench_cfg)
+    for t, task in enumerate(dense.names):
+        mine = {r["mask_kind"]: r for r in rows if r["task"] == task}
+        assert mine["all attention"]["mask"] == "1111" and mine["no fine-tune"]["mask"] == "0000"
+        assert len(mine["full fine-tune (every parameter)"]["mask"]) > 4  # block granularity
+        best = "".join(map(str, dense.masks[int(np.argmin(dense.regret(0.5)[t]))]))
+        assert mine["searched (best at w=0.5)"]["mask"] == best
+        assert any(r["on_pareto_front"] for r in mine.values())
+    assert "of 2 tasks" in text and (tmp_path / "claims.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_search_curves_and_the_benchmark_command(table, tmp_path):
@@ -230,3 +269,36 @@ def test_search_curves_and_the_benchmark_command(table, tmp_path):
     )
     assert (tmp_path / "out" / "search.png").read_bytes()[:4] == b"\x89PNG"
     assert "| random |" in (tmp_path / "out" / "search.md").read_text()
+
+
+def test_training_on_the_table_reports_a_held_out_task_with_a_live_check(table, tmp_path):
+    """What `make demo` does on the shipped tables, on the tiny one: PPO by replay with drawn
+    preferences, then the held-out task's report with one live fine-tune beside the table's row."""
+    from memrl.train_agent import train
+
+    path, cfg = table
+    run_cfg = load_config(
+        cfg,
+        {
+            "env.tasks": TASKS,
+            "env.backend": "replay",
+            "env.table": str(path),
+            "env.preferences": "uniform",
+            "ppo.total_timesteps": 64,
+            "ppo.n_steps": 16,
+            "ppo.batch_size": 8,
+        },
+    )
+    run = tmp_path / "run"
+    train(run_cfg, run)
+    episodes = [json.loads(line) for line in (run / "episodes.jsonl").read_text().splitlines()]
+    assert len(episodes) == 64 and all(e["cache_hit"] for e in episodes)  # replay: no fine-tune
+    check = json.loads((run / "check.json").read_text())
+    assert check["task"] == "faces" and set(check["live"]) >= {"canary_loss_gap", "heldout_loss"}
+    for key, live in check["live"].items():  # same spec, fine-tuned again: the same numbers
+        assert live == pytest.approx(check["table"][key], rel=1e-3, abs=1e-4), key
+    report = (run / "report.md").read_text()
+    assert "**faces (held out: never trained on)**" in report
+    assert "## Live check" in report and "across trade-offs" in report
+    for plot in ("pareto.png", "preferences.png", "samples.png"):
+        assert (run / plot).read_bytes()[:4] == b"\x89PNG", plot
