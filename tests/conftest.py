@@ -8,6 +8,8 @@ initialised UNet built in milliseconds, as diffusers' own tests do; tests about 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -16,6 +18,13 @@ import pytest
 USER_CACHE = os.environ.get("MEMRL_CACHE", os.path.expanduser("~/.cache/memrl"))
 # One cache per test session (tiny base model and encoder are built once, in seconds).
 os.environ["MEMRL_CACHE"] = tempfile.mkdtemp(prefix="memrl-test-cache-")
+
+
+def run_module(*args: str, cwd=None, **env: str) -> subprocess.CompletedProcess:
+    """``python -m <args>`` in a subprocess with this session's environment (plus ``env``)."""
+    return subprocess.run(
+        [sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, env={**os.environ, **env}
+    )
 
 
 @pytest.fixture

@@ -2,19 +2,13 @@
 
 import itertools
 import json
-import os
 import subprocess
 import sys
 import zipfile
 
 import numpy as np
 import pytest
-
-
-def run(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, env=os.environ.copy()
-    )
+from conftest import run_module as run
 
 
 def train(out, *settings, report=True):

@@ -3,13 +3,12 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from conftest import run_module
 
 ray = pytest.importorskip("ray")
 
@@ -54,26 +53,23 @@ def test_random_search_with_two_workers_runs_on_ray_and_matches_in_process(tmp_p
 
 def test_ppo_collects_from_envs_whose_evaluations_run_concurrently_on_ray(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "memrl.train_agent",
-            "--config",
-            "test",
-            "--run-dir",
-            str(out),
-            "--no-report",
-            "--set",
-            "env.backend=ray",
-            "ppo.n_envs=2",
-            "ppo.n_steps=1",
-            "ppo.batch_size=2",
-            "ppo.total_timesteps=4",
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    settings = [
+        "env.backend=ray",
+        "ppo.n_envs=2",
+        "ppo.n_steps=1",
+        "ppo.batch_size=2",
+        "ppo.total_timesteps=4",
+    ]
+    proc = run_module(
+        "memrl.train_agent",
+        "--config",
+        "test",
+        "--run-dir",
+        str(out),
+        "--no-report",
+        "--set",
+        *settings,
+        OMP_NUM_THREADS="1",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     episodes = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]

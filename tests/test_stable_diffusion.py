@@ -1,14 +1,12 @@
 """The Stable Diffusion path on a tiny random pipeline folder, used exactly as a user's folder."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import gymnasium as gym
 import numpy as np
 import pytest
+from conftest import run_module
 
 import memrl  # noqa: F401
 from memrl.config import load_config
@@ -65,11 +63,10 @@ def test_latents_and_prompts_are_cached(pipeline, tmp_path):
 
 
 def test_apply_policy_and_search_on_the_pipeline_and_the_merged_folder_loads(pipeline, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     sets = [f"{k}={v}" for k, v in sd_overrides(pipeline, tmp_path).items() if k != "env.store"]
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env)
+        return run_module(*args, OMP_NUM_THREADS="1")
 
     proc = run(
         "memrl.search",

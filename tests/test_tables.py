@@ -158,6 +158,7 @@ def test_shipped_rows_still_hash_to_what_the_current_code_computes():
 
 def test_the_transfer_benchmark_runs_every_method_on_the_tables(table, tmp_path):
     from memrl.agents.policy import load_policy
+
     from memrl.benchmark import PREFERENCES, _write_rows, iqm, load_table, modes, ship, summarise, transfer
 
     path, cfg = table
@@ -204,7 +205,9 @@ def test_the_transfer_benchmark_runs_every_method_on_the_tables(table, tmp_path)
     assert shipped.card["benchmark"]["ppo"]["heldout_iqm_regret"] == pytest.approx(
         iqm(np.array([r["regret"] for r in rows if r["method"] == "ppo"]))
     )
-    assert shipped.card["config"]["env"]["store"] is None and shipped.card["preference"]["sampling"] == "uniform"
+    assert (
+        shipped.card["config"]["env"]["store"] is None and shipped.card["preference"]["sampling"] == "uniform"
+    )
     compared = modes(bench_cfg, seeds=1, episodes=(8, 32))
     assert {(r["method"], r["episodes"]) for r in compared} == {
         (f"ppo-{mode}", n) for mode in ("mask", "sequential") for n in (8, 32)
