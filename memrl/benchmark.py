@@ -18,6 +18,7 @@ regret is read off the table, normalised per task and preference (0 = the task's
     python -m memrl.benchmark transfer --seeds 10 --episodes 20000
     python -m memrl.benchmark modes --seeds 10
     python -m memrl.benchmark claims
+    python -m memrl.benchmark findings              # best masks per task, seed noise (no method runs)
     python -m memrl.benchmark ship                  # trains the shipped policy (memrl/assets/policy)
     python -m memrl.benchmark search --seeds 10 --budget 64
 
@@ -340,6 +341,87 @@ def policy_masks(
     policy), as table indices."""
     descriptor = np.zeros_like(table.descriptors[test]) if zero else table.descriptors[test]
     return [mask_index(m) for m in policy.candidates(descriptor, n, table.preference(w))]
+
+
+# -- what the tables say before any method runs ---------------------------------------------------
+NOISE_METRICS = (
+    "canary_loss_gap",
+    "heldout_loss",
+    "canary_copy_fraction",
+    "near_copy_fraction",
+    "kid",
+    "fid",
+)
+
+
+def findings(cfg: Config) -> str:
+    """Markdown: per complete task and preference, the best mask and the regret of the mask of ones
+    and of the single best mask across tasks; how often the optimum differs between tasks; how
+    alike the tasks rank the masks; and each metric's seed noise against its spread across masks."""
+    from scipy.stats import spearmanr
+
+    from memrl.tables import NOISE_SEEDS, noise_masks
+    from memrl.task import TaskContext, make_evaluator, suite
+
+    table = load_table(cfg)
+    done = [t for t in range(len(table.names)) if np.isfinite(table.terms[t, :, 0]).all()]
+    if not done:
+        raise MemrlError("no task of the suite has a complete table yet: python -m memrl.tables build")
+    key = "".join
+    out = [f"Complete tasks: {len(done)} of {len(table.names)}.", ""]
+    for w in PREFERENCES:
+        regret = table.regret(w)
+        single = single_best(table, done, w)
+        out += [
+            f"**Memorization weight {w}** (regret: 0 = the task's best mask, 1 = all groups). "
+            f"Single best mask across these tasks: `{key(map(str, table.masks[single]))}`.",
+            "",
+            "| task | best mask | reward best / all groups | regret of the single best mask |",
+            "|---|---|---|---|",
+        ]
+        rewards = table.rewards(w)
+        for t in done:
+            best = int(np.nanargmin(regret[t]))
+            out.append(
+                f"| {table.names[t]} | `{key(map(str, table.masks[best]))}` | {rewards[t, best]:+.3f} / "
+                f"{rewards[t, -1]:+.3f} | {regret[t, single]:.3f} |"
+            )
+        optima = {int(np.nanargmin(regret[t])) for t in done}
+        out += ["", f"{len(optima)} distinct optima over {len(done)} tasks.", ""]
+    if len(done) > 1:
+        r = table.rewards(0.5)[done]
+        rho = [spearmanr(r[a], r[b])[0] for a, b in itertools.combinations(range(len(done)), 2)]
+        out += [
+            f"Rank correlation of the 128 masks' rewards (w=0.5) between tasks: Spearman from "
+            f"{min(rho):.2f} to {max(rho):.2f} (mean {np.mean(rho):.2f}).",
+            "",
+        ]
+    evaluator = make_evaluator(cfg)
+    lines = []
+    for entry in suite(cfg):
+        contexts = [TaskContext.get(load_config(entry.cfg, {"finetune.seed": s})) for s in (0, *NOISE_SEEDS)]
+        masks = noise_masks(contexts[0].space.k)
+        found = [[evaluator.lookup(c.spec(m).hash) for c in contexts] for m in masks]
+        if not all(ev is not None and ev.ok for row in found for ev in row):
+            continue
+        t = table.names.index(entry.name)
+        every = [evaluator.lookup(contexts[0].spec(m).hash) for m in table.masks]
+        for metric in NOISE_METRICS:
+            per_mask = np.array([[ev.metrics[metric] for ev in row] for row in found])
+            noise = float(np.mean(per_mask.std(axis=1, ddof=1)))
+            spread = float(np.std([ev.metrics[metric] for ev in every if ev is not None], ddof=1))
+            ratio = f"{noise / spread:.2f}" if spread > 0 else "-"
+            lines.append(f"| {table.names[t]} | {metric} | {noise:.4f} | {spread:.4f} | {ratio} |")
+    if lines:
+        out += [
+            f"Seed noise ({len(NOISE_SEEDS) + 1} fine-tune seeds x 16 masks: the mean over masks of the "
+            "standard deviation over seeds) against the spread across all 128 masks (seed 0):",
+            "",
+            "| task | metric | seed noise | spread across masks | noise / spread |",
+            "|---|---|---|---|---|",
+            *lines,
+        ]
+    return "\n".join(out)
 
 
 # -- the shipped policy ---------------------------------------------------------------------------
@@ -755,7 +837,10 @@ def main(argv: list[str] | None = None) -> int:
         epilog=__doc__,
     )
     parser.add_argument(
-        "command", choices=("transfer", "search", "modes", "claims", "ship"), nargs="?", default="transfer"
+        "command",
+        choices=("transfer", "search", "modes", "claims", "findings", "ship"),
+        nargs="?",
+        default="transfer",
     )
     add_config_args(parser, seed=False)
     parser.set_defaults(config="bench")
@@ -791,6 +876,8 @@ def main(argv: list[str] | None = None) -> int:
             path = ship(cfg, args.ship_to or shipped_policy().parent, args.out)
             print(f"policy: {path}")
             return 0
+        elif args.command == "findings":
+            rows, text = [], findings(cfg)
         elif args.command == "claims":
             rows, text = claims(cfg, args.out / "claims.png")
         elif args.command == "modes":
@@ -799,7 +886,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             rows = search_curves(cfg, args.seeds, args.budget)
             text = plot_curves(rows, args.out / "search.png")
-        _write_rows(rows, args.out / f"{args.command}.csv")
+        if rows:
+            _write_rows(rows, args.out / f"{args.command}.csv")
         footer = f"\n\n{args.seeds} seeds; {time.perf_counter() - start:.0f} s\n"
         atomic_write_text(args.out / f"{args.command}.md", text + footer)
         print(text)

@@ -86,8 +86,8 @@ def noise_masks(k: int, n: int = 16, seed: int = 0) -> list[tuple[int, ...]]:
 
 
 def jobs(cfg: Config, noise_tasks: list[str], noise_size: int = 16) -> list[Job]:
-    """Every evaluation of the suite's tables: references first, then each task's masks, then
-    full fine-tuning of every UNet parameter, then the noise sample."""
+    """Every evaluation of the suite's tables: references first, then full fine-tuning of every
+    UNet parameter, then each task's masks, then the noise sample."""
     from memrl.task import TaskContext, full_unet, suite
 
     out: list[Job] = []
@@ -102,11 +102,11 @@ def jobs(cfg: Config, noise_tasks: list[str], noise_size: int = 16) -> list[Job]
         for mask in ((0,) * k, (1,) * k):
             out.append(Job(e.name, "main", contexts[e.name].spec(mask)))
     for e in entries:
-        order = np.random.default_rng(0).permutation(len(every))
-        out += [Job(e.name, "main", contexts[e.name].spec(every[i])) for i in order]
-    for e in entries:
         whole = TaskContext.get(full_unet(e.cfg))
         out.append(Job(e.name, "full", whole.spec((1,) * whole.space.k)))
+    for e in entries:
+        order = np.random.default_rng(0).permutation(len(every))
+        out += [Job(e.name, "main", contexts[e.name].spec(every[i])) for i in order]
     for e in entries:
         if e.name not in noise_tasks:
             continue

@@ -216,7 +216,7 @@ def test_the_transfer_benchmark_runs_every_method_on_the_tables(table, tmp_path)
 
 
 def test_the_paper_claims_compare_full_fine_tuning_presets_and_searched_masks(table, tmp_path):
-    from memrl.benchmark import claims, load_table
+    from memrl.benchmark import claims, findings, load_table
 
     path, cfg = table
     bench_cfg = load_config(
@@ -232,6 +232,9 @@ def test_the_paper_claims_compare_full_fine_tuning_presets_and_searched_masks(ta
         assert mine["searched (best at w=0.5)"]["mask"] == best
         assert any(r["on_pareto_front"] for r in mine.values())
     assert "of 2 tasks" in text and (tmp_path / "claims.png").read_bytes()[:4] == b"\x89PNG"
+    summary = findings(bench_cfg)
+    assert "Complete tasks: 2 of 2." in summary and "| faces | heldout_loss |" in summary
+    assert "| digits-a | heldout_loss |" not in summary  # no noise sample for it
 
 
 def test_search_curves_and_the_benchmark_command(table, tmp_path):
