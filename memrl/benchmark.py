@@ -5,12 +5,13 @@ preference and each seed, every method picks masks for the test task without hav
 regret is read off the table, normalised per task and preference (0 = the task's best mask,
 1 = the mask of ones). Methods:
 
-* ``ppo`` / ``ppo-top4``: a preference-conditioned PPO policy trained on the other tasks (replay):
-  its first proposal (0 fine-tunes) and the best of its 4 most probable masks (4 fine-tunes);
+* ``ppo`` / ``ppo-topK``: a preference-conditioned PPO policy trained on the other tasks (replay):
+  its first proposal (0 fine-tunes) and the best of its K most probable masks (K = 2..4 fine-tunes);
 * ``ppo-no-descriptor``: the same PPO with the descriptor zeroed (if it matches ``ppo``, the
   descriptor carries no usable information);
 * ``single-best``: the one mask with the best mean reward over the training tasks for the same
-  preference (MemControl's way of reusing a mask); ``all-groups``: the mask of ones;
+  preference (MemControl's way of reusing a mask); ``preset: ...``: the hand-picked masks (the
+  attention of the down blocks, the mid block, the up blocks, and all attention = the mask of ones);
 * ``regression``: a gradient-boosted regression from (descriptor, preference, mask) to reward
   trained on the same training rows, taking its argmax (as zero-shot HPO work does);
 * ``random-N`` / ``tpe-N``: random search and Optuna TPE on the test task with N fine-tunes.
@@ -220,33 +221,44 @@ def mask_index(mask: Any) -> int:
     return int("".join(str(int(v)) for v in mask), 2)
 
 
-def search_curves(cfg: Config, seeds: int, budget: int = 64, ppo_steps: int = 4000) -> list[dict[str, Any]]:
+def search_curves(
+    cfg: Config, seeds: int, budget: int = 64, ppo_steps: int = 4000, workers: int = 1
+) -> list[dict[str, Any]]:
     """Best-so-far regret against distinct fine-tunes (1..budget) when searching one task from
     scratch: PPO, random, TPE, NSGA-II and GP; one row per method, task, preference, seed and n."""
     table = load_table(cfg)
     complete = [t for t in range(len(table.names)) if np.isfinite(table.terms[t, :, 0]).all()]
-    rows: list[dict[str, Any]] = []
-    for seed, test, w in itertools.product(range(seeds), complete, PREFERENCES):
-        regret = table.regret(w)[test]
-        tried = {
-            "ppo": ppo_search(cfg, table.names[test], w, seed, budget, ppo_steps),
-            "random": random_search(table, test, budget, np.random.default_rng(seed)),
-            **{name: optuna_search(table, test, w, budget, seed, name) for name in ("tpe", "nsga2", "gp")},
-        }
-        for method, masks in tried.items():
-            distinct = list(dict.fromkeys(masks))
-            for n in range(1, budget + 1):
-                rows.append(
-                    {
-                        "method": method,
-                        "task": table.names[test],
-                        "memorization_weight": w,
-                        "seed": seed,
-                        "fine_tunes": n,
-                        "regret": best_regret(regret, distinct[:n]),
-                    }
-                )
-        log.info("search: seed %d, task %s, w %.2f done", seed, table.names[test], w)
+    work = [
+        (cfg, table, seed, test, w, budget, ppo_steps)
+        for seed, test, w in itertools.product(range(seeds), complete, PREFERENCES)
+    ]
+    return [row for rows in in_parallel(search_one, work, workers) for row in rows]
+
+
+def search_one(
+    cfg: Config, table: BenchTable, seed: int, test: int, w: float, budget: int, ppo_steps: int
+) -> list[dict[str, Any]]:
+    regret = table.regret(w)[test]
+    tried = {
+        "ppo": ppo_search(cfg, table.names[test], w, seed, budget, ppo_steps),
+        "random": random_search(table, test, budget, np.random.default_rng(seed)),
+        **{name: optuna_search(table, test, w, budget, seed, name) for name in ("tpe", "nsga2", "gp")},
+    }
+    rows = []
+    for method, masks in tried.items():
+        distinct = list(dict.fromkeys(masks))
+        for n in range(1, budget + 1):
+            rows.append(
+                {
+                    "method": method,
+                    "task": table.names[test],
+                    "memorization_weight": w,
+                    "seed": seed,
+                    "fine_tunes": n,
+                    "regret": best_regret(regret, distinct[:n]),
+                }
+            )
+    log.info("search: seed %d, task %s, w %.2f done", seed, table.names[test], w)
     return rows
 
 
@@ -648,72 +660,121 @@ def folds(table: BenchTable) -> list[tuple[int, list[int]]]:
     return [(test, train) for test, train in out if train]
 
 
-def modes(cfg: Config, seeds: int, episodes: tuple[int, ...] = (250, 1000, 4000)) -> list[dict[str, Any]]:
+def modes(
+    cfg: Config, seeds: int, episodes: tuple[int, ...] = (250, 1000, 4000), workers: int = 1
+) -> list[dict[str, Any]]:
     """Mask mode against sequential mode: zero-shot regret of each one's first proposal on every
     fold, after the same numbers of training episodes (= masks evaluated)."""
     table = load_table(cfg)
-    rows: list[dict[str, Any]] = []
-    for seed, (test, train) in itertools.product(range(seeds), folds(table)):
-        names = [table.names[u] for u in train]
-        for mode in ("mask", "sequential"):
-            policies = train_policies(cfg, names, seed, list(episodes), mode=mode)
-            for n, policy in zip(sorted(episodes), policies):
-                for w in PREFERENCES:
-                    masks = policy_masks(policy, table, test, w, 1)
-                    rows.append(
-                        {
-                            "method": f"ppo-{mode}",
-                            "task": table.names[test],
-                            "heldout": bool(table.heldout[test]),
-                            "memorization_weight": w,
-                            "seed": seed,
-                            "episodes": n,
-                            "regret": best_regret(table.regret(w)[test], masks),
-                        }
-                    )
-        log.info("modes: seed %d, test task %s done", seed, table.names[test])
+    work = [
+        (cfg, table, seed, test, train, episodes) for seed in range(seeds) for test, train in folds(table)
+    ]
+    return [row for rows in in_parallel(modes_fold, work, workers) for row in rows]
+
+
+def modes_fold(
+    cfg: Config, table: BenchTable, seed: int, test: int, train: list[int], episodes: tuple[int, ...]
+) -> list[dict[str, Any]]:
+    names = [table.names[u] for u in train]
+    rows = []
+    for mode in ("mask", "sequential"):
+        policies = train_policies(cfg, names, seed, list(episodes), mode=mode)
+        for n, policy in zip(sorted(episodes), policies):
+            for w in PREFERENCES:
+                rows.append(
+                    {
+                        "method": f"ppo-{mode}",
+                        "task": table.names[test],
+                        "heldout": bool(table.heldout[test]),
+                        "memorization_weight": w,
+                        "seed": seed,
+                        "episodes": n,
+                        "regret": best_regret(table.regret(w)[test], policy_masks(policy, table, test, w, 1)),
+                    }
+                )
+    log.info("modes: seed %d, test task %s done", seed, table.names[test])
     return rows
 
 
 def transfer(
-    cfg: Config, seeds: int, episodes: int, budgets: tuple[int, ...] = BUDGETS
+    cfg: Config, seeds: int, episodes: int, budgets: tuple[int, ...] = BUDGETS, workers: int = 1
 ) -> list[dict[str, Any]]:
     """Regret of every method on every test task, preference and seed (one row each)."""
     table = load_table(cfg)
-    rows: list[dict[str, Any]] = []
-    for seed in range(seeds):
-        for test, train in folds(table):
-            names = [table.names[u] for u in train]
-            nets = {zero: train_policies(cfg, names, seed, [episodes], zero)[0] for zero in (False, True)}
-            for w in PREFERENCES:
-                regret = table.regret(w)[test]
-                rng = np.random.default_rng(seed)
-                tried: dict[str, list[int]] = {
-                    "ppo": policy_masks(nets[False], table, test, w, 1, False),
-                    "ppo-top4": policy_masks(nets[False], table, test, w, 4, False),
-                    "ppo-no-descriptor": policy_masks(nets[True], table, test, w, 1, True),
-                    "single-best": [single_best(table, train, w)],
-                    "all-groups": [len(table.masks) - 1],
-                    "regression": [regression(table, train, test, w, seed)],
+    work = [
+        (cfg, table, seed, test, train, episodes, budgets)
+        for seed in range(seeds)
+        for test, train in folds(table)
+    ]
+    return [row for rows in in_parallel(transfer_fold, work, workers) for row in rows]
+
+
+def transfer_fold(
+    cfg: Config,
+    table: BenchTable,
+    seed: int,
+    test: int,
+    train: list[int],
+    episodes: int,
+    budgets: tuple[int, ...],
+) -> list[dict[str, Any]]:
+    """Every method's rows for one test task and seed (PPO trained on ``train``)."""
+    from memrl.task import architecture_space
+
+    names = [table.names[u] for u in train]
+    nets = {zero: train_policies(cfg, names, seed, [episodes], zero)[0] for zero in (False, True)}
+    group_names = architecture_space(cfg).names
+    rows = []
+    for w in PREFERENCES:
+        regret = table.regret(w)[test]
+        rng = np.random.default_rng(seed)
+        tried: dict[str, list[int]] = {"ppo": policy_masks(nets[False], table, test, w, 1)}
+        for n in (2, 3, 4):
+            tried[f"ppo-top{n}"] = policy_masks(nets[False], table, test, w, n)
+        tried["ppo-no-descriptor"] = policy_masks(nets[True], table, test, w, 1, zero=True)
+        tried["single-best"] = [single_best(table, train, w)]
+        for label, mask in presets(group_names).items():
+            tried[f"preset: {label}"] = [mask_index(mask)]
+        tried["regression"] = [regression(table, train, test, w, seed)]
+        for n in budgets:
+            tried[f"random-{n}"] = random_search(table, test, n, rng)
+            tried[f"tpe-{n}"] = optuna_search(table, test, w, n, seed, "tpe")
+        for method, masks in tried.items():
+            rows.append(
+                {
+                    "method": method,
+                    "task": table.names[test],
+                    "heldout": bool(table.heldout[test]),
+                    "memorization_weight": w,
+                    "seed": seed,
+                    "fine_tunes": len(masks),
+                    "regret": best_regret(regret, masks),
+                    "mask": "".join(map(str, table.masks[masks[0]])),
                 }
-                for n in budgets:
-                    tried[f"random-{n}"] = random_search(table, test, n, rng)
-                    tried[f"tpe-{n}"] = optuna_search(table, test, w, n, seed, "tpe")
-                for method, masks in tried.items():
-                    rows.append(
-                        {
-                            "method": method,
-                            "task": table.names[test],
-                            "heldout": bool(table.heldout[test]),
-                            "memorization_weight": w,
-                            "seed": seed,
-                            "fine_tunes": len(masks),
-                            "regret": best_regret(regret, masks),
-                            "mask": "".join(map(str, table.masks[masks[0]])),
-                        }
-                    )
-            log.info("seed %d, test task %s: done", seed, table.names[test])
+            )
+    log.info("transfer: seed %d, test task %s done", seed, table.names[test])
     return rows
+
+
+def in_parallel(fn: Callable[..., Any], work: list[tuple[Any, ...]], workers: int) -> list[Any]:
+    """``[fn(*args) for args in work]``, in ``workers`` single-threaded processes when above 1."""
+    if workers <= 1:
+        return [fn(*args) for args in work]
+    import multiprocessing as mp
+    import os
+
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned workers
+    with mp.get_context("spawn").Pool(workers, initializer=_single_threaded) as pool:
+        return pool.starmap(fn, work, chunksize=1)
+
+
+def _single_threaded() -> None:
+    import torch
+
+    from memrl.utils import setup_logging
+
+    torch.set_num_threads(1)
+    setup_logging()
 
 
 def iqm(values: np.ndarray) -> float:
@@ -854,6 +915,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=int, default=64, help="search: distinct fine-tunes per search")
     parser.add_argument("--out", type=Path, default=Path("bench/results/benchmark"))
     parser.add_argument(
+        "--workers", type=int, default=2, help="single-threaded processes side by side (2 cores: 2)"
+    )
+    parser.add_argument(
         "--ship-to",
         type=Path,
         default=None,
@@ -867,7 +931,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         args.out.mkdir(parents=True, exist_ok=True)
         if args.command == "transfer":
-            rows = transfer(cfg, args.seeds, args.episodes or cfg.ppo.total_timesteps)
+            rows = transfer(cfg, args.seeds, args.episodes or cfg.ppo.total_timesteps, workers=args.workers)
             text = summarise(rows)
             plot_transfer(rows, args.out / "transfer.png")
         elif args.command == "ship":
@@ -881,10 +945,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "claims":
             rows, text = claims(cfg, args.out / "claims.png")
         elif args.command == "modes":
-            rows = modes(cfg, args.seeds)
+            rows = modes(cfg, args.seeds, workers=args.workers)
             text = plot_curves(rows, args.out / "modes.png", "episodes", "training episodes")
         else:
-            rows = search_curves(cfg, args.seeds, args.budget)
+            rows = search_curves(cfg, args.seeds, args.budget, workers=args.workers)
             text = plot_curves(rows, args.out / "search.png")
         if rows:
             _write_rows(rows, args.out / f"{args.command}.csv")

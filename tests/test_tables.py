@@ -180,10 +180,15 @@ def test_the_transfer_benchmark_runs_every_method_on_the_tables(table, tmp_path)
     methods = {r["method"] for r in rows}
     assert methods == {
         "ppo",
+        "ppo-top2",
+        "ppo-top3",
         "ppo-top4",
+        "preset: down-blocks attention",
+        "preset: mid-block attention",
+        "preset: up-blocks attention",
+        "preset: all attention",
         "ppo-no-descriptor",
         "single-best",
-        "all-groups",
         "regression",
         "random-4",
         "tpe-4",
@@ -194,7 +199,7 @@ def test_the_transfer_benchmark_runs_every_method_on_the_tables(table, tmp_path)
     assert len(rows) == len(methods) * len(PREFERENCES)
     by = {(r["method"], r["memorization_weight"]): r for r in rows}
     for w in PREFERENCES:
-        assert by[("all-groups", w)]["regret"] == pytest.approx(1.0)
+        assert by[("preset: all attention", w)]["regret"] == pytest.approx(1.0)
         assert by[("random-16", w)]["regret"] == pytest.approx(0.0)  # 16 fine-tunes see every mask
         assert 0 <= by[("ppo-top4", w)]["regret"] <= by[("ppo", w)]["regret"] + 1e-9
     assert iqm(np.array([0.0, 1.0, 1.0, 100.0])) == 1.0
@@ -245,7 +250,12 @@ def test_search_curves_and_the_benchmark_command(table, tmp_path):
     bench_cfg = load_config(
         cfg, {"env.backend": "replay", "env.table": str(path), "env.store": str(tmp_path / "s.sqlite")}
     )
-    rows = search_curves(bench_cfg, seeds=1, budget=16, ppo_steps=200)
+    rows = search_curves(bench_cfg, seeds=1, budget=16, ppo_steps=200, workers=2)
+    again = search_curves(load_config(bench_cfg, {"env.tasks": TASKS[1:]}), seeds=1, budget=16, ppo_steps=200)
+    for method in ("random", "tpe", "ppo"):  # two worker processes give what one process gives
+        assert [r["regret"] for r in again if r["method"] == method] == [
+            r["regret"] for r in rows if r["method"] == method and r["task"] == "faces"
+        ], method
     assert {r["method"] for r in rows} == {"ppo", "random", "tpe", "nsga2", "gp"}
     for method in ("random", "tpe", "nsga2", "gp"):
         for task in ("digits-a", "faces"):
