@@ -3,8 +3,10 @@
 For each dataset two reference evaluations are run once (and cached in the store): the base model
 without fine-tuning (mask of zeros) and full fine-tuning (mask of ones). Then
 
-* memorization term  ``m = (mem - mem_none) / (mem_full - mem_none)``: 0 memorizes as little as
-  the base model, 1 as much as full fine-tuning;
+* memorization term  ``m = (mem - mem_none) / |mem_full - mem_none|``: 0 memorizes as little as
+  the base model, 1 as much as full fine-tuning (the absolute value keeps "higher metric = more
+  memorization" on a task where full fine-tuning measures *below* the base model, i.e. where no
+  memorization is induced and the gap is seed noise: there every mask scores about -1 or 0);
 * quality term  ``q = (qual - qual_full) / (qual_none - qual_full)`` (lower ``qual`` is better):
   0 is as good as full fine-tuning, 1 as poor as no fine-tuning;
 
@@ -76,8 +78,7 @@ class Reward:
 
     def _scale(self, key: str) -> tuple[float, float]:
         lo, hi = self.refs.none[key], self.refs.full[key]
-        span = hi - lo
-        return lo, span if abs(span) > _EPS else (_EPS if span >= 0 else -_EPS)
+        return lo, max(abs(hi - lo), _EPS)
 
     def terms(self, metrics: dict[str, float]) -> dict[str, float]:
         """The normalised terms: memorization (0 none .. 1 full) and quality cost (0 full .. 1 none)."""

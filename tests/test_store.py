@@ -248,6 +248,11 @@ def test_reward_normalisation_and_pareto():
     assert reward(refs.none) == pytest.approx(-1) and reward(refs.full) == pytest.approx(-1)
     assert reward({cfg.memorization: 0.0, cfg.quality: 0.5}) == pytest.approx(0)
     assert reward({cfg.memorization: 0.1, cfg.quality: 0.75}) == pytest.approx(-1)
+    # full fine-tuning measured below the base model (no memorization induced, seed noise): a
+    # higher metric still means more memorization, never less
+    inverted = Reward(cfg, References(none=refs.full, full=refs.none))
+    low, high = ({cfg.memorization: m, cfg.quality: 0.75} for m in (0.0, 0.1))
+    assert inverted.terms(high)["memorization_term"] > inverted.terms(low)["memorization_term"]
     with pytest.raises(ValueError, match="is not a metric"):
         Reward(load_config("test", {"reward.quality": "nope"}).reward, refs)
     front = pareto_front(np.array([[0, 1], [1, 0], [1, 1], [0.5, 0.5]]))
