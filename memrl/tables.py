@@ -263,6 +263,23 @@ def export(store_path: Path, out: Path, suite_name: str) -> Path:
     return out
 
 
+def complete_tasks(cfg: Config) -> tuple[list[dict[str, Any]], list[str]]:
+    """``cfg.env.tasks`` without the training tasks whose tables lack a mask (held-out tasks are
+    kept: nothing trains on them), and the names of those left out."""
+    from memrl.task import TaskContext, make_evaluator, suite
+
+    evaluator = make_evaluator(cfg)
+    left_out = []
+    for e in suite(cfg):
+        if e.heldout:
+            continue
+        ctx = TaskContext.get(e.cfg)
+        masks = itertools.product((0, 1), repeat=ctx.space.k)
+        if any(evaluator.lookup(ctx.spec(m).hash) is None for m in masks):
+            left_out.append(e.name)
+    return [t for t in cfg.env.tasks if t.get("name") not in left_out], left_out
+
+
 def status(cfg: Config, store_path: Path, noise_tasks: list[str]) -> str:
     """Rows stored per task and kind."""
     from memrl.store import EvaluationStore

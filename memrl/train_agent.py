@@ -97,6 +97,23 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, report: bool = True)
     )
     from memrl.task import TaskContext, architecture_space, suite
 
+    left_out: list[str] = []
+    if cfg.env.backend == "replay" and cfg.env.table and not cfg.env.replay_fallback:
+        from memrl.tables import complete_tasks
+
+        tasks, left_out = complete_tasks(cfg)
+        if not any(not t.get("heldout") for t in tasks):
+            raise MemrlError(
+                f"no training task of env.table={cfg.env.table} is complete; continue the table with "
+                "python -m memrl.tables build, or set env.replay_fallback=true to fine-tune what it lacks"
+            )
+        if left_out:
+            log.warning(
+                "training without %s: the table lacks some of their masks (python -m memrl.tables "
+                "status; env.replay_fallback=true fine-tunes them)",
+                ", ".join(left_out),
+            )
+            cfg = load_config(cfg, {"env.tasks": tasks})
     store = cfg.env.store or "evaluations.sqlite"
     cfg = load_config(
         cfg, {"env.store": str(store if Path(store).is_absolute() else (run_dir / store).resolve())}
@@ -144,7 +161,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, report: bool = True)
         architecture_space(cfg),
         cfg,
         env.observation_space.shape[0],
-        {"num_timesteps": int(model.num_timesteps)},
+        {"num_timesteps": int(model.num_timesteps), "tasks_left_out": left_out},
     )
     record_run(cfg, run_dir, "complete", {"num_timesteps": int(model.num_timesteps)})
     if report:

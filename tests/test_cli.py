@@ -218,6 +218,27 @@ def test_missing_or_corrupt_policy_and_empty_data_are_explained(run_dir, new_dat
     assert proc.returncode == 2 and "no images found" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_the_shipped_policy_is_the_default_and_fits_the_default_space(tmp_path):
+    from memrl.agents.policy import load_policy, shipped_policy
+
+    from memrl.config import load_config
+    from memrl.task import architecture_space, suite
+
+    policy = load_policy(shipped_policy())  # the same safe loading: weights only, nothing unpickled
+    policy.check_space(architecture_space(load_config("default")))
+    bench = {e.name for e in suite(load_config("bench")) if not e.heldout}
+    trained_on = {t["name"] for t in policy.card["training_tasks"]}
+    assert trained_on and trained_on <= bench and policy.card["preference"]["sampling"] == "uniform"
+    masks = policy.candidates(
+        np.zeros(policy.card["observation_dim"] - 3, dtype=np.float32), 4, [0.5, 0.5, 0]
+    )
+    assert len({m.tobytes() for m in masks}) == 4 and all(len(m) == 7 for m in masks)
+    empty = tmp_path / "empty"
+    empty.mkdir()  # without --policy, apply_policy loads the shipped one, then reads the data
+    proc = run("memrl.apply_policy", "--data", str(empty), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "no images found" in proc.stderr, proc.stderr[-2000:]
+
+
 class _Payload:
     """Unpickling this runs code: it creates the file named in ``marker``."""
 

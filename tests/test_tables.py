@@ -175,7 +175,7 @@ def test_the_transfer_benchmark_runs_every_method_on_the_tables(table, tmp_path)
     dense = load_table(bench_cfg)
     assert dense.terms.shape == (2, 16, 3) and np.isfinite(dense.terms).all()
     regret = dense.regret(0.5)
-    assert np.allclose(np.nanmin(regret, axis=1), 0) and np.allclose(regret[:, -1], 1)
+    assert np.allclose(regret.min(axis=1), 0) and np.allclose(regret.max(axis=1), 1)
     rows = transfer(bench_cfg, seeds=1, episodes=32, budgets=(4, 16))
     methods = {r["method"] for r in rows}
     assert methods == {
@@ -199,7 +199,7 @@ def test_the_transfer_benchmark_runs_every_method_on_the_tables(table, tmp_path)
     assert len(rows) == len(methods) * len(PREFERENCES)
     by = {(r["method"], r["memorization_weight"]): r for r in rows}
     for w in PREFERENCES:
-        assert by[("preset: all attention", w)]["regret"] == pytest.approx(1.0)
+        assert by[("preset: all attention", w)]["mask"] == "1111"
         assert by[("random-16", w)]["regret"] == pytest.approx(0.0)  # 16 fine-tunes see every mask
         assert 0 <= by[("ppo-top4", w)]["regret"] <= by[("ppo", w)]["regret"] + 1e-9
     assert iqm(np.array([0.0, 1.0, 1.0, 100.0])) == 1.0
@@ -208,7 +208,7 @@ def test_the_transfer_benchmark_runs_every_method_on_the_tables(table, tmp_path)
     shipped = load_policy(ship(bench_cfg, tmp_path / "ship", tmp_path))
     assert [t["name"] for t in shipped.card["training_tasks"]] == ["digits-a"]
     assert shipped.card["benchmark"]["ppo"]["heldout_iqm_regret"] == pytest.approx(
-        iqm(np.array([r["regret"] for r in rows if r["method"] == "ppo"]))
+        iqm(np.array([r["regret"] for r in rows if r["method"] == "ppo"])), abs=1e-4
     )
     assert (
         shipped.card["config"]["env"]["store"] is None and shipped.card["preference"]["sampling"] == "uniform"
@@ -289,14 +289,16 @@ def test_search_curves_and_the_benchmark_command(table, tmp_path):
 
 def test_training_on_the_table_reports_a_held_out_task_with_a_live_check(table, tmp_path):
     """What `make demo` does on the shipped tables, on the tiny one: PPO by replay with drawn
-    preferences, then the held-out task's report with one live fine-tune beside the table's row."""
+    preferences (a training task the table lacks is left out, loudly), then the held-out task's
+    report with one live fine-tune beside the table's row."""
+    from memrl.agents.policy import load_policy
     from memrl.train_agent import train
 
     path, cfg = table
     run_cfg = load_config(
         cfg,
         {
-            "env.tasks": TASKS,
+            "env.tasks": [*TASKS, {"name": "not-in-the-table", "seed": 9}],
             "env.backend": "replay",
             "env.table": str(path),
             "env.preferences": "uniform",
@@ -307,6 +309,9 @@ def test_training_on_the_table_reports_a_held_out_task_with_a_live_check(table, 
     )
     run = tmp_path / "run"
     train(run_cfg, run)
+    card = load_policy(run).card
+    assert card["tasks_left_out"] == ["not-in-the-table"]
+    assert [t["name"] for t in card["training_tasks"]] == ["digits-a"]
     episodes = [json.loads(line) for line in (run / "episodes.jsonl").read_text().splitlines()]
     assert len(episodes) == 64 and all(e["cache_hit"] for e in episodes)  # replay: no fine-tune
     check = json.loads((run / "check.json").read_text())
