@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: install
-	$(PY) -m memrl.train_agent
+	$(PY) -m memrl.train_agent --config bench
 
 test: install
 	$(PY) -m pytest -q
