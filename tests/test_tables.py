@@ -292,6 +292,7 @@ def test_training_on_the_table_reports_a_held_out_task_with_a_live_check(table, 
     preferences (a training task the table lacks is left out, loudly), then the held-out task's
     report with one live fine-tune beside the table's row."""
     from memrl.agents.policy import load_policy
+
     from memrl.train_agent import train
 
     path, cfg = table
