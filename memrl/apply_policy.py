@@ -263,6 +263,15 @@ def apply(args: argparse.Namespace) -> Path:
     final_cfg = delivery_config(cfg, n_images, steps)
     dump_config(final_cfg, args.out / "config.yaml")
     log.info("mask %s: %s", "".join(map(str, mask)), task.space.selected(mask))
+    empty = (
+        ""
+        if mask.any()
+        else "The policy proposes no fine-tuning for this trade-off: at these weights it expects no mask "
+        "to beat the base model. The delivered model is the base model; a lower --memorization-weight "
+        "trades memorization for quality.\n\n"
+    )
+    if empty:
+        log.warning(empty.strip())
     store = EvaluationStore(cfg.env.store)
     chosen = deliver(final_cfg, mask, args.out / "model", store)
     # The comparison is true full fine-tuning: every group at block granularity = every parameter.
@@ -296,7 +305,7 @@ def apply(args: argparse.Namespace) -> Path:
         f"Delivered model: {steps} fine-tune steps on {final_cfg.data.private_size} of the {n_images} "
         f"images ({final_cfg.data.heldout_size} held out to measure memorization and quality); saved to "
         f"`model/` (diffusers UNet, safetensors).\n\n"
-        f"| metric | chosen mask | full fine-tune (every parameter) |\n|---|---|---|\n{rows}\n\n"
+        f"{empty}| metric | chosen mask | full fine-tune (every parameter) |\n|---|---|---|\n{rows}\n\n"
         "near_copy_fraction: share of samples closer to a training image than 99% of held-out images "
         "are; loss_gap: held-out minus training denoising loss (a membership signal); extracted: "
         "training images reproduced by a clique of samples.\n" + (sweep_section(sweep) if sweep else "")
