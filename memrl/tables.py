@@ -87,7 +87,7 @@ def noise_masks(k: int, n: int = 16, seed: int = 0) -> list[tuple[int, ...]]:
 
 def jobs(cfg: Config, noise_tasks: list[str], noise_size: int = 16) -> list[Job]:
     """Every evaluation of the suite's tables: references first, then full fine-tuning of every
-    UNet parameter, then each task's masks, then the noise sample."""
+    UNet parameter, then each task's masks, each followed by its noise sample if it has one."""
     from memrl.task import TaskContext, full_unet, suite
 
     out: list[Job] = []
@@ -107,12 +107,10 @@ def jobs(cfg: Config, noise_tasks: list[str], noise_size: int = 16) -> list[Job]
     for e in entries:
         order = np.random.default_rng(0).permutation(len(every))
         out += [Job(e.name, "main", contexts[e.name].spec(every[i])) for i in order]
-    for e in entries:
-        if e.name not in noise_tasks:
-            continue
-        for seed in NOISE_SEEDS:
-            ctx = TaskContext.get(load_config(e.cfg, {"finetune.seed": seed}))
-            out += [Job(e.name, "noise", ctx.spec(m)) for m in noise_masks(k, noise_size)]
+        if e.name in noise_tasks:
+            for seed in NOISE_SEEDS:
+                ctx = TaskContext.get(load_config(e.cfg, {"finetune.seed": seed}))
+                out += [Job(e.name, "noise", ctx.spec(m)) for m in noise_masks(k, noise_size)]
     seen: set[str] = set()
     return [j for j in out if not (j.spec.hash in seen or seen.add(j.spec.hash))]  # type: ignore[func-returns-value]
 
