@@ -655,7 +655,7 @@ def folds(table: BenchTable) -> list[tuple[int, list[int]]]:
 
 
 def modes(
-    cfg: Config, seeds: int, episodes: tuple[int, ...] = (250, 1000, 4000), workers: int = 1
+    cfg: Config, seeds: int, episodes: tuple[int, ...] = (1000, 4000, 10000), workers: int = 1
 ) -> list[dict[str, Any]]:
     """Mask mode against sequential mode: zero-shot regret of each one's first proposal on every
     fold, after the same numbers of training episodes (= masks evaluated)."""
