@@ -18,8 +18,8 @@ Methods:
   trained on the same training rows, taking its argmax (as zero-shot HPO work does);
 * ``random-N`` / ``tpe-N``: random search and Optuna TPE on the test task with N fine-tunes.
 
-    python -m memrl.benchmark transfer --seeds 10 --episodes 20000
-    python -m memrl.benchmark modes --seeds 10
+    python -m memrl.benchmark transfer --seeds 10    # PPO episodes: ppo.total_timesteps (--episodes)
+    python -m memrl.benchmark modes --seeds 3
     python -m memrl.benchmark claims
     python -m memrl.benchmark findings              # best masks per task, seed noise (no method runs)
     python -m memrl.benchmark ship                  # trains the shipped policy (memrl/assets/policy)
@@ -899,7 +899,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_config_args(parser, seed=False)
     parser.set_defaults(config="bench")
-    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--seeds", type=int, default=10, help="named seeds 0..N-1 per method")
     parser.add_argument(
         "--episodes",
         type=int,
@@ -907,7 +907,9 @@ def main(argv: list[str] | None = None) -> int:
         help="transfer: PPO training episodes (default: ppo.total_timesteps)",
     )
     parser.add_argument("--budget", type=int, default=64, help="search: distinct fine-tunes per search")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/benchmark"))
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench/results/benchmark"), help="results (and ship's transfer.csv)"
+    )
     parser.add_argument(
         "--workers", type=int, default=2, help="single-threaded processes side by side (2 cores: 2)"
     )
