@@ -236,7 +236,7 @@ def test_the_paper_claims_compare_full_fine_tuning_presets_and_searched_masks(ta
         best = "".join(map(str, dense.masks[int(np.argmin(dense.regret(0.5)[t]))]))
         assert mine["searched (best at w=0.5)"]["mask"] == best
         assert any(r["on_pareto_front"] for r in mine.values())
-    assert "of 2 tasks" in text and (tmp_path / "claims.png").read_bytes()[:4] == b"\x89PNG"
+    assert "of 2 here" in text and (tmp_path / "claims.png").read_bytes()[:4] == b"\x89PNG"
     summary = findings(bench_cfg)
     assert "Complete tasks: 2 of 2." in summary and "| faces | heldout_loss |" in summary
     assert "| digits-a | heldout_loss |" not in summary  # no noise sample for it
