@@ -405,7 +405,7 @@ def test_other_baselines_share_the_store(method, budget, rows, tmp_path):
     if method == "fixed":
         assert {r["method"] for r in result} >= {"full", "lora", "svdiff"}
     again = run_search(cfg, method, budget)  # the same seeded search again: every evaluation stored
-    assert all(r["cache_hit"] and r["seconds"] == 0 for r in again)
+    assert all(r["cache_hit"] for r in again)
     assert [r["reward"] for r in again] == [r["reward"] for r in result]
 
 
