@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from memrl.config import Config
 from memrl.data import ImageSet
+from memrl.errors import ConfigError
 from memrl.models import DiffusionModel
 from memrl.peft_methods import apply_method
 from memrl.training import FinetuneResult, resolve_device, train_denoiser
@@ -17,13 +18,18 @@ def finetune(
 
     The base model is never modified. Returns the fine-tuned copy and its FinetuneResult.
     """
+    f = cfg.finetune
+    if f.cuda_graph and f.gradient_checkpointing:
+        raise ConfigError(
+            "finetune.cuda_graph and finetune.gradient_checkpointing cannot both be on; "
+            "set finetune.gradient_checkpointing=false (graphs pay off on small models that fit anyway)"
+        )
     model = base.copy().to(resolve_device(cfg.finetune.device))
     model.freeze_conditioning()
     total = sum(p.numel() for p in model.unet.parameters())
     apply_method(model.unet, prefixes, cfg.search.method, cfg.search.lora_rank)
     if cfg.finetune.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
-    f = cfg.finetune
     result = train_denoiser(
         model,
         data,
@@ -36,6 +42,7 @@ def finetune(
         weight_decay=f.weight_decay,
         desc="fine-tune",
         mixed_precision=f.mixed_precision,
+        cuda_graph=bool(f.cuda_graph),
     )
     result.total_params = total
     return model, result

@@ -27,6 +27,9 @@ class FinetuneResult:
     trainable_params: int = 0
     total_params: int = 0
     wall_time: float = 0.0
+    first_step_time: float = 0.0
+    """Seconds until the first step finished (warm-up included): the steady step time is
+    ``(wall_time - first_step_time) / (len(losses) - 1)``."""
     diverged: bool = False
     stop_reason: str | None = None
 
@@ -66,11 +69,14 @@ def train_denoiser(
     cosine: bool = False,
     desc: str = "fine-tune",
     mixed_precision: str | None = None,
+    cuda_graph: bool = False,
 ) -> FinetuneResult:
     """Train the parameters of ``model`` that require grad; seeded and deterministic on CPU.
 
     ``mixed_precision`` (``fp16`` or ``bf16``) runs the forward pass under autocast. Stops early
-    (``diverged=True``) on a non-finite loss instead of raising.
+    (``diverged=True``) on a non-finite loss instead of raising. ``cuda_graph`` (CUDA only)
+    replays each step as one CUDA graph: the same batches and updates without a kernel launch
+    per operation or a host synchronisation per step.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     result = FinetuneResult(
@@ -80,22 +86,82 @@ def train_denoiser(
     if not params or steps == 0:
         return result
     start = time.perf_counter()
+    device = next(model.parameters()).device
+    run: dict[str, Any] = dict(
+        model=model,
+        data=data,
+        params=params,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        cond_dropout=cond_dropout,
+        seed=seed,
+        grad_clip=grad_clip,
+        weight_decay=weight_decay,
+        cosine=cosine,
+        desc=desc,
+        mixed_precision=mixed_precision,
+    )
+    model.train()
+    if cuda_graph and device.type == "cuda":
+        initial = [p.detach().clone() for p in params]
+        losses = _train_graphed(**run)
+        first_bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
+        if first_bad is None:
+            result.losses = losses
+        else:  # replay eagerly from the start so that the run stops exactly where the eager one does
+            log.info("%s: non-finite loss in the CUDA graph run; replaying eagerly", desc)
+            with torch.no_grad():
+                for p, value in zip(params, initial):
+                    p.copy_(value)
+                    p.grad = None
+            _train_eager(**run, result=result, started=start)
+    else:
+        _train_eager(**run, result=result, started=start)
+    model.eval()
+    result.wall_time = time.perf_counter() - start
+    return result
+
+
+class _Batches:
+    """The seeded training batches, drawn on the CPU in a fixed order so that every device and
+    code path sees the same ones: image indices, condition dropout, noise, timesteps."""
+
+    def __init__(
+        self, model: DiffusionModel, data: ImageSet, batch_size: int, cond_dropout: float, seed: int
+    ):
+        self.images, self.batch_size, self.cond_dropout = data.images, batch_size, cond_dropout
+        self.labels = model.labels_or_null(data.labels, len(data))
+        self.null_label = model.null_label
+        self.generator = torch.Generator().manual_seed(seed)
+        self.num_timesteps = noise_scheduler(model).config.num_train_timesteps
+
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One batch: clean images, labels (some dropped to the null label), noise, timesteps."""
+        g, n = self.generator, self.batch_size
+        idx = torch.randint(0, len(self.images), (n,), generator=g)
+        labels = self.labels[idx].clone()
+        labels[torch.rand(n, generator=g) < self.cond_dropout] = self.null_label
+        x0 = self.images[idx]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, self.num_timesteps, (n,), generator=g)
+        return x0, labels, noise, t
+
+
+def _lr_factor(step: int, steps: int, cosine: bool) -> float:
+    return 0.5 * (1 + math.cos(math.pi * step / steps)) if cosine else 1.0
+
+
+def _train_eager(
+    *, model, data, params, steps, batch_size, lr, cond_dropout, seed, grad_clip, weight_decay, cosine, desc,
+    mixed_precision, result: FinetuneResult, started: float,
+) -> None:  # fmt: skip
     sched = noise_scheduler(model)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    lr_at = (lambda i: 0.5 * (1 + math.cos(math.pi * i / steps))) if cosine else (lambda i: 1.0)
-    g = torch.Generator().manual_seed(seed)
-    labels_all = model.labels_or_null(data.labels, len(data))
-    device = next(model.parameters()).device
-    model.train()
+    batches = _Batches(model, data, batch_size, cond_dropout, seed)
+    device = params[0].device
     for step in tqdm(range(steps), desc=desc, leave=False, mininterval=2.0):
-        idx = torch.randint(0, len(data), (batch_size,), generator=g)
-        x0 = data.images[idx]
-        labels = labels_all[idx].clone()
-        drop = torch.rand(batch_size, generator=g) < cond_dropout
-        labels[drop] = model.null_label
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), generator=g)
-        x0, noise, t, labels = x0.to(device), noise.to(device), t.to(device), labels.to(device)
+        x0, labels, noise, t = (v.to(device) for v in batches.draw())
         xt = sched.add_noise(x0, noise, t)
         with _autocast(device, mixed_precision):
             prediction = model(xt, t, labels)
@@ -105,24 +171,93 @@ def train_denoiser(
             log.warning("%s: %s; stopping early", desc, result.stop_reason)
             break
         for group in opt.param_groups:
-            group["lr"] = lr * lr_at(step)
+            group["lr"] = lr * _lr_factor(step, steps, cosine)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
         result.losses.append(loss.item())
-    model.eval()
-    result.wall_time = time.perf_counter() - start
-    return result
+        if step == 0:
+            result.first_step_time = time.perf_counter() - started
 
 
-def _autocast(device: torch.device, mixed_precision: str | None) -> Any:
+def _train_graphed(
+    *, model, data, params, steps, batch_size, lr, cond_dropout, seed, grad_clip, weight_decay, cosine, desc,
+    mixed_precision, warmup: int = 3, chunk: int = 50,
+) -> list[float]:  # fmt: skip
+    """The eager loop's steps, the first ``warmup`` run eagerly on a side stream, the rest replayed
+    from one captured CUDA graph (PyTorch's whole-network capture recipe). Batches are drawn on the
+    CPU ``chunk`` steps at a time and copied once per chunk; losses are read back once per chunk."""
+    device = params[0].device
+    sched = noise_scheduler(model)
+    alphas = sched.alphas_cumprod.to(device=device, dtype=torch.float32)
+    # a cosine schedule changes the learning rate per step: a tensor the captured graph reads
+    lr_now = torch.tensor(lr, dtype=torch.float32, device=device) if cosine else lr
+    opt = torch.optim.AdamW(params, lr=lr_now, weight_decay=weight_decay, capturable=True, foreach=True)
+    batches = _Batches(model, data, batch_size, cond_dropout, seed)
+    pending = [batches.draw()]  # the first batch also gives the static buffers their shapes
+    static = [v.to(device) for v in pending[0]]
+    loss_now = torch.zeros((), device=device)
+    autocast = _autocast(device, mixed_precision, cache_enabled=False)
+
+    def step() -> None:
+        x0, labels, noise, t = static
+        a = alphas[t].view(-1, *[1] * (x0.dim() - 1))
+        xt = a**0.5 * x0 + (1 - a) ** 0.5 * noise
+        with autocast:
+            prediction = model(xt, t, labels)
+        loss = (prediction.float() - noise).square().mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        loss_now.copy_(loss.detach())
+
+    losses = torch.zeros(steps, device=device)
+    graph = None
+    side = torch.cuda.Stream(device)
+    for begin in tqdm(range(0, steps, chunk), desc=desc, leave=False):
+        count = min(chunk, steps - begin)
+        drawn = pending + [batches.draw() for _ in range(count - len(pending))]
+        pending = []
+        stacked = [
+            torch.stack([b[k] for b in drawn]).pin_memory().to(device, non_blocking=True) for k in range(4)
+        ]
+        for i in range(count):
+            n = begin + i
+            for buffer, column in zip(static, stacked):
+                buffer.copy_(column[i])
+            if isinstance(lr_now, torch.Tensor):
+                lr_now.fill_(lr * _lr_factor(n, steps, cosine))
+            if n < warmup:
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    opt.zero_grad(set_to_none=True)
+                    step()
+                torch.cuda.current_stream(device).wait_stream(side)
+            else:
+                if graph is None:
+                    opt.zero_grad(set_to_none=True)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        step()
+                graph.replay()
+            losses[n].copy_(loss_now)
+        values = losses[: begin + count].tolist()  # one host synchronisation per chunk
+        if not all(math.isfinite(v) for v in values):
+            return values
+    del graph
+    for p in params:
+        p.grad = None
+    return losses.tolist()
+
+
+def _autocast(device: torch.device, mixed_precision: str | None, cache_enabled: bool = True) -> Any:
     import contextlib
 
     if mixed_precision in (None, "no"):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 def resolve_device(name: str) -> torch.device:

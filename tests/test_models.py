@@ -15,6 +15,7 @@ def test_base_model_is_cached_and_reloads_identically(cfg, ctx, tmp_path):
     from memrl.models import get_base_model
     from memrl.models.base import _LOADED
 
+    _ = ctx.base  # loaded (and cached on disk) before the in-process cache is cleared
     _LOADED.clear()
     again = get_base_model(cfg, ctx.splits)  # from the cache folder this time
     assert again is not ctx.base
