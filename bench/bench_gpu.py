@@ -43,7 +43,7 @@ report: dict = {}
 
 
 def save() -> None:
-    (OUT / "bench_gpu.json").write_text(json.dumps(report, indent=2))
+    (OUT / report.get("json", "bench_gpu.json")).write_text(json.dumps(report, indent=2))
 
 
 def spec(config: str, mode: str):
@@ -124,15 +124,20 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="the device of the non-CPU modes")
     parser.add_argument("--config", default="default", help="config of parts 2 and 3")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--parts", nargs="+", choices=("agreement", "one", "throughput"))
+    parser.add_argument("--json", default="bench_gpu.json", help="file name under $OUT")
     args = parser.parse_args()
+    report["json"] = args.json
     MODES["cuda"] = {"finetune.device": args.device}
     MODES["cuda_graph"] = {"finetune.device": args.device, "finetune.cuda_graph": True}
     report["torch"] = torch.__version__
     report["device"] = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device
     report["cpu_cores"] = os.cpu_count()
-    parts = [lambda: agreement("test"), lambda: one_evaluation(args.config)]
-    parts += [lambda: agreement(args.config)] if args.config != "test" else []
-    parts += [lambda: throughput(args.config, args.workers)]
+    chosen = set(args.parts or ("agreement", "one", "throughput"))
+    parts = [lambda: agreement("test")] if "agreement" in chosen else []
+    parts += [lambda: one_evaluation(args.config)] if "one" in chosen else []
+    parts += [lambda: agreement(args.config)] if "agreement" in chosen and args.config != "test" else []
+    parts += [lambda: throughput(args.config, args.workers)] if "throughput" in chosen else []
     for part in parts:
         start = time.perf_counter()
         try:

@@ -154,7 +154,8 @@ def encode_prompts(components: Components, prompts: list[str]) -> torch.Tensor:
     ids = tok(
         prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
     )
-    out = components.text_encoder(ids.input_ids)[0].float()
+    device = next(components.text_encoder.parameters()).device
+    out = components.text_encoder(ids.input_ids.to(device))[0].float().cpu()
     _save_tensor(path, "prompts", out)
     return out
 
@@ -170,9 +171,13 @@ def encode_latents(components: Components, images: torch.Tensor, batch_size: int
 
         return load_file(path)["latents"]
     vae = components.vae
+    device = next(vae.parameters()).device
     scale = vae.config.scaling_factor
     latents = torch.cat(
-        [vae.encode(chunk).latent_dist.mean * scale for chunk in images.float().split(batch_size)]
+        [
+            (vae.encode(chunk.to(device)).latent_dist.mean * scale).cpu()
+            for chunk in images.float().split(batch_size)
+        ]
     )
     _save_tensor(path, "latents", latents)
     return latents
