@@ -94,6 +94,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--only", nargs="+", help="run only the memrl cases whose label has one of these")
     args = parser.parse_args()
     side = 16 if args.size == "tiny" else 512
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,7 +109,7 @@ def main() -> None:
             return_tensors="pt",
         ).input_ids
         rows = []
-        for precision in ("no", "bf16"):
+        for precision in ("no", "bf16") if not args.only else ():
             for cached in (False, True):
                 reset_peak(args.device)
                 seconds = baseline_step_time(parts, images, ids, args.steps, args.device, precision, cached)
@@ -147,6 +148,7 @@ def main() -> None:
             (f"{m} (all groups)", "transformer", m, np.ones(transformer.k, int))
             for m in ("attention", "bias_norm", "difffit", "lora", "svdiff")
         ]
+        cases = [c for c in cases if not args.only or any(word in c[0] for word in args.only)]
         for label, granularity, method, mask in cases:
             space = block if granularity == "block" else transformer
             settings = [("no", False), ("bf16", False)] + (
@@ -182,7 +184,7 @@ def main() -> None:
                 )
                 print(rows[-1], flush=True)
     # memrl fine-tunes on cached latents: its baseline is diffusers' step on cached latents, same precision
-    base = {r["precision"]: r["s/step"] for r in rows if "cached" in r["case"]}
+    base = {r["precision"]: r["s/step"] for r in rows if "cached" in r["case"]} or {"no": 1.0, "bf16": 1.0}
     print(f"\n{args.size}, {args.device}, batch {args.batch}, {side} px, {args.steps} timed steps")
     print(
         "| case | precision | checkpointing | trainable % | s/step | ratio to diffusers (cached) | peak GB |"

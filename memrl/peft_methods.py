@@ -109,7 +109,7 @@ def _difffit(unet: nn.Module, modules: list[tuple[str, nn.Module]], rank: int) -
     for _, module in modules:
         if isinstance(module, _WEIGHTED):
             out = module.out_features if isinstance(module, nn.Linear) else module.out_channels
-            module.difffit_scale = nn.Parameter(torch.ones(out))
+            module.difffit_scale = nn.Parameter(torch.ones(out, device=module.weight.device))
             module.register_forward_hook(_scale_output)
 
 

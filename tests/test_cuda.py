@@ -40,7 +40,7 @@ def test_cuda_graph_steps_match_eager_steps(ctx, mixed_precision):
     np.testing.assert_allclose(r_graph.losses, r_eager.losses, rtol=5e-2)
     assert np.mean(r_graph.losses[-20:]) == pytest.approx(np.mean(r_eager.losses[-20:]), rel=1e-2)
     for a, b in zip(eager.unet.parameters(), graph.unet.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-2, atol=5e-3)
+        assert (a - b).norm() <= 1e-2 * a.norm() + 1e-6
 
 
 @cuda
