@@ -166,17 +166,18 @@ def _train_eager(
         with _autocast(device, mixed_precision):
             prediction = model(xt, t, labels)
         loss = (prediction.float() - noise).square().mean()
-        if not torch.isfinite(loss):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        value = loss.item()  # the step's one host synchronisation, once the backward pass is queued
+        if not math.isfinite(value):  # stop before the update, as if the step never ran
             result.diverged, result.stop_reason = True, f"non-finite loss at step {step}"
             log.warning("%s: %s; stopping early", desc, result.stop_reason)
             break
         for group in opt.param_groups:
             group["lr"] = lr * _lr_factor(step, steps, cosine)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
-        result.losses.append(loss.item())
+        result.losses.append(value)
         if step == 0:
             result.first_step_time = time.perf_counter() - started
 

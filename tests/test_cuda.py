@@ -39,8 +39,9 @@ def test_cuda_graph_steps_match_eager_steps(ctx, mixed_precision):
     assert r_graph.losses[0] == pytest.approx(r_eager.losses[0], rel=1e-6)
     np.testing.assert_allclose(r_graph.losses, r_eager.losses, rtol=5e-2)
     assert np.mean(r_graph.losses[-20:]) == pytest.approx(np.mean(r_eager.losses[-20:]), rel=1e-2)
+    atol = 5e-3 if mixed_precision is None else 2e-2  # the H200 run: largest differences 4e-3 and 7e-3
     for a, b in zip(eager.unet.parameters(), graph.unet.parameters()):
-        assert (a - b).norm() <= 1e-2 * a.norm() + 1e-6
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=atol)
 
 
 @cuda
