@@ -159,7 +159,7 @@ def test_shipped_rows_still_hash_to_what_the_current_code_computes():
 def test_the_transfer_benchmark_runs_every_method_on_the_tables(table, tmp_path):
     from memrl.agents.policy import load_policy
 
-    from memrl.benchmark import PREFERENCES, _write_rows, iqm, load_table, modes, ship, summarise, transfer
+    from memrl.benchmark import PREFERENCES, iqm, load_table, modes, ship, summarise, transfer, write_rows
 
     path, cfg = table
     bench_cfg = load_config(
@@ -204,7 +204,7 @@ def test_the_transfer_benchmark_runs_every_method_on_the_tables(table, tmp_path)
         assert 0 <= by[("ppo-top4", w)]["regret"] <= by[("ppo", w)]["regret"] + 1e-9
     assert iqm(np.array([0.0, 1.0, 1.0, 100.0])) == 1.0
     assert "| ppo | 1 |" in summarise(rows)
-    _write_rows(rows, tmp_path / "transfer.csv")
+    write_rows(rows, tmp_path / "transfer.csv")
     shipped = load_policy(ship(bench_cfg, tmp_path / "ship", tmp_path))
     assert [t["name"] for t in shipped.card["training_tasks"]] == ["digits-a"]
     assert shipped.card["benchmark"]["ppo"]["heldout_iqm_regret"] == pytest.approx(

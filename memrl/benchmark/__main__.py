@@ -1,0 +1,5 @@
+import sys
+
+from memrl.benchmark.cli import main
+
+sys.exit(main())

@@ -1,0 +1,88 @@
+"""The ``python -m memrl.benchmark`` command (its help is :mod:`memrl.benchmark`'s docstring)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from memrl.benchmark.experiments import modes, search_curves, transfer
+from memrl.benchmark.findings import claims, findings
+from memrl.benchmark.ship import ship
+from memrl.benchmark.stats import plot_curves, plot_transfer, summarise, write_rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    from memrl import benchmark
+    from memrl.cli import add_config_args, config_from_args, run_main
+    from memrl.utils import atomic_write_text, setup_logging
+
+    parser = argparse.ArgumentParser(
+        prog="python -m memrl.benchmark",
+        description=benchmark.__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=benchmark.__doc__,
+    )
+    parser.add_argument(
+        "command",
+        choices=("transfer", "search", "modes", "claims", "findings", "ship"),
+        nargs="?",
+        default="transfer",
+    )
+    add_config_args(parser, seed=False)
+    parser.set_defaults(config="bench")
+    parser.add_argument("--seeds", type=int, default=10, help="named seeds 0..N-1 per method")
+    parser.add_argument(
+        "--episodes",
+        type=int,
+        default=None,
+        help="transfer: PPO training episodes (default: ppo.total_timesteps)",
+    )
+    parser.add_argument("--budget", type=int, default=64, help="search: distinct fine-tunes per search")
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench/results/benchmark"), help="results (and ship's transfer.csv)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=2, help="single-threaded processes side by side (2 cores: 2)"
+    )
+    parser.add_argument(
+        "--ship-to",
+        type=Path,
+        default=None,
+        help="ship: where the policy goes (default: memrl/assets/policy)",
+    )
+    args = parser.parse_args(argv)
+    setup_logging()
+
+    def body() -> int:
+        start = time.perf_counter()
+        cfg = config_from_args(args)
+        args.out.mkdir(parents=True, exist_ok=True)
+        if args.command == "transfer":
+            rows = transfer(cfg, args.seeds, args.episodes or cfg.ppo.total_timesteps, workers=args.workers)
+            text = summarise(rows)
+            plot_transfer(rows, args.out / "transfer.png")
+        elif args.command == "ship":
+            from memrl.agents.policy import shipped_policy
+
+            path = ship(cfg, args.ship_to or shipped_policy().parent, args.out)
+            print(f"policy: {path}")
+            return 0
+        elif args.command == "findings":
+            rows, text = [], findings(cfg)
+        elif args.command == "claims":
+            rows, text = claims(cfg, args.out / "claims.png")
+        elif args.command == "modes":
+            rows = modes(cfg, args.seeds, workers=args.workers)
+            text = plot_curves(rows, args.out / "modes.png", "episodes", "training episodes")
+        else:
+            rows = search_curves(cfg, args.seeds, args.budget, workers=args.workers)
+            text = plot_curves(rows, args.out / "search.png")
+        if rows:
+            write_rows(rows, args.out / f"{args.command}.csv")
+        footer = f"\n\n{args.seeds} seeds; {time.perf_counter() - start:.0f} s\n"
+        atomic_write_text(args.out / f"{args.command}.md", text + footer)
+        print(text)
+        return 0
+
+    return run_main(body)

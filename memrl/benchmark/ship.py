@@ -1,0 +1,62 @@
+"""The policy that ships with memrl, and the benchmark numbers its card carries."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memrl.benchmark.stats import iqm
+from memrl.config import Config, load_config
+
+
+def ship(cfg: Config, out: Path, results: Path) -> Path:
+    """Train the policy that ships with memrl: PPO by replay on every training task of the suite
+    whose table is complete (see :func:`memrl.train_agent.train`), with uniformly drawn
+    preferences; write ``policy.zip`` and its card to ``out``. The card carries the transfer
+    benchmark's numbers from ``results/transfer.csv`` (the same recipe, judged leave-one-task-out
+    and on the held-out tasks) when present."""
+    import json
+    import shutil
+    import tempfile
+
+    from memrl.agents.policy import card_path, read_card
+    from memrl.train_agent import train
+    from memrl.utils import atomic_path, atomic_write_text
+
+    ship_cfg = load_config(cfg, {"env.preferences": "uniform", "env.store": None})
+    with tempfile.TemporaryDirectory() as tmp:
+        policy = train(ship_cfg, Path(tmp) / "run", report=False)
+        card = read_card(card_path(policy))
+        ship_cfg = load_config(card["config"], {"env.store": None})  # without the run's store
+        card["config"], card["config_hash"] = ship_cfg.to_dict(), ship_cfg.hash()
+        if (results / "transfer.csv").is_file():
+            card["benchmark"] = transfer_numbers(results / "transfer.csv")
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "policy.zip") as dest:
+            shutil.copyfile(policy, dest)
+        atomic_write_text(card_path(out / "policy.zip"), json.dumps(card, indent=2))
+    return out / "policy.zip"
+
+
+def transfer_numbers(path: Path) -> dict[str, Any]:
+    """Per method: IQM regret leave-one-task-out and on the held-out tasks, from ``transfer.csv``."""
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    out: dict[str, Any] = {"source": str(path), "seeds": len({r["seed"] for r in rows})}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        out[method] = {
+            split: round(
+                iqm(
+                    np.array(
+                        [float(r["regret"]) for r in rows if r["method"] == method and r["heldout"] == flag]
+                    )
+                ),
+                4,
+            )
+            for split, flag in (("loto_iqm_regret", "False"), ("heldout_iqm_regret", "True"))
+            if any(r["method"] == method and r["heldout"] == flag for r in rows)
+        }
+    return out
