@@ -324,3 +324,21 @@ def test_training_on_the_table_reports_a_held_out_task_with_a_live_check(table, 
     assert "## Live check" in report and "across trade-offs" in report
     for plot in ("pareto.png", "preferences.png", "samples.png"):
         assert (run / plot).read_bytes()[:4] == b"\x89PNG", plot
+
+
+def test_an_interrupted_experiment_resumes_from_its_stored_parts(tmp_path):
+    from memrl.benchmark import in_parallel
+
+    work, keys = [(1, 2), (5, 3), (4, 0)], ["a", "b", "c"]
+    assert in_parallel(max, work, 2, keys, tmp_path) == [2, 5, 4]  # two worker processes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json", "c.json"]
+    (tmp_path / "b.json").unlink()  # as if stopped before that unit finished
+    calls = []
+
+    def counted(*args):
+        calls.append(args)
+        return max(args)
+
+    assert in_parallel(counted, work, 1, keys, tmp_path) == [2, 5, 4]
+    assert calls == [(5, 3)]
+    assert in_parallel(counted, work, 1) == [2, 5, 4] and len(calls) == 4  # no keys: nothing reused

@@ -15,7 +15,7 @@ from memrl.benchmark.stats import plot_curves, plot_transfer, summarise, write_r
 def main(argv: list[str] | None = None) -> int:
     from memrl import benchmark
     from memrl.cli import add_config_args, config_from_args, run_main
-    from memrl.utils import atomic_write_text, setup_logging
+    from memrl.utils import atomic_write_text, cache_dir, setup_logging
 
     parser = argparse.ArgumentParser(
         prog="python -m memrl.benchmark",
@@ -58,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         cfg = config_from_args(args)
         args.out.mkdir(parents=True, exist_ok=True)
+        parts = cache_dir() / "benchmark" / args.command  # each finished fold: a rerun resumes
         if args.command == "transfer":
-            rows = transfer(cfg, args.seeds, args.episodes or cfg.ppo.total_timesteps, workers=args.workers)
+            rows = transfer(
+                cfg, args.seeds, args.episodes or cfg.ppo.total_timesteps, workers=args.workers, parts=parts
+            )
             text = summarise(rows)
             plot_transfer(rows, args.out / "transfer.png")
         elif args.command == "ship":
@@ -73,10 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "claims":
             rows, text = claims(cfg, args.out / "claims.png")
         elif args.command == "modes":
-            rows = modes(cfg, args.seeds, workers=args.workers)
+            rows = modes(cfg, args.seeds, workers=args.workers, parts=parts)
             text = plot_curves(rows, args.out / "modes.png", "episodes", "training episodes")
         else:
-            rows = search_curves(cfg, args.seeds, args.budget, workers=args.workers)
+            rows = search_curves(cfg, args.seeds, args.budget, workers=args.workers, parts=parts)
             text = plot_curves(rows, args.out / "search.png")
         if rows:
             write_rows(rows, args.out / f"{args.command}.csv")

@@ -4,8 +4,10 @@ mode, and searching one task from scratch; run fold by fold in single-threaded p
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,22 +24,27 @@ from memrl.benchmark.methods import (
 )
 from memrl.benchmark.table import BUDGETS, PREFERENCES, BenchTable, best_regret, folds, load_table, mask_index
 from memrl.config import Config
+from memrl.utils import stable_hash
 
 log = logging.getLogger("memrl.benchmark")
 
 
 def search_curves(
-    cfg: Config, seeds: int, budget: int = 64, ppo_steps: int = 4000, workers: int = 1
+    cfg: Config,
+    seeds: int,
+    budget: int = 64,
+    ppo_steps: int = 4000,
+    workers: int = 1,
+    parts: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Best-so-far regret against distinct fine-tunes (1..budget) when searching one task from
-    scratch: PPO, random, TPE, NSGA-II and GP; one row per method, task, preference, seed and n."""
+    scratch: PPO, random, TPE, NSGA-II and GP; one row per method, task, preference, seed and n.
+    ``parts``: a folder where each finished (seed, task, preference) is kept, so a rerun resumes."""
     table = load_table(cfg)
-    complete = table.complete()
-    work = [
-        (cfg, table, seed, test, w, budget, ppo_steps)
-        for seed, test, w in itertools.product(range(seeds), complete, PREFERENCES)
-    ]
-    return [row for rows in in_parallel(search_one, work, workers) for row in rows]
+    combos = list(itertools.product(range(seeds), table.complete(), PREFERENCES))
+    work = [(cfg, table, seed, test, w, budget, ppo_steps) for seed, test, w in combos]
+    keys = [fold_key(search_one, cfg, table, [test], seed, w, budget, ppo_steps) for seed, test, w in combos]
+    return [row for rows in in_parallel(search_one, work, workers, keys, parts) for row in rows]
 
 
 def search_one(
@@ -68,15 +75,20 @@ def search_one(
 
 
 def modes(
-    cfg: Config, seeds: int, episodes: tuple[int, ...] = (1000, 4000, 10000), workers: int = 1
+    cfg: Config,
+    seeds: int,
+    episodes: tuple[int, ...] = (1000, 4000, 10000),
+    workers: int = 1,
+    parts: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Mask mode against sequential mode: zero-shot regret of each one's first proposal on every
-    fold, after the same numbers of training episodes (= masks evaluated)."""
+    fold, after the same numbers of training episodes (= masks evaluated). ``parts``: as in
+    :func:`search_curves`."""
     table = load_table(cfg)
-    work = [
-        (cfg, table, seed, test, train, episodes) for seed in range(seeds) for test, train in folds(table)
-    ]
-    return [row for rows in in_parallel(modes_fold, work, workers) for row in rows]
+    combos = [(seed, test, train) for seed in range(seeds) for test, train in folds(table)]
+    work = [(cfg, table, seed, test, train, episodes) for seed, test, train in combos]
+    keys = [fold_key(modes_fold, cfg, table, [test, *train], seed, episodes) for seed, test, train in combos]
+    return [row for rows in in_parallel(modes_fold, work, workers, keys, parts) for row in rows]
 
 
 def modes_fold(
@@ -104,16 +116,23 @@ def modes_fold(
 
 
 def transfer(
-    cfg: Config, seeds: int, episodes: int, budgets: tuple[int, ...] = BUDGETS, workers: int = 1
+    cfg: Config,
+    seeds: int,
+    episodes: int,
+    budgets: tuple[int, ...] = BUDGETS,
+    workers: int = 1,
+    parts: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Regret of every method on every test task, preference and seed (one row each)."""
+    """Regret of every method on every test task, preference and seed (one row each).
+    ``parts``: as in :func:`search_curves`."""
     table = load_table(cfg)
-    work = [
-        (cfg, table, seed, test, train, episodes, budgets)
-        for seed in range(seeds)
-        for test, train in folds(table)
+    combos = [(seed, test, train) for seed in range(seeds) for test, train in folds(table)]
+    work = [(cfg, table, seed, test, train, episodes, budgets) for seed, test, train in combos]
+    keys = [
+        fold_key(transfer_fold, cfg, table, [test, *train], seed, episodes, budgets)
+        for seed, test, train in combos
     ]
-    return [row for rows in in_parallel(transfer_fold, work, workers) for row in rows]
+    return [row for rows in in_parallel(transfer_fold, work, workers, keys, parts) for row in rows]
 
 
 def transfer_fold(
@@ -163,16 +182,58 @@ def transfer_fold(
     return rows
 
 
-def in_parallel(fn: Callable[..., Any], work: list[tuple[Any, ...]], workers: int) -> list[Any]:
-    """``[fn(*args) for args in work]``, in ``workers`` single-threaded processes when above 1."""
-    if workers <= 1:
-        return [fn(*args) for args in work]
-    import multiprocessing as mp
-    import os
+def fold_key(fn: Callable[..., Any], cfg: Config, table: BenchTable, tasks: list[int], *args: Any) -> str:
+    """What one unit of an experiment depends on: the experiment, the config, the table rows of
+    its tasks (test task first) and its other arguments."""
+    return stable_hash([fn.__name__, cfg.hash(), [table.names[t] for t in tasks], table.digest(tasks), args])
 
-    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned workers
-    with mp.get_context("spawn").Pool(workers, initializer=_single_threaded) as pool:
-        return pool.starmap(fn, work, chunksize=1)
+
+def in_parallel(
+    fn: Callable[..., Any],
+    work: list[tuple[Any, ...]],
+    workers: int,
+    keys: list[str] | None = None,
+    parts: Path | None = None,
+) -> list[Any]:
+    """``[fn(*args) for args in work]``, in ``workers`` single-threaded processes when above 1.
+
+    With ``keys`` and ``parts``, each result is written to ``parts/<key>.json`` as soon as it is
+    done and read back instead of recomputed, so an interrupted experiment resumes where it stopped.
+    """
+    from memrl.utils import atomic_write_text
+
+    stored = [parts / f"{key}.json" for key in keys] if keys and parts else [None] * len(work)
+    results: dict[int, Any] = {
+        i: json.loads(p.read_text()) for i, p in enumerate(stored) if p and p.is_file()
+    }
+    todo = [i for i in range(len(work)) if i not in results]
+    if results:
+        log.info("%d of %d results reused from %s; %d to run", len(results), len(work), parts, len(todo))
+
+    def keep(i: int, result: Any) -> None:
+        results[i] = result
+        path = stored[i]
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(result))
+
+    if workers <= 1:
+        for i in todo:
+            keep(i, fn(*work[i]))
+    elif todo:
+        import multiprocessing as mp
+        import os
+
+        os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned workers
+        with mp.get_context("spawn").Pool(workers, initializer=_single_threaded) as pool:
+            for i, result in pool.imap_unordered(_indexed, [(i, fn, work[i]) for i in todo]):
+                keep(i, result)
+    return [results[i] for i in range(len(work))]
+
+
+def _indexed(item: tuple[int, Callable[..., Any], tuple[Any, ...]]) -> tuple[int, Any]:
+    i, fn, args = item
+    return i, fn(*args)
 
 
 def _single_threaded() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,11 @@ class BenchTable:
 
     def preference(self, w: float) -> np.ndarray:
         return np.array([w, 1.0 - w, self.param_weight], dtype=np.float32)
+
+    def digest(self, tasks: list[int]) -> str:
+        """A fingerprint of ``tasks``' stored terms and descriptors."""
+        data = np.concatenate([self.terms[tasks].ravel(), self.descriptors[tasks].ravel()])
+        return hashlib.sha256(np.ascontiguousarray(data, dtype=np.float64).tobytes()).hexdigest()[:16]
 
     def complete(self) -> list[int]:
         """The tasks whose every mask is stored."""
