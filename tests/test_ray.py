@@ -83,8 +83,8 @@ def test_a_killed_worker_is_retried_once_then_recorded_and_the_run_goes_on(tmp_p
     result = {}
     thread = threading.Thread(target=lambda: result.setdefault("ev", evaluator.evaluate(spec)))
     thread.start()
-    kills, deadline = 0, time.time() + 180
-    while kills < 2 and time.time() < deadline and thread.is_alive():
+    kills = 0
+    while kills < 2 and thread.is_alive():  # until the evaluation ends, however long workers take to start
         pids = _ray_evaluation_pids()
         if pids:
             time.sleep(1.0)  # let it start fine-tuning
@@ -94,7 +94,7 @@ def test_a_killed_worker_is_retried_once_then_recorded_and_the_run_goes_on(tmp_p
             while set(_ray_evaluation_pids()) & set(pids):
                 time.sleep(0.1)
         time.sleep(0.2)
-    thread.join(timeout=180)
+    thread.join()
     assert kills == 2
     ev = result["ev"]
     assert not ev.ok and "died 2 time(s)" in ev.error
