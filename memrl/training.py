@@ -87,7 +87,7 @@ def train_denoiser(
         return result
     start = time.perf_counter()
     device = next(model.parameters()).device
-    run: dict[str, Any] = dict(
+    run = _Run(
         model=model,
         data=data,
         params=params,
@@ -105,7 +105,7 @@ def train_denoiser(
     model.train()
     if cuda_graph and device.type == "cuda":
         initial = [p.detach().clone() for p in params]
-        losses = _train_graphed(**run)
+        losses = _train_graphed(run)
         first_bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
         if first_bad is None:
             result.losses = losses
@@ -115,12 +115,35 @@ def train_denoiser(
                 for p, value in zip(params, initial):
                     p.copy_(value)
                     p.grad = None
-            _train_eager(**run, result=result, started=start)
+            _train_eager(run, result, start)
     else:
-        _train_eager(**run, result=result, started=start)
+        _train_eager(run, result, start)
     model.eval()
     result.wall_time = time.perf_counter() - start
     return result
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Run:
+    """What one training run needs: the model, its data and trainable parameters, and the
+    settings of :func:`train_denoiser`."""
+
+    model: DiffusionModel
+    data: ImageSet
+    params: list[torch.nn.Parameter]
+    steps: int
+    batch_size: int
+    lr: float
+    cond_dropout: float
+    seed: int
+    grad_clip: float
+    weight_decay: float
+    cosine: bool
+    desc: str
+    mixed_precision: str | None
+
+    def batches(self) -> _Batches:
+        return _Batches(self.model, self.data, self.batch_size, self.cond_dropout, self.seed)
 
 
 class _Batches:
@@ -152,18 +175,16 @@ def _lr_factor(step: int, steps: int, cosine: bool) -> float:
     return 0.5 * (1 + math.cos(math.pi * step / steps)) if cosine else 1.0
 
 
-def _train_eager(
-    *, model, data, params, steps, batch_size, lr, cond_dropout, seed, grad_clip, weight_decay, cosine, desc,
-    mixed_precision, result: FinetuneResult, started: float,
-) -> None:  # fmt: skip
+def _train_eager(run: _Run, result: FinetuneResult, started: float) -> None:
+    model, params, steps, lr, desc = run.model, run.params, run.steps, run.lr, run.desc
     sched = noise_scheduler(model)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    batches = _Batches(model, data, batch_size, cond_dropout, seed)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=run.weight_decay)
+    batches = run.batches()
     device = params[0].device
     for step in tqdm(range(steps), desc=desc, leave=False, mininterval=2.0):
         x0, labels, noise, t = (v.to(device) for v in batches.draw())
         xt = sched.add_noise(x0, noise, t)
-        with _autocast(device, mixed_precision):
+        with _autocast(device, run.mixed_precision):
             prediction = model(xt, t, labels)
         loss = (prediction.float() - noise).square().mean()
         opt.zero_grad(set_to_none=True)
@@ -174,32 +195,30 @@ def _train_eager(
             log.warning("%s: %s; stopping early", desc, result.stop_reason)
             break
         for group in opt.param_groups:
-            group["lr"] = lr * _lr_factor(step, steps, cosine)
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            group["lr"] = lr * _lr_factor(step, steps, run.cosine)
+        torch.nn.utils.clip_grad_norm_(params, run.grad_clip)
         opt.step()
         result.losses.append(value)
         if step == 0:
             result.first_step_time = time.perf_counter() - started
 
 
-def _train_graphed(
-    *, model, data, params, steps, batch_size, lr, cond_dropout, seed, grad_clip, weight_decay, cosine, desc,
-    mixed_precision, warmup: int = 3, chunk: int = 50,
-) -> list[float]:  # fmt: skip
+def _train_graphed(run: _Run, warmup: int = 3, chunk: int = 50) -> list[float]:
     """The eager loop's steps, the first ``warmup`` run eagerly on a side stream, the rest replayed
     from one captured CUDA graph (PyTorch's whole-network capture recipe). Batches are drawn on the
     CPU ``chunk`` steps at a time and copied once per chunk; losses are read back once per chunk."""
+    model, params, steps, lr, cosine = run.model, run.params, run.steps, run.lr, run.cosine
     device = params[0].device
     sched = noise_scheduler(model)
     alphas = sched.alphas_cumprod.to(device=device, dtype=torch.float32)
     # a cosine schedule changes the learning rate per step: a tensor the captured graph reads
     lr_now = torch.tensor(lr, dtype=torch.float32, device=device) if cosine else lr
-    opt = torch.optim.AdamW(params, lr=lr_now, weight_decay=weight_decay, capturable=True, foreach=True)
-    batches = _Batches(model, data, batch_size, cond_dropout, seed)
+    opt = torch.optim.AdamW(params, lr=lr_now, weight_decay=run.weight_decay, capturable=True, foreach=True)
+    batches = run.batches()
     pending = [batches.draw()]  # the first batch also gives the static buffers their shapes
     static = [v.to(device) for v in pending[0]]
     loss_now = torch.zeros((), device=device)
-    autocast = _autocast(device, mixed_precision, cache_enabled=False)
+    autocast = _autocast(device, run.mixed_precision, cache_enabled=False)
 
     def step() -> None:
         x0, labels, noise, t = static
@@ -209,14 +228,14 @@ def _train_graphed(
             prediction = model(xt, t, labels)
         loss = (prediction.float() - noise).square().mean()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, run.grad_clip)
         opt.step()
         loss_now.copy_(loss.detach())
 
     losses = torch.zeros(steps, device=device)
     graph = None
     side = torch.cuda.Stream(device)
-    for begin in tqdm(range(0, steps, chunk), desc=desc, leave=False):
+    for begin in tqdm(range(0, steps, chunk), desc=run.desc, leave=False):
         count = min(chunk, steps - begin)
         drawn = pending + [batches.draw() for _ in range(count - len(pending))]
         pending = []
