@@ -367,6 +367,9 @@ def test_ctrl_c_stops_with_one_line_saying_how_to_resume(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a shell without job control starts background jobs with SIGINT ignored, and an ignored
+        # SIGINT is inherited: give the child Python's own Ctrl-C whatever started pytest
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     while not (out / "episodes.jsonl").is_file():  # training has begun, however long start-up takes
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
