@@ -9,6 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 from conftest import run_module as run
+from conftest import wait_until
 
 
 def train(out, *settings, report=True):
@@ -347,7 +348,6 @@ def test_a_run_whose_evaluations_all_fail_does_not_succeed(tmp_path):
 
 def test_ctrl_c_stops_with_one_line_saying_how_to_resume(tmp_path):
     import signal
-    import time
 
     out = tmp_path / "interrupted"
     proc = subprocess.Popen(
@@ -371,9 +371,11 @@ def test_ctrl_c_stops_with_one_line_saying_how_to_resume(tmp_path):
         # SIGINT is inherited: give the child Python's own Ctrl-C whatever started pytest
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    while not (out / "episodes.jsonl").is_file():  # training has begun, however long start-up takes
+
+    def child_alive() -> None:
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        time.sleep(0.2)
+
+    wait_until((out / "episodes.jsonl").is_file, "training to begin", child_alive)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in stderr

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_module
+from conftest import run_module, wait_until
 
 ray = pytest.importorskip("ray")
 
@@ -84,17 +84,20 @@ def test_a_killed_worker_is_retried_once_then_recorded_and_the_run_goes_on(tmp_p
     thread = threading.Thread(target=lambda: result.setdefault("ev", evaluator.evaluate(spec)))
     thread.start()
     kills = 0
-    while kills < 2 and thread.is_alive():  # until the evaluation ends, however long workers take to start
+
+    def kill_a_worker() -> bool:  # done after two kills, or when the evaluation ends without them
+        nonlocal kills
         pids = _ray_evaluation_pids()
         if pids:
             time.sleep(1.0)  # let it start fine-tuning
             for pid in pids:
                 os.kill(pid, signal.SIGKILL)
             kills += 1
-            while set(_ray_evaluation_pids()) & set(pids):
-                time.sleep(0.1)
-        time.sleep(0.2)
-    thread.join()
+            wait_until(lambda: not set(_ray_evaluation_pids()) & set(pids), "the killed worker to go")
+        return kills == 2 or not thread.is_alive()
+
+    wait_until(kill_a_worker, "a Ray evaluation worker to kill")  # however long workers take to start
+    wait_until(lambda: not thread.is_alive(), "the evaluation to end")
     assert kills == 2
     ev = result["ev"]
     assert not ev.ok and "died 2 time(s)" in ev.error

@@ -6,11 +6,11 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import wait_until
 
 from memrl.backends import Evaluator
 from memrl.errors import NotInStoreError, StoreError
@@ -110,9 +110,11 @@ def test_a_killed_writer_loses_no_committed_row_and_leaves_a_sound_store(tmp_pat
     path = tmp_path / "s.sqlite"
     EvaluationStore(path)
     proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(path)])
-    while len(EvaluationStore(path, readonly=True)) < 20:  # waits on rows, not on a clock
+
+    def writer_alive() -> None:
         assert proc.poll() is None, "the writer died on its own"
-        time.sleep(0.05)
+
+    wait_until(lambda: len(EvaluationStore(path, readonly=True)) >= 20, "20 rows", writer_alive)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     store = EvaluationStore(path)  # opening checks the integrity
