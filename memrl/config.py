@@ -184,8 +184,9 @@ class EnvConfig:
     are part of the observation either way, so one policy serves every trade-off."""
     tasks: list[dict[str, Any]] = field(default_factory=list)
     """Dataset variants that ``reset`` draws from (empty: just ``data``): each a dict of ``data``
-    overrides, optionally with ``name`` (a label) and ``heldout: true`` (never trained on:
-    kept for testing transfer)."""
+    overrides, optionally with ``name`` (a label), ``heldout: true`` (never trained on:
+    kept for testing transfer) and ``noise_masks: N`` (the table builder also evaluates N masks
+    with two more fine-tune seeds, to measure seed noise; default 0)."""
 
 
 @dataclass
@@ -266,7 +267,7 @@ def _choices() -> dict[str, tuple[str | None, ...]]:
     }
 
 
-_TASK_KEYS = ("name", "heldout")
+_TASK_KEYS = ("name", "heldout", "noise_masks")
 """Keys of an ``env.tasks`` entry that are not ``data`` overrides."""
 
 
@@ -340,7 +341,13 @@ def _validate_tasks(cfg: Config) -> None:
         if unknown:
             raise ConfigError(
                 f"env.tasks[{i}]: unknown key {sorted(unknown)[0]!r}; a task holds data fields "
-                f"({', '.join(sorted(data_fields))}) and optionally name, heldout"
+                f"({', '.join(sorted(data_fields))}) and optionally name, heldout, noise_masks"
+            )
+        noise = task.get("noise_masks", 0)
+        if isinstance(noise, bool) or not isinstance(noise, int) or noise < 0:
+            raise ConfigError(
+                f"env.tasks[{i}].noise_masks={noise!r} must be a whole number >= 0 (masks of the "
+                "task's noise sample)"
             )
     names = [t["name"] for t in cfg.env.tasks if "name" in t]
     if len(names) != len(set(names)):

@@ -58,6 +58,7 @@ def _to_uint8(images: torch.Tensor) -> np.ndarray:
 def score_model(model: DiffusionModel, ctx: TaskContext, mask: np.ndarray, ft: FinetuneResult) -> Evaluation:
     """Every metric of a fine-tuned ``model`` on ``ctx``'s task (``ft``: how it was fine-tuned)."""
     from memrl.encoders import embed
+    from memrl.metrics.membership import membership_metrics
     from memrl.metrics.memorization import copy_scores, denoising_loss, extraction_count, noise_norm
     from memrl.metrics.quality import fid_kid
     from memrl.sampling import sample
@@ -103,6 +104,7 @@ def score_model(model: DiffusionModel, ctx: TaskContext, mask: np.ndarray, ft: F
         "canary_loss": float(canary.mean()) if len(canary) else nan,
         "loss_gap": held - float(non_canary.mean()) if len(non_canary) else nan,
         "canary_loss_gap": held - float(canary.mean()) if len(canary) else nan,
+        **membership_metrics(train_loss, heldout_loss, is_canary_private),
         **{k: float(v) for k, v in dataclasses.asdict(scores).items()},
         "copy_threshold": ctx.threshold,
         "extracted": float(extracted),

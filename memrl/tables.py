@@ -85,16 +85,15 @@ def noise_masks(k: int, n: int = 16, seed: int = 0) -> list[tuple[int, ...]]:
     return masks[:n]
 
 
-def jobs(cfg: Config, noise_tasks: list[str], noise_size: int = 16) -> list[Job]:
+def jobs(cfg: Config) -> list[Job]:
     """Every evaluation of the suite's tables: references first, then full fine-tuning of every
-    UNet parameter, then each task's masks, each followed by its noise sample if it has one."""
+    UNet parameter, then each task's masks, each followed by its noise sample (the first
+    ``noise_masks`` of :func:`noise_masks` with seeds :data:`NOISE_SEEDS`) if it has one."""
     from memrl.task import TaskContext, full_unet, suite
 
     out: list[Job] = []
     entries = suite(cfg)
-    unknown = set(noise_tasks) - {e.name for e in entries}
-    if unknown:
-        raise StoreError(f"--noise-tasks {sorted(unknown)} are not tasks of the suite")
+    noise_size = {e.name: int(t.get("noise_masks", 0)) for e, t in zip(entries, cfg.env.tasks, strict=False)}
     contexts = {e.name: TaskContext.get(e.cfg) for e in entries}
     k = next(iter(contexts.values())).space.k
     every = list(itertools.product((0, 1), repeat=k))
@@ -107,10 +106,10 @@ def jobs(cfg: Config, noise_tasks: list[str], noise_size: int = 16) -> list[Job]
     for e in entries:
         order = np.random.default_rng(0).permutation(len(every))
         out += [Job(e.name, "main", contexts[e.name].spec(every[i])) for i in order]
-        if e.name in noise_tasks:
+        if noise_size.get(e.name):
             for seed in NOISE_SEEDS:
                 ctx = TaskContext.get(load_config(e.cfg, {"finetune.seed": seed}))
-                out += [Job(e.name, "noise", ctx.spec(m)) for m in noise_masks(k, noise_size)]
+                out += [Job(e.name, "noise", ctx.spec(m)) for m in noise_masks(k, noise_size[e.name])]
     seen: set[str] = set()
     return [j for j in out if not (j.spec.hash in seen or seen.add(j.spec.hash))]  # type: ignore[func-returns-value]
 
@@ -148,7 +147,6 @@ def build(
     store_path: Path,
     workers: int,
     threads: int,
-    noise_tasks: list[str],
     limit: int | None = None,
     seed_from: Path | None = None,
     backend: str = "pool",
@@ -166,7 +164,7 @@ def build(
     if seed_from is not None and seed_from.is_file():
         log.info("imported %d rows from %s", import_rows(store_path, seed_from), seed_from)
     store = EvaluationStore(store_path)
-    todo_all = jobs(cfg, noise_tasks)
+    todo_all = jobs(cfg)
     have = store.hashes()
     todo = [j for j in todo_all if j.spec.hash not in have][:limit]
     log.info(
@@ -278,13 +276,13 @@ def complete_tasks(cfg: Config) -> tuple[list[dict[str, Any]], list[str]]:
     return [t for t in cfg.env.tasks if t.get("name") not in left_out], left_out
 
 
-def status(cfg: Config, store_path: Path, noise_tasks: list[str]) -> str:
+def status(cfg: Config, store_path: Path) -> str:
     """Rows stored per task and kind."""
     from memrl.store import EvaluationStore
 
     have = EvaluationStore(store_path, readonly=True).hashes() if store_path.is_file() else set()
     counts: dict[tuple[str, str], list[int]] = {}
-    for j in jobs(cfg, noise_tasks):
+    for j in jobs(cfg):
         c = counts.setdefault((j.task, j.kind), [0, 0])
         c[0] += j.spec.hash in have
         c[1] += 1
@@ -323,9 +321,6 @@ def main(argv: list[str] | None = None) -> int:
         help="pool: single-threaded local processes; ray: Ray tasks (ray.* settings, e.g. a cluster)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
-    parser.add_argument(
-        "--noise-tasks", nargs="*", default=["digits", "faces"], help="tasks of the noise sample"
-    )
     parser.add_argument("--limit", type=int, default=None, help="build: at most this many evaluations")
     parser.add_argument("--log", type=Path, default=None, help="also log progress to this file")
     args = parser.parse_args(argv)
@@ -346,14 +341,13 @@ def main(argv: list[str] | None = None) -> int:
                 store_path,
                 args.workers,
                 args.threads,
-                args.noise_tasks,
                 args.limit,
                 shipped,
                 args.backend,
             )
             print(f"evaluated {n}; working store {store_path}")
         elif args.command == "status":
-            print(status(cfg, store_path, args.noise_tasks))
+            print(status(cfg, store_path))
         else:
             out = export(store_path, args.out or shipped_dir() / f"{name}.sqlite", name)
             print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")

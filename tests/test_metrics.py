@@ -183,3 +183,26 @@ def test_a_torchscript_model_file_is_a_pluggable_encoder(cfg, ctx, tmp_path):
     cfg.encoder.path = str(tmp_path / "missing.pt")
     with pytest.raises(FileNotFoundError, match="no such TorchScript file"):
         get_encoder(cfg, ctx.splits)
+
+
+def test_membership_auc_and_tpr_match_hand_computed_values():
+    from memrl.metrics.membership import membership_auc, membership_metrics, tpr_at_fpr
+
+    members = torch.tensor([0.1, 0.2, 0.5])  # lower loss: more likely a member
+    others = torch.tensor([0.3, 0.5, 0.6, 0.7])
+    # pairs (member < other): 0.1 beats 4, 0.2 beats 4, 0.5 beats 2 and ties 1 -> (10 + 0.5) / 12
+    assert membership_auc(members, others) == pytest.approx(10.5 / 12)
+    assert membership_auc(others, members) == pytest.approx(1.5 / 12)
+    # fpr 0: threshold at the lowest held-out loss (0.3): members 0.1 and 0.2 are caught
+    assert tpr_at_fpr(members, others, 0.0) == pytest.approx(2 / 3)
+    # fpr 0.25 lets one held-out image through (0.3); threshold 0.5, which is not strictly below
+    assert tpr_at_fpr(members, others, 0.25) == pytest.approx(2 / 3)
+    assert tpr_at_fpr(members, others, 0.5) == pytest.approx(1.0)
+    assert membership_auc(members[:0], others) != membership_auc(members[:0], others)  # NaN
+    with pytest.raises(ValueError, match="fpr"):
+        tpr_at_fpr(members, others, 1.0)
+    private = torch.tensor([0.1, 0.9, 0.2, 0.8])
+    got = membership_metrics(private, others, torch.tensor([True, False, True, False]))
+    assert got["mia_auc_canary"] == pytest.approx(1.0)
+    assert got["mia_tpr_canary"] == pytest.approx(1.0)
+    assert got["mia_auc_private"] == pytest.approx(8 / 16)  # 0.1, 0.2 below every held-out loss

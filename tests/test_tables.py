@@ -18,7 +18,10 @@ from memrl.tables import build, export, import_rows, jobs, noise_masks, shipped_
 
 ROWS = 2 * 16 + 2 + 2 * 16
 """Rows of the tiny table: 16 masks and full fine-tuning on each of two tasks, 32 noise rows."""
-TASKS = [{"name": "digits-a", "seed": 1}, {"name": "faces", "source": "faces", "seed": 2, "heldout": True}]
+TASKS = [
+    {"name": "digits-a", "seed": 1},
+    {"name": "faces", "source": "faces", "seed": 2, "heldout": True, "noise_masks": 16},
+]
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +30,13 @@ def table(tmp_path_factory):
     plus a noise sample."""
     folder = tmp_path_factory.mktemp("tables")
     cfg = load_config("test", {"env.tasks": TASKS})
-    assert build(cfg, folder / "work.sqlite", workers=2, threads=1, noise_tasks=["faces"]) == ROWS
+    assert build(cfg, folder / "work.sqlite", workers=2, threads=1) == ROWS
     return export(folder / "work.sqlite", folder / "tiny.sqlite", "tiny"), cfg
 
 
 def test_jobs_cover_every_mask_of_every_task_once(cfg):
     suite_cfg = load_config(cfg, {"env.tasks": TASKS})
-    all_jobs = jobs(suite_cfg, ["faces"])
+    all_jobs = jobs(suite_cfg)
     main = [j for j in all_jobs if j.kind == "main"]
     assert {(j.task, j.spec.mask) for j in main} == {
         (t["name"], m) for t in TASKS for m in itertools.product((0, 1), repeat=4)
@@ -67,7 +70,7 @@ def test_the_exported_table_has_rows_descriptors_provenance_and_no_samples(table
 def test_a_build_resumes_and_a_table_seeds_a_new_working_store(table, tmp_path):
     path, cfg = table
     assert import_rows(tmp_path / "work.sqlite", path) == ROWS
-    assert build(cfg, tmp_path / "work.sqlite", workers=1, threads=1, noise_tasks=["faces"]) == 0
+    assert build(cfg, tmp_path / "work.sqlite", workers=1, threads=1) == 0
     out = subprocess.run(
         [sys.executable, "-m", "memrl.store", str(path), "--csv", str(tmp_path / "t.csv")],
         capture_output=True,

@@ -7,6 +7,15 @@
 * ``histology``: 32 px patches of scikit-image's immunohistochemistry slide (512x512).
 * ``retina``: 44 px patches of scikit-image's fundus photograph (1411x1411), black border dropped.
 * ``cells``: 32 px patches of scikit-image's ``cell`` microscopy image (660x550).
+* ``nonfaces``: the 100 non-face crops of ``lfw_subset`` (25x25 greyscale background patches).
+* ``camera``, ``astronaut``, ``coffee``, ``rocket``, ``moon``: 24 px patches of scikit-image's
+  photographs; ``chelsea``, ``coins``, ``page``, ``text``: 16 px patches; ``hubble``: 32 px
+  patches of the Hubble deep field; ``photos``: 24 px patches of scikit-learn's two sample
+  photographs (``china.jpg``, ``flower.jpg``). Flat patches (pixel std below 2 grey levels) are
+  dropped, so a split never holds two identical blank patches.
+
+:data:`SOURCES` says, per dataset, its kind of image and how many distinct source images its
+patches come from (patches of one image are correlated: the suite records it per task).
 
 Every set is greyscale in [-1, 1] (RGB sources are converted with ITU-R 601 luma, or repeated to
 three channels when ``channels=3``), resized to the requested resolution.
@@ -16,6 +25,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -49,13 +59,15 @@ def _grey(image: np.ndarray) -> np.ndarray:
     return image[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
-def _patches(image: np.ndarray, size: int, min_mean: float = 0.0) -> np.ndarray:
-    """Non-overlapping ``size`` x ``size`` patches in raster order, dropping near-black ones."""
+def _patches(image: np.ndarray, size: int, min_mean: float = 0.0, min_std: float = 0.0) -> np.ndarray:
+    """Non-overlapping ``size`` x ``size`` patches in raster order, dropping near-black ones
+    (mean below ``min_mean``) and flat ones (std below ``min_std``)."""
     grey = _grey(image)
     rows, cols = grey.shape[0] // size, grey.shape[1] // size
     tiles = grey[: rows * size, : cols * size].reshape(rows, size, cols, size).swapaxes(1, 2)
     tiles = tiles.reshape(-1, 1, size, size)
-    return tiles[tiles.mean(axis=(1, 2, 3)) >= min_mean]
+    keep = (tiles.mean(axis=(1, 2, 3)) >= min_mean) & (tiles.std(axis=(1, 2, 3)) >= min_std)
+    return tiles[keep]
 
 
 def _mnist(resolution: int, channels: int) -> ImageSet:
@@ -97,6 +109,31 @@ def _cells(resolution: int, channels: int) -> ImageSet:
     return _image_set(_patches(cell(), 32), 255.0, "cells", resolution, channels)
 
 
+def _nonfaces(resolution: int, channels: int) -> ImageSet:
+    from skimage.data import lfw_subset
+
+    return _image_set(lfw_subset()[100:, None], 1.0, "nonfaces", resolution, channels)
+
+
+def _skimage_patches(name: str, loader: str, size: int) -> Callable[[int, int], ImageSet]:
+    """A loader of ``size`` px patches of the scikit-image picture ``skimage.data.<loader>()``."""
+
+    def load(resolution: int, channels: int) -> ImageSet:
+        import skimage.data
+
+        image = getattr(skimage.data, loader)()
+        return _image_set(_patches(image, size, min_std=2.0), 255.0, name, resolution, channels)
+
+    return load
+
+
+def _photos(resolution: int, channels: int) -> ImageSet:
+    from sklearn.datasets import load_sample_images
+
+    tiles = [_patches(image, 24, min_std=2.0) for image in load_sample_images().images]
+    return _image_set(np.concatenate(tiles), 255.0, "photos", resolution, channels)
+
+
 BUNDLED: dict[str, Callable[[int, int], ImageSet]] = {
     "mnist": _mnist,
     "digits": _digits,
@@ -104,8 +141,52 @@ BUNDLED: dict[str, Callable[[int, int], ImageSet]] = {
     "histology": _histology,
     "retina": _retina,
     "cells": _cells,
+    "nonfaces": _nonfaces,
+    "camera": _skimage_patches("camera", "camera", 24),
+    "astronaut": _skimage_patches("astronaut", "astronaut", 24),
+    "coffee": _skimage_patches("coffee", "coffee", 24),
+    "rocket": _skimage_patches("rocket", "rocket", 24),
+    "moon": _skimage_patches("moon", "moon", 24),
+    "chelsea": _skimage_patches("chelsea", "chelsea", 16),
+    "coins": _skimage_patches("coins", "coins", 16),
+    "page": _skimage_patches("page", "page", 16),
+    "text": _skimage_patches("text", "text", 16),
+    "hubble": _skimage_patches("hubble", "hubble_deep_field", 32),
+    "photos": _photos,
 }
 """Name -> loader(resolution, channels) of every bundled dataset."""
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What a bundled dataset is: its kind of image and how many distinct pictures it comes from."""
+
+    kind: str
+    distinct_images: int
+
+
+SOURCES: dict[str, SourceInfo] = {
+    "mnist": SourceInfo("handwritten digits", 5000),
+    "digits": SourceInfo("handwritten digits", 1797),
+    "faces": SourceInfo("faces", 100),
+    "nonfaces": SourceInfo("photographs", 100),
+    "histology": SourceInfo("histology", 1),
+    "cells": SourceInfo("microscopy", 1),
+    "retina": SourceInfo("fundus photography", 1),
+    "camera": SourceInfo("photographs", 1),
+    "astronaut": SourceInfo("photographs", 1),
+    "coffee": SourceInfo("photographs", 1),
+    "rocket": SourceInfo("photographs", 1),
+    "chelsea": SourceInfo("photographs", 1),
+    "photos": SourceInfo("photographs", 2),
+    "coins": SourceInfo("photographs of objects", 1),
+    "moon": SourceInfo("planetary surface", 1),
+    "hubble": SourceInfo("astronomy", 1),
+    "page": SourceInfo("document scans", 1),
+    "text": SourceInfo("photographs of text", 1),
+}
+"""Every bundled dataset's :class:`SourceInfo`. ``faces`` and ``nonfaces`` share one source file
+(scikit-image's ``lfw_subset``) and count as one source in the suite."""
 
 
 @functools.lru_cache(maxsize=16)

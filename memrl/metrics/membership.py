@@ -1,0 +1,80 @@
+"""Loss-based membership inference: does the model's denoising loss tell training images from
+held-out ones?
+
+The attack of Carlini et al. (2023, "Extracting training data from diffusion models") and
+Matsumoto et al. (2023) in its simplest, threshold form: an image whose denoising loss (at fixed
+noise and timesteps, :func:`memrl.metrics.memorization.denoising_loss`) is low is called a member.
+Reported as the ROC AUC and the true-positive rate at a stated low false-positive rate, for the
+canaries against held-out images and for the whole private set against held-out images.
+
+With ``n`` held-out images the smallest false-positive rate that can be resolved is ``1 / n``;
+below it the threshold is the lowest held-out loss (no held-out image is called a member).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+MIA_FPR = 0.01
+"""The false-positive rate at which the true-positive rate is reported (Carlini et al.'s 1%)."""
+
+
+def _scores(losses: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Membership scores: higher means "more likely a member" (minus the loss)."""
+    values = np.asarray(losses, dtype=np.float64).reshape(-1)
+    return -values
+
+
+def membership_auc(member_losses: torch.Tensor | np.ndarray, nonmember_losses: torch.Tensor | np.ndarray) -> float:
+    """ROC AUC of the loss-threshold attack: the chance that a random member has a lower loss than
+    a random non-member (ties count half; the Mann-Whitney U statistic). 0.5 is chance; NaN when
+    either set is empty."""
+    members, others = _scores(member_losses), _scores(nonmember_losses)
+    if len(members) == 0 or len(others) == 0:
+        return math.nan
+    greater = (members[:, None] > others[None, :]).sum()
+    ties = (members[:, None] == others[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(members) * len(others)))
+
+
+def tpr_at_fpr(
+    member_losses: torch.Tensor | np.ndarray,
+    nonmember_losses: torch.Tensor | np.ndarray,
+    fpr: float = MIA_FPR,
+) -> float:
+    """True-positive rate of the loss-threshold attack at a false-positive rate of at most ``fpr``.
+
+    The threshold lets through ``floor(fpr * n)`` of the ``n`` non-members (those with the lowest
+    losses); members are called members when their score is strictly above it. NaN when either set
+    is empty.
+    """
+    if not 0 <= fpr < 1:
+        raise ValueError(f"fpr={fpr} must be in [0, 1)")
+    members, others = _scores(member_losses), _scores(nonmember_losses)
+    if len(members) == 0 or len(others) == 0:
+        return math.nan
+    allowed = math.floor(fpr * len(others))
+    threshold = np.sort(others)[::-1][allowed]
+    return float((members > threshold).mean())
+
+
+def membership_metrics(
+    private_losses: torch.Tensor,
+    heldout_losses: torch.Tensor,
+    is_canary: torch.Tensor,
+    fpr: float = MIA_FPR,
+) -> dict[str, float]:
+    """AUC and TPR at ``fpr`` for canaries and for the whole private set against held-out images.
+
+    Keys: ``mia_auc_canary``, ``mia_tpr_canary``, ``mia_auc_private``, ``mia_tpr_private``.
+    """
+    canary = private_losses[is_canary]
+    return {
+        "mia_auc_canary": membership_auc(canary, heldout_losses),
+        "mia_tpr_canary": tpr_at_fpr(canary, heldout_losses, fpr),
+        "mia_auc_private": membership_auc(private_losses, heldout_losses),
+        "mia_tpr_private": tpr_at_fpr(private_losses, heldout_losses, fpr),
+    }
