@@ -28,7 +28,9 @@ def _scores(losses: torch.Tensor | np.ndarray) -> np.ndarray:
     return -values
 
 
-def membership_auc(member_losses: torch.Tensor | np.ndarray, nonmember_losses: torch.Tensor | np.ndarray) -> float:
+def membership_auc(
+    member_losses: torch.Tensor | np.ndarray, nonmember_losses: torch.Tensor | np.ndarray
+) -> float:
     """ROC AUC of the loss-threshold attack: the chance that a random member has a lower loss than
     a random non-member (ties count half; the Mann-Whitney U statistic). 0.5 is chance; NaN when
     either set is empty."""
