@@ -86,30 +86,27 @@ def noise_masks(k: int, n: int = 16, seed: int = 0) -> list[tuple[int, ...]]:
 
 
 def jobs(cfg: Config) -> list[Job]:
-    """Every evaluation of the suite's tables: references first, then full fine-tuning of every
-    UNet parameter, then each task's masks, each followed by its noise sample (the first
-    ``noise_masks`` of :func:`noise_masks` with seeds :data:`NOISE_SEEDS`) if it has one."""
+    """Every evaluation of the suite's tables, task by task (so the table grows a complete task
+    at a time): the references, full fine-tuning of every UNet parameter, every other mask, then
+    the task's noise sample (the first ``noise_masks`` of :func:`noise_masks` with seeds
+    :data:`NOISE_SEEDS`) if it has one."""
     from memrl.task import TaskContext, full_unet, suite
 
     out: list[Job] = []
     entries = suite(cfg)
     noise_size = {e.name: int(t.get("noise_masks", 0)) for e, t in zip(entries, cfg.env.tasks, strict=False)}
-    contexts = {e.name: TaskContext.get(e.cfg) for e in entries}
-    k = next(iter(contexts.values())).space.k
-    every = list(itertools.product((0, 1), repeat=k))
     for e in entries:
-        for mask in ((0,) * k, (1,) * k):
-            out.append(Job(e.name, "main", contexts[e.name].spec(mask)))
-    for e in entries:
+        ctx = TaskContext.get(e.cfg)
+        k = ctx.space.k
+        every = list(itertools.product((0, 1), repeat=k))
+        out += [Job(e.name, "main", ctx.spec(m)) for m in ((0,) * k, (1,) * k)]
         whole = TaskContext.get(full_unet(e.cfg))
         out.append(Job(e.name, "full", whole.spec((1,) * whole.space.k)))
-    for e in entries:
         order = np.random.default_rng(0).permutation(len(every))
-        out += [Job(e.name, "main", contexts[e.name].spec(every[i])) for i in order]
-        if noise_size.get(e.name):
-            for seed in NOISE_SEEDS:
-                ctx = TaskContext.get(load_config(e.cfg, {"finetune.seed": seed}))
-                out += [Job(e.name, "noise", ctx.spec(m)) for m in noise_masks(k, noise_size[e.name])]
+        out += [Job(e.name, "main", ctx.spec(every[i])) for i in order]
+        for seed in NOISE_SEEDS if noise_size.get(e.name) else ():
+            noisy = TaskContext.get(load_config(e.cfg, {"finetune.seed": seed}))
+            out += [Job(e.name, "noise", noisy.spec(m)) for m in noise_masks(k, noise_size[e.name])]
     seen: set[str] = set()
     return [j for j in out if not (j.spec.hash in seen or seen.add(j.spec.hash))]  # type: ignore[func-returns-value]
 
