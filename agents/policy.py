@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from memrl.config import Config, load_config
-from memrl.data.descriptor import DESCRIPTOR_FIELDS, DESCRIPTOR_VERSION
+from memrl.data.descriptor import DESCRIPTOR_VERSION, descriptor_fields
 from memrl.errors import ConfigError, PolicyError
 from memrl.reward import PREFERENCE_FIELDS, preference_of, with_preference
 from memrl.utils import atomic_write_text, package_versions
@@ -116,7 +116,7 @@ def make_card(
             "method": space.method,
             "groups": space.names,
         },
-        "descriptor": {"version": DESCRIPTOR_VERSION, "fields": list(DESCRIPTOR_FIELDS)},
+        "descriptor": {"version": DESCRIPTOR_VERSION, "fields": list(descriptor_fields(space.k))},
         "preference": {"fields": list(PREFERENCE_FIELDS), "sampling": cfg.env.preferences},
         "action_mode": cfg.env.mode,
         "stop_action": cfg.env.stop_action,

@@ -12,7 +12,7 @@ import numpy as np
 from gymnasium import spaces
 
 from memrl.config import Config, load_config
-from memrl.data.descriptor import DESCRIPTOR_FIELDS
+from memrl.data.descriptor import descriptor_fields
 from memrl.errors import EpisodeOverError
 from memrl.reward import PREFERENCE_FIELDS, draw_preference, preference_of, with_preference
 from memrl.spec import Evaluation
@@ -58,10 +58,10 @@ class MemControlEnv(gym.Env):
     7 on the default, 16 on Stable Diffusion 1.5 at ``transformer``).
 
     ## Observation Space
-    ``Box`` of the dataset descriptor (12 values, see ``memrl.data.descriptor.DESCRIPTOR_FIELDS``,
-    each roughly in [0, 1]) and the episode's preference (3 reward weights:
-    ``memrl.reward.PREFERENCE_FIELDS``); sequential mode appends the partial mask (K) and a one-hot
-    of the current group (K).
+    ``Box`` of the dataset descriptor (version 2: 17 + 2K values, see
+    ``memrl.data.descriptor.descriptor_fields``, each roughly in [0, 1]) and the episode's
+    preference (3 reward weights: ``memrl.reward.PREFERENCE_FIELDS``); sequential mode appends the
+    partial mask (K) and a one-hot of the current group (K).
 
     ## Rewards
     ``memrl.reward.Reward``: minus the normalised memorization term (0 = base model, 1 = every
@@ -116,7 +116,7 @@ class MemControlEnv(gym.Env):
         )
         e = self.cfg.env
         self.sequential = e.mode == "sequential"
-        n_desc = len(DESCRIPTOR_FIELDS) + len(PREFERENCE_FIELDS)
+        n_desc = len(descriptor_fields(self.k)) + len(PREFERENCE_FIELDS)
         if self.sequential:
             self.action_space = spaces.Discrete(3 if e.stop_action else 2)
             n_obs = n_desc + 2 * self.k
@@ -126,7 +126,7 @@ class MemControlEnv(gym.Env):
         self.observation_space = spaces.Box(-10.0, 10.0, shape=(n_obs,), dtype=np.float32)
         self.task: Task | None = None
         self.diagnostics: dict[str, Any] = {"cache_hit": None, "timings": {}}
-        self._descriptor = np.zeros(len(DESCRIPTOR_FIELDS), dtype=np.float32)
+        self._descriptor = np.zeros(len(descriptor_fields(self.k)), dtype=np.float32)
         self.preference = preference_of(self.cfg.reward)
         self._mask = np.zeros(self.k, dtype=np.int8)
         self._position = 0

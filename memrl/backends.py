@@ -30,13 +30,13 @@ from typing import Any
 import numpy as np
 
 from memrl.errors import ConfigError, MemrlError, NotInStoreError, SpecError
+from memrl.registry import BACKENDS  # noqa: F401  (re-exported)
 from memrl.spec import EvalSpec, Evaluation
 from memrl.store import EvaluationStore
 from memrl.utils import package_versions
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("inprocess", "subprocess", "ray", "replay")
 _SPEC_ERROR_EXIT = 3
 
 

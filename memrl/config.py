@@ -158,6 +158,11 @@ class RewardConfig:
     param_weight: float = 0.0
     """Cost per unit of trainable fraction (0 disables)."""
     failure_penalty: float = -2.0
+    memorization_floor: bool = True
+    """Floor the memorization term at 0: no mask memorizes less than the base model (reward v2)."""
+    noise_span: float = 3.0
+    """The memorization term's span is at least this many seed standard deviations of its metric
+    on the task, where the tables measured them (reward v2; 0 turns it off)."""
 
 
 @dataclass
@@ -248,11 +253,7 @@ class Config:
 
 def _choices() -> dict[str, tuple[str | None, ...]]:
     """Allowed values of the fields with a fixed vocabulary, from the modules that own them."""
-    from memrl.backends import BACKENDS
-    from memrl.encoders import ENCODER_KINDS
-    from memrl.metrics.memorization import FAISS_INDEXES, NN_BACKENDS
-    from memrl.peft_methods import METHODS
-    from memrl.search_space import GRANULARITIES
+    from memrl.registry import BACKENDS, ENCODER_KINDS, FAISS_INDEXES, GRANULARITIES, METHODS, NN_BACKENDS
 
     return {
         "search.granularity": GRANULARITIES,
@@ -362,6 +363,17 @@ def _validate_ray(r: RayConfig) -> None:
         )
 
 
+def _validate_reward(r: RewardConfig) -> None:
+    from memrl.registry import METRICS
+
+    for name in ("memorization", "quality"):
+        value = getattr(r, name)
+        if value not in METRICS:
+            raise ConfigError(f"reward.{name}={value!r} is not a metric; choose one of {', '.join(METRICS)}")
+    if r.noise_span < 0:
+        raise ConfigError(f"reward.noise_span={r.noise_span} must be >= 0 (0 turns it off)")
+
+
 def _validate(cfg: Config) -> None:
     for path, choices in _choices().items():
         section, name = path.split(".")
@@ -405,6 +417,7 @@ def _validate(cfg: Config) -> None:
             f"ppo.batch_size={p.batch_size} must be between 2 and ppo.n_steps x ppo.n_envs = {rollout} "
             "(the rollout PPO splits into minibatches); lower ppo.batch_size or raise ppo.n_steps"
         )
+    _validate_reward(cfg.reward)
     if not 0 <= p.gamma <= 1 or p.ent_coef < 0:
         raise ConfigError(f"ppo.gamma={p.gamma} must be in [0, 1] and ppo.ent_coef={p.ent_coef} >= 0")
     if not 0 <= cfg.model.cond_dropout < 1 or not 0 <= cfg.sample.canary_fraction <= 1:

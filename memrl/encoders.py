@@ -26,11 +26,10 @@ from tqdm.auto import tqdm
 
 from memrl.config import Config
 from memrl.data import DataSplits, ImageSet
+from memrl.registry import ENCODER_KINDS  # noqa: F401  (re-exported)
 from memrl.utils import atomic_path, cache_dir, stable_hash
 
 log = logging.getLogger(__name__)
-
-ENCODER_KINDS = ("contrastive", "inception", "torchscript", "pixel")
 
 
 class PixelEncoder(nn.Module):

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-METHODS = ("full", "attention", "bias_norm", "difffit", "lora", "svdiff")
+from memrl.registry import METHODS  # noqa: F401  (re-exported)
+
 _NORMS = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d)
 _WEIGHTED = (nn.Linear, nn.Conv2d)
 

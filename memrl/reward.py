@@ -3,16 +3,23 @@
 For each dataset two reference evaluations are run once (and cached in the store): the base model
 without fine-tuning (mask of zeros) and full fine-tuning (mask of ones). Then
 
-* memorization term  ``m = (mem - mem_none) / |mem_full - mem_none|``: 0 memorizes as little as
-  the base model, 1 as much as full fine-tuning (the absolute value keeps "higher metric = more
-  memorization" on a task where full fine-tuning measures *below* the base model, i.e. where no
-  memorization is induced and the gap is seed noise: there every mask scores about -1 or 0);
+* memorization term  ``m = max(0, (mem - mem_none) / span)`` with
+  ``span = max(|mem_full - mem_none|, c * sigma)``: 0 memorizes as little as the base model, 1 as
+  much as full fine-tuning. ``sigma`` is the seed standard deviation of the memorization metric on
+  the task (from the tables' noise sample; 0 when unknown) and ``c = reward.noise_span`` (3: the
+  classic limit of detection, three standard deviations of a blank). Where fine-tuning induces
+  less memorization than seed noise can resolve, the span stays at the noise level instead of
+  dividing noise by a tiny number. The floor at 0 (``reward.memorization_floor``): a mask cannot
+  memorize less than a model that never saw the canaries, so a canary loss gap below the base
+  model's earns nothing.
 * quality term  ``q = (qual - qual_full) / (qual_none - qual_full)`` (lower ``qual`` is better):
   0 is as good as full fine-tuning, 1 as poor as no fine-tuning;
 
-and ``reward = -(w_m * m + w_q * q + w_p * trainable_fraction)``. Both references score -1 (with
-unit weights); a mask that keeps full fine-tuning's quality while memorizing like the base model
-scores 0. So rewards are comparable across datasets.
+and ``reward = -(w_m * m + w_q * q + w_p * trainable_fraction)``. A mask that keeps full
+fine-tuning's quality while memorizing like the base model scores 0; no fine-tune scores
+``-w_q``, and the mask of ones ``-w_m`` where its memorization is above the noise level.
+:data:`REWARD_VERSION` 2 is this reward; version 1 (no floor, no noise span) is
+``reward.memorization_floor=false reward.noise_span=0``.
 """
 
 from __future__ import annotations
@@ -54,6 +61,13 @@ def draw_preference(cfg: RewardConfig, mode: str, rng: np.random.Generator) -> n
 
 
 _EPS = 1e-6
+REWARD_VERSION = 2
+"""The reward's definition (policy cards record it): 2 adds the noise span and the floor."""
+
+
+def reward_version(cfg: RewardConfig) -> int:
+    """:data:`REWARD_VERSION` when the floor or the noise span is on, else 1."""
+    return REWARD_VERSION if cfg.memorization_floor or cfg.noise_span > 0 else 1
 
 
 @dataclass
@@ -62,6 +76,8 @@ class References:
     """Metrics of the base model without fine-tuning."""
     full: dict[str, float]
     """Metrics of full fine-tuning."""
+    noise: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Seed standard deviation of each metric on the task (empty when no noise sample exists)."""
 
 
 class Reward:
@@ -76,15 +92,20 @@ class Reward:
                 )
         self.cfg, self.refs = cfg, refs
 
-    def _scale(self, key: str) -> tuple[float, float]:
+    def memorization_scale(self) -> tuple[float, float]:
+        """(no fine-tune's value, span) of the memorization metric (see the module docstring)."""
+        key = self.cfg.memorization
         lo, hi = self.refs.none[key], self.refs.full[key]
-        return lo, max(abs(hi - lo), _EPS)
+        noise = self.cfg.noise_span * self.refs.noise.get(key, 0.0)
+        return lo, max(abs(hi - lo), noise, _EPS)
 
     def terms(self, metrics: dict[str, float]) -> dict[str, float]:
         """The normalised terms: memorization (0 none .. 1 full) and quality cost (0 full .. 1 none)."""
         c = self.cfg
-        lo, span = self._scale(c.memorization)
+        lo, span = self.memorization_scale()
         mem = (metrics[c.memorization] - lo) / span
+        if c.memorization_floor:
+            mem = max(mem, 0.0)
         q_none, q_full = self.refs.none[c.quality], self.refs.full[c.quality]
         q_span = q_none - q_full
         if abs(q_span) < _EPS:

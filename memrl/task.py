@@ -24,6 +24,7 @@ from memrl.errors import ModelError
 from memrl.reward import References, Reward
 from memrl.search_space import SearchSpace
 from memrl.spec import SPEC_SECTIONS, EvalSpec, Evaluation
+from memrl.tables import NOISE_SEEDS, noise_masks
 from memrl.utils import stable_hash
 
 log = logging.getLogger(__name__)
@@ -294,8 +295,26 @@ class Task:
             for label, ev in (("no fine-tune", none), ("mask of ones", full)):
                 if not ev.ok:
                     raise RuntimeError(f"the reference evaluation ({label}) failed: {ev.error}")
-            self._references = References(none.metrics, full.metrics)
+            self._references = References(none.metrics, full.metrics, self.seed_noise())
         return self._references
+
+    def seed_noise(self) -> dict[str, float]:
+        """Each metric's seed standard deviation on this task, pooled over the masks of the
+        tables' noise sample stored with two or more fine-tune seeds (looked up, never evaluated;
+        empty when there are none)."""
+        k, fingerprints = self.space.k, self.context.fingerprints
+        seeds = [self.cfg] + [load_config(self.cfg, {"finetune.seed": s}) for s in NOISE_SEEDS]
+        variances: dict[str, list[float]] = {}
+        for mask in noise_masks(k, min(2**k, 64)):
+            found = [self.evaluator.lookup(EvalSpec.from_config(c, mask, fingerprints).hash) for c in seeds]
+            runs = [ev.metrics for ev in found if ev is not None and ev.ok]
+            if len(runs) < 2:
+                continue
+            for key in set.intersection(*(set(r) for r in runs)):
+                values = np.array([r[key] for r in runs], dtype=float)
+                if np.isfinite(values).all():
+                    variances.setdefault(key, []).append(float(values.var(ddof=1)))
+        return {key: float(np.sqrt(np.mean(v))) for key, v in variances.items()}
 
     def score(self, mask: Any, reward: Any = None) -> Outcome:
         """Reward (``reward``: a RewardConfig, default the config's) and terms of ``mask``.
@@ -321,10 +340,7 @@ class Task:
     def descriptor_key(self) -> str:
         from memrl.data.descriptor import DESCRIPTOR_VERSION
 
-        c = self.cfg
-        return stable_hash(
-            [self.context.fingerprints, c.encoder.__dict__, c.metrics.loss_timesteps, DESCRIPTOR_VERSION]
-        )
+        return stable_hash([self.context.fingerprints, DESCRIPTOR_VERSION])
 
     def descriptor(self) -> np.ndarray:
         """The dataset descriptor (stored beside the evaluations, so replay computes nothing)."""

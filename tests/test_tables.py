@@ -182,38 +182,35 @@ def test_the_transfer_benchmark_runs_every_method_on_the_tables(table, tmp_path)
     regret = dense.regret(0.5)
     assert np.allclose(regret.min(axis=1), 0) and np.allclose(regret.max(axis=1), 1)
     rows = transfer(bench_cfg, seeds=1, episodes=32, budgets=(4, 16))
-    methods = {r["method"] for r in rows}
-    assert methods == {
-        "ppo",
-        "ppo-top2",
-        "ppo-top3",
-        "ppo-top4",
-        "preset: down-blocks attention",
-        "preset: mid-block attention",
-        "preset: up-blocks attention",
-        "preset: all attention",
-        "ppo-no-descriptor",
-        "single-best",
-        "regression",
-        "random-4",
-        "tpe-4",
-        "random-16",
-        "tpe-16",
+    counts = {}
+    for r in rows:
+        counts.setdefault(r["method"], set()).add(r["fine_tunes"])
+    assert counts == {
+        **{m: {1, 2, 3, 4} for m in ("ppo", "nearest-task", "knn-tasks", "portfolio", "regression")},
+        **{m: {1} for m in ("ppo-no-descriptor", "gradient-top-g", "single-best")},
+        "single-best (mean reward)": {1},
+        **{
+            f"preset: {p}": {1}
+            for p in ("down-blocks attention", "mid-block attention", "up-blocks attention", "all attention")
+        },
+        **{m: {4, 16} for m in ("random", "tpe", "tpe-warm", "gp")},
     }
     assert {r["task"] for r in rows} == {"faces"}  # the only task with another one to train on
-    assert len(rows) == len(methods) * len(PREFERENCES)
-    by = {(r["method"], r["memorization_weight"]): r for r in rows}
+    assert len(rows) == sum(len(n) for n in counts.values()) * len(PREFERENCES)
+    by = {(r["method"], r["memorization_weight"], r["fine_tunes"]): r for r in rows}
     for w in PREFERENCES:
-        assert by[("preset: all attention", w)]["mask"] == "1111"
-        assert by[("random-16", w)]["regret"] == pytest.approx(0.0)  # 16 fine-tunes see every mask
-        assert 0 <= by[("ppo-top4", w)]["regret"] <= by[("ppo", w)]["regret"] + 1e-9
+        assert by[("preset: all attention", w, 1)]["mask"] == "1111"
+        assert by[("random", w, 16)]["regret"] == pytest.approx(0.0)  # 16 fine-tunes see every mask
+        assert 0 <= by[("ppo", w, 4)]["regret"] <= by[("ppo", w, 1)]["regret"] + 1e-9
+        assert by[("nearest-task", w, 1)]["mask"] == by[("tpe-warm", w, 4)]["mask"]  # enqueued first
     assert iqm(np.array([0.0, 1.0, 1.0, 100.0])) == 1.0
-    assert "| ppo | 1 |" in summarise(rows)
+    assert "| ppo | " in summarise(rows)
     write_rows(rows, tmp_path / "transfer.csv")
     shipped = load_policy(ship(bench_cfg, tmp_path / "ship", tmp_path))
     assert [t["name"] for t in shipped.card["training_tasks"]] == ["digits-a"]
-    assert shipped.card["benchmark"]["ppo"]["heldout_iqm_regret"] == pytest.approx(
-        iqm(np.array([r["regret"] for r in rows if r["method"] == "ppo"])), abs=1e-4
+    first = [r["regret"] for r in rows if r["method"] == "ppo" and r["fine_tunes"] == 1]
+    assert shipped.card["benchmark"]["ppo"]["heldout"]["mean_regret"] == pytest.approx(
+        np.mean(first), abs=1e-4
     )
     assert (
         shipped.card["config"]["env"]["store"] is None and shipped.card["preference"]["sampling"] == "uniform"
@@ -331,19 +328,66 @@ def test_training_on_the_table_reports_a_held_out_task_with_a_live_check(table, 
         assert (run / plot).read_bytes()[:4] == b"\x89PNG", plot
 
 
+def rows_of_max(*args):
+    return [{"value": max(args)}]
+
+
 def test_an_interrupted_experiment_resumes_from_its_stored_parts(tmp_path):
     from memrl.benchmark import in_parallel
 
     work, keys = [(1, 2), (5, 3), (4, 0)], ["a", "b", "c"]
-    assert in_parallel(max, work, 2, keys, tmp_path) == [2, 5, 4]  # two worker processes
+    expected = [[{"value": 2}], [{"value": 5}], [{"value": 4}]]
+    assert in_parallel(rows_of_max, work, 2, keys, tmp_path) == expected  # two worker processes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json", "c.json"]
     (tmp_path / "b.json").unlink()  # as if stopped before that unit finished
     calls = []
 
     def counted(*args):
         calls.append(args)
-        return max(args)
+        return rows_of_max(*args)
 
-    assert in_parallel(counted, work, 1, keys, tmp_path) == [2, 5, 4]
+    assert in_parallel(counted, work, 1, keys, tmp_path) == expected
     assert calls == [(5, 3)]
-    assert in_parallel(counted, work, 1) == [2, 5, 4] and len(calls) == 4  # no keys: nothing reused
+    assert in_parallel(counted, work, 1) == expected and len(calls) == 4  # no keys: nothing reused
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["edited", "garbage", "empty", "wrong shape", "pickle", "symlink", "other key"],
+)
+def test_a_kept_result_that_cannot_be_trusted_is_computed_again_with_a_warning(tmp_path, damage, caplog):
+    import pickle
+
+    from memrl.benchmark import in_parallel
+
+    work, keys = [(1, 2)], ["a"]
+    in_parallel(rows_of_max, work, 1, keys, tmp_path)
+    kept = tmp_path / "a.json"
+    if damage == "edited":  # the published number changed by hand, digest left as it was
+        kept.write_text(kept.read_text().replace('"value": 2', '"value": 7'))
+    elif damage == "garbage":
+        kept.write_bytes(b"\x00\xffnot json")
+    elif damage == "empty":
+        kept.write_text("")
+    elif damage == "wrong shape":
+        kept.write_text(json.dumps({"format": 1, "key": "a", "sha256": "x", "rows": 3}))
+    elif damage == "pickle":
+        kept.write_bytes(pickle.dumps([{"value": 7}]))
+    elif damage == "symlink":
+        (tmp_path / "elsewhere.json").write_text(kept.read_text().replace('"value": 2', '"value": 7'))
+        kept.unlink()
+        kept.symlink_to(tmp_path / "elsewhere.json")
+    else:
+        (tmp_path / "b.json").write_text(kept.read_text())
+        kept.unlink()
+        (tmp_path / "b.json").rename(kept)
+        kept.write_text(kept.read_text().replace('"key": "a"', '"key": "b"'))
+    calls = []
+
+    def counted(*args):
+        calls.append(args)
+        return rows_of_max(*args)
+
+    assert in_parallel(counted, work, 1, keys, tmp_path) == [[{"value": 2}]]
+    assert calls == [(1, 2)]
+    assert "computing it again" in caplog.text

@@ -3,6 +3,8 @@ mode, and searching one task from scratch; run fold by fold in single-threaded p
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
 import json
 import logging
@@ -13,13 +15,18 @@ from typing import Any
 import numpy as np
 
 from memrl.benchmark.methods import (
+    gradient_top_g,
+    knn_tasks,
+    nearest_task,
     optuna_search,
     policy_masks,
+    portfolio,
     ppo_search,
     presets,
     random_search,
     regression,
     single_best,
+    single_best_reward,
     train_policies,
 )
 from memrl.benchmark.table import BUDGETS, PREFERENCES, BenchTable, best_regret, folds, load_table, mask_index
@@ -123,8 +130,8 @@ def transfer(
     workers: int = 1,
     parts: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Regret of every method on every test task, preference and seed (one row each).
-    ``parts``: as in :func:`search_curves`."""
+    """Regret of every method on every test task, preference, seed and number of fine-tunes (one
+    row each). ``parts``: as in :func:`search_curves`."""
     table = load_table(cfg)
     combos = [(seed, test, train) for seed in range(seeds) for test, train in folds(table)]
     work = [(cfg, table, seed, test, train, episodes, budgets) for seed, test, train in combos]
@@ -133,6 +140,10 @@ def transfer(
         for seed, test, train in combos
     ]
     return [row for rows in in_parallel(transfer_fold, work, workers, keys, parts) for row in rows]
+
+
+ZERO_SHOT_TOP = 4
+"""Zero-shot methods are also judged by the best of their first 2..4 masks (that many fine-tunes)."""
 
 
 def transfer_fold(
@@ -144,48 +155,86 @@ def transfer_fold(
     episodes: int,
     budgets: tuple[int, ...],
 ) -> list[dict[str, Any]]:
-    """Every method's rows for one test task and seed (PPO trained on ``train``)."""
+    """Every method's rows for one test task and seed (PPO trained on ``train``): zero-shot lists
+    judged at 1..:data:`ZERO_SHOT_TOP` fine-tunes, searches at each of ``budgets``."""
     from memrl.task import architecture_space
 
     names = [table.names[u] for u in train]
     nets = {zero: train_policies(cfg, names, seed, [episodes], zero)[0] for zero in (False, True)}
     group_names = architecture_space(cfg).names
+    top, longest = ZERO_SHOT_TOP, max(budgets)
     rows = []
     for w in PREFERENCES:
         regret = table.regret(w)[test]
-        rng = np.random.default_rng(seed)
-        tried: dict[str, list[int]] = {"ppo": policy_masks(nets[False], table, test, w, 1)}
-        for n in (2, 3, 4):
-            tried[f"ppo-top{n}"] = policy_masks(nets[False], table, test, w, n)
-        tried["ppo-no-descriptor"] = policy_masks(nets[True], table, test, w, 1, zero=True)
-        tried["single-best"] = [single_best(table, train, w)]
-        for label, mask in presets(group_names).items():
-            tried[f"preset: {label}"] = [mask_index(mask)]
-        tried["regression"] = [regression(table, train, test, w, seed)]
-        for n in budgets:
-            tried[f"random-{n}"] = random_search(table, test, n, rng)
-            tried[f"tpe-{n}"] = optuna_search(table, test, w, n, seed, "tpe")
-        for method, masks in tried.items():
-            rows.append(
-                {
-                    "method": method,
-                    "task": table.names[test],
-                    "heldout": bool(table.heldout[test]),
-                    "memorization_weight": w,
-                    "seed": seed,
-                    "fine_tunes": len(masks),
-                    "regret": best_regret(regret, masks),
-                    "mask": "".join(map(str, table.masks[masks[0]])),
-                }
-            )
+        floor = float(table.noise_floor(w)[test])
+        nearest = nearest_task(table, train, test, w, top)
+        lists: dict[str, list[int]] = {
+            "ppo": policy_masks(nets[False], table, test, w, top),
+            "ppo-no-descriptor": policy_masks(nets[True], table, test, w, 1, zero=True),
+            "nearest-task": nearest,
+            "knn-tasks": knn_tasks(table, train, test, w, top),
+            "portfolio": portfolio(table, train, w, top),
+            "regression": regression(table, train, test, w, seed, top),
+            "gradient-top-g": [gradient_top_g(table, train, test, w)],
+            "single-best": [single_best(table, train, w)],
+            "single-best (mean reward)": [single_best_reward(table, train, w)],
+            **{f"preset: {label}": [mask_index(m)] for label, m in presets(group_names).items()},
+        }
+        searches = {
+            "random": random_search(table, test, longest, np.random.default_rng(seed)),
+            "tpe": optuna_search(table, test, w, longest, seed, "tpe"),
+            "tpe-warm": optuna_search(table, test, w, longest, seed, "tpe", warm=nearest),
+            "gp": optuna_search(table, test, w, longest, seed, "gp"),
+        }
+        judged = [(m, masks, range(1, len(masks) + 1)) for m, masks in lists.items()]
+        judged += [(m, masks, budgets) for m, masks in searches.items()]
+        for method, masks, counts in judged:
+            for n in counts:
+                value = best_regret(regret, masks[:n])
+                rows.append(
+                    {
+                        "method": method,
+                        "task": table.names[test],
+                        "heldout": bool(table.heldout[test]),
+                        "memorization_weight": w,
+                        "seed": seed,
+                        "fine_tunes": n,
+                        "regret": value,
+                        "noise_floor": floor,
+                        "mask": "".join(map(str, table.masks[masks[0]])),
+                    }
+                )
     log.info("transfer: seed %d, test task %s done", seed, table.names[test])
     return rows
 
 
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """A hash of the code behind an experiment's results (the benchmark, agents, env, reward and
+    task modules): a change to it reruns every fold."""
+    import memrl
+
+    root = Path(memrl.__file__).parent
+    files = sorted(
+        [*(root / "benchmark").glob("*.py"), root / "reward.py", root / "task.py", root / "tables.py"]
+    )
+    from memrl import agents, envs
+
+    files += sorted(Path(agents.__file__).parent.glob("*.py")) + sorted(
+        Path(envs.__file__).parent.glob("*.py")
+    )
+    digest = hashlib.sha256()
+    for f in sorted(files):
+        digest.update(f.name.encode() + f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def fold_key(fn: Callable[..., Any], cfg: Config, table: BenchTable, tasks: list[int], *args: Any) -> str:
     """What one unit of an experiment depends on: the experiment, the config, the table rows of
-    its tasks (test task first) and its other arguments."""
-    return stable_hash([fn.__name__, cfg.hash(), [table.names[t] for t in tasks], table.digest(tasks), args])
+    its tasks (test task first), its other arguments and the code (:func:`code_digest`)."""
+    return stable_hash(
+        [fn.__name__, cfg.hash(), [table.names[t] for t in tasks], table.digest(tasks), args, code_digest()]
+    )
 
 
 def in_parallel(
@@ -203,9 +252,11 @@ def in_parallel(
     from memrl.utils import atomic_write_text
 
     stored = [parts / f"{key}.json" for key in keys] if keys and parts else [None] * len(work)
-    results: dict[int, Any] = {
-        i: json.loads(p.read_text()) for i, p in enumerate(stored) if p and p.is_file()
-    }
+    results: dict[int, Any] = {}
+    for i, path in enumerate(stored):
+        found = read_part(path) if path is not None and keys else None
+        if found is not None:
+            results[i] = found
     todo = [i for i in range(len(work)) if i not in results]
     if results:
         log.info("%d of %d results reused from %s; %d to run", len(results), len(work), parts, len(todo))
@@ -215,7 +266,7 @@ def in_parallel(
         path = stored[i]
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps(result))
+            atomic_write_text(path, json.dumps(_part(path.stem, result)))
 
     if workers <= 1:
         for i in todo:
@@ -229,6 +280,46 @@ def in_parallel(
             for i, result in pool.imap_unordered(_indexed, [(i, fn, work[i]) for i in todo]):
                 keep(i, result)
     return [results[i] for i in range(len(work))]
+
+
+PART_FORMAT = 1
+"""Version of a kept result's file: ``{"format", "key", "sha256", "rows"}``."""
+
+
+def _part(key: str, rows: Any) -> dict[str, Any]:
+    text = json.dumps(rows, sort_keys=True)
+    return {
+        "format": PART_FORMAT,
+        "key": key,
+        "sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "rows": rows,
+    }
+
+
+def read_part(path: Path) -> list[dict[str, Any]] | None:
+    """The rows kept in ``path``, or None when there are none or they cannot be trusted: a
+    symlink, unreadable or not JSON, another format or key, a digest that does not match the rows
+    (edited by hand), or rows that are not a list of mappings. Every reason but a missing file is
+    logged as a warning; the result is recomputed."""
+    if not path.exists() and not path.is_symlink():
+        return None
+    try:
+        if path.is_symlink() or not path.is_file():
+            raise ValueError("not a regular file")
+        if path.stat().st_size > 256 * 1024 * 1024:
+            raise ValueError("larger than 256 MB")
+        part = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(part, dict) or part.get("format") != PART_FORMAT or part.get("key") != path.stem:
+            raise ValueError("not a result file of this version")
+        rows = part.get("rows")
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise ValueError("its rows are not a list of records")
+        if _part(path.stem, rows)["sha256"] != part.get("sha256"):
+            raise ValueError("its content does not match its digest (edited?)")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        log.warning("ignoring the kept result %s (%s); computing it again", path, exc)
+        return None
+    return rows
 
 
 def _indexed(item: tuple[int, Callable[..., Any], tuple[Any, ...]]) -> tuple[int, Any]:

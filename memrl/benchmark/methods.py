@@ -10,24 +10,105 @@ import numpy as np
 
 from memrl.benchmark.table import BenchTable, mask_index
 from memrl.config import Config, load_config
+from memrl.data.descriptor import descriptor_fields, family_slices
+
+
+def _ranked(scores: np.ndarray, n: int) -> list[int]:
+    """Indices of the ``n`` lowest finite ``scores`` (ties by index)."""
+    order = np.argsort(np.where(np.isfinite(scores), scores, np.inf), kind="stable")
+    return [int(i) for i in order[:n] if np.isfinite(scores[i])]
 
 
 def single_best(table: BenchTable, train: list[int], w: float) -> int:
-    """The mask with the best mean reward over the training tasks (masks missing anywhere skipped)."""
-    mean = table.rewards(w)[train].mean(axis=0)
-    return int(np.nanargmax(np.where(np.isfinite(mean), mean, -np.inf)))
+    """The mask with the lowest mean normalised regret over the training tasks: chosen on the
+    scale methods are judged on (masks missing anywhere skipped)."""
+    return _ranked(table.regret(w)[train].mean(axis=0), 1)[0]
+
+
+def single_best_reward(table: BenchTable, train: list[int], w: float) -> int:
+    """The mask with the best mean *raw* reward over the training tasks (tasks with wide reward
+    ranges dominate it; kept, labelled, for comparison with the first benchmark)."""
+    return _ranked(-table.rewards(w)[train].mean(axis=0), 1)[0]
+
+
+def task_distances(table: BenchTable, train: list[int], test: int) -> np.ndarray:
+    """Euclidean distances from the test task's descriptor to each training task's, features
+    standardised with the training tasks' mean and standard deviation only (constant features
+    dropped)."""
+    d = table.descriptors
+    mean, std = d[train].mean(axis=0), d[train].std(axis=0)
+    keep = std > 1e-9
+    z = (d[:, keep] - mean[keep]) / std[keep]
+    return np.linalg.norm(z[train] - z[test], axis=1)
+
+
+def nearest_task(table: BenchTable, train: list[int], test: int, w: float, n: int) -> list[int]:
+    """The ``n`` best masks of the training task nearest to the test task (descriptor distance)."""
+    nearest = train[int(np.argmin(task_distances(table, train, test)))]
+    return _ranked(table.regret(w)[nearest], n)
+
+
+def knn_tasks(table: BenchTable, train: list[int], test: int, w: float, n: int, k: int = 3) -> list[int]:
+    """The ``n`` masks with the lowest regret averaged over the ``k`` nearest training tasks,
+    weighted by inverse descriptor distance."""
+    distances = task_distances(table, train, test)
+    order = np.argsort(distances, kind="stable")[:k]
+    weights = 1.0 / (distances[order] + 1e-6)
+    regret = table.regret(w)[[train[i] for i in order]]
+    return _ranked((weights[:, None] * regret).sum(axis=0) / weights.sum(), n)
+
+
+def portfolio(table: BenchTable, train: list[int], w: float, n: int) -> list[int]:
+    """A static portfolio built greedily on the training tasks (as Auto-sklearn 2 builds its
+    portfolios): each next mask is the one that most lowers the mean over training tasks of the
+    best regret among the masks chosen so far. Its first ``n`` masks, in that order."""
+    regret = table.regret(w)[train]
+    chosen: list[int] = []
+    best = np.full(len(train), np.inf)
+    for _ in range(n):
+        candidate = np.minimum(best[:, None], regret).mean(axis=0)
+        candidate[chosen] = np.inf
+        pick = _ranked(candidate, 1)[0]
+        chosen.append(pick)
+        best = np.minimum(best, regret[:, pick])
+    return chosen
+
+
+def gradient_top_g(table: BenchTable, train: list[int], test: int, w: float) -> int:
+    """Gradient-based parameter selection as a zero-shot rule (GPS, Zhang et al. CVPR 2024): the
+    ``g`` groups with the largest base-model gradient per parameter on the private set (from the
+    descriptor), ``g`` chosen as the count with the lowest mean regret on the training tasks."""
+    k = table.masks.shape[1]
+    sensitivity = table.descriptors[:, family_slices(k)["gradient"]][:, :k]
+
+    def mask_of(t: int, g: int) -> int:
+        mask = np.zeros(k, dtype=np.int8)
+        mask[np.argsort(-sensitivity[t], kind="stable")[:g]] = 1
+        return mask_index(mask)
+
+    regret = table.regret(w)
+    mean = [np.mean([regret[t, mask_of(t, g)] for t in train]) for g in range(k + 1)]
+    return mask_of(test, int(np.nanargmin(mean)))
 
 
 def random_search(table: BenchTable, test: int, budget: int, rng: np.random.Generator) -> list[int]:
+    """``budget`` distinct stored masks in a random order (a smaller budget is a prefix)."""
     available = np.flatnonzero(np.isfinite(table.terms[test, :, 0]))
     return [int(i) for i in rng.permutation(available)[:budget]]
 
 
 def optuna_search(
-    table: BenchTable, test: int, w: float, budget: int, seed: int, sampler: str = "tpe"
+    table: BenchTable,
+    test: int,
+    w: float,
+    budget: int,
+    seed: int,
+    sampler: str = "tpe",
+    warm: list[int] | None = None,
 ) -> list[int]:
     """Masks an Optuna sampler (``tpe``, ``gp``, or ``nsga2`` on the two terms) tries on the test
-    task, in order; a missing or failed mask scores the failure penalty."""
+    task, in order; a missing or failed mask scores the failure penalty. ``warm``: masks enqueued
+    as the first trials (a warm start from what transfers)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -40,6 +121,8 @@ def optuna_search(
     else:
         cls = optuna.samplers.TPESampler if sampler == "tpe" else optuna.samplers.GPSampler
         study = optuna.create_study(direction="maximize", sampler=cls(seed=seed, n_startup_trials=startup))
+    for index in warm or []:
+        study.enqueue_trial({f"g{j}": int(v) for j, v in enumerate(table.masks[index])})
     tried: list[int] = []
 
     def objective(trial: Any) -> Any:
@@ -103,8 +186,9 @@ def ppo_search(cfg: Config, task: str, w: float, seed: int, budget: int, max_ste
     return seen[:budget]
 
 
-def regression(table: BenchTable, train: list[int], test: int, w: float, seed: int) -> int:
-    """Argmax of a regression from (descriptor, preference, mask) to reward fit on ``train``."""
+def regression(table: BenchTable, train: list[int], test: int, w: float, seed: int, n: int = 1) -> list[int]:
+    """The ``n`` masks of highest predicted reward by a regression from (descriptor, preference,
+    mask) to reward fit on ``train``."""
     from sklearn.ensemble import HistGradientBoostingRegressor
 
     def features(t: int, weight: float) -> np.ndarray:
@@ -124,8 +208,8 @@ def regression(table: BenchTable, train: list[int], test: int, w: float, seed: i
         np.concatenate(xs), np.concatenate(ys)
     )
     predicted = model.predict(features(test, w))
-    predicted[~np.isfinite(table.terms[test, :, 0])] = -np.inf
-    return int(np.argmax(predicted))
+    predicted[~np.isfinite(table.terms[test, :, 0])] = np.nan
+    return _ranked(-predicted, n)
 
 
 def train_policies(
@@ -159,7 +243,10 @@ def train_policies(
     )
     env: Any = MemControlEnv(train_cfg)
     if zero_descriptor:
-        env = gym.wrappers.TransformObservation(env, _zero_descriptor, env.observation_space)
+        width = len(descriptor_fields(env.k))
+        env = gym.wrappers.TransformObservation(
+            env, lambda o: _zero_descriptor(o, width), env.observation_space
+        )
 
     class Episodes(BaseCallback):
         target, done = 0, 0
@@ -178,12 +265,10 @@ def train_policies(
     return out
 
 
-def _zero_descriptor(obs: np.ndarray) -> np.ndarray:
-    """The observation with its descriptor part zeroed (only the preference is left)."""
-    from memrl.data.descriptor import DESCRIPTOR_FIELDS
-
+def _zero_descriptor(obs: np.ndarray, width: int) -> np.ndarray:
+    """The observation with its descriptor part (the first ``width`` entries) zeroed."""
     out = obs.copy()
-    out[: len(DESCRIPTOR_FIELDS)] = 0
+    out[:width] = 0
     return out
 
 

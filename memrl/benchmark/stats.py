@@ -1,4 +1,11 @@
-"""Summaries of the benchmark's rows: interquartile means with bootstrap intervals, tables, plots."""
+"""Summaries of the benchmark's rows: means, IQM and tails with task-level bootstrap intervals,
+paired differences, hit rates, tables and plots.
+
+rliable (Agarwal et al., NeurIPS 2021) was tried for these and left out: with the pinned stack
+``import rliable`` fails inside its dependency ``arch`` 7.2.0 (``deprecate_kwarg() missing 1 required
+positional argument``, a pandas 3 change), and its stratified bootstrap resamples runs within
+tasks, while transfer is judged across tasks (:func:`task_bootstrap` resamples the tasks first).
+"""
 
 from __future__ import annotations
 
@@ -20,36 +27,141 @@ def iqm(values: np.ndarray) -> float:
 def bootstrap(
     values: np.ndarray, stat: Callable[[np.ndarray], float], n: int = 2000, seed: int = 0
 ) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of ``stat``."""
+    """95% percentile-bootstrap interval of ``stat`` over independent ``values``."""
     rng = np.random.default_rng(seed)
     draws = [stat(rng.choice(values, len(values))) for _ in range(n)]
     return float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
 
 
-def summarise(rows: list[dict[str, Any]]) -> str:
-    """Markdown: IQM regret [95% CI] per method, zero-shot on training tasks (LOTO) and held out,
-    and the share of the single-best-to-optimum gap closed."""
-    out = [
-        "| method | fine-tunes | LOTO IQM regret [95% CI] | held-out IQM regret [95% CI] | gap closed |",
-        "|---|---|---|---|---|",
-    ]
+def task_bootstrap(
+    groups: dict[str, np.ndarray], stat: Callable[[np.ndarray], float], n: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """95% interval of ``stat`` by a two-level bootstrap: resample the tasks (the unit of
+    generalisation in transfer), then the rows (seeds, preferences) within each drawn task.
+    ``groups`` maps each task to its values. NaN when there are no tasks."""
+    if not groups:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    values = list(groups.values())
+    draws = []
+    for _ in range(n):
+        picked = rng.integers(len(values), size=len(values))
+        draws.append(stat(np.concatenate([rng.choice(values[i], len(values[i])) for i in picked])))
+    return float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
+
+
+def _by_task(rows: list[dict[str, Any]], key: str = "regret") -> dict[str, np.ndarray]:
+    out: dict[str, list[float]] = {}
+    for r in rows:
+        out.setdefault(r["task"], []).append(float(r[key]))
+    return {t: np.array(v) for t, v in out.items()}
+
+
+def paired_differences(rows: list[dict[str, Any]], method: str, reference: str) -> list[dict[str, Any]]:
+    """``method``'s regret minus ``reference``'s on the same task, preference, seed and number of
+    fine-tunes (negative: ``method`` is better), as rows with a ``regret`` field."""
+    ref = {
+        (r["task"], r["memorization_weight"], r["seed"], r["fine_tunes"]): r["regret"]
+        for r in rows
+        if r["method"] == reference
+    }
+    out = []
+    for r in rows:
+        key = (r["task"], r["memorization_weight"], r["seed"], r["fine_tunes"])
+        if r["method"] == method and key in ref:
+            out.append({**r, "regret": r["regret"] - ref[key]})
+    return out
+
+
+def describe(rows: list[dict[str, Any]], reference: list[dict[str, Any]] | None = None) -> dict[str, float]:
+    """Mean regret with a task-level 95% interval, IQM, the share of rows above 0.2, the worst row,
+    the hit rate (regret within the task's noise floor; rows whose task has none are left out) and
+    the number of tasks. With ``reference`` (the paired differences to another method), also the
+    mean difference and its task-level interval."""
+    v = np.array([r["regret"] for r in rows], dtype=float)
+    floors = np.array([r.get("noise_floor", np.nan) for r in rows], dtype=float)
+    known = np.isfinite(floors)
+    lo, hi = task_bootstrap(_by_task(rows), np.mean)
+    out = {
+        "tasks": float(len({r["task"] for r in rows})),
+        "mean": float(np.mean(v)),
+        "lo": lo,
+        "hi": hi,
+        "iqm": iqm(v),
+        "above_0.2": float(np.mean(v > 0.2)),
+        "worst": float(np.max(v)),
+        "hits": float(np.mean(v[known] <= floors[known] + 1e-12)) if known.any() else float("nan"),
+    }
+    if reference:
+        d = np.array([r["regret"] for r in reference])
+        d_lo, d_hi = task_bootstrap(_by_task(reference), np.mean)
+        out.update(diff=float(np.mean(d)), diff_lo=d_lo, diff_hi=d_hi)
+    return out
+
+
+SPLITS = ((False, "leave one task out"), (True, "held-out tasks"))
+
+
+def summarise(rows: list[dict[str, Any]], reference: str = "ppo") -> str:
+    """Markdown: for each split and preference (and all preferences pooled), every method's
+    zero-shot regret (1 fine-tune): mean [task-level 95% interval], IQM, share of rows above 0.2,
+    worst row, hit rate, paired difference to ``reference`` [interval] and gap closed (the share of
+    the single-best-to-optimum gap closed, from means); then each method's mean regret at every
+    number of fine-tunes, per split."""
+    out = []
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    base = np.array([r["regret"] for r in rows if r["method"] == "single-best"])
-    for method in methods:
-        cells = []
-        mine = [r for r in rows if r["method"] == method]
-        for heldout in (False, True):
-            v = np.array([r["regret"] for r in mine if r["heldout"] == heldout])
-            cells.append(
-                f"{iqm(v):.3f} [{bootstrap(v, iqm)[0]:.3f}, {bootstrap(v, iqm)[1]:.3f}]" if len(v) else "-"
-            )
-        closed = 1 - np.nanmean([r["regret"] for r in mine]) / max(float(np.nanmean(base)), 1e-9)
-        out.append(f"| {method} | {mine[0]['fine_tunes']} | {cells[0]} | {cells[1]} | {closed:+.2f} |")
+    weights = sorted({r["memorization_weight"] for r in rows})
+    for heldout, label in SPLITS:
+        split = [r for r in rows if r["heldout"] == heldout]
+        if not split:
+            continue
+        tasks = sorted({r["task"] for r in split})
+        out += [f"### {label.capitalize()} ({len(tasks)} tasks: {', '.join(tasks)})", ""]
+        for w in [*weights, None]:
+            part = [r for r in split if (w is None or r["memorization_weight"] == w) and r["fine_tunes"] == 1]
+            base = [r["regret"] for r in part if r["method"] == "single-best"]
+            out += [
+                f"**Memorization weight {w}**" if w is not None else "**All preferences pooled**",
+                "",
+                "| method (1 fine-tune) | mean [95% CI] | IQM | > 0.2 | worst | hits "
+                f"| minus {reference} [95% CI] | gap closed |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for m in methods:
+                mine = [r for r in part if r["method"] == m]
+                if not mine:
+                    continue
+                d = describe(mine, paired_differences(part, m, reference) if m != reference else None)
+                diff = f"{d['diff']:+.3f} [{d['diff_lo']:+.3f}, {d['diff_hi']:+.3f}]" if "diff" in d else "-"
+                closed = (
+                    1 - d["mean"] / float(np.mean(base)) if base and np.mean(base) > 1e-9 else float("nan")
+                )
+                out.append(
+                    f"| {m} | {d['mean']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}] | {d['iqm']:.3f} | "
+                    f"{d['above_0.2']:.0%} | {d['worst']:.3f} | {d['hits']:.0%} | {diff} | {closed:+.2f} |"
+                )
+            out.append("")
+        counts = sorted({r["fine_tunes"] for r in split})
+        out += [
+            f"**Mean regret by fine-tunes, all preferences pooled** ({label})",
+            "",
+            "| method | " + " | ".join(str(n) for n in counts) + " |",
+            "|---|" + "---|" * len(counts),
+        ]
+        for m in methods:
+            cells = []
+            for n in counts:
+                v = [r["regret"] for r in split if r["method"] == m and r["fine_tunes"] == n]
+                cells.append(f"{np.mean(v):.3f}" if v else "")
+            if sum(bool(c) for c in cells) > 1:
+                out.append(f"| {m} | " + " | ".join(cells) + " |")
+        out.append("")
     return "\n".join(out)
 
 
 def plot_transfer(rows: list[dict[str, Any]], path: Path) -> None:
-    """Bars: IQM regret with 95% bootstrap intervals per method, LOTO and held-out side by side."""
+    """Bars: mean zero-shot regret (1 fine-tune) with task-level 95% intervals per method, leave
+    one task out and held out side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,24 +169,22 @@ def plot_transfer(rows: list[dict[str, Any]], path: Path) -> None:
 
     from memrl.report import save_figure
 
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    first = [r for r in rows if r["fine_tunes"] == 1]
+    methods = list(dict.fromkeys(r["method"] for r in first))
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(methods)), 3.5))
-    for offset, heldout in ((-0.2, False), (0.2, True)):
+    for offset, (heldout, label) in zip((-0.2, 0.2), SPLITS):
         stats = []
         for m in methods:
-            v = np.array([r["regret"] for r in rows if r["method"] == m and r["heldout"] == heldout])
-            stats.append((iqm(v), *bootstrap(v, iqm)) if len(v) else (np.nan, np.nan, np.nan))
+            mine = [r for r in first if r["method"] == m and r["heldout"] == heldout]
+            stats.append(
+                (float(np.mean([r["regret"] for r in mine])), *task_bootstrap(_by_task(mine), np.mean))
+                if mine
+                else (np.nan,) * 3
+            )
         mid, lo, hi = map(np.array, zip(*stats))
-        ax.bar(
-            np.arange(len(methods)) + offset,
-            mid,
-            0.4,
-            yerr=[mid - lo, hi - mid],
-            label="held-out tasks" if heldout else "leave-one-task-out",
-            capsize=2,
-        )
+        ax.bar(np.arange(len(methods)) + offset, mid, 0.4, yerr=[mid - lo, hi - mid], label=label, capsize=2)
     ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("IQM regret (0 = best mask, 1 = worst)")
+    ax.set_ylabel("mean regret, 1 fine-tune (0 = best mask)")
     ax.legend(fontsize=8)
     save_figure(fig, path)
     plt.close(fig)

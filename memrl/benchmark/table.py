@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from memrl.config import Config
+from memrl.config import Config, load_config
 from memrl.errors import MemrlError
 from memrl.reward import References, Reward
 
 TERMS = ("memorization_term", "quality_term", "param_term")
 PREFERENCES = (0.25, 0.5, 0.75)
 """Memorization weights of the evaluation preferences (quality weight 1 minus it)."""
-BUDGETS = (4, 8, 16, 32)
+BUDGETS = (1, 2, 4, 8, 16)
+"""Fine-tunes at which searches are judged (each budget a prefix of one search)."""
 
 
 @dataclass
@@ -30,8 +32,13 @@ class BenchTable:
     terms: np.ndarray
     """(T, M, 3) memorization, quality and parameter terms of every task and mask."""
     descriptors: np.ndarray
-    """(T, D) task descriptors."""
+    """(T, D) task descriptors (NaN for a task whose table is not complete)."""
     param_weight: float = 0.0
+    noise_masks: np.ndarray | None = None
+    """(N,) table indices of the noise sample's masks."""
+    noise_terms: np.ndarray | None = None
+    """(T, N, S, 3) terms of the noise masks with each fine-tune seed (seed 0 first; NaN where
+    not stored)."""
 
     def rewards(self, w: float) -> np.ndarray:
         """(T, M) rewards for memorization weight ``w`` (quality weight 1 - w)."""
@@ -39,18 +46,45 @@ class BenchTable:
         return -(self.terms @ weights)
 
     def regret(self, w: float) -> np.ndarray:
-        """(T, M) regret: 0 = the task's best stored mask, 1 = its worst."""
+        """(T, M) regret: 0 = the task's best stored mask, 1 = its worst (NaN where not stored)."""
         r = self.rewards(w)
-        best = np.nanmax(r, axis=1, keepdims=True)
-        worst = np.nanmin(r, axis=1, keepdims=True)
-        return (best - r) / np.maximum(best - worst, 1e-9)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows of incomplete tasks
+            best = np.nanmax(r, axis=1, keepdims=True)
+            worst = np.nanmin(r, axis=1, keepdims=True)
+            return (best - r) / np.maximum(best - worst, 1e-9)
+
+    def noise_floor(self, w: float) -> np.ndarray:
+        """(T,) each task's regret noise floor: the mean absolute difference in regret that the same
+        mask shows between two fine-tune seeds (over the noise sample's masks and seed pairs;
+        NaN where the task has no noise sample). A pick within it of the best is a hit."""
+        out = np.full(len(self.names), np.nan)
+        if self.noise_terms is None or self.noise_masks is None:
+            return out
+        r = np.where(np.isfinite(self.rewards(w)), self.rewards(w), -np.inf)
+        best = r.max(axis=1)
+        span = np.maximum(best - np.where(np.isfinite(r), r, np.inf).min(axis=1), 1e-9)
+        weights = np.array([w, 1.0 - w, self.param_weight])
+        regret = (best[:, None, None] + self.noise_terms @ weights) / span[:, None, None]  # (T, N, S)
+        for t in range(len(self.names)):
+            diffs = [
+                abs(a - b)
+                for row in regret[t]
+                for i, a in enumerate(row)
+                for b in row[i + 1 :]
+                if np.isfinite(a) and np.isfinite(b)
+            ]
+            if diffs:
+                out[t] = float(np.mean(diffs))
+        return out
 
     def preference(self, w: float) -> np.ndarray:
         return np.array([w, 1.0 - w, self.param_weight], dtype=np.float32)
 
     def digest(self, tasks: list[int]) -> str:
-        """A fingerprint of ``tasks``' stored terms and descriptors."""
-        data = np.concatenate([self.terms[tasks].ravel(), self.descriptors[tasks].ravel()])
+        """A fingerprint of ``tasks``' stored terms, noise sample and descriptors."""
+        noise = self.noise_terms[tasks].ravel() if self.noise_terms is not None else np.zeros(0)
+        data = np.concatenate([self.terms[tasks].ravel(), noise, self.descriptors[tasks].ravel()])
         return hashlib.sha256(np.ascontiguousarray(data, dtype=np.float64).tobytes()).hexdigest()[:16]
 
     def complete(self) -> list[int]:
@@ -59,7 +93,11 @@ class BenchTable:
 
 
 def load_table(cfg: Config) -> BenchTable:
-    """Read every (task, mask) of ``cfg``'s suite from its tables and store (nothing is evaluated)."""
+    """Read every (task, mask) of ``cfg``'s suite from its tables and store (nothing is evaluated),
+    with the reward of ``cfg.reward`` (its noise span from each task's noise sample) and each
+    complete task's descriptor."""
+    from memrl.spec import EvalSpec
+    from memrl.tables import NOISE_SEEDS, noise_masks
     from memrl.task import Task, make_evaluator, suite
 
     evaluator = make_evaluator(cfg)
@@ -67,17 +105,32 @@ def load_table(cfg: Config) -> BenchTable:
     tasks = [Task(e.cfg, evaluator, e.name, e.heldout) for e in entries]
     k = tasks[0].space.k
     masks = np.array(list(itertools.product((0, 1), repeat=k)), dtype=np.int8)
+    noisy = [mask_index(m) for m in noise_masks(k, min(len(masks), 64))]
     terms = np.full((len(tasks), len(masks), 3), np.nan)
+    noise = np.full((len(tasks), len(noisy), 1 + len(NOISE_SEEDS), 3), np.nan)
     for t, task in enumerate(tasks):
         found = [evaluator.lookup(task.context.spec(m).hash) for m in masks]
         none, full = found[0], found[-1]
         if none is None or full is None or not (none.ok and full.ok):
             continue
-        reward = Reward(cfg.reward, References(none.metrics, full.metrics))
+        reward = Reward(cfg.reward, References(none.metrics, full.metrics, task.seed_noise()))
         for i, ev in enumerate(found):
             if ev is not None and ev.ok:
                 terms[t, i] = [reward.terms(ev.metrics)[key] for key in TERMS]
-    descriptors = np.stack([t.descriptor() for t in tasks])
+        seeds = [load_config(task.cfg, {"finetune.seed": s}) for s in NOISE_SEEDS]
+        prints = task.context.fingerprints
+        for j, i in enumerate(noisy):
+            noise[t, j, 0] = terms[t, i]
+            for s, seed_cfg in enumerate(seeds, start=1):
+                ev = evaluator.lookup(EvalSpec.from_config(seed_cfg, masks[i], prints).hash)
+                if ev is not None and ev.ok:
+                    noise[t, j, s] = [reward.terms(ev.metrics)[key] for key in TERMS]
+    complete = np.isfinite(terms[:, :, 0]).all(axis=1)
+    found_descriptors = {t: task.descriptor() for t, task in enumerate(tasks) if complete[t]}
+    width = len(next(iter(found_descriptors.values()))) if found_descriptors else 0
+    descriptors = np.full((len(tasks), width), np.nan)
+    for t, d in found_descriptors.items():
+        descriptors[t] = d
     return BenchTable(
         [t.name for t in tasks],
         np.array([t.heldout for t in tasks]),
@@ -85,6 +138,8 @@ def load_table(cfg: Config) -> BenchTable:
         terms,
         descriptors,
         cfg.reward.param_weight,
+        np.array(noisy),
+        noise,
     )
 
 

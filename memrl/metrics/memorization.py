@@ -14,10 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger(__name__)
+from memrl.registry import FAISS_INDEXES, NN_BACKENDS  # noqa: F401  (re-exported)
 
-NN_BACKENDS = ("faiss", "torch")
-FAISS_INDEXES = ("flat", "ivf", "hnsw")
+log = logging.getLogger(__name__)
 
 
 def faiss_available() -> bool:

@@ -1,0 +1,115 @@
+"""The benchmark's baselines and statistics on a tiny synthetic table with known answers."""
+
+import numpy as np
+import pytest
+
+from memrl.benchmark.methods import (
+    gradient_top_g,
+    knn_tasks,
+    nearest_task,
+    portfolio,
+    single_best,
+    single_best_reward,
+    task_distances,
+)
+from memrl.benchmark.stats import describe, paired_differences, summarise, task_bootstrap
+from memrl.benchmark.table import BenchTable, best_regret
+
+COST = {  # cost of each mask (00, 01, 10, 11); reward = -cost whatever the preference
+    "a": [0.0, 10.0, 20.0, 40.0],  # regret 0, .25, .5, 1 (rewards ten times wider than b's)
+    "b": [4.0, 0.0, 1.0, 2.0],  # regret 1, 0, .25, .5
+    "c": [2.0, 4.0, 0.0, 1.0],  # the test task: regret .5, 1, 0, .25
+}
+
+
+@pytest.fixture()
+def table():
+    cost = np.array(list(COST.values()))
+    terms = np.stack([cost, cost, np.zeros_like(cost)], axis=-1)  # memorization = quality = cost
+    noise = np.full((3, 1, 3, 3), np.nan)
+    noise[2, 0] = [[c, c, 0.0] for c in (0.0, 0.4, 0.8)]  # mask 10 on c with three seeds
+    return BenchTable(
+        names=list(COST),
+        heldout=np.array([False, False, True]),
+        masks=np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.int8),
+        terms=terms,
+        descriptors=np.array([[0.0, 7.0], [10.0, 7.0], [9.0, 5.0]]),  # 2nd feature constant on a, b
+        noise_masks=np.array([2]),
+        noise_terms=noise,
+    )
+
+
+def test_every_zero_shot_baseline_picks_what_a_hand_computation_gives(table):
+    train, test = [0, 1], 2
+    for w in (0.25, 0.5, 0.75):
+        assert np.allclose(table.regret(w)[test], [0.5, 1.0, 0.0, 0.25])
+        # mean regret over a, b: .5, .125, .375, .75; mean raw reward: -2, -5, -10.5, -21
+        assert single_best(table, train, w) == 1
+        assert single_best_reward(table, train, w) == 0
+        # standardised on a, b only: a = -1, b = 1, c = 0.8; the constant feature is dropped
+        assert np.allclose(task_distances(table, train, test), [1.8, 0.2])
+        assert nearest_task(table, train, test, w, 2) == [1, 2]  # b's two best
+        # weights 1/1.8 and 1/0.2: weighted regrets .9, .025, .275, .55
+        assert knn_tasks(table, train, test, w, 4, k=2) == [1, 2, 3, 0]
+        # greedy: 01 (mean .125), then 00 (with it the best-of-two regret is 0 on a and b)
+        assert portfolio(table, train, w, 2) == [1, 0]
+    regret = table.regret(0.5)[test]
+    assert best_regret(regret, [1]) == 1.0 and best_regret(regret, [1, 2]) == 0.0
+    assert best_regret(regret, portfolio(table, train, 0.5, 2)) == 0.5
+
+
+def test_gradient_top_g_picks_the_most_sensitive_groups_with_g_chosen_on_training_tasks(table):
+    from memrl.data.descriptor import descriptor_fields, family_slices
+
+    gradient = family_slices(2)["gradient"]
+    descriptors = np.zeros((3, len(descriptor_fields(2))))
+    descriptors[:, gradient.start : gradient.start + 2] = [[0.9, 0.1], [0.1, 0.8], [0.2, 0.7]]
+    table.descriptors = descriptors
+    # g = 0, 1, 2 give masks 00 / (a: 10, b: 01) / 11: mean regret .5, .25, .75 on a, b, so g = 1;
+    # on c the most sensitive group is the second: mask 01 (index 1)
+    assert gradient_top_g(table, [0, 1], 2, 0.5) == 1
+
+
+def test_noise_floor_is_the_mean_regret_difference_between_seeds(table):
+    # mask 10 on c: regrets 0, .1, .2 over seeds (span 4); pairwise differences .1, .2, .1
+    floor = table.noise_floor(0.5)
+    assert floor[2] == pytest.approx(0.4 / 3)
+    assert np.isnan(floor[:2]).all()
+
+
+def rows_of(values: dict[str, list[float]], method: str = "m", floor: float = 0.1) -> list[dict]:
+    return [
+        {
+            "method": method,
+            "task": task,
+            "heldout": False,
+            "memorization_weight": 0.5,
+            "seed": seed,
+            "fine_tunes": 1,
+            "regret": v,
+            "noise_floor": floor,
+        }
+        for task, vs in values.items()
+        for seed, v in enumerate(vs)
+    ]
+
+
+def test_task_bootstrap_resamples_tasks_not_rows():
+    groups = {"a": np.zeros(50), "b": np.ones(50)}
+    # two tasks: a quarter of the draws hold only a (mean 0), a quarter only b (mean 1)
+    assert task_bootstrap(groups, np.mean) == (0.0, 1.0)
+    assert task_bootstrap({"a": np.full(5, 0.3)}, np.mean) == pytest.approx((0.3, 0.3))
+
+
+def test_describe_reports_mean_tail_hits_and_paired_differences():
+    rows = rows_of({"a": [0.0, 0.1, 0.5], "b": [0.3, 0.05, 0.2]})
+    d = describe(rows)
+    assert d["tasks"] == 2 and d["mean"] == pytest.approx(1.15 / 6) and d["worst"] == 0.5
+    assert d["above_0.2"] == pytest.approx(2 / 6)  # 0.5 and 0.3
+    assert d["hits"] == pytest.approx(3 / 6)  # 0.0, 0.1, 0.05 within the floor 0.1
+    assert d["lo"] <= d["mean"] <= d["hi"]
+    other = rows_of({"a": [0.1, 0.1, 0.1], "b": [0.1, 0.1, 0.1]}, method="ppo")
+    diffs = paired_differences(rows + other, "m", "ppo")
+    assert [r["regret"] for r in diffs] == pytest.approx([-0.1, 0.0, 0.4, 0.2, -0.05, 0.1])
+    text = summarise(rows + other)
+    assert "| m | 0.192 [" in text and "| ppo | 0.100 [0.100, 0.100] |" in text
