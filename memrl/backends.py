@@ -46,16 +46,29 @@ def failure(spec: EvalSpec, reason: str) -> Evaluation:
 
 
 def run_inprocess(spec: EvalSpec) -> Evaluation:
-    """Evaluate here; a failure of the evaluation (divergence, bad data, OOM) is recorded."""
+    """Evaluate here. A failure of the run (divergence, out of memory) is recorded as a failed
+    evaluation; memrl's own errors (settings, data, model: something the user fixes) propagate
+    and are never stored."""
     from memrl.scoring import evaluate_spec
 
     try:
         return evaluate_spec(spec)
-    except SpecError:
+    except MemrlError:
         raise
     except (FloatingPointError, RuntimeError, ValueError, MemoryError) as exc:
         log.warning("evaluation %s failed: %s", spec.hash, exc)
         return failure(spec, f"{type(exc).__name__}: {exc}")
+
+
+def _error_from_line(line: str) -> MemrlError:
+    """The memrl error a worker reported as ``Name: message`` on its last stderr line."""
+    from memrl import errors
+
+    name, _, message = line.partition(": ")
+    kind = getattr(errors, name, None)
+    if isinstance(kind, type) and issubclass(kind, MemrlError):
+        return kind(message)
+    return SpecError(line)
 
 
 def run_subprocess(spec: EvalSpec) -> Evaluation:
@@ -66,7 +79,7 @@ def run_subprocess(spec: EvalSpec) -> Evaluation:
         cmd = [sys.executable, "-m", "memrl.backends", str(spec_path), str(out_path)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode == _SPEC_ERROR_EXIT:
-            raise SpecError(proc.stderr.strip().splitlines()[-1])
+            raise _error_from_line(proc.stderr.strip().splitlines()[-1])
         if proc.returncode != 0 or not out_path.is_file():
             tail = (proc.stderr or "").strip().splitlines()[-3:]
             return failure(spec, f"worker exited with code {proc.returncode}: {' | '.join(tail)}")
@@ -107,7 +120,7 @@ def run_ray(specs: list[EvalSpec], ray_cfg: Any) -> list[Evaluation]:
         try:
             out.append(Evaluation.from_json(ray.get(ref)))
         except ray.exceptions.RayTaskError as exc:
-            if isinstance(exc.cause, SpecError):
+            if isinstance(exc.cause, MemrlError):
                 raise exc.cause from None
             out.append(failure(spec, f"the evaluation raised in its Ray worker: {str(exc.cause)[:300]}"))
         except ray.exceptions.RayError as exc:
@@ -212,10 +225,10 @@ def _worker(argv: list[str]) -> int:
     spec = EvalSpec.from_json(spec_path.read_text())
     try:
         result = evaluate_spec(spec)
-    except SpecError as exc:
-        print(exc, file=sys.stderr)
+    except MemrlError as exc:  # a problem with the settings: the parent raises it, nothing is stored
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return _SPEC_ERROR_EXIT
-    except (Exception, MemrlError) as exc:  # the worker reports every failure to its parent
+    except Exception as exc:  # the worker reports every failure of the run to its parent
         traceback.print_exc()
         result = failure(spec, f"{type(exc).__name__}: {exc}")
     out_path.write_text(result.to_json())

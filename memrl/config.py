@@ -286,6 +286,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
     if origin is dict or annotation is Any:
         return value
+    if annotation is str and value is False and where.endswith("mixed_precision"):
+        return "no"  # YAML 1.1 reads the word no as false
     if annotation in (bool, int, float, str):
         return _scalar(value, annotation, where)
     return value
@@ -374,6 +376,62 @@ def _validate_reward(r: RewardConfig) -> None:
         raise ConfigError(f"reward.noise_span={r.noise_span} must be >= 0 (0 turns it off)")
 
 
+MAX_BATCH = 4096
+"""The largest ``finetune.batch_size`` / ``model.pretrain_batch_size`` accepted (memory)."""
+
+
+def _validate_sizes(cfg: Config) -> None:
+    """Counts and sizes that a run would otherwise fail on after minutes of work."""
+    m, e = cfg.model, cfg.env
+    seeds = {
+        "seed": cfg.seed,
+        "data.seed": cfg.data.seed,
+        "finetune.seed": cfg.finetune.seed,
+        "model.seed": m.seed,
+    }
+    for path, value in seeds.items():
+        if value < 0:
+            raise ConfigError(f"{path}={value} must be >= 0 (seeds are non-negative integers)")
+    if any(n <= 0 for n in cfg.ppo.net_arch) or not cfg.ppo.net_arch:
+        raise ConfigError(
+            f"ppo.net_arch={cfg.ppo.net_arch} must list one or more positive layer widths, e.g. [32, 32]"
+        )
+    if e.max_groups is not None and e.max_groups < 1:
+        raise ConfigError(f"env.max_groups={e.max_groups} must be 1 or more (or null for no budget)")
+    if (
+        m.attention_head_dim <= 0
+        or m.norm_num_groups <= 0
+        or m.cross_attention_dim <= 0
+        or m.layers_per_block <= 0
+    ):
+        raise ConfigError(
+            "model.attention_head_dim, model.norm_num_groups, model.cross_attention_dim and "
+            "model.layers_per_block must be positive"
+        )
+    bad = [c for c in m.block_out_channels if c <= 0 or c % m.norm_num_groups or c % m.attention_head_dim]
+    if not m.block_out_channels or bad:
+        raise ConfigError(
+            f"model.block_out_channels={m.block_out_channels}: every width must be positive and a "
+            f"multiple of model.norm_num_groups={m.norm_num_groups} and model.attention_head_dim="
+            f"{m.attention_head_dim}"
+        )
+    for path, value in (
+        ("finetune.batch_size", cfg.finetune.batch_size),
+        ("model.pretrain_batch_size", m.pretrain_batch_size),
+    ):
+        if not 0 < value <= MAX_BATCH:
+            raise ConfigError(f"{path}={value} must be between 1 and {MAX_BATCH}")
+    if cfg.sample.num_samples < 2:
+        raise ConfigError(
+            f"sample.num_samples={cfg.sample.num_samples} must be 2 or more (KID compares sets)"
+        )
+    if cfg.data.heldout_size < 4:
+        raise ConfigError(
+            f"data.heldout_size={cfg.data.heldout_size} must be 4 or more: held-out images calibrate the "
+            "copy threshold and membership inference"
+        )
+
+
 def _validate(cfg: Config) -> None:
     for path, choices in _choices().items():
         section, name = path.split(".")
@@ -418,6 +476,12 @@ def _validate(cfg: Config) -> None:
             "(the rollout PPO splits into minibatches); lower ppo.batch_size or raise ppo.n_steps"
         )
     _validate_reward(cfg.reward)
+    _validate_sizes(cfg)
+    if cfg.finetune.cuda_graph and cfg.finetune.gradient_checkpointing:
+        raise ConfigError(
+            "finetune.cuda_graph and finetune.gradient_checkpointing cannot both be on; set "
+            "finetune.gradient_checkpointing=false (graphs pay off on small models that fit anyway)"
+        )
     if not 0 <= p.gamma <= 1 or p.ent_coef < 0:
         raise ConfigError(f"ppo.gamma={p.gamma} must be in [0, 1] and ppo.ent_coef={p.ent_coef} >= 0")
     if not 0 <= cfg.model.cond_dropout < 1 or not 0 <= cfg.sample.canary_fraction <= 1:
@@ -436,6 +500,25 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+MAX_CONFIG_BYTES = 1_000_000
+"""The largest config file read (configs are a few kilobytes)."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader without aliases: a config never needs them, and nested aliases expand
+    a few hundred bytes into gigabytes (a "billion laughs" file)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            anchor = self.peek_event().anchor
+            raise ConfigError(f"the YAML uses an alias (*{anchor}); write the values out instead")
+        return super().compose_node(parent, index)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a safe loader)
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """Turn CLI ``key.sub=value`` strings into a dict; values are parsed as YAML scalars."""
     out: dict[str, Any] = {}
@@ -444,7 +527,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override {item!r} must look like section.field=value")
         key, raw = item.split("=", 1)
         try:
-            out[key.strip()] = yaml.safe_load(raw)
+            out[key.strip()] = _yaml(raw)
         except yaml.YAMLError as exc:
             problem = str(exc).splitlines()[0]
             raise ConfigError(
@@ -464,19 +547,23 @@ def _read_yaml(source: str | Path) -> tuple[dict[str, Any], str]:
     text_source = str(source)
     if text_source in config_names():
         resource = resources.files("memrl.configs") / f"{text_source}.yaml"
-        return yaml.safe_load(resource.read_text()) or {}, f"configs/{text_source}.yaml"
+        return _yaml(resource.read_text()) or {}, f"configs/{text_source}.yaml"
     path = Path(text_source)
     if not path.is_file():
         raise ConfigError(
             f"config {text_source!r} is neither a file nor a shipped config name "
             f"({', '.join(config_names())})"
         )
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES:,} bytes; a config is a few kilobytes")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        tree = _yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except ConfigError as exc:  # an alias
+        raise ConfigError(f"{path}: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read this config ({exc.strerror})") from None
     if tree is not None and not isinstance(tree, dict):
@@ -498,6 +585,11 @@ def load_config(
     else:
         tree, origin = _read_yaml(source)
     tree = json.loads(json.dumps(tree))  # deep copy
+    if overrides is not None and not isinstance(overrides, dict | list):
+        raise ConfigError(
+            f"overrides={overrides!r}: pass a dict ({{'finetune.steps': 3}}) or a list of "
+            "'key=value' strings (['finetune.steps=3'])"
+        )
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     for key, value in (overrides or {}).items():

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from memrl.config import ConfigError, config_names, load_config, parse_overrides
@@ -70,11 +71,78 @@ def test_atomic_writes_keep_old_content_on_failure_and_normal_permissions(tmp_pa
         ({"finetune.steps": True}, r"finetune\.steps: expected int"),
         ({"env.tasks": [{"sede": 1}]}, r"env\.tasks\[0\]: unknown key 'sede'"),
         ({"env.tasks": [{"name": "a"}, {"name": "a"}]}, "task names must be unique"),
+        ({"env.tasks": [{"name": "a", "noise_masks": -1}]}, r"noise_masks=-1 must be a whole number"),
+        ({"ppo.net_arch": [0]}, r"ppo\.net_arch=\[0\] must list one or more positive layer widths"),
+        ({"ppo.net_arch": [-5]}, r"ppo\.net_arch=\[-5\]"),
+        ({"env.max_groups": 0}, r"env\.max_groups=0 must be 1 or more"),
+        ({"env.max_groups": -1}, r"env\.max_groups=-1 must be 1 or more"),
+        ({"seed": -1}, r"seed=-1 must be >= 0"),
+        ({"model.block_out_channels": [7, 13]}, r"model\.block_out_channels=\[7, 13\]: every width"),
+        ({"model.attention_head_dim": 0}, r"model\.attention_head_dim.*must be positive"),
+        ({"finetune.batch_size": 100000}, r"finetune\.batch_size=100000 must be between 1 and 4096"),
+        ({"sample.num_samples": 1}, r"sample\.num_samples=1 must be 2 or more"),
+        ({"data.heldout_size": 1}, r"data\.heldout_size=1 must be 4 or more"),
+        ({"reward.quality": "nope"}, r"reward\.quality='nope' is not a metric; choose one of heldout_loss"),
+        ({"reward.memorization": "kid2"}, r"reward\.memorization='kid2' is not a metric"),
+        ({"reward.noise_span": -1}, r"reward\.noise_span=-1\.0 must be >= 0"),
+        (
+            {"finetune.cuda_graph": True, "finetune.gradient_checkpointing": True},
+            "cannot both be on",
+        ),
     ],
 )
 def test_every_bad_value_is_named(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("test", override)
+
+
+def test_yaml_no_is_the_mixed_precision_setting_no():
+    assert load_config("test", ["finetune.mixed_precision=no"]).finetune.mixed_precision == "no"
+
+
+def test_a_yaml_alias_bomb_and_a_huge_file_are_refused_before_expanding(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    lines = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{name}: &{name} [{', '.join(['*' + prev] * 9)}]")
+    bomb.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=r"bomb\.yaml: the YAML uses an alias \(\*a\)"):
+        load_config(bomb)
+    with pytest.raises(ConfigError, match="uses an alias"):
+        parse_overrides(["data.seed=&x 3", "data.private_size=*x"])
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("# " + "x" * 2_000_000 + "\n")
+    with pytest.raises(ConfigError, match="larger than 1,000,000 bytes"):
+        load_config(huge)
+
+
+def test_overrides_given_as_a_string_are_explained():
+    with pytest.raises(ConfigError, match=r"pass a dict .* or a list of 'key=value' strings"):
+        load_config("test", "finetune.steps=3")  # type: ignore[arg-type]
+
+
+def test_load_config_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from memrl.config import load_config; load_config('test'); print('torch' in sys.modules)"
+    )
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    )
+
+
+def test_reward_metric_names_are_the_metrics_an_evaluation_measures(tmp_path):
+    import gymnasium as gym
+
+    import memrl  # noqa: F401
+    from memrl.registry import METRICS
+
+    env = gym.make("MemControl-v0", config="test", overrides={"env.store": str(tmp_path / "s.sqlite")})
+    env.reset(seed=0)
+    _, _, _, _, info = env.step(np.ones(env.action_space.shape, dtype=np.int8))
+    assert set(info["metrics"]) == set(METRICS)
 
 
 def test_choices_come_from_the_modules_that_own_them():

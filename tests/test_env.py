@@ -21,10 +21,10 @@ def make(store_path, **overrides):
 def test_spaces_come_from_the_search_space(store_path):
     env = make(store_path)
     assert env.action_space == gym.spaces.MultiBinary(4)
-    assert env.observation_space.shape == (12 + 3,)  # descriptor + preference
+    assert env.observation_space.shape == (17 + 2 * 4 + 3,)  # descriptor v2 (K = 4) + preference
     seq = make(store_path, **{"env.mode": "sequential", "env.stop_action": True})
     assert seq.action_space == gym.spaces.Discrete(3)
-    assert seq.observation_space.shape == (15 + 2 * 4,)
+    assert seq.observation_space.shape == (28 + 2 * 4,)
 
 
 def test_gymnasium_and_sb3_checkers_pass_on_the_live_test_config(tmp_path):
@@ -185,7 +185,7 @@ def test_preferences_are_observed_and_reweight_the_stored_terms(store_path):
     rewards = {}
     for w in (0.0, 1.0):
         obs, info = env.reset(seed=0, options={"preference": [w, 1 - w, 0.0]})
-        assert np.allclose(obs[12:], [w, 1 - w, 0.0])
+        assert np.allclose(obs[25:], [w, 1 - w, 0.0])
         _, rewards[w], *_, step = env.step(mask)
     # same evaluation (the second step is a stored one), other weights: -quality vs -memorization
     assert env.unwrapped.diagnostics["cache_hit"]

@@ -64,14 +64,17 @@ def findings(cfg: Config) -> str:
             f"Rank correlation of the 128 masks' rewards (w=0.5) between tasks: Spearman from "
             f"{min(rho):.2f} to {max(rho):.2f} (mean {np.mean(rho):.2f}).",
             "",
+            *ranking_clusters(cfg, table),
+            *descriptor_ablation(table),
         ]
     evaluator = make_evaluator(cfg)
     lines = []
     for entry in suite(cfg):
         contexts = [TaskContext.get(load_config(entry.cfg, {"finetune.seed": s})) for s in (0, *NOISE_SEEDS)]
-        masks = noise_masks(contexts[0].space.k)
-        found = [[evaluator.lookup(c.spec(m).hash) for c in contexts] for m in masks]
-        if not all(ev is not None and ev.ok for row in found for ev in row):
+        masks = noise_masks(contexts[0].space.k, 64)
+        every_seed = [[evaluator.lookup(c.spec(m).hash) for c in contexts] for m in masks]
+        found = [row for row in every_seed if all(ev is not None and ev.ok for ev in row)]
+        if len(found) < 4:
             continue
         t = table.names.index(entry.name)
         every = [evaluator.lookup(contexts[0].spec(m).hash) for m in table.masks]
@@ -83,7 +86,8 @@ def findings(cfg: Config) -> str:
             lines.append(f"| {table.names[t]} | {metric} | {noise:.4f} | {spread:.4f} | {ratio} |")
     if lines:
         out += [
-            f"Seed noise ({len(NOISE_SEEDS) + 1} fine-tune seeds x 16 masks: the mean over masks of the "
+            f"Seed noise ({len(NOISE_SEEDS) + 1} fine-tune seeds x the noise sample's masks (8 or 16): the "
+            "mean over masks of the "
             "standard deviation over seeds) against the spread across all 128 masks (seed 0):",
             "",
             "| task | metric | seed noise | spread across masks | noise / spread |",
@@ -91,6 +95,72 @@ def findings(cfg: Config) -> str:
             *lines,
         ]
     return "\n".join(out)
+
+
+def ranking_clusters(cfg: Config, table: Any) -> list[str]:
+    """Markdown lines: how alike tasks rank the masks (Spearman of rewards at w=0.5) within a
+    source, within a kind of image across sources, and across kinds."""
+    from scipy.stats import spearmanr
+
+    from memrl.data.bundled import SOURCES
+    from memrl.task import suite
+
+    done = table.complete()
+    source = {e.name: {"nonfaces": "faces"}.get(e.cfg.data.source, e.cfg.data.source) for e in suite(cfg)}
+    kind = {name: SOURCES[s].kind if s in SOURCES else "a folder" for name, s in source.items()}
+    rewards = table.rewards(0.5)
+    groups: dict[str, list[float]] = {"same source": [], "same kind, other source": [], "other kind": []}
+    for a, b in itertools.combinations(done, 2):
+        na, nb = table.names[a], table.names[b]
+        key = (
+            "same source"
+            if source[na] == source[nb]
+            else "same kind, other source"
+            if kind[na] == kind[nb]
+            else "other kind"
+        )
+        groups[key].append(float(spearmanr(rewards[a], rewards[b])[0]))
+    cells = [f"{k}: {np.mean(v):.2f} ({len(v)} pairs)" for k, v in groups.items() if v]
+    return [
+        "Mean rank correlation of the masks' rewards (w=0.5) between tasks: " + "; ".join(cells) + ".",
+        "",
+    ]
+
+
+def descriptor_ablation(table: Any) -> list[str]:
+    """Markdown lines: how well each descriptor family predicts the best mask: the regret of the
+    nearest training task's best mask (leave one task out, and held out; mean over preferences)
+    with every family, and with each family removed."""
+    from memrl.benchmark.methods import nearest_task
+    from memrl.benchmark.table import folds
+    from memrl.data.descriptor import family_slices
+
+    k = table.masks.shape[1]
+    variants = {"all families": None, **{f"without {f}": s for f, s in family_slices(k).items()}}
+    lines = [
+        "Nearest-task lookup (top-1) with each descriptor family removed: mean regret (how much a "
+        "family helps predict the best mask):",
+        "",
+        "| descriptor | leave one task out | held out |",
+        "|---|---|---|",
+    ]
+    full = table.descriptors.copy()
+    for label, cut in variants.items():
+        table.descriptors = full.copy()
+        if cut is not None:
+            table.descriptors[:, cut] = 0.0
+        cells = []
+        for heldout in (False, True):
+            v = [
+                table.regret(w)[test, nearest_task(table, train, test, w, 1)[0]]
+                for test, train in folds(table)
+                if bool(table.heldout[test]) == heldout
+                for w in PREFERENCES
+            ]
+            cells.append(f"{np.mean(v):.3f}" if v else "-")
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+    table.descriptors = full
+    return [*lines, ""]
 
 
 CLAIM_METRICS = ("near_copy_fraction", "canary_copy_fraction")
