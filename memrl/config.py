@@ -421,6 +421,11 @@ def _validate_sizes(cfg: Config) -> None:
     ):
         if not 0 < value <= MAX_BATCH:
             raise ConfigError(f"{path}={value} must be between 1 and {MAX_BATCH}")
+    if cfg.finetune.cuda_graph and cfg.finetune.gradient_checkpointing:
+        raise ConfigError(
+            "finetune.cuda_graph and finetune.gradient_checkpointing cannot both be on; set "
+            "finetune.gradient_checkpointing=false (graphs pay off on small models that fit anyway)"
+        )
     if cfg.sample.num_samples < 2:
         raise ConfigError(
             f"sample.num_samples={cfg.sample.num_samples} must be 2 or more (KID compares sets)"
@@ -477,11 +482,6 @@ def _validate(cfg: Config) -> None:
         )
     _validate_reward(cfg.reward)
     _validate_sizes(cfg)
-    if cfg.finetune.cuda_graph and cfg.finetune.gradient_checkpointing:
-        raise ConfigError(
-            "finetune.cuda_graph and finetune.gradient_checkpointing cannot both be on; set "
-            "finetune.gradient_checkpointing=false (graphs pay off on small models that fit anyway)"
-        )
     if not 0 <= p.gamma <= 1 or p.ent_coef < 0:
         raise ConfigError(f"ppo.gamma={p.gamma} must be in [0, 1] and ppo.ent_coef={p.ent_coef} >= 0")
     if not 0 <= cfg.model.cond_dropout < 1 or not 0 <= cfg.sample.canary_fraction <= 1:
