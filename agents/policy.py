@@ -40,6 +40,10 @@ _CARD_FIELDS = (
 )
 
 
+MAX_CARD_BYTES = 4_000_000
+"""The largest policy card read (a card is tens of kilobytes)."""
+
+
 def read_weights(path: Path, member: str, limit: int = MAX_MEMBER_BYTES) -> dict[str, Any]:
     """A state dict from zip ``member`` of ``path``, read safely: the declared size is checked
     before decompressing, and ``torch.load(weights_only=True)`` refuses anything but tensors."""
@@ -66,12 +70,24 @@ def read_weights(path: Path, member: str, limit: int = MAX_MEMBER_BYTES) -> dict
         ) from None
     if not isinstance(state, dict):
         raise PolicyError(f"{path}: {member} is not a state dict; use a policy trained by memrl")
+    bad = [
+        k
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not v.isfinite().all()
+    ]
+    if bad:
+        raise PolicyError(f"{path}: {member} holds NaN or infinite weights ({bad[0]}); retrain the policy")
     return state
 
 
 def read_card(card_file: Path) -> dict[str, Any]:
-    """The policy card as a validated JSON object."""
+    """The policy card as a validated JSON object (at most :data:`MAX_CARD_BYTES`)."""
     try:
+        if card_file.stat().st_size > MAX_CARD_BYTES:
+            raise PolicyError(
+                f"{card_file}: {card_file.stat().st_size:,} bytes, more than a policy card holds "
+                f"({MAX_CARD_BYTES:,}); re-copy the card written with the policy"
+            )
         card = json.loads(card_file.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise PolicyError(f"{card_file}: not UTF-8 text; re-copy the card written with the policy") from None
@@ -89,6 +105,15 @@ def read_card(card_file: Path) -> dict[str, Any]:
         raise PolicyError(f"{card_file}: search_space must hold signature and groups")
     if card["action_mode"] not in ("mask", "sequential"):
         raise PolicyError(f"{card_file}: action_mode {card['action_mode']!r} is not mask or sequential")
+    dim = card["observation_dim"]
+    if isinstance(dim, bool) or not isinstance(dim, int) or not 0 < dim <= 100_000:
+        raise PolicyError(
+            f"{card_file}: observation_dim={dim!r} is not a size between 1 and 100,000; re-copy or "
+            "retrain the policy"
+        )
+    arch = card["net_arch"]
+    if not isinstance(arch, list) or not all(isinstance(n, int) and 0 < n <= 100_000 for n in arch):
+        raise PolicyError(f"{card_file}: net_arch={arch!r} is not a list of layer widths; retrain the policy")
     return card
 
 
@@ -267,6 +292,10 @@ def load_policy(path: str | Path) -> Policy:
     except (RuntimeError, TypeError, ValueError) as exc:
         if isinstance(exc, ConfigError):
             raise PolicyError(f"{card_file}: its config is not valid for this memrl ({exc})") from None
-        raise PolicyError(f"{path}: weights do not match its card ({str(exc)[:200]})") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PolicyError(
+            f"{path}: its weights do not fit its card ({first[:150]}); use the card written with "
+            "these weights, or retrain the policy"
+        ) from None
     network.eval()
     return Policy(card=card, network=network, config=config)

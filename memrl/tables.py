@@ -218,11 +218,47 @@ def build(
     return done
 
 
-def export(store_path: Path, out: Path, suite_name: str) -> Path:
-    """Write the shipped table: every row without samples, descriptors, provenance notes."""
+def _check_export_target(source: Path, out: Path, rows: set[str], force: bool) -> None:
+    """Refuse to overwrite anything but an older memrl table with fewer rows: another file, a
+    directory, the working store itself, or a table holding rows the export would lose."""
+    from memrl.store import EvaluationStore
+
+    if out.is_dir():
+        raise StoreError(
+            f"--out {out} is a directory; name the table file to write, e.g. {out / 'bench.sqlite'}"
+        )
+    if not out.exists():
+        return
+    if out.resolve() == source.resolve():
+        raise StoreError(f"--out {out} is the working store itself; write the table to another file")
+    try:
+        existing = EvaluationStore(out, readonly=True)
+        is_table = "provenance" in existing.notes()
+        have = existing.hashes()
+    except StoreError:
+        is_table = False
+    if not is_table:
+        raise StoreError(
+            f"--out {out} exists and is not a MemControl-Bench table; memrl will not overwrite it: "
+            "choose another --out, or move the file away"
+        )
+    lost = have - rows
+    if lost and not force:
+        raise StoreError(
+            f"--out {out} holds {len(lost):,} rows that {source} lacks (it has {len(rows):,}); exporting "
+            "would drop them. Seed the working store from it first (python -m memrl.tables build does), "
+            "or pass --force to replace it anyway"
+        )
+
+
+def export(store_path: Path, out: Path, suite_name: str, force: bool = False) -> Path:
+    """Write the shipped table: every row without samples, descriptors, provenance notes. An
+    existing ``out`` is replaced only when it is a table whose every row the working store has
+    (or with ``force``); anything else is refused (see :func:`_check_export_target`)."""
     from memrl.store import EvaluationStore
 
     source = EvaluationStore(store_path, readonly=True)
+    _check_export_target(store_path, out, source.hashes(), force)
     rows = source.rows()
     seconds = [r["time_total"] for r in rows if r["ok"] and "time_total" in r]
     provenance = {
@@ -319,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--limit", type=int, default=None, help="build: at most this many evaluations")
+    parser.add_argument(
+        "--force", action="store_true", help="export: replace a table even if it holds rows the store lacks"
+    )
     parser.add_argument("--log", type=Path, default=None, help="also log progress to this file")
     args = parser.parse_args(argv)
     setup_logging()
@@ -330,6 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     store_path = args.store or cache_dir() / "tables" / f"{name}.sqlite"
 
     def body() -> int:
+        for flag, value, least in (
+            ("--workers", args.workers, 1),
+            ("--threads", args.threads, 1),
+            ("--limit", args.limit, 0),
+        ):
+            if value is not None and value < least:
+                raise StoreError(f"{flag}={value} must be {least} or more")
         cfg = config_from_args(args)
         if args.command == "build":
             shipped = shipped_dir() / f"{name}.sqlite"
@@ -346,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "status":
             print(status(cfg, store_path))
         else:
-            out = export(store_path, args.out or shipped_dir() / f"{name}.sqlite", name)
+            out = export(store_path, args.out or shipped_dir() / f"{name}.sqlite", name, args.force)
             print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
         return 0
 

@@ -47,8 +47,13 @@ def cache_dir() -> Path:
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; move it into place only if the block succeeds."""
+    """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
+    Raises :class:`~memrl.errors.MemrlError` when ``path`` is a directory."""
+    from memrl.errors import MemrlError
+
     path = Path(path)
+    if path.is_dir():
+        raise MemrlError(f"{path} is a directory; name a file to write (for example {path / 'out'}.csv)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

@@ -303,6 +303,54 @@ def test_bad_cards_are_explained(run_dir, tmp_path, card, message):
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("observation_dim", "abc", "observation_dim='abc' is not a size"),
+        ("observation_dim", -3, "observation_dim=-3 is not a size"),
+        ("observation_dim", 10**9, "observation_dim=1000000000 is not a size"),
+        ("net_arch", [0], "net_arch=[0] is not a list of layer widths"),
+        ("observation_dim", 7, "its weights do not fit its card"),
+    ],
+)
+def test_card_fields_are_checked_before_any_work(run_dir, tmp_path, field, value, message):
+    import shutil
+
+    shutil.copy(run_dir / "policy.zip", tmp_path / "policy.zip")
+    card = json.loads((run_dir / "policy.card.json").read_text())
+    card[field] = value
+    (tmp_path / "policy.card.json").write_text(json.dumps(card))
+    proc = run(
+        "memrl.apply_policy", "--policy", str(tmp_path), "--data", "digits", "--out", str(tmp_path / "o")
+    )
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_nan_weights_and_a_huge_card_are_refused(run_dir, tmp_path):
+    import io
+    import shutil
+
+    import torch
+    from memrl.agents.policy import MAX_CARD_BYTES, PolicyError, load_policy
+
+    with zipfile.ZipFile(run_dir / "policy.zip") as zf:
+        state = torch.load(io.BytesIO(zf.read("policy.pth")), weights_only=True)
+    buffer = io.BytesIO()
+    torch.save(
+        {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()},
+        buffer,
+    )
+    with zipfile.ZipFile(tmp_path / "policy.zip", "w") as zf:
+        zf.writestr("policy.pth", buffer.getvalue())
+    shutil.copy(run_dir / "policy.card.json", tmp_path / "policy.card.json")
+    with pytest.raises(PolicyError, match="NaN or infinite weights"):
+        load_policy(tmp_path / "policy.zip")
+    (tmp_path / "policy.card.json").write_text(" " * (MAX_CARD_BYTES + 1))
+    with pytest.raises(PolicyError, match="more than a policy card holds"):
+        load_policy(tmp_path / "policy.zip")
+
+
 def test_resume_never_unpickles_a_checkpoint(run_dir, tmp_path):
     import shutil
 

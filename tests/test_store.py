@@ -259,3 +259,21 @@ def test_reward_normalisation_and_pareto():
         Reward(load_config("test", {"reward.quality": "nope"}).reward, refs)
     front = pareto_front(np.array([[0, 1], [1, 0], [1, 1], [0.5, 0.5]]))
     assert front.tolist() == [True, True, False, True]
+
+
+def test_csv_naming_a_directory_is_explained(tmp_path):
+    import subprocess
+    import sys
+
+    from memrl.tables import shipped_dir
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "memrl.store", str(shipped_dir() / "bench.sqlite"), "--csv", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        proc.returncode == 2
+        and "is a directory; name a file" in proc.stderr
+        and "Traceback" not in proc.stderr
+    )

@@ -275,7 +275,7 @@ def test_search_curves_and_the_benchmark_command(table, tmp_path):
                 "search",
                 "--config",
                 str(tmp_path / "suite.yaml"),
-                "--seeds",
+                "--n-seeds",
                 "1",
                 "--budget",
                 "4",
@@ -391,3 +391,74 @@ def test_a_kept_result_that_cannot_be_trusted_is_computed_again_with_a_warning(t
     assert in_parallel(counted, work, 1, keys, tmp_path) == [[{"value": 2}]]
     assert calls == [(1, 2)]
     assert "computing it again" in caplog.text
+
+
+def test_export_never_overwrites_what_it_should_not(table, tmp_path):
+    from memrl.errors import StoreError
+
+    path, _ = table
+    work = path.parent / "work.sqlite"
+    small = tmp_path / "small.sqlite"
+    import_rows(small, path)
+    with sqlite3.connect(small) as db:  # a working store that lacks most rows
+        db.execute("DELETE FROM evaluations WHERE rowid > 3")
+    text = tmp_path / "notes.txt"
+    text.write_text("mine")
+    other_app = tmp_path / "other.sqlite"
+    with sqlite3.connect(other_app) as db:
+        db.execute("CREATE TABLE t (x)")
+    for out, message in (
+        (text, "is not a MemControl-Bench table"),
+        (other_app, "is not a MemControl-Bench table"),
+        (work, "is the working store itself"),
+        (tmp_path, "is a directory"),
+    ):
+        before = out.read_bytes() if out.is_file() else None
+        with pytest.raises(StoreError, match=message):
+            export(work, out, "tiny")
+        assert before is None or out.read_bytes() == before
+    shipped_copy = tmp_path / "table.sqlite"
+    shipped_copy.write_bytes(path.read_bytes())
+    proc = subprocess.run(
+        [sys.executable, "-m", "memrl.tables", "export", "--store", str(small), "--out", str(shipped_copy)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "rows that" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(EvaluationStore(shipped_copy, readonly=True)) == ROWS  # untouched
+    assert len(EvaluationStore(export(small, shipped_copy, "tiny", force=True), readonly=True)) == 3
+    assert len(EvaluationStore(export(work, shipped_copy, "tiny"), readonly=True)) == ROWS  # a superset
+
+
+@pytest.mark.parametrize("flag,value", [("--workers", "0"), ("--threads", "0"), ("--limit", "-1")])
+def test_build_flags_out_of_range_are_refused(flag, value, tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "memrl.tables",
+            "build",
+            "--config",
+            "test",
+            "--store",
+            str(tmp_path / "s"),
+            flag,
+            value,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        proc.returncode == 2 and f"{flag}={value} must be" in proc.stderr and "Traceback" not in proc.stderr
+    )
+
+
+@pytest.mark.parametrize(
+    "flags", [["--episodes", "0"], ["--episodes", "-5"], ["--budget", "0"], ["--n-seeds", "0"]]
+)
+def test_benchmark_flags_out_of_range_are_refused(flags):
+    proc = subprocess.run(
+        [sys.executable, "-m", "memrl.benchmark", "search", *flags], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and f"{flags[0]}={flags[1]} must be 1 or more" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -18,12 +18,12 @@ Methods:
   trained on the same training rows, taking its argmax (as zero-shot HPO work does);
 * ``random-N`` / ``tpe-N``: random search and Optuna TPE on the test task with N fine-tunes.
 
-    python -m memrl.benchmark transfer --seeds 10    # PPO episodes: ppo.total_timesteps (--episodes)
-    python -m memrl.benchmark modes --seeds 3
+    python -m memrl.benchmark transfer --n-seeds 10   # PPO episodes: ppo.total_timesteps (--episodes)
+    python -m memrl.benchmark modes --n-seeds 3
     python -m memrl.benchmark claims
     python -m memrl.benchmark findings              # best masks per task, seed noise (no method runs)
     python -m memrl.benchmark ship                  # trains the shipped policy (memrl/assets/policy)
-    python -m memrl.benchmark search --seeds 10 --budget 64
+    python -m memrl.benchmark search --n-seeds 10 --budget 64
 
 ``transfer`` writes ``transfer.csv`` (one row per method, task, preference, seed), ``transfer.md``
 (interquartile mean regret with 95% bootstrap intervals, and the share of the gap between the

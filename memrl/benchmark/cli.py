@@ -10,6 +10,7 @@ from memrl.benchmark.experiments import modes, search_curves, transfer
 from memrl.benchmark.findings import claims, findings
 from memrl.benchmark.ship import ship
 from memrl.benchmark.stats import plot_curves, plot_transfer, summarise, write_rows
+from memrl.errors import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_config_args(parser, seed=False)
     parser.set_defaults(config="bench")
-    parser.add_argument("--seeds", type=int, default=10, help="named seeds 0..N-1 per method")
+    parser.add_argument(
+        "--n-seeds", type=int, default=10, help="how many seeds each method runs (seeds 0..N-1)"
+    )
     parser.add_argument(
         "--episodes",
         type=int,
@@ -56,12 +59,24 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         start = time.perf_counter()
+        for flag, value in (
+            ("--n-seeds", args.n_seeds),
+            ("--episodes", args.episodes),
+            ("--budget", args.budget),
+            ("--workers", args.workers),
+        ):
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag}={value} must be 1 or more")
         cfg = config_from_args(args)
         args.out.mkdir(parents=True, exist_ok=True)
         parts = cache_dir() / "benchmark" / args.command  # each finished fold: a rerun resumes
         if args.command == "transfer":
             rows = transfer(
-                cfg, args.seeds, args.episodes or cfg.ppo.total_timesteps, workers=args.workers, parts=parts
+                cfg,
+                args.n_seeds,
+                cfg.ppo.total_timesteps if args.episodes is None else args.episodes,
+                workers=args.workers,
+                parts=parts,
             )
             text = summarise(rows)
             plot_transfer(rows, args.out / "transfer.png")
@@ -76,14 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "claims":
             rows, text = claims(cfg, args.out / "claims.png")
         elif args.command == "modes":
-            rows = modes(cfg, args.seeds, workers=args.workers, parts=parts)
+            rows = modes(cfg, args.n_seeds, workers=args.workers, parts=parts)
             text = plot_curves(rows, args.out / "modes.png", "episodes", "training episodes")
         else:
-            rows = search_curves(cfg, args.seeds, args.budget, workers=args.workers, parts=parts)
+            rows = search_curves(cfg, args.n_seeds, args.budget, workers=args.workers, parts=parts)
             text = plot_curves(rows, args.out / "search.png")
         if rows:
             write_rows(rows, args.out / f"{args.command}.csv")
-        footer = f"\n\n{args.seeds} seeds; {time.perf_counter() - start:.0f} s\n"
+        footer = f"\n\n{args.n_seeds} seeds; {time.perf_counter() - start:.0f} s\n"
         atomic_write_text(args.out / f"{args.command}.md", text + footer)
         print(text)
         return 0
