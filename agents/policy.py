@@ -13,6 +13,7 @@ import itertools
 import json
 import pickle
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import torch
 
 from memrl.config import Config, load_config
 from memrl.data.descriptor import DESCRIPTOR_VERSION, descriptor_fields
+from memrl.episode import SearchHistory, head, sequential_finished, sequential_observation
 from memrl.errors import ConfigError, PolicyError
 from memrl.reward import PREFERENCE_FIELDS, preference_of, with_preference
 from memrl.utils import atomic_write_text, package_versions
@@ -103,8 +105,10 @@ def read_card(card_file: Path) -> dict[str, Any]:
     space = card["search_space"]
     if not isinstance(space, dict) or not isinstance(space.get("groups"), list) or "signature" not in space:
         raise PolicyError(f"{card_file}: search_space must hold signature and groups")
-    if card["action_mode"] not in ("mask", "sequential"):
-        raise PolicyError(f"{card_file}: action_mode {card['action_mode']!r} is not mask or sequential")
+    if card["action_mode"] not in ("mask", "sequential", "search"):
+        raise PolicyError(
+            f"{card_file}: action_mode {card['action_mode']!r} is not mask, sequential or search"
+        )
     dim = card["observation_dim"]
     if isinstance(dim, bool) or not isinstance(dim, int) or not 0 < dim <= 100_000:
         raise PolicyError(
@@ -213,33 +217,68 @@ class Policy:
         reward = self.config.reward
         return preference_of(reward if preference is None else with_preference(reward, preference))
 
+    def _ranked_masks(self, obs: np.ndarray, n: int) -> list[np.ndarray]:
+        """The ``n`` most probable masks of a MultiBinary policy at ``obs``, best first."""
+        p = np.clip(self._probabilities(obs), 1e-6, 1 - 1e-6)
+        if self.k <= 16:
+            masks = np.array(list(itertools.product((0, 1), repeat=self.k)), dtype=np.int8)
+            logp = masks @ np.log(p) + (1 - masks) @ np.log(1 - p)
+            return [masks[i] for i in np.argsort(-logp, kind="stable")[:n]]
+        return [(p > 0.5).astype(np.int8)][:n]
+
+    @property
+    def budget(self) -> int:
+        """Search policies: the masks per episode they were trained with."""
+        return int(self.config.env.budget)
+
     def candidates(self, descriptor: np.ndarray, n: int = 1, preference: Any = None) -> list[np.ndarray]:
         """The ``n`` most probable masks for a dataset with this descriptor and a preference
-        (memorization, quality, parameter weights; None: the training config's), best first."""
-        head = np.concatenate([descriptor, self.preference(preference)]).astype(np.float32)
+        (memorization, quality, parameter weights; None: the training config's), best first. For a
+        search policy: its first step, before any result (the zero-shot proposal)."""
+        first = head(descriptor, self.preference(preference))
         if self.card["action_mode"] == "mask":
-            p = np.clip(self._probabilities(head), 1e-6, 1 - 1e-6)
-            if self.k <= 16:
-                masks = np.array(list(itertools.product((0, 1), repeat=self.k)), dtype=np.int8)
-                logp = masks @ np.log(p) + (1 - masks) @ np.log(1 - p)
-                return [masks[i] for i in np.argsort(-logp)[:n]]
-            best = (p > 0.5).astype(np.int8)
-            return [best][:n]
-        return [self._rollout(head)][:n]
+            return self._ranked_masks(first, n)
+        if self.card["action_mode"] == "search":
+            return self._ranked_masks(SearchHistory(self.k, self.budget).observation(first), n)
+        return [self._rollout(first)][:n]
 
-    def _rollout(self, head: np.ndarray) -> np.ndarray:
+    def search(
+        self,
+        descriptor: np.ndarray,
+        evaluate: Callable[[np.ndarray], tuple[float, float, float]],
+        budget: int,
+        preference: Any = None,
+        baseline: float = 0.0,
+        zero_history: bool = False,
+    ) -> SearchHistory:
+        """Run a search policy for ``budget`` masks: each step takes the most probable mask not
+        tried yet, ``evaluate(mask)`` returns its (reward, memorization term, quality term), and
+        the next observation shows every result so far. ``baseline``: the better reference's
+        reward. Returns the history (masks in order, rewards, terms)."""
+        if self.card["action_mode"] != "search":
+            raise PolicyError("this policy was not trained to search (env.mode=search); retrain it")
+        first = head(descriptor, self.preference(preference))
+        history = SearchHistory(self.k, budget, baseline)
+        for _ in range(budget):
+            ranked = self._ranked_masks(
+                history.observation(first, zero_history), 2**self.k if self.k <= 16 else 1
+            )
+            mask = next(
+                (m for m in ranked if not any(np.array_equal(m, t) for t in history.masks)), ranked[0]
+            )
+            history.add(mask, *evaluate(mask))
+        return history
+
+    def _rollout(self, first: np.ndarray) -> np.ndarray:
         """Sequential policies: walk the groups, taking the most probable action each time."""
         mask = np.zeros(self.k, dtype=np.int8)
         budget = self.card.get("max_groups")
         for position in range(self.k):
-            onehot = np.zeros(self.k, dtype=np.float32)
-            onehot[position] = 1
-            obs = np.concatenate([head, mask.astype(np.float32), onehot])
-            action = int(np.argmax(self._probabilities(obs)))
+            action = int(np.argmax(self._probabilities(sequential_observation(first, mask, position))))
             if action == 2:
                 break
             mask[position] = action
-            if budget is not None and mask.sum() >= budget:
+            if sequential_finished(mask, position + 1, budget):
                 break
         return mask
 
@@ -281,7 +320,7 @@ def load_policy(path: str | Path) -> Policy:
         )
     k = len(card["search_space"]["groups"])
     obs_space = spaces.Box(-10.0, 10.0, shape=(int(card["observation_dim"]),), dtype=np.float32)
-    if card["action_mode"] == "mask":
+    if card["action_mode"] in ("mask", "search"):
         act_space: spaces.Space = spaces.MultiBinary(k)
     else:
         act_space = spaces.Discrete(3 if card.get("stop_action") else 2)

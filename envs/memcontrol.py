@@ -13,6 +13,13 @@ from gymnasium import spaces
 
 from memrl.config import Config, load_config
 from memrl.data.descriptor import descriptor_fields
+from memrl.episode import (
+    SearchHistory,
+    head,
+    search_observation_size,
+    sequential_finished,
+    sequential_observation,
+)
 from memrl.errors import EpisodeOverError
 from memrl.reward import PREFERENCE_FIELDS, draw_preference, preference_of, with_preference
 from memrl.spec import Evaluation
@@ -116,10 +123,14 @@ class MemControlEnv(gym.Env):
         )
         e = self.cfg.env
         self.sequential = e.mode == "sequential"
+        self.searching = e.mode == "search"
         n_desc = len(descriptor_fields(self.k)) + len(PREFERENCE_FIELDS)
         if self.sequential:
             self.action_space = spaces.Discrete(3 if e.stop_action else 2)
             n_obs = n_desc + 2 * self.k
+        elif self.searching:
+            self.action_space = spaces.MultiBinary(self.k)
+            n_obs = search_observation_size(n_desc, self.k)
         else:
             self.action_space = spaces.MultiBinary(self.k)
             n_obs = n_desc
@@ -132,6 +143,9 @@ class MemControlEnv(gym.Env):
         self._position = 0
         self._done = True
         self._last: Evaluation | None = None
+        self.history = SearchHistory(self.k, e.budget)
+        self.zero_history = False
+        """Search mode: blank the history in observations (an ablation: does it use feedback?)."""
 
     def _select(self, dataset: Any) -> tuple[Any, Task]:
         if isinstance(dataset, int | np.integer):
@@ -158,13 +172,12 @@ class MemControlEnv(gym.Env):
         return self._descriptor.copy()
 
     def _obs(self) -> np.ndarray:
-        head = np.concatenate([self._descriptor, self.preference]).astype(np.float32)
-        if not self.sequential:
-            return head
-        onehot = np.zeros(self.k, dtype=np.float32)
-        if self._position < self.k:
-            onehot[self._position] = 1
-        return np.concatenate([head, self._mask.astype(np.float32), onehot])
+        first = head(self._descriptor, self.preference)
+        if self.sequential:
+            return sequential_observation(first, self._mask, self._position)
+        if self.searching:
+            return self.history.observation(first, self.zero_history)
+        return first
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
@@ -181,6 +194,7 @@ class MemControlEnv(gym.Env):
             self.preference = draw_preference(self.cfg.reward, self.cfg.env.preferences, self.np_random)
         self._mask = np.zeros(self.k, dtype=np.int8)
         self._position, self._done = 0, False
+        self.history = SearchHistory(self.k, self.cfg.env.budget)
         return self._obs(), {
             "task": label,
             "task_name": self.task.name,
@@ -199,12 +213,11 @@ class MemControlEnv(gym.Env):
             else:
                 self._mask[self._position] = int(action)
                 self._position += 1
-            budget = self.cfg.env.max_groups
-            if budget is not None and self._mask.sum() >= budget:
-                self._position = self.k
-            if self._position < self.k:
+            if not sequential_finished(self._mask, self._position, self.cfg.env.max_groups):
                 return self._obs(), 0.0, False, False, {"mask": self._mask.tolist()}
             mask = self._mask
+        elif self.searching:
+            return self._search_step(action)
         else:
             mask = self.task.space.validate(action)
             self._mask = mask
@@ -213,6 +226,30 @@ class MemControlEnv(gym.Env):
         self._last = outcome.evaluation
         self.diagnostics = {"cache_hit": outcome.evaluation.cache_hit, "timings": outcome.evaluation.timings}
         return self._obs(), float(outcome.reward), True, False, outcome_info(outcome, self.task)
+
+    def _search_step(self, action: Any):
+        """Search mode: evaluate the mask; the reward is the improvement of the best so far."""
+        assert self.task is not None
+        mask = self.task.space.validate(action)
+        reward_cfg = with_preference(self.cfg.reward, self.preference)
+        outcome = self.task.score(mask, reward_cfg)
+        if not self.history.masks:
+            self.history.baseline = max(self.task.reference_rewards(reward_cfg))
+        value = outcome.reward if outcome.ok else -np.inf
+        terms = (outcome.terms.get("memorization_term", 0.0), outcome.terms.get("quality_term", 0.0))
+        improvement = self.history.add(mask, value, *terms)
+        self._mask, self._last = mask, outcome.evaluation
+        self._done = self.history.done
+        self.diagnostics = {"cache_hit": outcome.evaluation.cache_hit, "timings": outcome.evaluation.timings}
+        best = self.history.best_index()
+        info = {
+            **outcome_info(outcome, self.task),
+            "mask_reward": float(outcome.reward),
+            "best_reward": self.history.best_reward,
+            "best_mask": None if best is None else self.history.masks[best].tolist(),
+            "budget_left": self.history.budget - len(self.history.masks),
+        }
+        return self._obs(), float(improvement), self._done, False, info
 
     def pending_mask(self, action: Any) -> np.ndarray | None:
         """The mask ``step(action)`` would evaluate, or None when that step does not end the
@@ -225,10 +262,7 @@ class MemControlEnv(gym.Env):
         if int(action) == 2:
             return mask
         mask[self._position] = int(action)
-        budget = self.cfg.env.max_groups
-        if self._position + 1 >= self.k or (budget is not None and mask.sum() >= budget):
-            return mask
-        return None
+        return mask if sequential_finished(mask, self._position + 1, self.cfg.env.max_groups) else None
 
     def render(self):
         if self.render_mode != "rgb_array":

@@ -168,7 +168,10 @@ class RewardConfig:
 @dataclass
 class EnvConfig:
     mode: str = "mask"
-    """``mask``: the whole mask in one step. ``sequential``: one group per step."""
+    """``mask``: the whole mask in one step. ``sequential``: one group per step. ``search``: a
+    search of ``env.budget`` masks on one task, each step a mask, seeing every result so far."""
+    budget: int = 8
+    """Search mode: masks evaluated per episode (fine-tunes a search may spend)."""
     max_groups: int | None = None
     """Sequential mode: at most this many groups unfrozen (None: no budget)."""
     stop_action: bool = False
@@ -261,7 +264,7 @@ def _choices() -> dict[str, tuple[str | None, ...]]:
         "encoder.kind": ENCODER_KINDS,
         "metrics.index": NN_BACKENDS,
         "metrics.faiss_index": FAISS_INDEXES,
-        "env.mode": ("mask", "sequential"),
+        "env.mode": ("mask", "sequential", "search"),
         "env.preferences": ("fixed", "uniform"),
         "finetune.mixed_precision": (None, "no", "fp16", "bf16"),
         "env.backend": BACKENDS,
@@ -380,9 +383,16 @@ MAX_BATCH = 4096
 """The largest ``finetune.batch_size`` / ``model.pretrain_batch_size`` accepted (memory)."""
 
 
+def _validate_env(e: EnvConfig) -> None:
+    if e.budget < 1:
+        raise ConfigError(f"env.budget={e.budget} must be 1 or more (masks per search episode)")
+    if e.max_groups is not None and e.max_groups < 1:
+        raise ConfigError(f"env.max_groups={e.max_groups} must be 1 or more (or null for no budget)")
+
+
 def _validate_sizes(cfg: Config) -> None:
     """Counts and sizes that a run would otherwise fail on after minutes of work."""
-    m, e = cfg.model, cfg.env
+    m = cfg.model
     seeds = {
         "seed": cfg.seed,
         "data.seed": cfg.data.seed,
@@ -396,8 +406,6 @@ def _validate_sizes(cfg: Config) -> None:
         raise ConfigError(
             f"ppo.net_arch={cfg.ppo.net_arch} must list one or more positive layer widths, e.g. [32, 32]"
         )
-    if e.max_groups is not None and e.max_groups < 1:
-        raise ConfigError(f"env.max_groups={e.max_groups} must be 1 or more (or null for no budget)")
     if (
         m.attention_head_dim <= 0
         or m.norm_num_groups <= 0
@@ -482,6 +490,7 @@ def _validate(cfg: Config) -> None:
         )
     _validate_reward(cfg.reward)
     _validate_sizes(cfg)
+    _validate_env(cfg.env)
     if not 0 <= p.gamma <= 1 or p.ent_coef < 0:
         raise ConfigError(f"ppo.gamma={p.gamma} must be in [0, 1] and ppo.ent_coef={p.ent_coef} >= 0")
     if not 0 <= cfg.model.cond_dropout < 1 or not 0 <= cfg.sample.canary_fraction <= 1:

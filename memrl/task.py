@@ -298,6 +298,13 @@ class Task:
             self._references = References(none.metrics, full.metrics, self.seed_noise())
         return self._references
 
+    def reference_rewards(self, reward: Any = None) -> tuple[float, float]:
+        """Rewards of no fine-tune and of the mask of ones (``reward``: a RewardConfig, default
+        the config's)."""
+        refs = self.references()
+        fn = Reward(reward or self.cfg.reward, refs)
+        return fn(refs.none), fn(refs.full)
+
     def seed_noise(self) -> dict[str, float]:
         """Each metric's seed standard deviation on this task, pooled over the masks of the
         tables' noise sample stored with two or more fine-tune seeds (looked up, never evaluated;

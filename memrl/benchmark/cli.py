@@ -43,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--budget", type=int, default=64, help="search: distinct fine-tunes per search")
     parser.add_argument(
+        "--search-episodes",
+        type=int,
+        default=1000,
+        help="transfer: training episodes of the search policy (env.budget masks each; 0: leave it out)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path("bench/results/benchmark"), help="results (and ship's transfer.csv)"
     )
     parser.add_argument(
@@ -64,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             ("--episodes", args.episodes),
             ("--budget", args.budget),
             ("--workers", args.workers),
+            ("--search-episodes", None if args.search_episodes == 0 else args.search_episodes),
         ):
             if value is not None and value < 1:
                 raise ConfigError(f"{flag}={value} must be 1 or more")
@@ -77,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg.ppo.total_timesteps if args.episodes is None else args.episodes,
                 workers=args.workers,
                 parts=parts,
+                search_episodes=args.search_episodes,
             )
             text = summarise(rows)
             plot_transfer(rows, args.out / "transfer.png")

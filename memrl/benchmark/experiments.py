@@ -25,6 +25,7 @@ from memrl.benchmark.methods import (
     presets,
     random_search,
     regression,
+    search_policy_masks,
     single_best,
     single_best_reward,
     train_policies,
@@ -129,18 +130,29 @@ def transfer(
     budgets: tuple[int, ...] = BUDGETS,
     workers: int = 1,
     parts: Path | None = None,
+    search_episodes: int = 0,
 ) -> list[dict[str, Any]]:
     """Regret of every method on every test task, preference, seed and number of fine-tunes (one
-    row each). ``parts``: as in :func:`search_curves`."""
+    row each). ``search_episodes`` > 0 also trains the search policy (and its two ablations) for
+    that many episodes of ``env.budget`` masks. ``parts``: as in :func:`search_curves`."""
     table = load_table(cfg)
     combos = [(seed, test, train) for seed in range(seeds) for test, train in folds(table)]
-    work = [(cfg, table, seed, test, train, episodes, budgets) for seed, test, train in combos]
+    work = [
+        (cfg, table, seed, test, train, episodes, budgets, search_episodes) for seed, test, train in combos
+    ]
     keys = [
-        fold_key(transfer_fold, cfg, table, [test, *train], seed, episodes, budgets)
+        fold_key(transfer_fold, cfg, table, [test, *train], seed, episodes, budgets, search_episodes)
         for seed, test, train in combos
     ]
     return [row for rows in in_parallel(transfer_fold, work, workers, keys, parts) for row in rows]
 
+
+SEARCH_VARIANTS = (
+    ("ppo-search", False, False),
+    ("ppo-search-no-descriptor", True, False),
+    ("ppo-search-no-history", False, True),
+)
+"""The search policy and its two ablations: (label, descriptor zeroed, history zeroed)."""
 
 ZERO_SHOT_TOP = 4
 """Zero-shot methods are also judged by the best of their first 2..4 masks (that many fine-tunes)."""
@@ -154,6 +166,7 @@ def transfer_fold(
     train: list[int],
     episodes: int,
     budgets: tuple[int, ...],
+    search_episodes: int = 0,
 ) -> list[dict[str, Any]]:
     """Every method's rows for one test task and seed (PPO trained on ``train``): zero-shot lists
     judged at 1..:data:`ZERO_SHOT_TOP` fine-tunes, searches at each of ``budgets``."""
@@ -161,6 +174,14 @@ def transfer_fold(
 
     names = [table.names[u] for u in train]
     nets = {zero: train_policies(cfg, names, seed, [episodes], zero)[0] for zero in (False, True)}
+    searchers = {}
+    if search_episodes:
+        for label, zero_d, zero_h in SEARCH_VARIANTS:
+            searchers[label] = (
+                train_policies(cfg, names, seed, [search_episodes], zero_d, "search", zero_h)[0],
+                zero_d,
+                zero_h,
+            )
     group_names = architecture_space(cfg).names
     top, longest = ZERO_SHOT_TOP, max(budgets)
     rows = []
@@ -185,6 +206,10 @@ def transfer_fold(
             "tpe": optuna_search(table, test, w, longest, seed, "tpe"),
             "tpe-warm": optuna_search(table, test, w, longest, seed, "tpe", warm=nearest),
             "gp": optuna_search(table, test, w, longest, seed, "gp"),
+            **{
+                label: search_policy_masks(policy, table, test, w, longest, zero_d, zero_h)
+                for label, (policy, zero_d, zero_h) in searchers.items()
+            },
         }
         judged = [(m, masks, range(1, len(masks) + 1)) for m, masks in lists.items()]
         judged += [(m, masks, budgets) for m, masks in searches.items()]

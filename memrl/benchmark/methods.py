@@ -219,10 +219,12 @@ def train_policies(
     episodes: list[int],
     zero_descriptor: bool = False,
     mode: str = "mask",
+    zero_history: bool = False,
 ) -> list[Any]:
     """PPO trained by replay on ``tasks`` with uniformly drawn preferences: a
-    :class:`~memrl.agents.policy.Policy` snapshot after each count of ``episodes`` (= masks
-    evaluated; a sequential episode is several steps). ``zero_descriptor`` hides the descriptor."""
+    :class:`~memrl.agents.policy.Policy` snapshot after each count of ``episodes`` (a sequential
+    episode is one mask decided group by group; a search episode evaluates ``env.budget`` masks).
+    ``zero_descriptor`` hides the descriptor; ``zero_history`` hides a search's results."""
     import copy
 
     import gymnasium as gym
@@ -242,6 +244,7 @@ def train_policies(
         },
     )
     env: Any = MemControlEnv(train_cfg)
+    env.zero_history = zero_history
     if zero_descriptor:
         width = len(descriptor_fields(env.k))
         env = gym.wrappers.TransformObservation(
@@ -256,7 +259,7 @@ def train_policies(
             return self.done < self.target
 
     model, counter, out = build_ppo(train_cfg, env), Episodes(), []
-    steps_per_episode = 1 if mode == "mask" else env.unwrapped.k + 1
+    steps_per_episode = {"mask": 1, "search": train_cfg.env.budget}.get(mode, env.unwrapped.k + 1)
     for target in sorted(episodes):
         counter.target = target
         model.learn(steps_per_episode * (target - counter.done), callback=counter, reset_num_timesteps=False)
@@ -270,6 +273,31 @@ def _zero_descriptor(obs: np.ndarray, width: int) -> np.ndarray:
     out = obs.copy()
     out[:width] = 0
     return out
+
+
+def search_policy_masks(
+    policy: Any,
+    table: BenchTable,
+    test: int,
+    w: float,
+    budget: int,
+    zero_descriptor: bool = False,
+    zero_history: bool = False,
+) -> list[int]:
+    """The masks a search policy evaluates on the test task, in order, each result read off the
+    table (the references' rewards give its baseline, as they would live)."""
+    rewards, terms = table.rewards(w)[test], table.terms[test]
+    descriptor = np.zeros_like(table.descriptors[test]) if zero_descriptor else table.descriptors[test]
+
+    def evaluate(mask: np.ndarray) -> tuple[float, float, float]:
+        i = mask_index(mask)
+        return float(rewards[i]), float(terms[i, 0]), float(terms[i, 1])
+
+    baseline = float(max(rewards[0], rewards[-1]))
+    history = policy.search(
+        descriptor, evaluate, budget, table.preference(w), baseline=baseline, zero_history=zero_history
+    )
+    return [mask_index(m) for m in history.masks]
 
 
 def policy_masks(
