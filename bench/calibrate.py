@@ -18,8 +18,8 @@ import sys
 
 import numpy as np
 
-from memrl.backends import Evaluator
 from memrl.config import load_config
+from memrl.evaluator import Evaluator
 from memrl.store import EvaluationStore
 from memrl.task import TaskContext
 

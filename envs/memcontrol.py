@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from pathlib import Path
@@ -20,7 +21,7 @@ from memrl.episode import (
     sequential_finished,
     sequential_observation,
 )
-from memrl.errors import EpisodeOverError
+from memrl.errors import EpisodeOverError, NotInStoreError
 from memrl.reward import PREFERENCE_FIELDS, draw_preference, preference_of, with_preference
 from memrl.spec import Evaluation
 from memrl.task import Outcome, Task, architecture_space, make_evaluator, suite, task_config
@@ -144,6 +145,7 @@ class MemControlEnv(gym.Env):
         self._done = True
         self._last: Evaluation | None = None
         self.history = SearchHistory(self.k, e.budget)
+        self._completeness: dict[int, bool] = {}
         self.zero_history = False
         """Search mode: blank the history in observations (an ablation: does it use feedback?)."""
 
@@ -166,6 +168,34 @@ class MemControlEnv(gym.Env):
             f"options['dataset']={dataset!r}: give an index or name of env.tasks, a dict or a path"
         )
 
+    def _replays_only(self) -> bool:
+        e = self.cfg.env
+        return e.backend == "replay" and not e.replay_fallback
+
+    def _complete(self, index: int) -> bool:
+        """Whether every mask of training task ``index`` is stored (replay draws only those)."""
+        if index not in self._completeness:
+            task = self.tasks[index]
+            masks = itertools.product((0, 1), repeat=self.k)
+            self._completeness[index] = all(
+                self.evaluator.lookup(task.context.spec(m).hash) is not None for m in masks
+            )
+            if not self._completeness[index]:
+                log.warning("task %s is not complete in the tables; replay leaves it out", task.name)
+        return self._completeness[index]
+
+    def _draw_task(self) -> int:
+        """A training task drawn uniformly (on replay, among those whose table is complete)."""
+        order = self.np_random.permutation(len(self.train_tasks))
+        for i in order:
+            label = self.train_tasks[int(i)]
+            if not self._replays_only() or self._complete(label):
+                return label
+        raise NotInStoreError(
+            "no training task of env.tasks has a complete table; continue it with python -m memrl.tables "
+            "build, or set env.replay_fallback=true to fine-tune what it lacks"
+        )
+
     @property
     def dataset_descriptor(self) -> np.ndarray:
         """The descriptor of the current task (set by ``reset``)."""
@@ -185,7 +215,7 @@ class MemControlEnv(gym.Env):
         if "dataset" in options:
             label, self.task = self._select(options["dataset"])
         else:
-            label = self.train_tasks[int(self.np_random.integers(len(self.train_tasks)))]
+            label = self._draw_task()
             self.task = self.tasks[label]
         self._descriptor = np.clip(self.task.descriptor(), -10, 10).astype(np.float32)
         if "preference" in options:

@@ -37,6 +37,8 @@ REPORT_METRICS = (
     "near_copy_fraction",
     "extracted",
     "loss_gap",
+    "mia_auc_private",
+    "mia_tpr_private",
     "nn_similarity_mean",
     "kid",
     "fid",
@@ -63,7 +65,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=Path("memrl-apply"), help="results folder")
     parser.add_argument("--candidates", type=int, default=1, help="consider the N most probable masks")
-    parser.add_argument("--budget", type=int, default=0, help="short evaluations to pick among candidates")
+    parser.add_argument(
+        "--budget",
+        type=int,
+        default=0,
+        help="fine-tunes to search with: a search policy chooses each after seeing the results so far "
+        "(after evaluating the two references); another policy evaluates its top candidates. 0: the "
+        "policy's zero-shot proposal",
+    )
     parser.add_argument(
         "--steps", type=int, default=None, help="final fine-tune steps (default: 2 x finetune.steps)"
     )
@@ -105,13 +114,81 @@ def user_preference(args: argparse.Namespace, policy: Any) -> np.ndarray:
     return w
 
 
+def live_search(
+    policy: Any, task: Any, budget: int, preference: np.ndarray
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """A search policy run live: the two references first (no fine-tune, mask of ones), then
+    ``budget`` fine-tunes, each chosen after seeing every result so far and printed as it
+    finishes. Returns the best mask and the trace."""
+    from memrl.reward import with_preference
+
+    reward = with_preference(task.cfg.reward, preference)
+    baseline = max(task.reference_rewards(reward))
+    trace: list[dict[str, Any]] = []
+
+    def evaluate(mask: np.ndarray) -> tuple[float, float, float]:
+        outcome = task.score(mask, reward)
+        value = outcome.reward if outcome.ok else -np.inf
+        best = max([baseline, value, *(t["reward"] for t in trace)])
+        trace.append(
+            {
+                "mask": mask.tolist(),
+                "reward": float(value),
+                "ok": outcome.ok,
+                "best_so_far": float(best),
+                **{k: outcome.terms.get(k, float("nan")) for k in ("memorization_term", "quality_term")},
+            }
+        )
+        t = trace[-1]
+        print(
+            f"fine-tune {len(trace)}/{budget}: mask {''.join(map(str, mask))} reward {value:+.3f} "
+            f"(memorization {t['memorization_term']:.3f}, quality {t['quality_term']:.3f}); best so far "
+            f"{best:+.3f}",
+            flush=True,
+        )
+        return float(value), t["memorization_term"], t["quality_term"]
+
+    history = policy.search(task.descriptor(), evaluate, budget, preference, baseline=baseline)
+    best = history.best_index()
+    if best is None or history.rewards[best] < baseline:
+        log.warning("no searched mask beat the better reference; delivering the policy's first mask")
+        return history.masks[0], trace
+    return history.masks[best], trace
+
+
+def plot_search(trace: list[dict[str, Any]], baseline_note: str, path: Path) -> None:
+    """Each fine-tune's reward and the best so far, in the order the search ran them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from memrl.report import save_figure
+
+    steps = np.arange(1, len(trace) + 1)
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.plot(steps, [t["reward"] for t in trace], "o", label="reward of the fine-tune")
+    ax.step(steps, [t["best_so_far"] for t in trace], where="post", label="best so far")
+    for x, t in zip(steps, trace):
+        ax.annotate("".join(map(str, t["mask"])), (x, t["reward"]), fontsize=6, rotation=30)
+    ax.set_xlabel("fine-tune")
+    ax.set_ylabel("reward (this preference)")
+    ax.set_title(baseline_note, fontsize=8)
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
 def choose_mask(
     policy: Any, task: Any, candidates: int, budget: int, preference: np.ndarray
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """The policy's best mask for ``preference``; with a budget, the best-rewarded of its top
-    candidates under that preference."""
+    """The policy's best mask for ``preference``: its zero-shot proposal at budget 0; a search
+    policy's best mask after ``budget`` live fine-tunes; another policy's best-rewarded top
+    candidate."""
     from memrl.reward import with_preference
 
+    if budget > 0 and policy.card["action_mode"] == "search":
+        return live_search(policy, task, budget, preference)
     masks = policy.candidates(task.descriptor(), max(candidates, 1), preference)
     if budget <= 0 or len(masks) == 1:
         return masks[0], []
@@ -204,6 +281,46 @@ def sweep_section(rows: list[dict[str, Any]]) -> str:
     )
 
 
+def search_section(trace: list[dict[str, Any]]) -> str:
+    lines = "\n".join(
+        f"| {i} | `{''.join(map(str, t['mask']))}` | {t['reward']:+.3f} | {t['memorization_term']:.3f} | "
+        f"{t['quality_term']:.3f} | {t['best_so_far']:+.3f} |"
+        for i, t in enumerate(trace, start=1)
+    )
+    return (
+        "\n## The search\n\nEach fine-tune chosen after seeing the results before it (the references, "
+        "no fine-tune and the mask of ones, were evaluated first).\n\n| # | mask | reward | memorization "
+        f"term | quality term | best so far |\n|---|---|---|---|---|---|\n{lines}\n\n![search](search.png)\n"
+    )
+
+
+NEAR_DUPLICATE_RMS = 0.02
+"""Two images closer than this RMS pixel distance (in [-1, 1] units, about 2.5 grey levels of 255)
+count as near duplicates."""
+
+
+def split_duplicates(splits: Any) -> dict[str, int]:
+    """Held-out images that are exact or near duplicates of a fine-tune image: they make the copy
+    threshold and membership inference meaningless (a copy looks like a held-out image)."""
+    import torch
+
+    held, train = splits.heldout.images.flatten(1), splits.private.images.flatten(1)
+    d = torch.cdist(held.float(), train.float()).min(dim=1).values / held.shape[1] ** 0.5
+    exact = int((d == 0).sum())
+    return {"exact": exact, "near": int((d < NEAR_DUPLICATE_RMS).sum()) - exact, "heldout": len(held)}
+
+
+def duplicate_note(duplicates: dict[str, int]) -> str:
+    if not (duplicates["exact"] or duplicates["near"]):
+        return ""
+    return (
+        f"**Warning: {duplicates['exact']} of the {duplicates['heldout']} held-out images are exact and "
+        f"{duplicates['near']} near duplicates of images fine-tuned on.** Near-copy counts and "
+        "membership inference are calibrated on held-out images, so they cannot tell a copy from a "
+        "held-out image here: remove the duplicates from your data and run again.\n\n"
+    )
+
+
 def delivery_config(cfg: Config, n_images: int, steps: int) -> Config:
     """The delivered model's protocol: every image but a held-out split (a fifth, 4 at least, at most
     ``data.heldout_size``), no canaries, no duplication, ``steps`` fine-tune steps."""
@@ -239,6 +356,11 @@ def apply(args: argparse.Namespace) -> Path:
     from memrl.store import EvaluationStore
     from memrl.task import Task, TaskContext, architecture_space, full_unet, make_evaluator
 
+    if args.budget < 0 or args.candidates < 1 or args.sweep < 0:
+        raise ConfigError(
+            f"--budget={args.budget}, --candidates={args.candidates}, --sweep={args.sweep}: the budget "
+            "and sweep must be 0 or more and the candidates 1 or more"
+        )
     if args.policy is None:
         args.policy = shipped_policy()
     policy = load_policy(args.policy)
@@ -258,6 +380,9 @@ def apply(args: argparse.Namespace) -> Path:
     preference = user_preference(args, policy)
     args.out.mkdir(parents=True, exist_ok=True)
     mask, tried = choose_mask(policy, task, args.candidates, args.budget, preference)
+    searched = policy.card["action_mode"] == "search" and args.budget > 0
+    if searched:
+        plot_search(tried, f"search on {args.data}: {args.budget} fine-tunes", args.out / "search.png")
     sweep = preference_sweep(policy, task, args.sweep, args.out) if args.sweep > 0 else []
     steps = args.steps if args.steps is not None else 2 * cfg.finetune.steps
     final_cfg = delivery_config(cfg, n_images, steps)
@@ -272,6 +397,9 @@ def apply(args: argparse.Namespace) -> Path:
     )
     if empty:
         log.warning(empty.strip())
+    duplicates = split_duplicates(TaskContext.get(final_cfg).splits)
+    if duplicates["exact"] or duplicates["near"]:
+        log.warning(duplicate_note(duplicates).strip())
     store = EvaluationStore(cfg.env.store)
     chosen = deliver(final_cfg, mask, args.out / "model", store)
     # The comparison is true full fine-tuning: every group at block granularity = every parameter.
@@ -282,7 +410,8 @@ def apply(args: argparse.Namespace) -> Path:
         "mask": mask.tolist(),
         "groups": task.space.selected(mask),
         "preference": dict(zip(PREFERENCE_FIELDS, preference.tolist())),
-        "candidates_tried": tried,
+        "candidates_tried" if not searched else "search_trace": tried,
+        "split_duplicates": duplicates,
         "sweep": sweep,
         "descriptor": task.descriptor().tolist(),
         "images": n_images,
@@ -305,10 +434,15 @@ def apply(args: argparse.Namespace) -> Path:
         f"Delivered model: {steps} fine-tune steps on {final_cfg.data.private_size} of the {n_images} "
         f"images ({final_cfg.data.heldout_size} held out to measure memorization and quality); saved to "
         f"`model/` (diffusers UNet, safetensors).\n\n"
-        f"{empty}| metric | chosen mask | full fine-tune (every parameter) |\n|---|---|---|\n{rows}\n\n"
+        f"{empty}{duplicate_note(duplicates)}"
+        f"| metric | chosen mask | full fine-tune (every parameter) |\n|---|---|---|\n{rows}\n\n"
         "near_copy_fraction: share of samples closer to a training image than 99% of held-out images "
         "are; loss_gap: held-out minus training denoising loss (a membership signal); extracted: "
-        "training images reproduced by a clique of samples.\n" + (sweep_section(sweep) if sweep else "")
+        "training images reproduced by a clique of samples; mia_auc_private / mia_tpr_private: "
+        "membership inference from each image's denoising loss (ROC AUC, 0.5 = chance; true-positive "
+        "rate at a 1% false-positive rate), training images against held-out ones.\n"
+        + (search_section(tried) if searched else "")
+        + (sweep_section(sweep) if sweep else "")
     )
     atomic_write_text(args.out / "report.md", report)
     return args.out

@@ -109,8 +109,8 @@ def write_report(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from memrl.evaluator import table_path
     from memrl.store import EvaluationStore
-    from memrl.tables import table_path
     from memrl.task import suite
 
     run_dir = Path(run_dir)

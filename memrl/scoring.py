@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from memrl.context import TaskContext
 from memrl.errors import SpecError
 from memrl.spec import EvalSpec, Evaluation
 from memrl.utils import package_versions
 
 if TYPE_CHECKING:
     from memrl.models import DiffusionModel
-    from memrl.task import TaskContext
     from memrl.training import FinetuneResult
 
 
@@ -152,8 +152,6 @@ def evaluate_spec(spec: EvalSpec) -> Evaluation:
     Raises :class:`~memrl.errors.SpecError` when the task built from the spec's settings has other
     fingerprints than the spec names (other data, base model or search space on this machine).
     """
-    from memrl.task import TaskContext
-
     start = time.perf_counter()
     ctx = TaskContext.get(spec.to_config())
     if ctx.fingerprints != spec.fingerprints:

@@ -28,39 +28,22 @@ import sys
 import time
 from contextlib import closing
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from memrl.backends import run_inprocess, run_ray
 from memrl.config import Config, load_config
+from memrl.context import TaskContext, full_unet, suite
 from memrl.errors import StoreError
-from memrl.spec import SPEC_VERSION, EvalSpec
+from memrl.evaluator import SHIPPED, make_evaluator, shipped_dir, table_path  # noqa: F401  (re-exported)
+from memrl.spec import SPEC_VERSION, EvalSpec, Evaluation
+from memrl.store import EvaluationStore
+from memrl.task import NOISE_SEEDS, Task, noise_masks  # noqa: F401  (re-exported)
 from memrl.utils import atomic_path, cache_dir, package_versions
 
 log = logging.getLogger("memrl.tables")
-
-SHIPPED = ("bench",)
-NOISE_SEEDS = (1, 2)
-"""Extra fine-tune seeds of the noise sample (seed 0 is the main table)."""
-
-
-def shipped_dir() -> Path:
-    return Path(str(resources.files("memrl") / "assets" / "tables"))
-
-
-def table_path(name: str) -> Path:
-    """A shipped table's file (``bench``) or a path to a table file."""
-    if name in SHIPPED:
-        path = shipped_dir() / f"{name}.sqlite"
-        if not path.is_file():
-            raise StoreError(f"the shipped table {name!r} is missing ({path}); reinstall memrl or build it")
-        return path
-    path = Path(name)
-    if not path.is_file():
-        raise StoreError(f"env.table={name!r} is neither a shipped table ({', '.join(SHIPPED)}) nor a file")
-    return path
 
 
 @dataclass(frozen=True)
@@ -72,26 +55,11 @@ class Job:
     spec: EvalSpec
 
 
-def noise_masks(k: int, n: int = 16, seed: int = 0) -> list[tuple[int, ...]]:
-    """The noise sample's masks: none, all, every single group, then seeded random masks."""
-    masks = [(0,) * k, (1,) * k] + [tuple(int(i == j) for i in range(k)) for j in range(k)]
-    rng = np.random.default_rng(seed)
-    every = list(itertools.product((0, 1), repeat=k))
-    for i in rng.permutation(len(every)):
-        if len(masks) >= n:
-            break
-        if every[i] not in masks:
-            masks.append(every[i])
-    return masks[:n]
-
-
 def jobs(cfg: Config) -> list[Job]:
     """Every evaluation of the suite's tables, task by task (so the table grows a complete task
     at a time): the references, full fine-tuning of every UNet parameter, every other mask, then
     the task's noise sample (the first ``noise_masks`` of :func:`noise_masks` with seeds
     :data:`NOISE_SEEDS`) if it has one."""
-    from memrl.task import TaskContext, full_unet, suite
-
     out: list[Job] = []
     entries = suite(cfg)
     noise_size = {e.name: int(t.get("noise_masks", 0)) for e, t in zip(entries, cfg.env.tasks, strict=False)}
@@ -112,8 +80,6 @@ def jobs(cfg: Config) -> list[Job]:
 
 
 def _work(spec_json: str) -> str:
-    from memrl.backends import run_inprocess
-
     return run_inprocess(EvalSpec.from_json(spec_json)).to_json()
 
 
@@ -127,8 +93,6 @@ def _init_worker(threads: int) -> None:
 def import_rows(store_path: Path, table: Path) -> int:
     """Copy the rows and descriptors of ``table`` that ``store_path`` lacks (a shipped table
     seeds the working store, so a build continues on any machine). Returns the rows added."""
-    from memrl.store import EvaluationStore
-
     EvaluationStore(table, readonly=True)  # checks it is a sound store
     EvaluationStore(store_path)
     with closing(sqlite3.connect(store_path, timeout=60)) as db, db:
@@ -154,10 +118,6 @@ def build(
     evaluated."""
     from tqdm.auto import tqdm
 
-    from memrl.spec import Evaluation
-    from memrl.store import EvaluationStore
-    from memrl.task import Task, make_evaluator, suite
-
     if seed_from is not None and seed_from.is_file():
         log.info("imported %d rows from %s", import_rows(store_path, seed_from), seed_from)
     store = EvaluationStore(store_path)
@@ -181,8 +141,6 @@ def build(
     start, done = time.time(), 0
     by_hash = {j.spec.hash: j for j in todo}
     if backend == "ray":
-        from memrl.backends import run_ray
-
         chunks = [todo[i : i + workers] for i in range(0, len(todo), workers)]
         results: Any = (ev.to_json() for chunk in chunks for ev in run_ray([j.spec for j in chunk], cfg.ray))
         pool = None
@@ -221,8 +179,6 @@ def build(
 def _check_export_target(source: Path, out: Path, rows: set[str], force: bool) -> None:
     """Refuse to overwrite anything but an older memrl table with fewer rows: another file, a
     directory, the working store itself, or a table holding rows the export would lose."""
-    from memrl.store import EvaluationStore
-
     if out.is_dir():
         raise StoreError(
             f"--out {out} is a directory; name the table file to write, e.g. {out / 'bench.sqlite'}"
@@ -255,8 +211,6 @@ def export(store_path: Path, out: Path, suite_name: str, force: bool = False) ->
     """Write the shipped table: every row without samples, descriptors, provenance notes. An
     existing ``out`` is replaced only when it is a table whose every row the working store has
     (or with ``force``); anything else is refused (see :func:`_check_export_target`)."""
-    from memrl.store import EvaluationStore
-
     source = EvaluationStore(store_path, readonly=True)
     _check_export_target(store_path, out, source.hashes(), force)
     rows = source.rows()
@@ -295,8 +249,6 @@ def export(store_path: Path, out: Path, suite_name: str, force: bool = False) ->
 def complete_tasks(cfg: Config) -> tuple[list[dict[str, Any]], list[str]]:
     """``cfg.env.tasks`` without the training tasks whose tables lack a mask (held-out tasks are
     kept: nothing trains on them), and the names of those left out."""
-    from memrl.task import TaskContext, make_evaluator, suite
-
     evaluator = make_evaluator(cfg)
     left_out = []
     for e in suite(cfg):
@@ -311,8 +263,6 @@ def complete_tasks(cfg: Config) -> tuple[list[dict[str, Any]], list[str]]:
 
 def status(cfg: Config, store_path: Path) -> str:
     """Rows stored per task and kind."""
-    from memrl.store import EvaluationStore
-
     have = EvaluationStore(store_path, readonly=True).hashes() if store_path.is_file() else set()
     counts: dict[tuple[str, str], list[int]] = {}
     for j in jobs(cfg):

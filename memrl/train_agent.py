@@ -80,13 +80,9 @@ def record_run(cfg: Config, run_dir: Path, status: str, extra: dict[str, Any] | 
     atomic_write_text(run_dir / "run.json", json.dumps(meta, indent=2))
 
 
-def train(cfg: Config, run_dir: Path, resume: bool = False, report: bool = True) -> Path:
-    """Build env and PPO, learn, save policy + card, write the report. Returns the policy path.
-
-    Everything that can fail on bad input is built before the run directory is written; the
-    directory's ``run.json`` says whether the run completed.
-    """
-    from memrl.agents.policy import write_card
+def _learn(cfg: Config, run_dir: Path, resume: bool) -> tuple[Any, Any, Any]:
+    """Build the env and PPO (resuming a checkpoint), learn, and check that some evaluation
+    succeeded. Returns the model, the episode logger and the env."""
     from memrl.agents.ppo import (
         CHECKPOINT,
         AtomicCheckpoint,
@@ -95,6 +91,47 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, report: bool = True)
         load_checkpoint,
         make_env,
     )
+
+    env = make_env(cfg, cfg.ppo.n_envs, cfg.seed)
+    model = build_ppo(cfg, env, run_dir)
+    checkpoint = run_dir / CHECKPOINT
+    if resume and checkpoint.is_file():
+        load_checkpoint(model, checkpoint)
+        log.info("resumed from %s at %d timesteps", checkpoint, model.num_timesteps)
+    logger = EvaluationLogger(run_dir)
+    saver = AtomicCheckpoint(run_dir)
+    remaining = cfg.ppo.total_timesteps - model.num_timesteps
+    try:
+        if remaining > 0:
+            model.learn(
+                remaining,
+                callback=[logger, saver],
+                progress_bar=True,
+                reset_num_timesteps=not resume,
+                tb_log_name="ppo",
+            )
+            saver.save()
+    except KeyboardInterrupt:
+        record_run(cfg, run_dir, "interrupted", {"num_timesteps": int(model.num_timesteps)})
+        raise
+    finally:
+        env.close()
+    if logger.episodes and logger.failures == logger.episodes:
+        raise MemrlError(
+            f"every one of the {logger.episodes} evaluations failed (see {run_dir / 'episodes.jsonl'}); "
+            "no policy was written: fix the config (finetune.lr? data?) and run again"
+        )
+    return model, logger, env
+
+
+def train(cfg: Config, run_dir: Path, resume: bool = False, report: bool = True) -> Path:
+    """Build env and PPO, learn, save policy + card, write the report. Returns the policy path.
+
+    Everything that can fail on bad input is built before the run directory is written; the
+    directory's ``run.json`` says whether the run completed.
+    """
+    from memrl.agents.policy import write_card
+    from memrl.store import EvaluationStore
     from memrl.task import TaskContext, architecture_space, suite
 
     left_out: list[str] = []
@@ -121,39 +158,18 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, report: bool = True)
     entries = suite(cfg)
     for e in entries:  # every task's data, base model and space load before anything is written
         _ = TaskContext.get(e.cfg).fingerprints
+    if Path(store).is_absolute():  # a store outside the run is opened (and refused) first
+        EvaluationStore(store)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(load_config(cfg, {"env.store": store}), run_dir / "config.yaml")
     record_run(cfg, run_dir, "running")
-    env = make_env(cfg, cfg.ppo.n_envs, cfg.seed)
-    model = build_ppo(cfg, env, run_dir)
-    checkpoint = run_dir / CHECKPOINT
-    if resume and checkpoint.is_file():
-        load_checkpoint(model, checkpoint)
-        log.info("resumed from %s at %d timesteps", checkpoint, model.num_timesteps)
-    logger = EvaluationLogger(run_dir)
-    saver = AtomicCheckpoint(run_dir)
-    remaining = cfg.ppo.total_timesteps - model.num_timesteps
     try:
-        if remaining > 0:
-            model.learn(
-                remaining,
-                callback=[logger, saver],
-                progress_bar=True,
-                reset_num_timesteps=not resume,
-                tb_log_name="ppo",
-            )
-            saver.save()
+        model, logger, env = _learn(cfg, run_dir, resume)
     except KeyboardInterrupt:
-        record_run(cfg, run_dir, "interrupted", {"num_timesteps": int(model.num_timesteps)})
         raise
-    finally:
-        env.close()
-    if logger.episodes and logger.failures == logger.episodes:
-        record_run(cfg, run_dir, "failed: every evaluation failed")
-        raise MemrlError(
-            f"every one of the {logger.episodes} evaluations failed (see {run_dir / 'episodes.jsonl'}); "
-            "no policy was written: fix the config (finetune.lr? data?) and run again"
-        )
+    except Exception as exc:
+        record_run(cfg, run_dir, f"failed: {type(exc).__name__}: {str(exc)[:300]}")
+        raise
     policy_path = run_dir / "policy.zip"
     model.save(policy_path)
     write_card(
@@ -185,8 +201,12 @@ def report_task(cfg: Config, policy_path: Path, run_dir: Path) -> None:
     evaluator = make_evaluator(load_config(cfg, {"env.replay_fallback": True}))
     task = Task(target.cfg, evaluator, target.name, target.heldout)
     policy = load_policy(policy_path)
-    chosen = policy.candidates(task.descriptor(), 1)[0]
     sections = []
+    if policy.card["action_mode"] == "search":
+        chosen, section = replayed_search(policy, task)
+        sections.append(section)
+    else:
+        chosen = policy.candidates(task.descriptor(), 1)[0]
     if cfg.env.table:
         sections.append(live_check(task, chosen, run_dir))
     else:
@@ -201,6 +221,36 @@ def report_task(cfg: Config, policy_path: Path, run_dir: Path) -> None:
         sections=sections,
         task_name=f"{task.name} (held out: never trained on)" if task.heldout else task.name,
     )
+
+
+def replayed_search(policy: Any, task: Any) -> tuple[Any, str]:
+    """A search policy's search of ``policy.budget`` masks on ``task`` (stored evaluations where
+    the table has them, live fine-tunes otherwise); returns its best mask and a Markdown section."""
+    reward = task.cfg.reward
+    baseline = max(task.reference_rewards(reward))
+    lines = []
+
+    def evaluate(mask: Any) -> tuple[float, float, float]:
+        outcome = task.score(mask, reward)
+        value = outcome.reward if outcome.ok else float("-inf")
+        terms = (outcome.terms.get("memorization_term", 0.0), outcome.terms.get("quality_term", 0.0))
+        bits = "".join(map(str, mask))
+        lines.append(f"| {len(lines) + 1} | `{bits}` | {value:+.3f} | {terms[0]:.3f} | {terms[1]:.3f} |")
+        return value, *terms
+
+    history = policy.search(task.descriptor(), evaluate, policy.budget, baseline=baseline)
+    best = history.best_index()
+    chosen = history.masks[0 if best is None else best]
+    log.info(
+        "search on %s: best mask %s after %d fine-tunes", task.name, "".join(map(str, chosen)), policy.budget
+    )
+    section = (
+        f"\n## The search policy on `{task.name}`\n\n{policy.budget} masks, each chosen after the results "
+        f"before it (rewards at the training preference; the better reference scores {baseline:+.3f}); "
+        f"best: `{''.join(map(str, chosen))}`.\n\n| # | mask | reward | memorization term | quality term |\n"
+        "|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
+    )
+    return chosen, section
 
 
 def live_check(task: Any, mask: Any, run_dir: Path) -> str:

@@ -91,6 +91,84 @@ def test_sequential_mode_trains_applies_and_reports(tmp_path, new_dataset):
     assert other.shape == (4,)
 
 
+def test_a_search_policy_trains_and_searches_live_with_apply_policy(tmp_path, new_dataset):
+    out = tmp_path / "search"
+    proc = train(
+        out, "env.mode=search", "env.budget=2", "ppo.n_steps=4", "ppo.total_timesteps=8", report=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    card = json.loads((out / "policy.card.json").read_text())
+    assert card["action_mode"] == "search" and card["config"]["env"]["budget"] == 2
+    results = tmp_path / "applied"
+    proc = run(
+        "memrl.apply_policy",
+        "--policy",
+        str(out),
+        "--data",
+        str(new_dataset),
+        "--out",
+        str(results),
+        "--budget",
+        "3",
+        "--sweep",
+        "0",
+        "--steps",
+        "3",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("fine-tune ") == 3 and "best so far" in proc.stdout
+    result = json.loads((results / "result.json").read_text())
+    trace = result["search_trace"]
+    assert len(trace) == 3 and len({tuple(t["mask"]) for t in trace}) == 3  # no mask evaluated twice
+    best = max(t["reward"] for t in trace)
+    assert trace[-1]["best_so_far"] >= best and all(
+        a <= b for a, b in zip([t["best_so_far"] for t in trace], [t["best_so_far"] for t in trace][1:])
+    )
+    assert (results / "search.png").read_bytes()[:4] == b"\x89PNG" and "## The search" in (
+        results / "report.md"
+    ).read_text()
+    assert 0 <= result["chosen"]["mia_auc_private"] <= 1 and result["split_duplicates"]["exact"] == 0
+    zero = tmp_path / "zero"
+    proc = run(
+        "memrl.apply_policy",
+        "--policy",
+        str(out),
+        "--data",
+        str(new_dataset),
+        "--out",
+        str(zero),
+        "--sweep",
+        "0",
+        "--steps",
+        "3",
+    )
+    assert proc.returncode == 0 and "search_trace" not in json.loads((zero / "result.json").read_text())
+
+
+def test_apply_policy_warns_when_held_out_images_duplicate_training_images(run_dir, tmp_path):
+    images = np.repeat(np.random.default_rng(0).integers(0, 256, (1, 8, 8), dtype=np.uint8), 16, axis=0)
+    np.savez(tmp_path / "same.npz", images=images)
+    out = tmp_path / "o"
+    proc = run(
+        "memrl.apply_policy",
+        "--policy",
+        str(run_dir),
+        "--data",
+        str(tmp_path / "same.npz"),
+        "--out",
+        str(out),
+        "--sweep",
+        "0",
+        "--steps",
+        "2",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "held-out images are exact" in proc.stderr
+    result = json.loads((out / "result.json").read_text())
+    assert result["split_duplicates"]["exact"] == result["heldout"] == 4
+    assert "Warning: 4 of the 4 held-out images are exact" in (out / "report.md").read_text()
+
+
 def test_parallel_envs_in_subprocesses(tmp_path):
     out = tmp_path / "par"
     proc = train(out, "ppo.n_envs=2", "ppo.n_steps=2", "ppo.total_timesteps=4", report=False)
@@ -476,3 +554,31 @@ def test_report_cli_writes_the_report_and_its_plots(run_dir, tmp_path):
         assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     proc = run("memrl.report", str(tmp_path))
     assert proc.returncode == 2 and "no config.yaml here" in proc.stderr
+
+
+def test_a_missing_or_garbage_pipeline_folder_fails_before_any_data_is_loaded(tmp_path):
+    (tmp_path / "bad" / "unet").mkdir(parents=True)
+    (tmp_path / "bad" / "unet" / "config.json").write_text("{garbage")
+    for path, message in (
+        (tmp_path / "missing", "no diffusers UNet here"),
+        (tmp_path / "bad", "is not a diffusers UNet config"),
+    ):
+        proc = run(
+            "memrl.train_agent",
+            "--config",
+            "stable_diffusion",
+            "--run-dir",
+            str(tmp_path / "r"),
+            "--set",
+            f"model.path={path}",
+        )
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+        assert not (tmp_path / "r").exists()
+
+
+def test_a_refused_store_leaves_no_run_directory(tmp_path):
+    (tmp_path / "notes.sqlite").write_text("not a database")
+    proc = train(
+        tmp_path / "r", f"env.store={tmp_path / 'notes.sqlite'}", "ppo.total_timesteps=4", "ppo.n_steps=4"
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and not (tmp_path / "r").exists()

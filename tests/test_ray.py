@@ -12,8 +12,8 @@ from conftest import run_module, wait_until
 
 ray = pytest.importorskip("ray")
 
-from memrl.backends import Evaluator  # noqa: E402
 from memrl.config import load_config  # noqa: E402
+from memrl.evaluator import Evaluator  # noqa: E402
 from memrl.store import EvaluationStore  # noqa: E402
 from memrl.task import TaskContext  # noqa: E402
 

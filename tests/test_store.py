@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from conftest import wait_until
 
-from memrl.backends import Evaluator
 from memrl.errors import NotInStoreError, StoreError
+from memrl.evaluator import Evaluator
 from memrl.reward import References, Reward, pareto_front
 from memrl.spec import EvalSpec, Evaluation
 from memrl.store import EvaluationStore

@@ -39,14 +39,15 @@ def main(argv: list[str] | None = None) -> int:
         "--episodes",
         type=int,
         default=None,
-        help="transfer: PPO training episodes (default: ppo.total_timesteps)",
+        help="transfer: training episodes of the one-shot PPO policy (default 10,000)",
     )
     parser.add_argument("--budget", type=int, default=64, help="search: distinct fine-tunes per search")
     parser.add_argument(
         "--search-episodes",
         type=int,
-        default=1000,
-        help="transfer: training episodes of the search policy (env.budget masks each; 0: leave it out)",
+        default=None,
+        help="transfer: training episodes of the search policy, env.budget masks each (default: "
+        "ppo.total_timesteps / env.budget, the shipped policy's recipe; 0: leave it out)",
     )
     parser.add_argument(
         "--out", type=Path, default=Path("bench/results/benchmark"), help="results (and ship's transfer.csv)"
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             ("--episodes", args.episodes),
             ("--budget", args.budget),
             ("--workers", args.workers),
-            ("--search-episodes", None if args.search_episodes == 0 else args.search_episodes),
+            ("--search-episodes", None if args.search_episodes in (0, None) else args.search_episodes),
         ):
             if value is not None and value < 1:
                 raise ConfigError(f"{flag}={value} must be 1 or more")
@@ -81,10 +82,14 @@ def main(argv: list[str] | None = None) -> int:
             rows = transfer(
                 cfg,
                 args.n_seeds,
-                cfg.ppo.total_timesteps if args.episodes is None else args.episodes,
+                10_000 if args.episodes is None else args.episodes,
                 workers=args.workers,
                 parts=parts,
-                search_episodes=args.search_episodes,
+                search_episodes=(
+                    cfg.ppo.total_timesteps // cfg.env.budget
+                    if args.search_episodes is None
+                    else args.search_episodes
+                ),
             )
             text = summarise(rows)
             plot_transfer(rows, args.out / "transfer.png")

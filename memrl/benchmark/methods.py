@@ -166,6 +166,7 @@ def ppo_search(cfg: Config, task: str, w: float, seed: int, budget: int, max_ste
             **SEARCH_PPO,
             "env.tasks": [t for t in cfg.env.tasks if t.get("name") == task],
             "env.preferences": "fixed",
+            "env.mode": "mask",
             "reward.memorization_weight": w,
             "reward.quality_weight": 1.0 - w,
             "seed": seed,

@@ -1,0 +1,280 @@
+"""What every evaluation of one task shares, and the tasks of a config.
+
+* :func:`architecture_space`: the search space, read off the base UNet's architecture (no weights).
+* :class:`TaskContext`: the splits, the search space, the fingerprints, and (built when first
+  needed) the base model, the encoder, the FAISS index over training embeddings and the copy
+  threshold. ``ctx.spec(mask)`` is the EvalSpec of a mask on this task.
+* :func:`suite`: the tasks of a config's ``env.tasks`` (name, held-out flag, config);
+  :func:`task_config`, :func:`resolve_task`, :func:`full_unet`: one task's config.
+
+It knows nothing of where evaluations run (:mod:`memrl.evaluator`) or of rewards
+(:mod:`memrl.task`).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from memrl.config import Config, load_config, task_overrides
+from memrl.errors import ConfigError, ModelError
+from memrl.search_space import SearchSpace
+from memrl.spec import SPEC_SECTIONS, EvalSpec
+from memrl.utils import stable_hash
+
+
+@functools.lru_cache(maxsize=32)
+def _architecture_space(
+    model_path: str | None, model_json: str, resolution: int, channels: int, granularity: str, method: str
+) -> SearchSpace:
+    import json
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    if model_path is None:
+        from memrl.models import build_unet
+
+        cfg = load_config(
+            {"model": json.loads(model_json), "data": {"resolution": resolution, "channels": channels}}
+        )
+        with torch.device("meta"):
+            unet = build_unet(cfg)
+    else:
+        folder = Path(model_path)
+        folder = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
+        if not (folder / "config.json").is_file():
+            raise ModelError(
+                f"model.path={model_path!r}: no diffusers UNet here (expected config.json in it or in "
+                "its unet/ folder); point model.path at a folder written by save_pretrained"
+            )
+        try:
+            with torch.device("meta"):
+                unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder))
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(
+                f"model.path={model_path!r}: {folder / 'config.json'} is not a diffusers UNet config "
+                f"({first[:150]}); point model.path at a folder written by save_pretrained"
+            ) from None
+    return SearchSpace(unet, granularity, method)
+
+
+def architecture_space(cfg: Config) -> SearchSpace:
+    """The task's search space, read off the base UNet's architecture (no weights, no training)."""
+    import json
+
+    return _architecture_space(
+        cfg.model.path,
+        json.dumps(cfg.model.__dict__, sort_keys=True),
+        cfg.data.resolution,
+        cfg.data.channels,
+        cfg.search.granularity,
+        cfg.search.method,
+    )
+
+
+class TaskContext:
+    """What every evaluation of one task shares. Build with :meth:`get` (cached per settings).
+
+    Cheap parts are built at once (splits, search space, fingerprints); the base model, encoder,
+    index and threshold when first used, so a replayed task never trains an encoder.
+    """
+
+    _cache: dict[str, TaskContext] = {}
+
+    def __init__(self, cfg: Config) -> None:
+        from memrl.data import load_splits
+
+        self.cfg = cfg
+        self.space = architecture_space(cfg)  # first: a bad model.path fails before data is loaded
+        self.splits = load_splits(cfg.data)
+
+    @classmethod
+    def get(cls, cfg: Config) -> TaskContext:
+        tree = cfg.to_dict()
+        key = stable_hash({k: tree[k] for k in SPEC_SECTIONS})
+        if key not in cls._cache:
+            cls._cache[key] = cls(cfg)
+        return cls._cache[key]
+
+    @functools.cached_property
+    def sd(self) -> Any:
+        """The Stable Diffusion components when ``model.path`` is a pipeline folder, else None."""
+        from memrl.models.stable_diffusion import is_pipeline_folder, load_components
+
+        if not is_pipeline_folder(self.cfg.model.path):
+            return None
+        return load_components(str(Path(str(self.cfg.model.path)).resolve()))
+
+    @functools.cached_property
+    def prompts(self) -> list[str]:
+        """Stable Diffusion path: the task's distinct captions, then the empty prompt (null label)."""
+        from memrl.models.stable_diffusion import captions_of
+
+        template = self.cfg.data.caption_template
+        seen = [
+            c
+            for part in (self.splits.base, self.splits.private, self.splits.heldout)
+            for c in captions_of(part, template)
+        ]
+        return [*dict.fromkeys(c for c in seen if c), ""]
+
+    @functools.cached_property
+    def model_splits(self) -> Any:
+        """The splits the model trains and is scored on: the images themselves, or on the Stable
+        Diffusion path their VAE latents, labelled by caption (an index into :attr:`prompts`)."""
+        import dataclasses
+
+        import torch
+
+        from memrl.data import ImageSet
+        from memrl.models.stable_diffusion import captions_of, encode_latents
+
+        if self.sd is None:
+            return self.splits
+        index = {p: i for i, p in enumerate(self.prompts)}
+        null = len(self.prompts) - 1
+
+        def latent(part: Any) -> Any:
+            ids = [index.get(c, null) for c in captions_of(part, self.cfg.data.caption_template)]
+            return ImageSet(
+                encode_latents(self.sd, part.images),
+                torch.tensor(ids),
+                None,
+                part.name,
+                {**part.meta, "latents": self.sd.vae_fingerprint},
+            )
+
+        s = self.splits
+        return dataclasses.replace(
+            s, base=latent(s.base), private=latent(s.private), heldout=latent(s.heldout)
+        )
+
+    def to_images(self, samples: Any) -> Any:
+        """Model outputs as images in [-1, 1] (decoded through the VAE on the Stable Diffusion path)."""
+        if self.sd is None:
+            return samples
+        from memrl.models.stable_diffusion import decode_latents
+
+        return decode_latents(self.sd, samples)
+
+    @functools.cached_property
+    def base(self) -> Any:
+        """The base model (shipped, cached, pretrained once, or a pipeline's UNet conditioned on
+        the task's prompts); checked against the search space."""
+        from memrl.models import get_base_model
+
+        if self.sd is not None:
+            import json
+
+            from memrl.models.stable_diffusion import TextConditionedModel, encode_prompts
+
+            model: Any = TextConditionedModel(
+                self.sd.unet, encode_prompts(self.sd, self.prompts), self.sd.path
+            )
+            config = self.sd.path / "scheduler" / "scheduler_config.json"
+            model.scheduler_config = json.loads(config.read_text()) if config.is_file() else None
+        else:
+            model = get_base_model(self.cfg, self.splits)
+        loaded = SearchSpace(model.unet, self.space.granularity, self.space.method)
+        if loaded.signature != self.space.signature:
+            raise ModelError(
+                f"the base model's architecture ({loaded.k} groups) differs from the one its config "
+                f"describes ({self.space.k} groups); delete the cached model or fix model.*"
+            )
+        return model
+
+    @functools.cached_property
+    def fingerprints(self) -> dict[str, str]:
+        """Fingerprints of the inputs that are not settings: data, base-model weights, search space."""
+        from memrl.models.base import shipped_fingerprint
+
+        base = shipped_fingerprint(self.cfg, self.splits) if self.cfg.model.path is None else None
+        if self.sd is not None:
+            base = self.sd.fingerprint
+        return {
+            "data": self.splits.fingerprint,
+            "base_model": base or self.base.fingerprint(),
+            "search_space": self.space.signature,
+        }
+
+    def spec(self, mask: Any) -> EvalSpec:
+        """The EvalSpec of ``mask`` (validated against the search space) on this task."""
+        return EvalSpec.from_config(self.cfg, self.space.validate(mask), self.fingerprints)
+
+    @functools.cached_property
+    def encoder(self) -> Any:
+        from memrl.encoders import get_encoder
+
+        return get_encoder(self.cfg, self.splits)
+
+    @functools.cached_property
+    def train_embeddings(self) -> Any:
+        from memrl.encoders import embed
+
+        return embed(self.encoder, self.splits.private)
+
+    @functools.cached_property
+    def heldout_embeddings(self) -> Any:
+        from memrl.encoders import embed
+
+        return embed(self.encoder, self.splits.heldout)
+
+    @functools.cached_property
+    def index(self) -> Any:
+        from memrl.metrics.memorization import NearestNeighbourIndex
+
+        m = self.cfg.metrics
+        return NearestNeighbourIndex(self.train_embeddings, m.index, m.faiss_index)
+
+    @functools.cached_property
+    def threshold(self) -> float:
+        from memrl.metrics.memorization import copy_threshold
+
+        return copy_threshold(self.index, self.heldout_embeddings, self.cfg.metrics.copy_quantile)
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    """One entry of ``env.tasks``: its name, held-out flag and full config."""
+
+    name: str
+    heldout: bool
+    cfg: Config
+
+
+def full_unet(cfg: Config) -> Config:
+    """``cfg`` fine-tuning every parameter of the UNet (mask of ones at block granularity): the
+    MemControl paper's full fine-tuning, which memrl compares masks against."""
+    return load_config(cfg, {"search.granularity": "block", "search.method": "full"})
+
+
+def task_config(cfg: Config, task: dict[str, Any] | str) -> Config:
+    """``cfg`` with ``data`` set to ``task``: an ``env.tasks`` entry or a data source."""
+    overrides = {"source": task} if isinstance(task, str) else task
+    return load_config(cfg, task_overrides(overrides))
+
+
+def resolve_task(cfg: Config, task: int | str | dict[str, Any]) -> Config:
+    """The config of one task: an index or name into ``env.tasks``, a data source, or data overrides."""
+    entries = suite(cfg)
+    if isinstance(task, int):
+        if not 0 <= task < len(entries):
+            raise ConfigError(f"task {task} is outside 0..{len(entries) - 1} (the tasks of env.tasks)")
+        return entries[task].cfg
+    names = [e.name for e in entries]
+    if isinstance(task, str) and task in names:
+        return entries[names.index(task)].cfg
+    return task_config(cfg, task)
+
+
+def suite(cfg: Config) -> list[TaskEntry]:
+    """The tasks of ``cfg.env.tasks`` (or ``cfg.data`` alone when it lists none)."""
+    entries = cfg.env.tasks or [{}]
+    return [
+        TaskEntry(str(t.get("name", f"task{i}")), bool(t.get("heldout", False)), task_config(cfg, t))
+        for i, t in enumerate(entries)
+    ]

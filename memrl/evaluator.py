@@ -1,0 +1,144 @@
+"""Where evaluations are looked up and run: one place that wires them.
+
+* :class:`Evaluator`: a spec is looked up in the shipped tables (read-only) and the evaluation
+  store, and a miss runs on a backend (:mod:`memrl.backends`: in this process, a subprocess per
+  evaluation, Ray tasks) or, for a table build, on a pool of single-threaded worker processes
+  (:meth:`Evaluator.stream`); only this process writes the store.
+* :func:`make_evaluator`: the Evaluator of a config's ``env`` section (its store, shipped table,
+  backend and replay fallback), the one constructor every command and the env use.
+* :func:`table_path`: a shipped table's file by name, or a table file.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memrl.backends import BACKENDS, run_inprocess, run_ray, run_subprocess
+from memrl.config import Config
+from memrl.errors import NotInStoreError, StoreError
+from memrl.spec import EvalSpec, Evaluation
+from memrl.store import EvaluationStore
+
+log = logging.getLogger(__name__)
+
+SHIPPED = ("bench",)
+"""The tables that ship with memrl (``memrl/assets/tables/<name>.sqlite``)."""
+
+
+def shipped_dir() -> Path:
+    return Path(str(resources.files("memrl") / "assets" / "tables"))
+
+
+def table_path(name: str) -> Path:
+    """A shipped table's file (``bench``) or a path to a table file."""
+    if name in SHIPPED:
+        path = shipped_dir() / f"{name}.sqlite"
+        if not path.is_file():
+            raise StoreError(f"the shipped table {name!r} is missing ({path}); reinstall memrl or build it")
+        return path
+    path = Path(name)
+    if not path.is_file():
+        raise StoreError(f"env.table={name!r} is neither a shipped table ({', '.join(SHIPPED)}) nor a file")
+    return path
+
+
+class Evaluator:
+    """Cached evaluation of specs.
+
+    Args:
+        store: where results are kept (a repeated spec costs nothing).
+        backend: ``inprocess``, ``subprocess`` or ``replay``.
+        fallback: for ``replay``, the live backend for specs found nowhere (None: raise).
+        tables: read-only stores consulted first (the shipped MemControl-Bench tables).
+    """
+
+    def __init__(
+        self,
+        store: EvaluationStore,
+        backend: str = "inprocess",
+        fallback: str | None = None,
+        tables: list[EvaluationStore] | None = None,
+        ray: Any = None,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+        self.store, self.backend, self.fallback, self.ray = store, backend, fallback, ray
+        self.tables = list(tables or [])
+        self.hits = self.misses = 0
+        self._memo: dict[str, Evaluation] = {}
+
+    def lookup(self, spec_hash: str) -> Evaluation | None:
+        """A stored evaluation (tables first, then the store), or None."""
+        if spec_hash in self._memo:
+            self._memo[spec_hash].cache_hit = True
+            return self._memo[spec_hash]
+        for source in (*self.tables, self.store):
+            found = source.get(spec_hash)
+            if found is not None:
+                found.cache_hit = True
+                self._memo[spec_hash] = found  # stored rows are final
+                return found
+        return None
+
+    def evaluate(self, spec: EvalSpec) -> Evaluation:
+        return self.evaluate_many([spec])[0]
+
+    def evaluate_many(self, specs: list[EvalSpec]) -> list[Evaluation]:
+        """Evaluations of ``specs``: stored ones looked up, the others run (concurrently on Ray)."""
+        found: dict[str, Evaluation] = {}
+        misses: dict[str, EvalSpec] = {}
+        for spec in specs:
+            hit = self.lookup(spec.hash)
+            if hit is not None:
+                self.hits += 1
+                found[spec.hash] = hit
+            else:
+                misses.setdefault(spec.hash, spec)
+        if misses:
+            backend = self._live_backend(next(iter(misses.values())))
+            todo = list(misses.values())
+            if backend == "ray":
+                results = run_ray(todo, self.ray)
+            else:
+                results = [run_subprocess(s) if backend == "subprocess" else run_inprocess(s) for s in todo]
+            for spec, result in zip(todo, results):
+                self.misses += 1
+                self.store.put(result, spec)
+                self._memo[spec.hash] = result
+                found[spec.hash] = result
+        return [found[s.hash] for s in specs]
+
+    def _live_backend(self, spec: EvalSpec) -> str:
+        if self.backend != "replay":
+            return self.backend
+        if self.fallback is None:
+            where = ", ".join(str(s.path) for s in (*self.tables, self.store))
+            raise NotInStoreError(
+                f"mask {''.join(map(str, spec.mask))} (spec {spec.hash}) is in none of {where}; "
+                "evaluate it with a live backend, or set env.replay_fallback=true"
+            )
+        return self.fallback
+
+    def descriptor(self, key: str) -> np.ndarray | None:
+        for source in (*self.tables, self.store):
+            found = source.descriptor(key)
+            if found is not None:
+                return found
+        return None
+
+    def put_descriptor(self, key: str, task: dict[str, Any], value: np.ndarray) -> None:
+        if not self.store.readonly:
+            self.store.put_descriptor(key, task, value)
+
+
+def make_evaluator(cfg: Config) -> Any:
+    """The Evaluator of ``cfg.env``: its store, shipped table, backend and replay fallback."""
+    e = cfg.env
+    tables = [EvaluationStore(table_path(e.table), readonly=True)] if e.table else []
+    fallback = "inprocess" if e.backend == "replay" and e.replay_fallback else None
+    return Evaluator(EvaluationStore(e.store), e.backend, fallback=fallback, tables=tables, ray=cfg.ray)
