@@ -169,8 +169,9 @@ class MemControlEnv(gym.Env):
         )
 
     def _replays_only(self) -> bool:
+        """Replay of a table with no live fallback: draw only the tasks the table completes."""
         e = self.cfg.env
-        return e.backend == "replay" and not e.replay_fallback
+        return e.backend == "replay" and bool(e.table) and not e.replay_fallback
 
     def _complete(self, index: int) -> bool:
         """Whether every mask of training task ``index`` is stored (replay draws only those)."""

@@ -364,14 +364,16 @@ def apply(args: argparse.Namespace) -> Path:
     if args.policy is None:
         args.policy = shipped_policy()
     policy = load_policy(args.policy)
-    overrides: dict[str, Any] = {
-        "data.source": args.data,
-        "env.tasks": [],
-        "env.table": None,
-        "env.backend": "inprocess",
-        "env.store": str((args.out / "evaluations.sqlite").resolve()),
-    }
-    overrides.update(parse_overrides(args.set))
+    overrides: dict[str, Any] = parse_overrides(args.set)  # the policy's config, then --set, then flags
+    overrides.update(
+        {
+            "data.source": args.data,
+            "env.tasks": [],
+            "env.table": None,
+            "env.backend": "inprocess",
+            "env.store": str((args.out / "evaluations.sqlite").resolve()),
+        }
+    )
     cfg = load_config(policy.config, overrides)
     n_images = usable_count(cfg.data)
     search_cfg = load_config(cfg, {"data": dataclasses.asdict(fit_sizes(cfg.data, n_images))})

@@ -11,7 +11,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import multiprocessing as mp
+import os
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -73,17 +77,17 @@ class Evaluator:
         self._memo: dict[str, Evaluation] = {}
 
     def lookup(self, spec_hash: str) -> Evaluation | None:
-        """A stored evaluation (tables first, then the store), or None."""
-        if spec_hash in self._memo:
-            self._memo[spec_hash].cache_hit = True
-            return self._memo[spec_hash]
-        for source in (*self.tables, self.store):
-            found = source.get(spec_hash)
-            if found is not None:
-                found.cache_hit = True
-                self._memo[spec_hash] = found  # stored rows are final
-                return found
-        return None
+        """A stored evaluation (tables first, then the store), or None; a copy marked as a cache hit
+        (the object an earlier caller holds is never changed)."""
+        if spec_hash not in self._memo:
+            for source in (*self.tables, self.store):
+                found = source.get(spec_hash)
+                if found is not None:
+                    self._memo[spec_hash] = found  # stored rows are final
+                    break
+            else:
+                return None
+        return dataclasses.replace(self._memo[spec_hash], cache_hit=True)
 
     def evaluate(self, spec: EvalSpec) -> Evaluation:
         return self.evaluate_many([spec])[0]
@@ -113,6 +117,36 @@ class Evaluator:
                 found[spec.hash] = result
         return [found[s.hash] for s in specs]
 
+    def stream(
+        self, specs: list[EvalSpec], workers: int, threads: int = 1, backend: str = "pool"
+    ) -> Iterator[Evaluation]:
+        """Evaluate ``specs`` (none looked up: the caller passes what is missing), storing each
+        result as it arrives and yielding it, in completion order: on ``workers`` spawned worker
+        processes with ``threads`` torch threads each (``pool``, recycled every 64 evaluations), or
+        as Ray tasks ``workers`` at a time (``ray``). A table build runs on this."""
+        by_hash = {s.hash: s for s in specs}
+        pool = None
+        results: Iterator[Evaluation]
+        if backend == "ray":
+            chunks = [specs[i : i + workers] for i in range(0, len(specs), workers)]
+            results = (ev for chunk in chunks for ev in run_ray(chunk, self.ray))
+        else:
+            os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the spawned workers
+            pool = mp.get_context("spawn").Pool(
+                workers, initializer=_init_worker, initargs=(threads,), maxtasksperchild=64
+            )
+            texts = pool.imap_unordered(_work, [s.to_json() for s in specs])
+            results = (Evaluation.from_json(text) for text in texts)
+        try:
+            for ev in results:
+                self.store.put(ev, by_hash[ev.spec_hash])
+                self._memo[ev.spec_hash] = ev
+                yield ev
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+
     def _live_backend(self, spec: EvalSpec) -> str:
         if self.backend != "replay":
             return self.backend
@@ -134,6 +168,18 @@ class Evaluator:
     def put_descriptor(self, key: str, task: dict[str, Any], value: np.ndarray) -> None:
         if not self.store.readonly:
             self.store.put_descriptor(key, task, value)
+
+
+def _work(spec_json: str) -> str:
+    """A pool worker's evaluation (JSON in, JSON out)."""
+    return run_inprocess(EvalSpec.from_json(spec_json)).to_json()
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.getLogger().setLevel(logging.WARNING)
 
 
 def make_evaluator(cfg: Config) -> Any:

@@ -19,7 +19,6 @@ import argparse
 import itertools
 import json
 import logging
-import multiprocessing as mp
 import os
 import platform
 import sqlite3
@@ -33,12 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from memrl.backends import run_inprocess, run_ray
 from memrl.config import Config, load_config
 from memrl.context import TaskContext, full_unet, suite
 from memrl.errors import StoreError
 from memrl.evaluator import SHIPPED, make_evaluator, shipped_dir, table_path  # noqa: F401  (re-exported)
-from memrl.spec import SPEC_VERSION, EvalSpec, Evaluation
+from memrl.spec import SPEC_VERSION, EvalSpec
 from memrl.store import EvaluationStore
 from memrl.task import NOISE_SEEDS, Task, noise_masks  # noqa: F401  (re-exported)
 from memrl.utils import atomic_path, cache_dir, package_versions
@@ -77,17 +75,6 @@ def jobs(cfg: Config) -> list[Job]:
             out += [Job(e.name, "noise", noisy.spec(m)) for m in noise_masks(k, noise_size[e.name])]
     seen: set[str] = set()
     return [j for j in out if not (j.spec.hash in seen or seen.add(j.spec.hash))]  # type: ignore[func-returns-value]
-
-
-def _work(spec_json: str) -> str:
-    return run_inprocess(EvalSpec.from_json(spec_json)).to_json()
-
-
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-    logging.getLogger().setLevel(logging.WARNING)
 
 
 def import_rows(store_path: Path, table: Path) -> int:
@@ -134,45 +121,30 @@ def build(
     )
     live = load_config(cfg, {"env.backend": "inprocess", "env.store": str(store_path), "env.table": None})
     evaluator = make_evaluator(live)
-    for e in suite(live):  # descriptors (and each task's encoder, cached for the workers)
-        Task(e.cfg, evaluator, e.name, e.heldout).descriptor()
+    for e in suite(live):  # each task's encoder (cached for the workers) and descriptor
+        task = Task(e.cfg, evaluator, e.name, e.heldout)
+        _ = task.context.encoder
+        task.descriptor()
     if not todo:
         return 0
     start, done = time.time(), 0
     by_hash = {j.spec.hash: j for j in todo}
-    if backend == "ray":
-        chunks = [todo[i : i + workers] for i in range(0, len(todo), workers)]
-        results: Any = (ev.to_json() for chunk in chunks for ev in run_ray([j.spec for j in chunk], cfg.ray))
-        pool = None
-    else:
-        os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the spawned workers
-        pool = mp.get_context("spawn").Pool(
-            workers, initializer=_init_worker, initargs=(threads,), maxtasksperchild=64
-        )
-        results = pool.imap_unordered(_work, [j.spec.to_json() for j in todo])
-    try:
-        with tqdm(total=len(todo), desc="tables", unit="eval", smoothing=0.05) as bar:
-            for text in results:
-                ev = Evaluation.from_json(text)
-                store.put(ev, by_hash[ev.spec_hash].spec)
-                done += 1
-                bar.update()
-                rate = done / (time.time() - start) * 3600
-                left = (len(todo) - done) / max(rate, 1e-9)
-                log.info(
-                    "%d/%d %s %s %s (%.0f evals/hour, %.1f h left)",
-                    done,
-                    len(todo),
-                    by_hash[ev.spec_hash].task,
-                    "".join(map(str, ev.mask)),
-                    "ok" if ev.ok else ev.error,
-                    rate,
-                    left,
-                )
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+    with tqdm(total=len(todo), desc="tables", unit="eval", smoothing=0.05) as bar:
+        for ev in evaluator.stream([j.spec for j in todo], workers, threads, backend):
+            done += 1
+            bar.update()
+            rate = done / (time.time() - start) * 3600
+            left = (len(todo) - done) / max(rate, 1e-9)
+            log.info(
+                "%d/%d %s %s %s (%.0f evals/hour, %.1f h left)",
+                done,
+                len(todo),
+                by_hash[ev.spec_hash].task,
+                "".join(map(str, ev.mask)),
+                "ok" if ev.ok else ev.error,
+                rate,
+                left,
+            )
     return done
 
 

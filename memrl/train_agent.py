@@ -228,7 +228,7 @@ def replayed_search(policy: Any, task: Any) -> tuple[Any, str]:
     the table has them, live fine-tunes otherwise); returns its best mask and a Markdown section."""
     reward = task.cfg.reward
     baseline = max(task.reference_rewards(reward))
-    lines = []
+    lines: list[str] = []
 
     def evaluate(mask: Any) -> tuple[float, float, float]:
         outcome = task.score(mask, reward)

@@ -582,3 +582,21 @@ def test_a_refused_store_leaves_no_run_directory(tmp_path):
         tmp_path / "r", f"env.store={tmp_path / 'notes.sqlite'}", "ppo.total_timesteps=4", "ppo.n_steps=4"
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "memrl.train_agent",
+        "memrl.apply_policy",
+        "memrl.search",
+        "memrl.benchmark",
+        "memrl.report",
+        "memrl.store",
+        "memrl.tables",
+        "memrl.models.base",
+    ],
+)
+def test_every_command_explains_itself(module):
+    proc = run(module, "--help")
+    assert proc.returncode == 0 and "usage: python -m " + module.replace(".__main__", "") in proc.stdout

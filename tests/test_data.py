@@ -3,6 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
+from memrl.config import load_config
 from memrl.data import DataError, ImageSet, load_folder, load_npz, load_splits
 
 
@@ -98,14 +99,37 @@ def test_too_few_images_is_explained(tmp_path, cfg):
 
 def test_every_bundled_dataset_loads_offline_as_greyscale_in_range():
     from memrl.data import BUNDLED, bundled
+    from memrl.data.bundled import SOURCES
 
-    sizes = {"mnist": 5000, "digits": 1797, "faces": 100, "histology": 256, "retina": 804, "cells": 340}
+    sizes = {
+        **{"mnist": 5000, "digits": 1797, "faces": 100, "histology": 256, "retina": 804, "cells": 340},
+        **{"nonfaces": 100, "camera": 319, "astronaut": 418, "coffee": 380, "rocket": 224, "moon": 337},
+        **{"chelsea": 496, "coins": 432, "page": 235, "text": 280, "hubble": 837, "photos": 677},
+    }
+    assert set(BUNDLED) == set(sizes) == set(SOURCES)
     for name in BUNDLED:
         s = bundled(name, 16)
         assert s.images.shape == (sizes[name], 1, 16, 16), name
         assert s.images.min() >= -1 and s.images.max() <= 1 and s.images.std() > 0.1, name
         assert (s.labels is not None) == (name in ("mnist", "digits")), name
+        if name not in ("mnist", "digits", "faces", "histology", "retina", "cells"):  # the suite v2 sources
+            assert (s.images.flatten(1).std(dim=1) > 0).all(), name  # no flat patch: no duplicate blanks
     assert bundled("faces", 16, channels=3).images.shape[1] == 3
+
+
+def test_the_reserved_outside_checks_are_never_used():
+    """Fashion-MNIST, scikit-image's brick, grass and gravel, and pneumonia-model-package's X-rays
+    are kept as outside checks of transfer: no bundled loader or suite task may read them."""
+    import importlib
+    import inspect
+
+    from memrl.task import suite
+
+    module = importlib.import_module("memrl.data.bundled")
+    source = inspect.getsource(module).lower()
+    for reserved in ("brick", "grass", "gravel", "fashion", "pneumonia"):
+        assert reserved not in source, reserved
+    assert all(e.cfg.data.source in module.BUNDLED for e in suite(load_config("bench")))
 
 
 def test_the_fingerprint_is_of_16_bit_pixels(cfg):

@@ -120,9 +120,9 @@ def test_stepping_a_finished_episode_says_to_reset(store_path):
 def test_sequential_mode_with_a_budget(store_path):
     env = make(store_path, **{"env.mode": "sequential", "env.max_groups": 1})
     obs, _ = env.reset(seed=0)
-    assert obs[15 + 4] == 1  # one-hot of the first group
+    assert obs[28 + 4] == 1  # one-hot of the first group
     obs, reward, terminated, _, _ = env.step(0)
-    assert not terminated and reward == 0 and obs[15 + 4 + 1] == 1
+    assert not terminated and reward == 0 and obs[28 + 4 + 1] == 1
     obs, reward, terminated, _, info = env.step(1)
     assert terminated and info["mask"] == [0, 1, 0, 0]
 

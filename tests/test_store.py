@@ -41,16 +41,33 @@ def test_evaluation_round_trips_through_the_store(cfg, ctx, tmp_path):
     assert "1 evaluations (0 failed)" in out and "1010" in out
 
 
-def test_a_failed_evaluation_is_recorded_not_raised(tmp_path):
+def test_a_failed_run_is_recorded_and_a_settings_error_is_raised_and_never_stored(ctx, tmp_path):
     from memrl.config import load_config
+    from memrl.errors import ConfigError, DataError
+    from memrl.task import TaskContext
 
     store = EvaluationStore(tmp_path / "s.sqlite")
-    bad = load_config("test", {"data.source": str(tmp_path / "missing.npz")})
-    spec = EvalSpec.from_config(bad, [1, 0, 0, 0], {})
-    result = Evaluator(store, "subprocess").evaluate(spec)
-    assert not result.ok and "missing.npz" in result.error
-    assert store.get(spec.hash).ok is False
-    assert store.rows()[0]["error"] == result.error
+    diverging = TaskContext.get(load_config("test", {"finetune.lr": 1e30})).spec([1, 0, 0, 0])
+    result = Evaluator(store, "subprocess").evaluate(diverging)  # a run failure: recorded
+    assert not result.ok and "diverged" in result.error
+    assert store.get(diverging.hash).ok is False and store.rows()[0]["error"] == result.error
+    missing = EvalSpec.from_config(
+        load_config("test", {"data.source": str(tmp_path / "missing.npz")}), [1, 0, 0, 0], {}
+    )
+    conflicting = ctx.spec([1, 0, 0, 0])
+    settings = {
+        **conflicting.settings,
+        "finetune": {**conflicting.settings["finetune"], "cuda_graph": True, "gradient_checkpointing": True},
+    }
+    conflicting = EvalSpec(settings, conflicting.mask, conflicting.fingerprints)
+    for backend in ("inprocess", "subprocess"):
+        for spec, error, message in (
+            (missing, DataError, "no such .npz file"),
+            (conflicting, ConfigError, "cannot both be on"),
+        ):
+            with pytest.raises(error, match=message):
+                Evaluator(store, backend).evaluate(spec)
+            assert store.get(spec.hash) is None
 
 
 def test_subprocess_backend_matches_inprocess(ctx, tmp_path):
@@ -251,10 +268,21 @@ def test_reward_normalisation_and_pareto():
     assert reward({cfg.memorization: 0.0, cfg.quality: 0.5}) == pytest.approx(0)
     assert reward({cfg.memorization: 0.1, cfg.quality: 0.75}) == pytest.approx(-1)
     # full fine-tuning measured below the base model (no memorization induced, seed noise): a
-    # higher metric still means more memorization, never less
-    inverted = Reward(cfg, References(none=refs.full, full=refs.none))
+    # higher metric still means more memorization, never less; below the base model earns nothing
+    import dataclasses
+
+    v1 = dataclasses.replace(cfg, memorization_floor=False, noise_span=0.0)
+    inverted = Reward(v1, References(none=refs.full, full=refs.none))
     low, high = ({cfg.memorization: m, cfg.quality: 0.75} for m in (0.0, 0.1))
     assert inverted.terms(high)["memorization_term"] > inverted.terms(low)["memorization_term"]
+    floored = Reward(cfg, References(none=refs.full, full=refs.none))
+    assert floored.terms(low)["memorization_term"] == floored.terms(high)["memorization_term"] == 0.0
+    assert Reward(cfg, refs).terms({cfg.memorization: -0.5, cfg.quality: 0.5})["memorization_term"] == 0.0
+    # a span below 3 seed standard deviations is widened to them: noise is not amplified
+    noisy = References(refs.none, refs.full, noise={cfg.memorization: 0.1})
+    assert Reward(cfg, noisy).memorization_scale() == pytest.approx((0.0, 0.3))
+    assert Reward(cfg, noisy).terms(refs.full)["memorization_term"] == pytest.approx(0.2 / 0.3)
+    assert Reward(v1, noisy).terms(refs.full)["memorization_term"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="is not a metric"):
         Reward(load_config("test", {"reward.quality": "nope"}).reward, refs)
     front = pareto_front(np.array([[0, 1], [1, 0], [1, 1], [0.5, 0.5]]))

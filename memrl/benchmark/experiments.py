@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import itertools
 import json
 import logging
@@ -211,7 +212,9 @@ def transfer_fold(
                 for label, (policy, zero_d, zero_h) in searchers.items()
             },
         }
-        judged = [(m, masks, range(1, len(masks) + 1)) for m, masks in lists.items()]
+        judged: list[tuple[str, list[int], tuple[int, ...]]] = [
+            (m, masks, tuple(range(1, len(masks) + 1))) for m, masks in lists.items()
+        ]
         judged += [(m, masks, budgets) for m, masks in searches.items()]
         for method, masks, counts in judged:
             for n in counts:
@@ -240,14 +243,10 @@ def code_digest() -> str:
     import memrl
 
     root = Path(memrl.__file__).parent
-    files = sorted(
-        [*(root / "benchmark").glob("*.py"), root / "reward.py", root / "task.py", root / "tables.py"]
-    )
-    from memrl import agents, envs
-
-    files += sorted(Path(agents.__file__).parent.glob("*.py")) + sorted(
-        Path(envs.__file__).parent.glob("*.py")
-    )
+    files = [*(root / "benchmark").glob("*.py"), root / "reward.py", root / "task.py", root / "tables.py"]
+    files += [root / "episode.py", root / "context.py"]
+    for package in ("memrl.agents", "memrl.envs"):
+        files += Path(str(importlib.import_module(package).__file__)).parent.glob("*.py")
     digest = hashlib.sha256()
     for f in sorted(files):
         digest.update(f.name.encode() + f.read_bytes())
