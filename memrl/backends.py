@@ -99,9 +99,43 @@ def ensure_ray(ray_cfg: Any) -> Any:
         raise ConfigError("env.backend=ray needs Ray: pip install 'memrl[ray]'") from None
     if not ray.is_initialized():
         address = getattr(ray_cfg, "address", None) or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+        if address and address != "auto":
+            check_reachable(address)
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(
+                f"cannot join the Ray cluster at ray.address={address!r} ({first[:150]}); start it with "
+                "ray start --head, or fix ray.address / $RAY_ADDRESS"
+            ) from None
         log.info("Ray: %s", ray.cluster_resources())
     return ray
+
+
+RAY_CONNECT_TIMEOUT = 5.0
+"""Seconds to wait for a TCP connection to a Ray address before calling it unreachable."""
+
+
+def check_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT) -> None:
+    """Raise ConfigError unless ``address`` (``host:port`` or ``ray://host:port``) accepts a TCP
+    connection within ``timeout`` seconds (``ray.init`` itself can wait for minutes)."""
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(
+            f"ray.address={address!r} is not host:port, ray://host:port or auto; fix ray.address or "
+            "$RAY_ADDRESS"
+        )
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot reach Ray at {address} within {timeout:.0f} s ({exc.strerror or exc}); start the "
+            "cluster (ray start --head) or fix ray.address / $RAY_ADDRESS"
+        ) from None
 
 
 def run_ray(specs: list[EvalSpec], ray_cfg: Any) -> list[Evaluation]:

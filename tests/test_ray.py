@@ -104,3 +104,29 @@ def test_a_killed_worker_is_retried_once_then_recorded_and_the_run_goes_on(tmp_p
     assert EvaluationStore(tmp_path / "s.sqlite").get(spec.hash).ok is False  # recorded
     quick = TaskContext.get(load_config("test", {"env.backend": "ray"})).spec([1, 0, 0, 0])
     assert evaluator.evaluate(quick).ok  # and the run goes on
+
+
+@pytest.mark.parametrize(
+    "address,message",
+    [("127.0.0.1:1", "cannot reach Ray at 127.0.0.1:1 within 5 s"), ("bogus", "is not host:port")],
+)
+def test_an_unreachable_or_bogus_ray_address_fails_fast_in_one_line(address, message, tmp_path):
+    for how in (["--set", f"ray.address={address}"], []):
+        env = {"RAY_ADDRESS": address} if not how else {}
+        start = time.monotonic()
+        proc = run_module(
+            "memrl.search",
+            "--config",
+            "test",
+            "--method",
+            "random",
+            "--budget",
+            "1",
+            "--set",
+            "env.backend=ray",
+            f"env.store={tmp_path / 's.sqlite'}",
+            *how[1:],
+            **env,
+        )
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+        assert time.monotonic() - start < 120
