@@ -1,0 +1,95 @@
+"""python -m memrl.audit end to end: a model fine-tuned on a few heavily duplicated images against
+its base model, and the inputs it refuses."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import run_module as run
+
+from memrl.config import load_config
+
+
+def to_npz(path, images, labels):
+    u8 = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().numpy()[:, 0]
+    np.savez(path, images=u8, labels=labels.numpy())
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """The test config's base model, and a copy fine-tuned (every parameter) on 4 images, each
+    duplicated 16 times; the 4 images and 32 held-out ones of the same source as .npz files."""
+    from memrl.data import ImageSet
+    from memrl.finetune import finetune
+    from memrl.task import TaskContext
+
+    folder = tmp_path_factory.mktemp("audit")
+    cfg = load_config("test", {"finetune.steps": 150, "finetune.lr": 3e-3, "search.granularity": "block"})
+    ctx = TaskContext.get(cfg)
+    private, heldout = ctx.splits.private, ctx.splits.heldout
+    train = private.subset(list(range(4)))
+    repeated = ImageSet(train.images.repeat(16, 1, 1, 1), train.labels.repeat(16), None, "dup")
+    model, _ = finetune(ctx.base, repeated, ctx.space.prefixes(np.ones(ctx.space.k, dtype=np.int8)), cfg)
+    model.save(folder / "model")
+    ctx.base.save(folder / "base")
+    to_npz(folder / "train.npz", train.images, train.labels)
+    to_npz(folder / "heldout.npz", heldout.images, heldout.labels)
+    return folder
+
+
+def audit(folder, model, out, *extra):
+    return run(
+        "memrl.audit",
+        "--config",
+        "test",
+        "--model",
+        str(folder / model),
+        "--train",
+        str(folder / "train.npz"),
+        "--heldout",
+        str(folder / "heldout.npz"),
+        "--out",
+        str(out),
+        "--samples",
+        "16",
+        *extra,
+    )
+
+
+def test_the_audit_ranks_the_memorized_model_above_its_base_and_gates_it(models, tmp_path):
+    proc = audit(
+        models, "model", tmp_path / "a", "--reference", str(models / "base"), "--fail-above", "mia_auc=0.8"
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "gate failed: mia_auc" in proc.stderr and "Traceback" not in proc.stderr
+    result = json.loads((tmp_path / "a" / "audit.json").read_text())
+    tuned, base = result["results"]["model"], result["results"]["reference"]
+    assert tuned["mia_auc"] > 0.8 > base["mia_auc"] and tuned["loss_gap"] > base["loss_gap"]
+    assert len(tuned["per_image"]["loss"]) == 4 and result["fingerprints"]["train"]
+    rows = (tmp_path / "a" / "exposure.csv").read_text().splitlines()
+    assert rows[0].startswith("rank,train_index") and len(rows) == 5
+    for name in ("membership.png", "copies.png"):
+        assert (tmp_path / "a" / name).read_bytes()[:4] == b"\x89PNG"
+    assert "**FAILED**" in (tmp_path / "a" / "report.md").read_text()
+    passed = audit(models, "base", tmp_path / "b", "--fail-above", "mia_auc=0.8")
+    assert passed.returncode == 0, passed.stderr[-2000:]
+
+
+def test_bad_inputs_are_refused_in_one_line(models, tmp_path):
+    few = tmp_path / "few.npz"
+    np.savez(few, images=np.load(models / "heldout.npz")["images"][:8])
+    cases = [
+        (["--heldout", str(models / "train.npz")], "shares 4 of its 4 images with --train"),
+        (["--heldout", str(few)], "needs at least 20 held-out images"),
+        (["--model", str(tmp_path)], "no diffusers UNet here"),
+        (["--train", str(tmp_path / "nowhere")], "--train:"),
+        (["--fail-above", "mia=3"], "write METRIC=NUMBER"),
+        (["--set", "data.resolution=16"], "pass --set data.resolution=8"),
+    ]
+    for extra, message in cases:
+        proc = audit(models, "model", tmp_path / "o", *extra)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (
+            extra,
+            proc.stderr,
+        )
