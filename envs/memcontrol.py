@@ -62,6 +62,8 @@ class MemControlEnv(gym.Env):
     * ``env.mode=sequential``: ``Discrete(2)`` per group in order (0 keep frozen, 1 unfreeze),
       ``Discrete(3)`` with ``env.stop_action`` (2 = freeze the rest and finish). With
       ``env.max_groups`` the episode ends once that many groups are unfrozen.
+    * ``env.mode=search``: ``MultiBinary(K)`` each step, ``env.budget`` steps per episode: a search
+      of one task and preference that sees every result so far (``memrl.episode``).
     K is the number of groups of the base UNet at ``search.granularity`` (4 on the test config,
     7 on the default, 16 on Stable Diffusion 1.5 at ``transformer``).
 
@@ -76,14 +78,16 @@ class MemControlEnv(gym.Env):
     group fine-tuned, i.e. the mask of ones) minus the normalised quality cost (0 = mask of ones,
     1 = no fine-tuning) minus an optional parameter cost, weighted by the episode's preference
     (``env.preferences``: the config's weights, or drawn per episode; computed from the stored
-    terms, so another preference costs no fine-tune). Both references score -1. A failed
+    terms, so another preference costs no fine-tune); version 2 floors the memorization term at 0
+    and widens its span to 3 seed standard deviations where the tables measured them. A failed
     evaluation scores ``reward.failure_penalty`` with the reason in ``info["error"]``.
-    Sequential mode rewards 0 until the last step. ``info`` depends only on the task and the
+    Sequential mode rewards 0 until the last step. Search mode rewards the improvement of the best
+    reward so far (the better reference's reward to start with); a repeated mask brings 0. ``info`` depends only on the task and the
     action; run diagnostics (cache hits, timings) are in ``env.diagnostics``.
 
     ## Starting State
     ``reset`` draws a task from the training tasks of ``env.tasks`` (those not marked
-    ``heldout``) with the seeded generator; ``reset(options={"dataset": d})`` forces one: an index
+    ``heldout``; on replay of a table, only those it completes) with the seeded generator; ``reset(options={"dataset": d})`` forces one: an index
     or name into ``env.tasks`` (held-out ones included), a dict of ``data`` overrides, or a data
     source path; ``options={"preference": [w_mem, w_quality, w_param]}`` forces the weights. No
     fine-tuning happens in ``reset``.

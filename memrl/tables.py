@@ -234,16 +234,25 @@ def complete_tasks(cfg: Config) -> tuple[list[dict[str, Any]], list[str]]:
 
 
 def status(cfg: Config, store_path: Path) -> str:
-    """Rows stored per task and kind."""
-    have = EvaluationStore(store_path, readonly=True).hashes() if store_path.is_file() else set()
+    """Rows stored per task and kind, and how many carry membership-inference metrics (rows
+    evaluated before they existed lack them)."""
+    have, with_mia = set(), set()
+    if store_path.is_file():
+        store = EvaluationStore(store_path, readonly=True)
+        have = store.hashes()
+        with closing(sqlite3.connect(f"{store_path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            found = db.execute("SELECT spec_hash FROM evaluations WHERE metrics LIKE '%mia_auc_private%'")
+            with_mia = {h for (h,) in found}
     counts: dict[tuple[str, str], list[int]] = {}
     for j in jobs(cfg):
-        c = counts.setdefault((j.task, j.kind), [0, 0])
+        c = counts.setdefault((j.task, j.kind), [0, 0, 0])
         c[0] += j.spec.hash in have
         c[1] += 1
-    lines = [f"{store_path}:"] + [f"  {t:<24} {k:<6} {a:>4}/{b}" for (t, k), (a, b) in counts.items()]
-    total = sum(a for a, _ in counts.values()), sum(b for _, b in counts.values())
-    return "\n".join([*lines, f"  {'all':<31} {total[0]:>4}/{total[1]}"])
+        c[2] += j.spec.hash in with_mia
+    lines = [f"{store_path}: rows stored / in the suite (rows with membership inference)"]
+    lines += [f"  {t:<24} {k:<6} {a:>4}/{b:<4} ({m})" for (t, k), (a, b, m) in counts.items()]
+    total = [sum(c[i] for c in counts.values()) for i in range(3)]
+    return "\n".join([*lines, f"  {'all':<31} {total[0]:>4}/{total[1]:<4} ({total[2]})"])
 
 
 def main(argv: list[str] | None = None) -> int:
