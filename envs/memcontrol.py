@@ -82,12 +82,14 @@ class MemControlEnv(gym.Env):
     and widens its span to 3 seed standard deviations where the tables measured them. A failed
     evaluation scores ``reward.failure_penalty`` with the reason in ``info["error"]``.
     Sequential mode rewards 0 until the last step. Search mode rewards the improvement of the best
-    reward so far (the better reference's reward to start with); a repeated mask brings 0. ``info`` depends only on the task and the
-    action; run diagnostics (cache hits, timings) are in ``env.diagnostics``.
+    reward so far (the better reference's reward to start with); a repeated mask brings 0.
+    ``info`` depends only on the task and the action; run diagnostics (cache hits, timings) are in
+    ``env.diagnostics``.
 
     ## Starting State
     ``reset`` draws a task from the training tasks of ``env.tasks`` (those not marked
-    ``heldout``; on replay of a table, only those it completes) with the seeded generator; ``reset(options={"dataset": d})`` forces one: an index
+    ``heldout``; on replay of a table, only those it completes) with the seeded generator;
+    ``reset(options={"dataset": d})`` forces one: an index
     or name into ``env.tasks`` (held-out ones included), a dict of ``data`` overrides, or a data
     source path; ``options={"preference": [w_mem, w_quality, w_param]}`` forces the weights. No
     fine-tuning happens in ``reset``.
