@@ -541,6 +541,9 @@ def test_other_baselines_share_the_store(method, budget, rows, tmp_path):
 
 
 def test_report_cli_writes_the_report_and_its_plots(run_dir, tmp_path):
+    import shutil
+
+    run_dir = shutil.copytree(run_dir, tmp_path / "run")  # the shared run stays as other tests see it
     for name in ("report.md", "pareto.png", "reward.png"):
         (run_dir / name).unlink(missing_ok=True)
     proc = run("memrl.report", str(run_dir))
@@ -552,7 +555,8 @@ def test_report_cli_writes_the_report_and_its_plots(run_dir, tmp_path):
     assert len(rows) >= 3 and all(len(line.split("|")) == 9 for line in rows)
     for name in ("pareto.png", "reward.png"):
         assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-    proc = run("memrl.report", str(tmp_path))
+    (tmp_path / "empty").mkdir()
+    proc = run("memrl.report", str(tmp_path / "empty"))
     assert proc.returncode == 2 and "no config.yaml here" in proc.stderr
 
 

@@ -214,7 +214,9 @@ for target, action in ((folder / "ro" / "new.sqlite", "create"), (folder / "s.sq
 
 
 def test_read_only_places_are_explained(tmp_path):
-    """As an ordinary user (root ignores permissions, so the check runs as nobody under root)."""
+    """As an ordinary user. Root ignores permissions, so under root the child runs as root without
+    the capabilities that override them (the same uid, so it can still read the checkout and the
+    environment wherever they live, even in a folder only root may read)."""
     import shutil
     import tempfile
 
@@ -232,7 +234,8 @@ def test_read_only_places_are_explained(tmp_path):
         if os.geteuid() == 0:
             if shutil.which("setpriv") is None:
                 pytest.skip("running as root without setpriv: permissions cannot be tested")
-            prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+            dropped = "-dac_override,-dac_read_search"
+            prefix = ["setpriv", f"--bounding-set={dropped}", f"--inh-caps={dropped}"]
         proc = subprocess.run(
             [*prefix, sys.executable, "-c", READ_ONLY_PLACES, str(folder)], capture_output=True, text=True
         )
