@@ -123,7 +123,9 @@ def test_a_mask_the_table_lacks_fails_clearly_or_falls_back_to_a_live_evaluation
         "env.store": str(tmp_path / "s.sqlite"),
     }
     env = gym.make("MemControl-v0", config="test", overrides=other)
-    env.reset(seed=0)
+    with pytest.raises(NotInStoreError, match="no training task of env.tasks has a complete table"):
+        env.reset(seed=0)  # replay draws only tasks the table completes
+    env.reset(seed=0, options={"dataset": "new"})  # asked for by name: served as far as it goes
     with pytest.raises(NotInStoreError, match="env.replay_fallback=true"):
         env.step(np.array([1, 0, 0, 0], dtype=np.int8))
     env = gym.make("MemControl-v0", config="test", overrides={**other, "env.replay_fallback": True})
