@@ -183,7 +183,7 @@ def test_the_transfer_benchmark_runs_every_method_on_the_tables(table, tmp_path)
     assert dense.terms.shape == (2, 16, 3) and np.isfinite(dense.terms).all()
     regret = dense.regret(0.5)
     assert np.allclose(regret.min(axis=1), 0) and np.allclose(regret.max(axis=1), 1)
-    rows = transfer(bench_cfg, seeds=1, episodes=32, budgets=(4, 16))
+    rows = transfer(bench_cfg, seeds=1, episodes=32, budgets=(4, 16), search_episodes=4)
     counts = {}
     for r in rows:
         counts.setdefault(r["method"], set()).add(r["fine_tunes"])
@@ -196,6 +196,7 @@ def test_the_transfer_benchmark_runs_every_method_on_the_tables(table, tmp_path)
             for p in ("down-blocks attention", "mid-block attention", "up-blocks attention", "all attention")
         },
         **{m: {4, 16} for m in ("random", "tpe", "tpe-warm", "gp")},
+        **{m: {4, 16} for m in ("ppo-search", "ppo-search-no-descriptor", "ppo-search-no-history")},
     }
     assert {r["task"] for r in rows} == {"faces"}  # the only task with another one to train on
     assert len(rows) == sum(len(n) for n in counts.values()) * len(PREFERENCES)
@@ -205,6 +206,7 @@ def test_the_transfer_benchmark_runs_every_method_on_the_tables(table, tmp_path)
         assert by[("random", w, 16)]["regret"] == pytest.approx(0.0)  # 16 fine-tunes see every mask
         assert 0 <= by[("ppo", w, 4)]["regret"] <= by[("ppo", w, 1)]["regret"] + 1e-9
         assert by[("nearest-task", w, 1)]["mask"] == by[("tpe-warm", w, 4)]["mask"]  # enqueued first
+        assert by[("ppo-search", w, 16)]["regret"] == pytest.approx(0.0)  # 16 distinct masks: all of K=4
     assert iqm(np.array([0.0, 1.0, 1.0, 100.0])) == 1.0
     assert "| ppo | " in summarise(rows)
     write_rows(rows, tmp_path / "transfer.csv")
@@ -464,3 +466,36 @@ def test_benchmark_flags_out_of_range_are_refused(flags):
     )
     assert proc.returncode == 2 and f"{flags[0]}={flags[1]} must be 1 or more" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_search_episodes_replay_the_table_and_reward_improvements(table, tmp_path):
+    from gymnasium.utils.env_checker import check_env
+
+    path, cfg = table
+    overrides = {
+        "env.backend": "replay",
+        "env.table": str(path),
+        "env.store": str(tmp_path / "s.sqlite"),
+        "env.mode": "search",
+        "env.budget": 3,
+        "env.tasks": TASKS[:1],
+    }
+    env = gym.make("MemControl-v0", config=cfg, overrides=overrides).unwrapped
+    obs, _ = env.reset(seed=0, options={"preference": [0.5, 0.5, 0.0]})
+    assert env.observation_space.shape == obs.shape == (17 + 2 * 4 + 3 + 4 * 4 + 6,)
+    masks = [np.array(m, dtype=np.int8) for m in ([0, 1, 0, 1], [0, 1, 0, 1], [1, 1, 0, 0])]
+    from memrl.reward import with_preference
+
+    task, weights = env.task, with_preference(env.cfg.reward, [0.5, 0.5, 0.0])
+    baseline = max(task.reference_rewards(weights))
+    rewards, best = [], baseline
+    for i, mask in enumerate(masks):
+        obs, reward, terminated, _, info = env.step(mask)
+        value = task.score(mask, weights).reward
+        expected = 0.0 if i == 1 else max(value - best, 0.0)  # the repeat brings nothing
+        best = max(best, value)
+        assert reward == pytest.approx(expected) and info["best_reward"] == pytest.approx(best)
+        assert terminated == (i == 2) and info["budget_left"] == 2 - i
+        rewards.append(reward)
+    assert sum(rewards) == pytest.approx(best - baseline) and info["mask_reward"] == pytest.approx(value)
+    check_env(gym.make("MemControl-v0", config=cfg, overrides=overrides).unwrapped)
