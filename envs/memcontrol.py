@@ -306,7 +306,8 @@ class MemControlEnv(gym.Env):
             return None
         from memrl.render import sample_grid
 
-        if self._last is None or self._last.samples is None or self.task is None:
+        last = self._last
+        if last is None or last.samples is None or last.nearest is None or self.task is None:
             side = self.cfg.data.resolution
             return np.zeros((side, 2 * side, 3), dtype=np.uint8)
-        return sample_grid(self._last.samples, self._last.nearest, self.task.context.splits.private)
+        return sample_grid(last.samples, last.nearest, self.task.context.splits.private)
