@@ -148,6 +148,10 @@ def save_checkpoint(model: PPO, path: Path) -> None:
         zf.writestr("state.json", json.dumps(state))
 
 
+MAX_STEPS = 10**12
+"""The largest step count a checkpoint may claim."""
+
+
 def load_checkpoint(model: PPO, path: Path) -> None:
     """Restore a checkpoint written by :func:`save_checkpoint` into a freshly built ``model``.
 
@@ -164,10 +168,12 @@ def load_checkpoint(model: PPO, path: Path) -> None:
             f"{path}: not a memrl checkpoint ({exc}); delete it to start the run afresh"
         ) from None
     if not isinstance(state, dict) or not all(
-        isinstance(state.get(k), int) for k in ("num_timesteps", "n_updates")
+        isinstance(state.get(k), int) and not isinstance(state.get(k), bool) and 0 <= state[k] <= MAX_STEPS
+        for k in ("num_timesteps", "n_updates")
     ):
         raise PolicyError(
-            f"{path}: state.json lacks integer num_timesteps and n_updates; not a memrl checkpoint"
+            f"{path}: state.json lacks whole num_timesteps and n_updates between 0 and {MAX_STEPS:,}; "
+            "not a memrl checkpoint: delete it to start the run afresh"
         )
     try:
         model.policy.load_state_dict(read_weights(path, "policy.pth"))

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from memrl.config import Config, load_config, parse_overrides
-from memrl.errors import MemrlError
+from memrl.errors import ConfigError, MemrlError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,25 @@ def config_from_args(args: argparse.Namespace, **flags: Any) -> Config:
     if getattr(args, "seed", None) is not None:
         overrides["seed"] = args.seed
     overrides.update({k: v for k, v in flags.items() if v is not None})
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    check_device(cfg)
+    return cfg
+
+
+def check_device(cfg: Config) -> None:
+    """Refuse ``finetune.device=cuda...`` up front on a machine without that GPU (instead of after
+    minutes of work)."""
+    device = cfg.finetune.device
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"finetune.device={device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s); "
+            "use finetune.device=cpu (or auto)"
+        )
 
 
 def run_main(body: Callable[[], int], interrupted: str = "stopped; nothing was lost") -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -478,7 +479,7 @@ def _validate(cfg: Config) -> None:
         )
     if cfg.finetune.steps < 0:
         raise ConfigError(f"finetune.steps={cfg.finetune.steps} must be >= 0")
-    if not (cfg.finetune.device in ("cpu", "auto") or cfg.finetune.device.startswith("cuda")):
+    if not (cfg.finetune.device in ("cpu", "auto") or re.fullmatch(r"cuda(:\d+)?", cfg.finetune.device)):
         raise ConfigError(f"finetune.device={cfg.finetune.device!r} must be cpu, cuda, cuda:N or auto")
     if not 0.5 <= cfg.metrics.copy_quantile < 1:
         raise ConfigError(f"metrics.copy_quantile={cfg.metrics.copy_quantile} must be in [0.5, 1)")

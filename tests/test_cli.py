@@ -604,3 +604,31 @@ def test_a_refused_store_leaves_no_run_directory(tmp_path):
 def test_every_command_explains_itself(module):
     proc = run(module, "--help")
     assert proc.returncode == 0 and "usage: python -m " + module.replace(".__main__", "") in proc.stdout
+
+
+@pytest.mark.parametrize("value", [-1000, 10**30, "1e30"])
+def test_a_checkpoint_with_impossible_step_counts_is_refused(run_dir, tmp_path, value):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    checkpoint = copy / "checkpoints" / "last.zip"
+    with zipfile.ZipFile(checkpoint) as zf:
+        members = {name: zf.read(name) for name in zf.namelist()}
+    state = json.loads(members["state.json"])
+    state["num_timesteps"] = value
+    members["state.json"] = json.dumps(state).encode()
+    with zipfile.ZipFile(checkpoint, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    proc = run("memrl.train_agent", "--resume", str(copy), "--set", "ppo.total_timesteps=12")
+    assert proc.returncode == 2 and "not a memrl checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_gpu_setting_without_a_gpu_is_refused_before_any_work(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = train(tmp_path / "r", "finetune.device=cuda")
+    assert proc.returncode == 2 and "0 CUDA device(s)" in proc.stderr and not (tmp_path / "r").exists()

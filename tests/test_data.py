@@ -237,3 +237,13 @@ def test_small_datasets_get_splits_sized_from_the_data(cfg):
     assert (sized.private_size, sized.heldout_size, sized.canaries) == (12, 4, 1)
     with pytest.raises(DataError, match="at least 8"):
         fit_sizes(cfg.data, 7)
+
+
+def test_a_garbage_or_pickled_npz_is_explained_without_numpy_hints(tmp_path):
+    (tmp_path / "garbage.npz").write_bytes(b"not an archive at all")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object))
+    (tmp_path / "objects.npy").rename(tmp_path / "objects.npz")
+    for name, reason in (("garbage", "not a numpy archive"), ("objects", "holds Python objects")):
+        with pytest.raises(DataError, match=reason) as err:
+            load_npz(tmp_path / f"{name}.npz", 8)
+        assert "allow_pickle" not in str(err.value) and "unsafely" not in str(err.value)

@@ -251,7 +251,15 @@ def _npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     try:
         loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{path}: cannot read this .npz ({exc}); write it with numpy.savez") from None
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+        if not (magic.startswith(b"PK") or magic == b"\x93NUMPY"):
+            reason = "not a numpy archive"
+        elif "pickle" in str(exc).lower():
+            reason = "it holds Python objects, which memrl never unpickles"
+        else:
+            reason = str(exc).split(";")[0].split(". ")[0].strip() or type(exc).__name__
+        raise DataError(f"{path}: cannot read this .npz ({reason}); write it with numpy.savez") from None
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise DataError(
             f"{path}: a single .npy array, not an .npz archive; save it with "
