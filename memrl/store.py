@@ -157,6 +157,14 @@ class EvaluationStore:
             with closing(self._connect()) as db:
                 columns = {r[1] for r in db.execute("PRAGMA table_info(evaluations)")}
                 integrity = db.execute("PRAGMA quick_check").fetchone()[0]
+        except sqlite3.OperationalError as exc:
+            if "readonly" in str(exc) or "unable to open" in str(exc):
+                raise StoreError(
+                    f"{self.path}: cannot open it here ({exc}); a store in WAL mode needs write access to "
+                    "its folder even to be read: copy it to a writable folder, or use a table exported "
+                    "by python -m memrl.tables export"
+                ) from None
+            raise StoreError(f"{self.path}: not a memrl evaluation store ({exc}); move it away") from None
         except sqlite3.Error as exc:
             raise StoreError(
                 f"{self.path}: not a memrl evaluation store ({exc}); move it away or choose another env.store"
@@ -170,8 +178,9 @@ class EvaluationStore:
                 "this memrl version; move it away or choose another env.store"
             )
         if integrity != "ok":
+            first = "; ".join(line.strip() for line in str(integrity).splitlines() if line.strip())[:150]
             raise StoreError(
-                f"{self.path}: the database is damaged ({integrity}); restore it from a copy or move it away"
+                f"{self.path}: the database is damaged ({first}); restore it from a copy or move it away"
             )
 
     def _connect(self) -> sqlite3.Connection:

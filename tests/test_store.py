@@ -193,8 +193,9 @@ def test_a_wrong_schema_and_corrupt_pages_are_found_when_opening(tmp_path):
     page = 4096
     data[3 * page : 5 * page] = os.urandom(2 * page)
     corrupt.write_bytes(bytes(data))
-    with pytest.raises(StoreError, match="damaged|not a memrl evaluation store"):
+    with pytest.raises(StoreError, match="damaged|not a memrl evaluation store") as err:
         EvaluationStore(corrupt)
+    assert "\n" not in str(err.value)
 
 
 READ_ONLY_PLACES = """
@@ -210,6 +211,10 @@ for target, action in ((folder / "ro" / "new.sqlite", "create"), (folder / "s.sq
         print(action, "succeeded")
     except StoreError as exc:
         print(action, "StoreError", exc)
+try:
+    print("read", len(EvaluationStore(folder / "walro" / "w.sqlite", readonly=True)))
+except StoreError as exc:
+    print("read StoreError", exc)
 """
 
 
@@ -230,6 +235,11 @@ def test_read_only_places_are_explained(tmp_path):
         for name in ("s.sqlite", "s.sqlite-wal", "s.sqlite-shm"):
             if (folder / name).exists():
                 (folder / name).chmod(0o444)
+        (folder / "walro").mkdir()
+        EvaluationStore(folder / "walro" / "w.sqlite").put(Evaluation("h", (1,), {"x": 1.0}))
+        for p in (folder / "walro").iterdir():
+            p.chmod(0o444)
+        (folder / "walro").chmod(0o555)
         prefix = []
         if os.geteuid() == 0:
             if shutil.which("setpriv") is None:
@@ -243,6 +253,7 @@ def test_read_only_places_are_explained(tmp_path):
         lines = proc.stdout.splitlines()
         assert lines[0].startswith("create StoreError") and "writable" in lines[0]
         assert lines[1].startswith("put StoreError") and ("read-only" in lines[1] or "writable" in lines[1])
+        assert lines[2].startswith("read StoreError") and "needs write access to its folder" in lines[2]
     finally:
         for p in folder.rglob("*"):
             p.chmod(0o777)
