@@ -8,11 +8,7 @@ initialised UNet built in milliseconds, as diffusers' own tests do; tests about 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
-import time
-from collections.abc import Callable
 
 import pytest
 
@@ -20,27 +16,6 @@ import pytest
 USER_CACHE = os.environ.get("MEMRL_CACHE", os.path.expanduser("~/.cache/memrl"))
 # One cache per test session (tiny base model and encoder are built once, in seconds).
 os.environ["MEMRL_CACHE"] = tempfile.mkdtemp(prefix="memrl-test-cache-")
-
-
-def run_module(*args: str, cwd=None, **env: str) -> subprocess.CompletedProcess:
-    """``python -m <args>`` in a subprocess with this session's environment (plus ``env``)."""
-    return subprocess.run(
-        [sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, env={**os.environ, **env}
-    )
-
-
-HANG = 1800.0
-"""Seconds after which a wait counts as a hang: far beyond any slow machine, so a test waits on
-events, not on a clock, and still fails instead of stalling CI."""
-
-
-def wait_until(done: Callable[[], bool], what: str, alive: Callable[[], None] = lambda: None) -> None:
-    """Poll ``done`` until it holds; ``alive`` asserts what must stay true meanwhile."""
-    deadline = time.monotonic() + HANG
-    while not done():
-        alive()
-        assert time.monotonic() < deadline, f"{what}: nothing after {HANG:.0f} s, a hang"
-        time.sleep(0.1)
 
 
 @pytest.fixture

@@ -5,9 +5,9 @@ import json
 
 import numpy as np
 import pytest
-from conftest import run_module as run
 
 from memrl.config import load_config
+from memrl.testing import run_module as run
 
 
 def to_npz(path, images, labels):

@@ -8,8 +8,9 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import run_module as run
-from conftest import wait_until
+
+from memrl.testing import run_module as run
+from memrl.testing import wait_until
 
 
 def train(out, *settings, report=True):

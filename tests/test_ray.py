@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_module, wait_until
+
+from memrl.testing import run_module, wait_until
 
 ray = pytest.importorskip("ray")
 

@@ -6,11 +6,11 @@ import shutil
 import gymnasium as gym
 import numpy as np
 import pytest
-from conftest import run_module
 
 import memrl  # noqa: F401
 from memrl.config import load_config
 from memrl.errors import ModelError
+from memrl.testing import run_module
 
 
 @pytest.fixture(scope="module")

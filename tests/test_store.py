@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import wait_until
 
 from memrl.errors import NotInStoreError, StoreError
 from memrl.evaluator import Evaluator
 from memrl.reward import References, Reward, pareto_front
 from memrl.spec import EvalSpec, Evaluation
 from memrl.store import EvaluationStore
+from memrl.testing import wait_until
 
 
 def test_evaluation_round_trips_through_the_store(cfg, ctx, tmp_path):
