@@ -18,8 +18,10 @@ Writes ``audit.json`` (every figure, settings, versions, fingerprints), ``exposu
 images ranked by exposure: membership score and how many samples copy them) and ``report.md``
 with plots. ``--fail-above METRIC=VALUE`` exits 1 when the model exceeds it: a release gate.
 Held-out images must come from the training images' distribution and never have been trained on.
-Models: a memrl model or run folder, or a diffusers UNet folder built for memrl's label
-conditioning (Stable Diffusion pipelines and LoRA adapters are not audited yet).
+Models: a memrl model folder (``apply_policy``'s ``model/``), a diffusers UNet folder built for
+memrl's label conditioning, a Stable Diffusion pipeline folder (images are encoded to VAE latents,
+each conditioned on its caption: ``captions.csv`` or ``data.caption_template``; run with
+``--config stable_diffusion``), or a peft/LoRA adapter folder applied to the pipeline ``--base``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,10 +99,78 @@ def check_inputs(train: Any, heldout: Any, fpr: float) -> None:
         )
 
 
-def load_audited(path: Path, cfg: Config) -> Any:
-    """A saved model whose resolution and channels match ``cfg.data``."""
-    from memrl.models import load_model
+@dataclass
+class Audited:
+    """A model to audit and how its inputs and outputs relate to images: a label-conditioned memrl
+    model works on the images themselves; a Stable Diffusion UNet on VAE latents, conditioned on
+    each image's caption (a row of its prompt table), its samples decoded through the VAE."""
 
+    model: Any
+    to_inputs: Callable[[Any], tuple[Any, Any]]
+    """ImageSet -> (model inputs, labels or prompt indices)."""
+    to_images: Callable[[Any], Any]
+    """Model samples -> images in [-1, 1]."""
+
+
+def _label_model(model: Any) -> Audited:
+    return Audited(model, lambda s: (s.images, s.labels), lambda x: x)
+
+
+def _pipeline_model(components: Any, unet: Any, cfg: Config, images: list[Any]) -> Audited:
+    import json as _json
+
+    import torch
+
+    from memrl.models.stable_diffusion import (
+        TextConditionedModel,
+        captions_of,
+        decode_latents,
+        encode_latents,
+        encode_prompts,
+    )
+
+    template = cfg.data.caption_template
+    prompts = [*dict.fromkeys(c for part in images for c in captions_of(part, template) if c), ""]
+    index = {p: i for i, p in enumerate(prompts)}
+    model = TextConditionedModel(unet, encode_prompts(components, prompts), components.path)
+    config = components.path / "scheduler" / "scheduler_config.json"
+    model.scheduler_config = _json.loads(config.read_text()) if config.is_file() else None
+
+    def to_inputs(part: Any) -> tuple[Any, Any]:
+        ids = [index.get(c, len(prompts) - 1) for c in captions_of(part, template)]
+        return encode_latents(components, part.images), torch.tensor(ids)
+
+    return Audited(model, to_inputs, lambda x: decode_latents(components, x))
+
+
+def load_audited(path: Path, cfg: Config, base: Path | None, images: list[Any]) -> Audited:
+    """The model at ``path``: a Stable Diffusion pipeline folder, a peft (LoRA) adapter folder
+    applied to the pipeline ``base``, or a memrl model / diffusers UNet folder whose resolution
+    and channels match ``cfg.data``. ``images``: the audited sets (their captions make the prompt
+    table of a pipeline)."""
+    import copy
+
+    from memrl.models import load_model
+    from memrl.models.stable_diffusion import is_pipeline_folder, load_components
+
+    if is_pipeline_folder(path):
+        components = load_components(str(path.resolve()))
+        return _pipeline_model(components, copy.deepcopy(components.unet), cfg, images)
+    if (path / "adapter_config.json").is_file():
+        if base is None or not is_pipeline_folder(base):
+            raise ModelError(
+                f"{path}: a peft adapter; name the Stable Diffusion pipeline folder it was trained on "
+                "with --base"
+            )
+        from peft import PeftModel
+
+        components = load_components(str(base.resolve()))
+        try:
+            unet = PeftModel.from_pretrained(copy.deepcopy(components.unet), str(path)).merge_and_unload()
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"{path}: cannot apply this adapter to {base} ({first[:150]})") from None
+        return _pipeline_model(components, unet, cfg, images)
     model = load_model(path, cfg.model.num_classes)
     if model.resolution != cfg.data.resolution or model.channels != cfg.data.channels:
         raise ModelError(
@@ -107,11 +179,11 @@ def load_audited(path: Path, cfg: Config) -> Any:
             f"data.resolution={model.resolution} data.channels={model.channels} (or the config it was "
             "trained with)"
         )
-    return model
+    return _label_model(model)
 
 
 def measure(
-    model: Any, train: Any, heldout: Any, cfg: Config, encoder: Any, n_samples: int, fpr: float
+    audited: Audited, train: Any, heldout: Any, cfg: Config, encoder: Any, n_samples: int, fpr: float
 ) -> dict[str, Any]:
     """Every figure of one model, with per-image scores (see the module docstring)."""
     import torch
@@ -126,15 +198,17 @@ def measure(
     from memrl.metrics.quality import fid_kid
     from memrl.sampling import sample
 
-    m, s = cfg.metrics, cfg.sample
-    train_loss = denoising_loss(model, train.images, train.labels, m.loss_timesteps)
-    held_loss = denoising_loss(model, heldout.images, heldout.labels, m.loss_timesteps)
+    m, s, model = cfg.metrics, cfg.sample, audited.model
+    train_inputs, train_labels = audited.to_inputs(train)
+    held_inputs, held_labels = audited.to_inputs(heldout)
+    train_loss = denoising_loss(model, train_inputs, train_labels, m.loss_timesteps)
+    held_loss = denoising_loss(model, held_inputs, held_labels, m.loss_timesteps)
     labels = (
-        train.labels.repeat(n_samples // len(train) + 1)[:n_samples]
-        if train.labels is not None
+        train_labels.repeat(n_samples // len(train) + 1)[:n_samples]
+        if train_labels is not None
         else torch.full((n_samples,), -1)
     )
-    samples = sample(model, labels, steps=s.steps, guidance=s.guidance, seed=cfg.seed)
+    samples = audited.to_images(sample(model, labels, steps=s.steps, guidance=s.guidance, seed=cfg.seed))
     index = NearestNeighbourIndex(embed(encoder, train.images), m.index, m.faiss_index)
     threshold = copy_threshold(index, embed(encoder, heldout.images), m.copy_quantile)
     sims, nearest = index.search(embed(encoder, samples), 1)
@@ -266,11 +340,14 @@ def audit(args: argparse.Namespace) -> int:
     if not 0 < args.fpr < 1 or args.samples < 2:
         raise ConfigError(f"--fpr={args.fpr} must be in (0, 1) and --samples={args.samples} 2 or more")
     cfg: Config = config_from_args(args)
-    model = load_audited(args.model, cfg)
-    reference = load_audited(args.reference, cfg) if args.reference else None
+    for path in (args.model, args.reference, args.base):
+        if path is not None and not path.is_dir():
+            raise ModelError(f"{path}: no such model folder")
     train = load_images(args.train, cfg, "train")
     heldout = load_images(args.heldout, cfg, "heldout")
     check_inputs(train, heldout, args.fpr)
+    model = load_audited(args.model, cfg, args.base, [train, heldout])
+    reference = load_audited(args.reference, cfg, args.base, [train, heldout]) if args.reference else None
     splits = DataSplits(base_split(cfg.data), train, heldout, torch.zeros(0, dtype=torch.long), 1)
     encoder = get_encoder(cfg, splits)
     results = {"model": measure(model, train, heldout, cfg, encoder, args.samples, args.fpr)}
@@ -291,7 +368,7 @@ def audit(args: argparse.Namespace) -> int:
         "fingerprints": {
             "train": train.fingerprint,
             "heldout": heldout.fingerprint,
-            "model": model.fingerprint(),
+            "model": model.model.fingerprint(),
         },
         "seed": cfg.seed,
         "config": cfg.to_dict(),
@@ -318,6 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--model", type=Path, required=True, help="the fine-tuned model folder")
     parser.add_argument("--reference", type=Path, default=None, help="the model it was fine-tuned from")
+    parser.add_argument(
+        "--base",
+        type=Path,
+        default=None,
+        help="the Stable Diffusion pipeline folder a peft/LoRA --model adapts",
+    )
     parser.add_argument("--train", required=True, help="its training images (folder, .npz or bundled name)")
     parser.add_argument("--heldout", required=True, help="images of the same distribution it never saw")
     parser.add_argument("--out", type=Path, default=Path("memrl-audit"), help="results folder")

@@ -93,3 +93,61 @@ def test_bad_inputs_are_refused_in_one_line(models, tmp_path):
             extra,
             proc.stderr,
         )
+
+
+def test_a_tiny_stable_diffusion_pipeline_and_a_lora_adapter_on_it_are_audited(tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from sklearn.datasets import load_digits
+
+    from memrl.models.stable_diffusion import build_random_pipeline, load_components
+
+    pipeline = build_random_pipeline(tmp_path / "sd")
+    unet = load_components(str(pipeline.resolve())).unet
+    lora = get_peft_model(
+        __import__("copy").deepcopy(unet),
+        LoraConfig(r=2, target_modules=["to_q", "to_v"], init_lora_weights=False),
+    )
+    lora.save_pretrained(tmp_path / "adapter")
+    digits = load_digits()
+    rgb = np.repeat((digits.images * 16).clip(0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+    np.savez(tmp_path / "train.npz", images=rgb[:8], labels=digits.target[:8])
+    np.savez(tmp_path / "heldout.npz", images=rgb[8:40], labels=digits.target[8:40])
+    common = [
+        "--config",
+        "test",
+        "--train",
+        str(tmp_path / "train.npz"),
+        "--heldout",
+        str(tmp_path / "heldout.npz"),
+        "--samples",
+        "4",
+        "--set",
+        "data.resolution=16",
+        "data.channels=3",
+        "data.base_size=16",
+    ]
+    proc = run("memrl.audit", "--model", str(pipeline), "--out", str(tmp_path / "a"), *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "a" / "audit.json").read_text())["results"]["model"]
+    assert 0 <= result["mia_auc"] <= 1 and len(result["per_image"]["loss"]) == 8
+    proc = run(
+        "memrl.audit",
+        "--model",
+        str(tmp_path / "adapter"),
+        "--base",
+        str(pipeline),
+        "--reference",
+        str(pipeline),
+        "--out",
+        str(tmp_path / "b"),
+        *common,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    both = json.loads((tmp_path / "b" / "audit.json").read_text())["results"]
+    assert both["model"]["per_image"]["loss"] != both["reference"]["per_image"]["loss"]  # the adapter acts
+    assert torch.equal(unet.conv_in.weight, load_components(str(pipeline.resolve())).unet.conv_in.weight)
+    proc = run("memrl.audit", "--model", str(tmp_path / "adapter"), "--out", str(tmp_path / "c"), *common)
+    assert (
+        proc.returncode == 2 and "name the Stable Diffusion pipeline folder it was trained on" in proc.stderr
+    )
