@@ -12,6 +12,7 @@ For the model (and, with ``--reference``, the model it was fine-tuned from, side
   any), each one's nearest training image in the embedding of an encoder trained on the audited
   images; a sample closer than ``metrics.copy_quantile`` of held-out images are is a near copy;
 * extraction: training images matched (tiled pixel distance) by a clique of 3 or more samples;
+* Wen et al.'s noise norm on each training image's label or caption (conditioned models);
 * KID of the samples against the held-out images.
 
 Writes ``audit.json`` (every figure, settings, versions, fingerprints), ``exposure.csv`` (training
@@ -48,7 +49,7 @@ from memrl.utils import atomic_path, atomic_write_text, package_versions, setup_
 
 log = logging.getLogger("memrl.audit")
 
-GATE_METRICS = ("mia_auc", "mia_tpr", "near_copy_fraction", "extracted", "kid", "loss_gap")
+GATE_METRICS = ("mia_auc", "mia_tpr", "near_copy_fraction", "extracted", "kid", "loss_gap", "noise_norm")
 """The metrics ``--fail-above`` may name."""
 
 
@@ -153,6 +154,8 @@ def load_audited(path: Path, cfg: Config, base: Path | None, images: list[Any]) 
     from memrl.models import load_model
     from memrl.models.stable_diffusion import is_pipeline_folder, load_components
 
+    if (path / "model").is_dir() and (path / "result.json").is_file():
+        path = path / "model"  # an apply_policy results folder: its delivered model
     if is_pipeline_folder(path):
         components = load_components(str(path.resolve()))
         return _pipeline_model(components, copy.deepcopy(components.unet), cfg, images)
@@ -194,6 +197,7 @@ def measure(
         copy_threshold,
         denoising_loss,
         extraction_count,
+        noise_norm,
     )
     from memrl.metrics.quality import fid_kid
     from memrl.sampling import sample
@@ -215,6 +219,8 @@ def measure(
     sims, nearest = sims[:, 0], nearest[:, 0]
     extracted, _ = extraction_count(samples, train.images, m.extraction_threshold)
     quality = fid_kid(encoder, samples, heldout.images, min(m.kid_subset_size, len(samples), len(heldout)))
+    conditioned = train_labels is not None and bool((train_labels >= 0).any())
+    norms = noise_norm(model, train_labels, m.noise_norm_timesteps) if conditioned else None
     held = held_loss.numpy()
     score = (float(np.median(held)) - train_loss.numpy()) / max(float(held.std()), 1e-12)
     copies = torch.bincount(nearest[sims > threshold], minlength=len(train)).numpy()
@@ -226,8 +232,10 @@ def measure(
         "copy_threshold": threshold,
         "extracted": float(extracted),
         "kid": quality["kid"],
+        "noise_norm": float(norms.mean()) if norms is not None else math.nan,
         "per_image": {
             "loss": train_loss.tolist(),
+            "noise_norm": norms.tolist() if norms is not None else None,
             "membership_score": score.tolist(),
             "copying_samples": copies.tolist(),
         },
@@ -288,7 +296,7 @@ def write_outputs(out: Path, results: dict[str, dict[str, Any]], train: Any, met
     names = list(results)
     rows = "\n".join(
         f"| {k} | " + " | ".join(f"{results[n][k]:.4f}" for n in names) + " |"
-        for k in ("mia_auc", "mia_tpr", "loss_gap", "near_copy_fraction", "extracted", "kid")
+        for k in ("mia_auc", "mia_tpr", "loss_gap", "near_copy_fraction", "extracted", "kid", "noise_norm")
     )
     top = "\n".join(
         f"| {rank} | {int(i)} | {per['copying_samples'][i]} | {per['membership_score'][i]:+.2f} |"
@@ -313,7 +321,9 @@ def write_outputs(out: Path, results: dict[str, dict[str, Any]], train: Any, met
         "mia_auc: ROC AUC of the loss-threshold membership attack (0.5 = chance); mia_tpr: its "
         f"true-positive rate at a {meta['fpr']:g} false-positive rate; near_copy_fraction: samples closer "
         f"to a training image than {meta['copy_quantile']:.0%} of held-out images are; extracted: training "
-        "images reproduced by 3 or more samples.",
+        "images reproduced by 3 or more samples; noise_norm: Wen et al.'s norm of the conditional minus "
+        "unconditional noise prediction on each training image's label or caption (high for "
+        "memorized prompts; NaN for unconditional data).",
         "",
         "![membership](membership.png)",
         "",

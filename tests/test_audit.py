@@ -67,6 +67,7 @@ def test_the_audit_ranks_the_memorized_model_above_its_base_and_gates_it(models,
     tuned, base = result["results"]["model"], result["results"]["reference"]
     assert tuned["mia_auc"] > 0.8 > base["mia_auc"] and tuned["loss_gap"] > base["loss_gap"]
     assert len(tuned["per_image"]["loss"]) == 4 and result["fingerprints"]["train"]
+    assert tuned["noise_norm"] > 0 and len(tuned["per_image"]["noise_norm"]) == 4
     rows = (tmp_path / "a" / "exposure.csv").read_text().splitlines()
     assert rows[0].startswith("rank,train_index") and len(rows) == 5
     for name in ("membership.png", "copies.png"):
@@ -74,6 +75,17 @@ def test_the_audit_ranks_the_memorized_model_above_its_base_and_gates_it(models,
     assert "**FAILED**" in (tmp_path / "a" / "report.md").read_text()
     passed = audit(models, "base", tmp_path / "b", "--fail-above", "mia_auc=0.8")
     assert passed.returncode == 0, passed.stderr[-2000:]
+    import shutil
+
+    results = models / "applied"  # an apply_policy results folder names its delivered model/
+    shutil.copytree(models / "model", results / "model", dirs_exist_ok=True)
+    (results / "result.json").write_text("{}")
+    again = audit(models, "applied", tmp_path / "c")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (
+        json.loads((tmp_path / "c" / "audit.json").read_text())["results"]["model"]["mia_auc"]
+        == tuned["mia_auc"]
+    )
 
 
 def test_bad_inputs_are_refused_in_one_line(models, tmp_path):
