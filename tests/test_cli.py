@@ -309,10 +309,11 @@ def test_the_shipped_policy_is_the_default_and_fits_the_default_space(tmp_path):
     bench = {e.name for e in suite(load_config("bench")) if not e.heldout}
     trained_on = {t["name"] for t in policy.card["training_tasks"]}
     assert trained_on and trained_on <= bench and policy.card["preference"]["sampling"] == "uniform"
-    masks = policy.candidates(
-        np.zeros(policy.card["observation_dim"] - 3, dtype=np.float32), 4, [0.5, 0.5, 0]
-    )
+    assert policy.card["action_mode"] == "search" and policy.card["descriptor"]["version"] == 2
+    descriptor = np.zeros(len(policy.card["descriptor"]["fields"]), dtype=np.float32)
+    masks = policy.candidates(descriptor, 4, [0.5, 0.5, 0])
     assert len({m.tobytes() for m in masks}) == 4 and all(len(m) == 7 for m in masks)
+    assert "benchmark" in policy.card and "per-fold policies" in policy.card["benchmark"]["note"]
     empty = tmp_path / "empty"
     empty.mkdir()  # without --policy, apply_policy loads the shipped one, then reads the data
     proc = run("memrl.apply_policy", "--data", str(empty), "--out", str(tmp_path / "o"))

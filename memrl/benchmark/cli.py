@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             text = plot_curves(rows, args.out / "search.png")
         if rows:
             write_rows(rows, args.out / f"{args.command}.csv")
-        footer = f"\n\n{args.n_seeds} seeds; {time.perf_counter() - start:.0f} s\n"
+        seeds = f"{args.n_seeds} seeds; " if args.command in ("transfer", "search", "modes") else ""
+        footer = f"\n\n{seeds}{time.perf_counter() - start:.0f} s\n"
         atomic_write_text(args.out / f"{args.command}.md", text + footer)
         print(text)
         return 0
