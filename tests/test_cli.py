@@ -100,22 +100,13 @@ def test_a_search_policy_trains_and_searches_live_with_apply_policy(tmp_path, ne
     assert proc.returncode == 0, proc.stderr[-3000:]
     card = json.loads((out / "policy.card.json").read_text())
     assert card["action_mode"] == "search" and card["config"]["env"]["budget"] == 2
+
+    def apply(folder, *extra):
+        args = ["--policy", str(out), "--data", str(new_dataset), "--out", str(folder), "--sweep", "0"]
+        return run("memrl.apply_policy", *args, "--steps", "3", *extra)
+
     results = tmp_path / "applied"
-    proc = run(
-        "memrl.apply_policy",
-        "--policy",
-        str(out),
-        "--data",
-        str(new_dataset),
-        "--out",
-        str(results),
-        "--budget",
-        "3",
-        "--sweep",
-        "0",
-        "--steps",
-        "3",
-    )
+    proc = apply(results, "--budget", "3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("fine-tune ") == 3 and "best so far" in proc.stdout
     result = json.loads((results / "result.json").read_text())
@@ -130,19 +121,7 @@ def test_a_search_policy_trains_and_searches_live_with_apply_policy(tmp_path, ne
     ).read_text()
     assert 0 <= result["chosen"]["mia_auc_private"] <= 1 and result["split_duplicates"]["exact"] == 0
     zero = tmp_path / "zero"
-    proc = run(
-        "memrl.apply_policy",
-        "--policy",
-        str(out),
-        "--data",
-        str(new_dataset),
-        "--out",
-        str(zero),
-        "--sweep",
-        "0",
-        "--steps",
-        "3",
-    )
+    proc = apply(zero)
     assert proc.returncode == 0 and "search_trace" not in json.loads((zero / "result.json").read_text())
 
 
