@@ -5,29 +5,27 @@ preference and each seed, every method picks masks for the test task without hav
 regret is read off the table, normalised per task and preference: 0 = the task's best mask, 1 = its
 worst. (Not 1 = the mask of ones: on tasks where fine-tuning induces little memorization the mask
 of ones is the best mask or close to it, and a regret scaled by it is undefined or explodes.)
-Methods:
+Methods (every one zero-shot from the training tasks' rows and the test task's descriptor, or
+searching the test task; judged at 1..4 or 1..16 fine-tunes):
 
-* ``ppo`` / ``ppo-topK``: a preference-conditioned PPO policy trained on the other tasks (replay):
-  its first proposal (0 fine-tunes) and the best of its K most probable masks (K = 2..4 fine-tunes);
-* ``ppo-no-descriptor``: the same PPO with the descriptor zeroed (if it matches ``ppo``, the
-  descriptor carries no usable information);
-* ``single-best``: the one mask with the best mean reward over the training tasks for the same
-  preference (MemControl's way of reusing a mask); ``preset: ...``: the hand-picked masks (the
-  attention of the down blocks, the mid block, the up blocks, and all attention = the mask of ones);
-* ``regression``: a gradient-boosted regression from (descriptor, preference, mask) to reward
-  trained on the same training rows, taking its argmax (as zero-shot HPO work does);
-* ``random-N`` / ``tpe-N``: random search and Optuna TPE on the test task with N fine-tunes.
+* ``ppo`` (its 1..4 most probable masks) and ``ppo-no-descriptor``: the one-shot PPO policy;
+* ``ppo-search`` and its ablations ``-no-descriptor`` / ``-no-history``: the search policy
+  (``env.mode=search``), each fine-tune chosen after the results before it;
+* ``nearest-task``, ``knn-tasks``, ``portfolio``, ``regression``, ``gradient-top-g``,
+  ``single-best`` (by mean regret), ``single-best (mean reward)``, ``preset: ...``;
+* ``random``, ``tpe``, ``gp`` and ``tpe-warm`` (TPE with the nearest task's best masks first).
 
-    python -m memrl.benchmark transfer --n-seeds 10   # PPO episodes: ppo.total_timesteps (--episodes)
+    python -m memrl.benchmark transfer --n-seeds 10   # --episodes (one-shot PPO), --search-episodes
     python -m memrl.benchmark modes --n-seeds 3
     python -m memrl.benchmark claims
     python -m memrl.benchmark findings              # best masks per task, seed noise (no method runs)
     python -m memrl.benchmark ship                  # trains the shipped policy (memrl/assets/policy)
     python -m memrl.benchmark search --n-seeds 10 --budget 64
 
-``transfer`` writes ``transfer.csv`` (one row per method, task, preference, seed), ``transfer.md``
-(interquartile mean regret with 95% bootstrap intervals, and the share of the gap between the
-single best mask and the per-task optimum that each method closes) and ``transfer.png``.
+``transfer`` writes ``transfer.csv`` (one row per method, task, preference, seed and number of
+fine-tunes), ``transfer.md`` (per split and preference: mean with a task-level 95% interval, IQM,
+tail, worst, hits, paired difference to ``ppo``, gap closed; then mean regret by fine-tunes) and
+``transfer.png``.
 ``modes`` compares mask mode with sequential mode (one group per step): the zero-shot regret of
 each one's first proposal after the same numbers of training episodes (``modes.*``).
 ``claims`` checks the MemControl paper's findings at small scale (``claims.*``): full fine-tuning
