@@ -556,6 +556,7 @@ def test_a_missing_or_garbage_pipeline_folder_fails_before_any_data_is_loaded(tm
             str(tmp_path / "r"),
             "--set",
             f"model.path={path}",
+            "finetune.device=cpu",
         )
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
         assert not (tmp_path / "r").exists()

@@ -13,7 +13,11 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 def test_cuda_graph_with_gradient_checkpointing_is_refused(ctx):
-    cfg = load_config("test", {"finetune.cuda_graph": True, "finetune.gradient_checkpointing": True})
+    settings = {"finetune.cuda_graph": True, "finetune.gradient_checkpointing": True}
+    with pytest.raises(ConfigError, match="finetune.gradient_checkpointing=false"):
+        load_config("test", settings)  # refused with the settings, before any work
+    cfg = load_config("test")  # and by finetune itself, for a config built around load_config
+    cfg.finetune.cuda_graph, cfg.finetune.gradient_checkpointing = True, True
     with pytest.raises(ConfigError, match="finetune.gradient_checkpointing=false"):
         finetune(ctx.base, ctx.splits.finetune_set(), ctx.space.prefixes([1, 1, 1, 1]), cfg)
 
