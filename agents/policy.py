@@ -25,7 +25,7 @@ from memrl.config import Config, load_config
 from memrl.data.descriptor import DESCRIPTOR_VERSION, descriptor_fields
 from memrl.episode import SearchHistory, head, sequential_finished, sequential_observation
 from memrl.errors import ConfigError, PolicyError
-from memrl.reward import PREFERENCE_FIELDS, preference_of, with_preference
+from memrl.reward import PREFERENCE_FIELDS, preference_of, reward_version, with_preference
 from memrl.utils import atomic_write_text, package_versions
 
 CARD_SUFFIX = ".card.json"
@@ -147,6 +147,7 @@ def make_card(
         },
         "descriptor": {"version": DESCRIPTOR_VERSION, "fields": list(descriptor_fields(space.k))},
         "preference": {"fields": list(PREFERENCE_FIELDS), "sampling": cfg.env.preferences},
+        "reward": {"version": reward_version(cfg.reward), "memorization": cfg.reward.memorization},
         "action_mode": cfg.env.mode,
         "stop_action": cfg.env.stop_action,
         "max_groups": cfg.env.max_groups,
