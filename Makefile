@@ -23,9 +23,13 @@ test: install
 test-slow: install
 	$(PY) -m pytest -q -m slow
 
+# mypy checks envs/ and agents/ as the memrl.envs and memrl.agents users import: a tree of links in
+# build/typecheck lays them out as the installed package does (pyproject's package-dir).
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy memrl envs agents
+	rm -rf build/typecheck && mkdir -p build/typecheck/memrl
+	ln -s $(CURDIR)/memrl/* $(CURDIR)/agents $(CURDIR)/envs build/typecheck/memrl/
+	cd build/typecheck && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p memrl
 
 bench: install
 	$(PY) bench/bench_finetune.py

@@ -23,12 +23,14 @@ import torch
 
 from memrl.config import Config, load_config
 from memrl.data.descriptor import DESCRIPTOR_VERSION, descriptor_fields
-from memrl.episode import SearchHistory, head, sequential_finished, sequential_observation
+from memrl.episode import SearchHistory, all_masks, head, sequential_finished, sequential_observation
 from memrl.errors import ConfigError, PolicyError
+from memrl.prior import TransferPrior
 from memrl.reward import PREFERENCE_FIELDS, preference_of, reward_version, with_preference
 from memrl.utils import atomic_write_text, package_versions
 
 CARD_SUFFIX = ".card.json"
+PRIOR_SUFFIX = ".prior.safetensors"
 MAX_MEMBER_BYTES = 64 * 2**20
 """Largest zip member memrl reads (a policy's weights are a few hundred kB)."""
 _CARD_FIELDS = (
@@ -133,6 +135,12 @@ def card_path(policy_path: str | Path) -> Path:
     return policy_path.with_name(policy_path.stem + CARD_SUFFIX)
 
 
+def prior_path(policy_path: str | Path) -> Path:
+    """Where a search policy's :class:`~memrl.prior.TransferPrior` lies beside its weights."""
+    policy_path = Path(policy_path)
+    return policy_path.with_name(policy_path.stem + PRIOR_SUFFIX)
+
+
 def make_card(
     space: Any, cfg: Config, observation_dim: int, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -172,19 +180,21 @@ def write_card(
 
 @dataclass
 class Policy:
-    """A loaded policy: its card, its network, and the config it was trained with."""
+    """A loaded policy: its card, its network, the config it was trained with and, for a search
+    policy, the training tasks' tables it scores masks with (its prior)."""
 
     card: dict[str, Any]
     network: Any
     config: Config
+    prior: TransferPrior | None = None
 
     @classmethod
-    def of_model(cls, model: Any, cfg: Config) -> Policy:
+    def of_model(cls, model: Any, cfg: Config, prior: TransferPrior | None = None) -> Policy:
         """The policy of an SB3 model just trained on ``cfg`` (nothing is written)."""
         from memrl.task import architecture_space
 
         card = make_card(architecture_space(cfg), cfg, model.observation_space.shape[0])
-        return cls(card=card, network=model.policy, config=cfg)
+        return cls(card=card, network=model.policy, config=cfg, prior=prior)
 
     @property
     def k(self) -> int:
@@ -236,12 +246,21 @@ class Policy:
         """The ``n`` most probable masks for a dataset with this descriptor and a preference
         (memorization, quality, parameter weights; None: the training config's), best first. For a
         search policy: its first step, before any result (the zero-shot proposal)."""
+        if self.card["action_mode"] == "search":
+            observation = SearchHistory(self.k, self.budget).observation(
+                self.preference(preference), self._prior_features(descriptor, preference)
+            )
+            order = np.argsort(-self._probabilities(observation), kind="stable")[:n]
+            return [all_masks(self.k)[i] for i in order]
         first = head(descriptor, self.preference(preference))
         if self.card["action_mode"] == "mask":
             return self._ranked_masks(first, n)
-        if self.card["action_mode"] == "search":
-            return self._ranked_masks(SearchHistory(self.k, self.budget).observation(first), n)
         return [self._rollout(first)][:n]
+
+    def _prior_features(self, descriptor: np.ndarray, preference: Any) -> np.ndarray:
+        if self.prior is None:
+            raise PolicyError("this search policy has no prior (policy.prior.safetensors); retrain it")
+        return self.prior.features(descriptor, self.preference(preference))
 
     def search(
         self,
@@ -249,24 +268,23 @@ class Policy:
         evaluate: Callable[[np.ndarray], tuple[float, float, float]],
         budget: int,
         preference: Any = None,
-        baseline: float = 0.0,
+        references: tuple[float, float] | None = None,
         zero_history: bool = False,
     ) -> SearchHistory:
         """Run a search policy for ``budget`` masks: each step takes the most probable mask not
         tried yet, ``evaluate(mask)`` returns its (reward, memorization term, quality term), and
-        the next observation shows every result so far. ``baseline``: the better reference's
-        reward. Returns the history (masks in order, rewards, terms)."""
+        the next observation shows every result so far. ``references``: the rewards of no
+        fine-tune and of the mask of ones (a live search evaluates them first). Returns the
+        history (masks in order, rewards, terms)."""
         if self.card["action_mode"] != "search":
             raise PolicyError("this policy was not trained to search (env.mode=search); retrain it")
-        first = head(descriptor, self.preference(preference))
-        history = SearchHistory(self.k, budget, baseline)
-        for _ in range(budget):
-            ranked = self._ranked_masks(
-                history.observation(first, zero_history), 2**self.k if self.k <= 16 else 1
-            )
-            mask = next(
-                (m for m in ranked if not any(np.array_equal(m, t) for t in history.masks)), ranked[0]
-            )
+        weights = self.preference(preference)
+        prior = self._prior_features(descriptor, preference)
+        history = SearchHistory(self.k, budget, references)
+        masks = all_masks(self.k)
+        for _ in range(min(budget, len(masks))):
+            probabilities = self._probabilities(history.observation(weights, prior, zero_history))
+            mask = masks[int(np.argmax(probabilities))]  # tried masks have probability 0
             history.add(mask, *evaluate(mask))
         return history
 
@@ -321,12 +339,23 @@ def load_policy(path: str | Path) -> Policy:
         )
     k = len(card["search_space"]["groups"])
     obs_space = spaces.Box(-10.0, 10.0, shape=(int(card["observation_dim"]),), dtype=np.float32)
-    if card["action_mode"] in ("mask", "search"):
-        act_space: spaces.Space = spaces.MultiBinary(k)
+    network_cls: Any = ActorCriticPolicy
+    prior = None
+    if card["action_mode"] == "search":
+        from memrl.agents.search_net import CandidatePolicy
+
+        act_space: spaces.Space = spaces.Discrete(2**k)
+        network_cls = CandidatePolicy
+        names = card.get("prior", {}).get("tasks")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise PolicyError(f"{card_file}: a search policy's card lists its prior's tasks; retrain it")
+        prior = TransferPrior.load(prior_path(path), names, 2**k)
+    elif card["action_mode"] == "mask":
+        act_space = spaces.MultiBinary(k)
     else:
         act_space = spaces.Discrete(3 if card.get("stop_action") else 2)
     try:
-        network = ActorCriticPolicy(obs_space, act_space, lambda _: 0.0, net_arch=list(card["net_arch"]))
+        network = network_cls(obs_space, act_space, lambda _: 0.0, net_arch=list(card["net_arch"]))
         network.load_state_dict(state)
         config = load_config(card["config"])
     except (RuntimeError, TypeError, ValueError) as exc:
@@ -338,4 +367,4 @@ def load_policy(path: str | Path) -> Policy:
             "these weights, or retrain the policy"
         ) from None
     network.eval()
-    return Policy(card=card, network=network, config=config)
+    return Policy(card=card, network=network, config=config, prior=prior)

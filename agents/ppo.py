@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from memrl.agents.policy import read_weights
+from memrl.agents.search_net import CandidatePolicy
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
@@ -56,10 +57,12 @@ def make_env(cfg: Config, n_envs: int = 1, seed: int = 0):
 
 
 def build_ppo(cfg: Config, env, run_dir: Path | None = None) -> PPO:
-    """PPO with ``cfg.ppo``'s settings and ``cfg.seed``; TensorBoard logs under ``run_dir/tb``."""
+    """PPO with ``cfg.ppo``'s settings and ``cfg.seed`` (search mode: :class:`CandidatePolicy`, which
+    scores every mask); TensorBoard logs under ``run_dir/tb``."""
     p = cfg.ppo
+    policy: Any = CandidatePolicy if cfg.env.mode == "search" else "MlpPolicy"
     return PPO(
-        "MlpPolicy",
+        policy,
         env,
         n_steps=p.n_steps,
         batch_size=p.batch_size,

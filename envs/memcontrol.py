@@ -15,13 +15,16 @@ from gymnasium import spaces
 from memrl.config import Config, load_config
 from memrl.data.descriptor import descriptor_fields
 from memrl.episode import (
+    MAX_SEARCH_GROUPS,
     SearchHistory,
+    all_masks,
     head,
     search_observation_size,
     sequential_finished,
     sequential_observation,
 )
-from memrl.errors import EpisodeOverError, NotInStoreError
+from memrl.errors import ConfigError, EpisodeOverError, NotInStoreError
+from memrl.prior import PRIOR_FEATURES, TransferPrior
 from memrl.reward import PREFERENCE_FIELDS, draw_preference, preference_of, with_preference
 from memrl.spec import Evaluation
 from memrl.task import Outcome, Task, architecture_space, make_evaluator, suite, task_config
@@ -62,8 +65,9 @@ class MemControlEnv(gym.Env):
     * ``env.mode=sequential``: ``Discrete(2)`` per group in order (0 keep frozen, 1 unfreeze),
       ``Discrete(3)`` with ``env.stop_action`` (2 = freeze the rest and finish). With
       ``env.max_groups`` the episode ends once that many groups are unfrozen.
-    * ``env.mode=search``: ``MultiBinary(K)`` each step, ``env.budget`` steps per episode: a search
-      of one task and preference that sees every result so far (``memrl.episode``).
+    * ``env.mode=search``: ``Discrete(2**K)`` each step (a mask's index in counting order,
+      ``memrl.episode.all_masks``), ``env.budget`` steps per episode: a search of one task and
+      preference that sees every result so far (``memrl.episode``; K at most 10).
     K is the number of groups of the base UNet at ``search.granularity`` (4 on the test config,
     7 on the default, 16 on Stable Diffusion 1.5 at ``transformer``).
 
@@ -71,7 +75,10 @@ class MemControlEnv(gym.Env):
     ``Box`` of the dataset descriptor (version 2: 17 + 2K values, see
     ``memrl.data.descriptor.descriptor_fields``, each roughly in [0, 1]) and the episode's
     preference (3 reward weights: ``memrl.reward.PREFERENCE_FIELDS``); sequential mode appends the
-    partial mask (K) and a one-hot of the current group (K).
+    partial mask (K) and a one-hot of the current group (K). Search mode observes instead
+    ``memrl.episode.SEARCH_GLOBALS`` and, for every mask, ``CANDIDATE_FEATURES``: the training
+    tasks' regret of it weighted by descriptor distance (``env.prior``, ``memrl.prior``), whether
+    it was tried, and a Gaussian-process posterior from the results so far.
 
     ## Rewards
     ``memrl.reward.Reward``: minus the normalised memorization term (0 = base model, 1 = every
@@ -81,8 +88,9 @@ class MemControlEnv(gym.Env):
     terms, so another preference costs no fine-tune); version 2 floors the memorization term at 0
     and widens its span to 3 seed standard deviations where the tables measured them. A failed
     evaluation scores ``reward.failure_penalty`` with the reason in ``info["error"]``.
-    Sequential mode rewards 0 until the last step. Search mode rewards the improvement of the best
-    reward so far (the better reference's reward to start with); a repeated mask brings 0.
+    Sequential mode rewards 0 until the last step. Search mode rewards the change of the best
+    reward among the masks tried (the first step: its reward minus the better reference's), so an
+    episode's rewards sum to its best mask's gain over the references; a repeated mask brings 0.
     ``info`` depends only on the task and the action; run diagnostics (cache hits, timings) are in
     ``env.diagnostics``.
 
@@ -92,7 +100,8 @@ class MemControlEnv(gym.Env):
     ``reset(options={"dataset": d})`` forces one: an index
     or name into ``env.tasks`` (held-out ones included), a dict of ``data`` overrides, or a data
     source path; ``options={"preference": [w_mem, w_quality, w_param]}`` forces the weights. No
-    fine-tuning happens in ``reset``.
+    fine-tuning happens in ``reset``, except in search mode, which evaluates the two references
+    first (a live search needs them to score anything).
 
     ## Episode End
     Mask mode: after the single step. Sequential mode: after the last group, a stop action, or
@@ -136,8 +145,13 @@ class MemControlEnv(gym.Env):
             self.action_space = spaces.Discrete(3 if e.stop_action else 2)
             n_obs = n_desc + 2 * self.k
         elif self.searching:
-            self.action_space = spaces.MultiBinary(self.k)
-            n_obs = search_observation_size(n_desc, self.k)
+            if self.k > MAX_SEARCH_GROUPS:
+                raise ConfigError(
+                    f"env.mode=search scores every mask of the space, and this one has {self.k} groups "
+                    f"(2**{self.k} masks); use at most {MAX_SEARCH_GROUPS} (search.granularity=block)"
+                )
+            self.action_space = spaces.Discrete(2**self.k)
+            n_obs = search_observation_size(self.k)
         else:
             self.action_space = spaces.MultiBinary(self.k)
             n_obs = n_desc
@@ -152,8 +166,22 @@ class MemControlEnv(gym.Env):
         self._last: Evaluation | None = None
         self.history = SearchHistory(self.k, e.budget)
         self._completeness: dict[int, bool] = {}
+        self._prior: TransferPrior | None = None
+        self._prior_features = np.zeros((2**self.k, len(PRIOR_FEATURES)))
         self.zero_history = False
         """Search mode: blank the history in observations (an ablation: does it use feedback?)."""
+        self.zero_descriptor = False
+        """Search mode: score the prior for a zero descriptor (an ablation: does it use the data?)."""
+
+    @property
+    def prior(self) -> TransferPrior:
+        """Search mode: the training tasks whose tables are complete (what a search of a new task
+        may know; each training task's own row is left out while it is the one searched)."""
+        if self._prior is None:
+            self._prior = TransferPrior.of_tasks(
+                [self.tasks[i] for i in self.train_tasks if not self.tasks[i].heldout], self.cfg.reward
+            )
+        return self._prior
 
     def _select(self, dataset: Any) -> tuple[Any, Task]:
         if isinstance(dataset, int | np.integer):
@@ -213,7 +241,7 @@ class MemControlEnv(gym.Env):
         if self.sequential:
             return sequential_observation(first, self._mask, self._position)
         if self.searching:
-            return self.history.observation(first, self.zero_history)
+            return self.history.observation(self.preference, self._prior_features, self.zero_history)
         return first
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
@@ -232,6 +260,8 @@ class MemControlEnv(gym.Env):
         self._mask = np.zeros(self.k, dtype=np.int8)
         self._position, self._done = 0, False
         self.history = SearchHistory(self.k, self.cfg.env.budget)
+        if self.searching:
+            self._start_search()
         return self._obs(), {
             "task": label,
             "task_name": self.task.name,
@@ -264,14 +294,36 @@ class MemControlEnv(gym.Env):
         self.diagnostics = {"cache_hit": outcome.evaluation.cache_hit, "timings": outcome.evaluation.timings}
         return self._obs(), float(outcome.reward), True, False, outcome_info(outcome, self.task)
 
-    def _search_step(self, action: Any):
-        """Search mode: evaluate the mask; the reward is the improvement of the best so far."""
+    def _start_search(self) -> None:
+        """Search mode, in ``reset``: the prior's scores for this task (its own row left out)
+        and the references' rewards (evaluated first, as a live search does)."""
         assert self.task is not None
-        mask = self.task.space.validate(action)
+        prior = self.prior
+        descriptor = np.zeros_like(self._descriptor) if self.zero_descriptor else self._descriptor
+        exclude = prior.names.index(self.task.name) if self.task.name in prior.names else None
+        self._prior_features = prior.features(descriptor, self.preference, exclude)
+        reward_cfg = with_preference(self.cfg.reward, self.preference)
+        try:
+            references = self.task.reference_rewards(reward_cfg)
+        except RuntimeError as exc:
+            log.warning("search on %s without its references: %s", self.task.name, exc)
+        else:
+            self.history.references = (float(references[0]), float(references[1]))
+
+    def _search_action(self, action: Any) -> np.ndarray:
+        if not self.action_space.contains(action):
+            raise ValueError(
+                f"action {action!r} is not in {self.action_space}: a search step takes a mask's index "
+                "in counting order (memrl.episode.all_masks)"
+            )
+        return all_masks(self.k)[int(action)]
+
+    def _search_step(self, action: Any):
+        """Search mode: evaluate the mask; the reward is the change of the best tried reward."""
+        assert self.task is not None
+        mask = self._search_action(action)
         reward_cfg = with_preference(self.cfg.reward, self.preference)
         outcome = self.task.score(mask, reward_cfg)
-        if not self.history.masks:
-            self.history.baseline = max(self.task.reference_rewards(reward_cfg))
         value = outcome.reward if outcome.ok else -np.inf
         terms = (outcome.terms.get("memorization_term", 0.0), outcome.terms.get("quality_term", 0.0))
         improvement = self.history.add(mask, value, *terms)
@@ -293,6 +345,8 @@ class MemControlEnv(gym.Env):
         episode (a vector env uses it to run several evaluations at once)."""
         if self.task is None or self._done:
             return None
+        if self.searching:
+            return self._search_action(action)
         if not self.sequential:
             return self.task.space.validate(action)
         mask = self._mask.copy()

@@ -92,6 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also evaluate the policy's masks for this many memorization weights from 0 to 1 and "
         "plot them on the task's quality/memorization plane (0: skip)",
     )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="a config name or YAML path to use instead of the policy's training config (its base model "
+        "and search space must be the policy's)",
+    )
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     return parser.parse_args(argv)
 
@@ -123,7 +129,8 @@ def live_search(
     from memrl.reward import with_preference
 
     reward = with_preference(task.cfg.reward, preference)
-    baseline = max(task.reference_rewards(reward))
+    references = task.reference_rewards(reward)
+    baseline = max(references)
     trace: list[dict[str, Any]] = []
 
     def evaluate(mask: np.ndarray) -> tuple[float, float, float]:
@@ -148,7 +155,7 @@ def live_search(
         )
         return float(value), t["memorization_term"], t["quality_term"]
 
-    history = policy.search(task.descriptor(), evaluate, budget, preference, baseline=baseline)
+    history = policy.search(task.descriptor(), evaluate, budget, preference, references=references)
     best = history.best_index()
     if best is None or history.rewards[best] < baseline:
         log.warning("no searched mask beat the better reference; delivering the policy's first mask")
@@ -364,7 +371,7 @@ def apply(args: argparse.Namespace) -> Path:
     if args.policy is None:
         args.policy = shipped_policy()
     policy = load_policy(args.policy)
-    overrides: dict[str, Any] = parse_overrides(args.set)  # the policy's config, then --set, then flags
+    overrides: dict[str, Any] = parse_overrides(args.set)  # config, then --set, then flags
     overrides.update(
         {
             "data.source": args.data,
@@ -374,7 +381,7 @@ def apply(args: argparse.Namespace) -> Path:
             "env.store": str((args.out / "evaluations.sqlite").resolve()),
         }
     )
-    cfg = load_config(policy.config, overrides)
+    cfg = load_config(policy.config if args.config is None else args.config, overrides)
     n_images = usable_count(cfg.data)
     search_cfg = load_config(cfg, {"data": dataclasses.asdict(fit_sizes(cfg.data, n_images))})
     task = Task(search_cfg, make_evaluator(search_cfg), name=str(args.data))

@@ -14,15 +14,26 @@ It knows nothing of where evaluations run (:mod:`memrl.evaluator`) or of rewards
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memrl.config import Config, load_config, task_overrides
 from memrl.errors import ConfigError, ModelError
 from memrl.search_space import SearchSpace
 from memrl.spec import SPEC_SECTIONS, EvalSpec
 from memrl.utils import stable_hash
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from memrl.data.splits import DataSplits
+    from memrl.metrics.memorization import NearestNeighbourIndex
+    from memrl.models.stable_diffusion import Components
+    from memrl.models.unet import DiffusionModel
 
 
 @functools.lru_cache(maxsize=32)
@@ -101,7 +112,7 @@ class TaskContext:
         return cls._cache[key]
 
     @functools.cached_property
-    def sd(self) -> Any:
+    def sd(self) -> Components | None:
         """The Stable Diffusion components when ``model.path`` is a pipeline folder, else None."""
         from memrl.models.stable_diffusion import is_pipeline_folder, load_components
 
@@ -123,7 +134,7 @@ class TaskContext:
         return [*dict.fromkeys(c for c in seen if c), ""]
 
     @functools.cached_property
-    def model_splits(self) -> Any:
+    def model_splits(self) -> DataSplits:
         """The splits the model trains and is scored on: the images themselves, or on the Stable
         Diffusion path their VAE latents, labelled by caption (an index into :attr:`prompts`)."""
         import dataclasses
@@ -153,7 +164,7 @@ class TaskContext:
             s, base=latent(s.base), private=latent(s.private), heldout=latent(s.heldout)
         )
 
-    def to_images(self, samples: Any) -> Any:
+    def to_images(self, samples: torch.Tensor) -> torch.Tensor:
         """Model outputs as images in [-1, 1] (decoded through the VAE on the Stable Diffusion path)."""
         if self.sd is None:
             return samples
@@ -162,7 +173,7 @@ class TaskContext:
         return decode_latents(self.sd, samples)
 
     @functools.cached_property
-    def base(self) -> Any:
+    def base(self) -> DiffusionModel:
         """The base model (shipped, cached, pretrained once, or a pipeline's UNet conditioned on
         the task's prompts); checked against the search space."""
         from memrl.models import get_base_model
@@ -201,30 +212,30 @@ class TaskContext:
             "search_space": self.space.signature,
         }
 
-    def spec(self, mask: Any) -> EvalSpec:
+    def spec(self, mask: np.ndarray | Sequence[int]) -> EvalSpec:
         """The EvalSpec of ``mask`` (validated against the search space) on this task."""
         return EvalSpec.from_config(self.cfg, self.space.validate(mask), self.fingerprints)
 
     @functools.cached_property
-    def encoder(self) -> Any:
+    def encoder(self) -> nn.Module:
         from memrl.encoders import get_encoder
 
         return get_encoder(self.cfg, self.splits)
 
     @functools.cached_property
-    def train_embeddings(self) -> Any:
+    def train_embeddings(self) -> torch.Tensor:
         from memrl.encoders import embed
 
         return embed(self.encoder, self.splits.private)
 
     @functools.cached_property
-    def heldout_embeddings(self) -> Any:
+    def heldout_embeddings(self) -> torch.Tensor:
         from memrl.encoders import embed
 
         return embed(self.encoder, self.splits.heldout)
 
     @functools.cached_property
-    def index(self) -> Any:
+    def index(self) -> NearestNeighbourIndex:
         from memrl.metrics.memorization import NearestNeighbourIndex
 
         m = self.cfg.metrics

@@ -3,8 +3,10 @@
 * ``mask``: one step; the observation is the dataset descriptor and the preference (the *head*).
 * ``sequential``: one step per group; the head, the partial mask and a one-hot of the group.
 * ``search``: a budget of ``B`` fine-tunes on one task and preference; each step's action is a
-  whole mask, evaluated, and the next observation summarises what the search has seen so far
-  (:class:`SearchHistory`): what a user running the search would know, nothing from a table.
+  mask (its index in counting order), evaluated, and the next observation scores every mask of the
+  space (:class:`SearchHistory`): what the training tasks' tables say about it for data like this
+  (:mod:`memrl.prior`), whether it was tried, and a posterior from every result so far. Nothing
+  from the searched task's own table: what a user running the search would know.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SEARCH_SCALARS = ("budget_left", "tried_share", "best_reward", "last_reward", "best_mem", "best_quality")
-"""The scalars at the end of a search observation (rewards relative to the better reference)."""
+from memrl.prior import PRIOR_FEATURES, all_masks
+from memrl.reward import PREFERENCE_FIELDS
 
 
 def head(descriptor: np.ndarray, preference: np.ndarray) -> np.ndarray:
@@ -36,45 +38,92 @@ def sequential_finished(mask: np.ndarray, position: int, max_groups: int | None)
     return position >= len(mask) or (max_groups is not None and int(mask.sum()) >= max_groups)
 
 
-def search_observation_size(head_size: int, k: int) -> int:
-    """Length of a search-mode observation for a head of ``head_size`` and ``k`` groups."""
-    return head_size + 4 * k + len(SEARCH_SCALARS)
+MAX_SEARCH_GROUPS = 10
+"""Search mode scores every mask of the space at each step: at most 2**10 candidates."""
+SEARCH_GLOBALS = (*PREFERENCE_FIELDS, "budget_left", "tried_share", "best_so_far", "has_tried")
+"""The episode-wide values a search observation starts with."""
+CANDIDATE_FEATURES = (
+    *PRIOR_FEATURES,
+    "tried",
+    "posterior_mean",
+    "posterior_std",
+    "expected_improvement",
+    "distance_to_best",
+    "size",
+)
+"""What a search observation shows about each candidate mask (one row per mask, counting order)."""
+TRIED = CANDIDATE_FEATURES.index("tried")
+LENGTHSCALE = 0.25
+"""The posterior's kernel: exp(-Hamming distance / (LENGTHSCALE * K))."""
+NOISE = 0.05
+"""The posterior's noise variance, in units of the observed rewards' spread."""
+
+
+def search_observation_size(k: int) -> int:
+    """Length of a search-mode observation for ``k`` groups."""
+    return len(SEARCH_GLOBALS) + 2**k * len(CANDIDATE_FEATURES)
+
+
+def posterior(
+    observed: np.ndarray, values: np.ndarray, candidates: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian-process mean and standard deviation of every candidate given the observed masks'
+    values (already standardised; Hamming-distance exponential kernel, :data:`NOISE`)."""
+    k = candidates.shape[1]
+
+    def kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        hamming = np.abs(a[:, None, :].astype(float) - b[None, :, :]).sum(axis=2)
+        return np.exp(-hamming / (LENGTHSCALE * k))
+
+    gram = kernel(observed, observed) + NOISE * np.eye(len(observed))
+    cross = kernel(candidates, observed)
+    chol = np.linalg.cholesky(gram)
+    alpha = np.linalg.solve(chol.T, np.linalg.solve(chol, values))
+    v = np.linalg.solve(chol, cross.T)
+    variance = np.clip(1.0 - (v**2).sum(axis=0), 1e-9, None)
+    return cross @ alpha, np.sqrt(variance)
 
 
 @dataclass
 class SearchHistory:
-    """The results a search has seen on one task, and their fixed-size summary.
+    """The results a search has seen on one task, and what the next decision observes.
 
-    Rewards are the task's normalised rewards for the episode's preference, relative to
-    ``baseline`` (the better of the two references, no fine-tune and the mask of ones), so 0 means
-    "no better than a reference" and positive values are improvements.
+    Rewards are the task's normalised rewards for the episode's preference. ``baseline`` is the
+    better reference's reward (no fine-tune or the mask of ones, which every search evaluates
+    first to normalise rewards); the env's reward for a step is the change of the best reward
+    among the masks tried so far (the first step: its reward minus ``baseline``), so an episode's
+    rewards sum to its best tried mask's reward minus ``baseline``.
 
     Args:
         k: groups of the search space; budget: the masks the search may evaluate.
-        baseline: the better reference's reward (the env's reward is the improvement over it).
+        references: the rewards of no fine-tune and of the mask of ones, when known (they enter
+            the posterior as observations, but count as tried only when the search picks them).
     """
 
     k: int
     budget: int
-    baseline: float = 0.0
+    references: tuple[float, float] | None = None
     masks: list[np.ndarray] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
     terms: list[tuple[float, float]] = field(default_factory=list)
 
+    @property
+    def baseline(self) -> float:
+        return max(self.references) if self.references is not None else 0.0
+
     def add(self, mask: np.ndarray, reward: float, memorization: float, quality: float) -> float:
-        """Record one result; returns the improvement of the best-so-far reward (the env's reward:
-        a repeated mask, or one no better than the best so far, brings 0)."""
+        """Record one result; returns the change of the best tried reward (the env's reward)."""
         before = self.best_reward
-        repeat = any(np.array_equal(mask, m) for m in self.masks)
         self.masks.append(np.asarray(mask, dtype=np.int8).copy())
         self.rewards.append(float(reward) if np.isfinite(reward) else -np.inf)
         self.terms.append((float(memorization), float(quality)))
-        return 0.0 if repeat else max(self.best_reward - before, 0.0)
+        after = self.best_reward
+        return float(np.clip(after - before, -2.0, 2.0))
 
     @property
     def best_reward(self) -> float:
-        """The best reward so far, and never below ``baseline``."""
-        return max([self.baseline, *self.rewards])
+        """The best reward among the masks tried (``baseline`` before any)."""
+        return max(self.rewards) if self.rewards else self.baseline
 
     @property
     def done(self) -> bool:
@@ -85,44 +134,56 @@ class SearchHistory:
             return None
         return int(np.argmax(self.rewards))
 
-    def observation(self, head_part: np.ndarray, zero_history: bool = False) -> np.ndarray:
-        """The head, then per group: share of tried masks with it on, mean reward with it on minus
-        with it off, its bit in the best mask, its bit in the last mask; then :data:`SEARCH_SCALARS`.
-        ``zero_history`` blanks everything after the head except the budget left (an ablation)."""
-        k = self.k
-        on_share = np.zeros(k)
-        effect = np.zeros(k)
-        best_mask = np.zeros(k)
-        last_mask = np.zeros(k)
-        best_rel, last_rel, best_terms = 0.0, 0.0, (0.0, 0.0)
-        finite = [(m, r) for m, r in zip(self.masks, self.rewards) if np.isfinite(r)]
-        if self.masks:
-            tried = np.array(self.masks, dtype=float)
-            on_share = tried.mean(axis=0)
-            last_mask = tried[-1]
-            last = self.rewards[-1]
-            last_rel = float(np.clip(last - self.baseline, -2, 2)) if np.isfinite(last) else -2.0
-        if finite:
-            masks = np.array([m for m, _ in finite], dtype=float)
-            rewards = np.array([r for _, r in finite])
-            for g in range(k):
-                on, off = rewards[masks[:, g] == 1], rewards[masks[:, g] == 0]
-                if len(on) and len(off):
-                    effect[g] = np.clip(on.mean() - off.mean(), -2, 2)
+    def observation(
+        self, preference: np.ndarray, prior: np.ndarray, zero_history: bool = False
+    ) -> np.ndarray:
+        """:data:`SEARCH_GLOBALS`, then one row of :data:`CANDIDATE_FEATURES` per mask: the
+        ``prior`` (2**k, 4) from :class:`memrl.prior.TransferPrior`, whether it was tried, the
+        posterior of its reward given every result so far and the references (mean and expected
+        improvement relative to the best so far, in units of the results' spread), its Hamming
+        distance to the best tried mask and its size. ``zero_history`` shows every candidate as
+        if nothing had been observed, except which were tried (an ablation: does it use feedback?)."""
+        candidates = all_masks(self.k)
+        m = len(candidates)
+        tried = np.zeros(m)
+        index = {tuple(c): i for i, c in enumerate(candidates.tolist())}
+        for mask in self.masks:
+            tried[index[tuple(int(v) for v in mask)]] = 1
+        mean, std = np.zeros(m), np.ones(m)
+        distance = np.ones(m)
+        best_rel, has_tried = 0.0, float(bool(self.masks))
+        if not zero_history:
+            observed = [(mask, r) for mask, r in zip(self.masks, self.rewards) if np.isfinite(r)]
+            if self.references is not None:
+                observed += [(candidates[0], self.references[0]), (candidates[-1], self.references[1])]
+            incumbent = self.best_reward if np.isfinite(self.best_reward) else self.baseline
+            if observed:
+                x = np.array([o[0] for o in observed], dtype=float)
+                y = np.array([o[1] for o in observed], dtype=float)
+                scale = max(float(y.std()), 0.05) if len(y) > 1 else 1.0
+                centre = float(y.mean())
+                mu, std = posterior(x, (y - centre) / scale, candidates)
+                mean = np.clip(mu + (centre - incumbent) / scale, -5, 5)
             best = self.best_index()
             if best is not None:
-                best_mask = self.masks[best].astype(float)
-                best_rel = float(np.clip(self.rewards[best] - self.baseline, -2, 2))
-                best_terms = tuple(float(np.clip(v, -2, 2)) for v in self.terms[best])  # type: ignore[assignment]
+                distance = np.abs(candidates - self.masks[best]).sum(axis=1) / self.k
+                best_rel = float(np.clip(self.best_reward - self.baseline, -2, 2))
+        z = mean / std
+        improvement = np.clip(std * (z * _normal_cdf(z) + np.exp(-0.5 * z**2) / np.sqrt(2 * np.pi)), 0, 5)
+        rows = np.column_stack(
+            [prior, tried, mean, std, improvement, distance, candidates.sum(axis=1) / self.k]
+        )
         scalars = [
+            *np.asarray(preference, dtype=float),
             (self.budget - len(self.masks)) / max(self.budget, 1),
             len(self.masks) / max(self.budget, 1),
             best_rel,
-            last_rel,
-            *best_terms,
+            has_tried,
         ]
-        history = np.concatenate([on_share, effect, best_mask, last_mask, scalars]).astype(np.float32)
-        if zero_history:
-            history = np.zeros_like(history)
-            history[4 * k] = scalars[0]
-        return np.concatenate([head_part, history]).astype(np.float32)
+        return np.concatenate([scalars, rows.ravel()]).astype(np.float32)
+
+
+def _normal_cdf(z: np.ndarray) -> np.ndarray:
+    from math import erf
+
+    return 0.5 * (1.0 + np.vectorize(erf)(z / np.sqrt(2.0)))

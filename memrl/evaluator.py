@@ -182,7 +182,7 @@ def _init_worker(threads: int) -> None:
     logging.getLogger().setLevel(logging.WARNING)
 
 
-def make_evaluator(cfg: Config) -> Any:
+def make_evaluator(cfg: Config) -> Evaluator:
     """The Evaluator of ``cfg.env``: its store, shipped table, backend and replay fallback."""
     e = cfg.env
     tables = [EvaluationStore(table_path(e.table), readonly=True)] if e.table else []

@@ -32,6 +32,8 @@ import numpy as np
 from memrl.config import RewardConfig
 
 PREFERENCE_FIELDS = ("memorization_weight", "quality_weight", "param_weight")
+TERMS = ("memorization_term", "quality_term", "param_term")
+"""The normalised terms of :meth:`Reward.terms`, in the order of :data:`PREFERENCE_FIELDS`."""
 """The reward weights that make up a preference (appended to the policy's observation)."""
 
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from memrl.config import Config, load_config
+from memrl.config import Config, RewardConfig, load_config
 from memrl.context import (  # noqa: F401  (re-exported: memrl.task was their home)
     TaskContext,
     TaskEntry,
@@ -28,12 +28,15 @@ from memrl.context import (  # noqa: F401  (re-exported: memrl.task was their ho
     task_config,
 )
 from memrl.evaluator import Evaluator, make_evaluator  # noqa: F401  (re-exported)
-from memrl.reward import References, Reward
+from memrl.reward import TERMS, References, Reward
 from memrl.search_space import SearchSpace
 from memrl.spec import EvalSpec, Evaluation
 from memrl.utils import stable_hash
 
 log = logging.getLogger(__name__)
+
+Mask = np.ndarray | Sequence[int]
+"""A mask: one 0/1 per group of the search space."""
 
 NOISE_SEEDS = (1, 2)
 """Extra fine-tune seeds of the tables' noise sample (seed 0 is the main table)."""
@@ -89,16 +92,16 @@ class Task:
     def space(self) -> SearchSpace:
         return self.context.space
 
-    def evaluate(self, mask: Any) -> Evaluation:
+    def evaluate(self, mask: Mask) -> Evaluation:
         """The evaluation of ``mask`` (from a table or store, or run now)."""
         return self.evaluator.evaluate(self.context.spec(mask))
 
-    def specs_with_references(self, masks: list[Any]) -> list[EvalSpec]:
+    def specs_with_references(self, masks: Sequence[Mask]) -> list[EvalSpec]:
         """The specs of the references and of ``masks``: what scoring them needs evaluated."""
         k = self.space.k
         return [self.context.spec(m) for m in (np.zeros(k, np.int8), np.ones(k, np.int8), *masks)]
 
-    def prefetch(self, masks: list[Any]) -> None:
+    def prefetch(self, masks: Sequence[Mask]) -> None:
         """Evaluate ``masks`` and the references at once (concurrently on the Ray backend), so
         that scoring them afterwards only reads stored evaluations."""
         self.evaluator.evaluate_many(self.specs_with_references(masks))
@@ -115,22 +118,28 @@ class Task:
             self._references = References(none.metrics, full.metrics, self.seed_noise())
         return self._references
 
-    def reference_rewards(self, reward: Any = None) -> tuple[float, float]:
+    def reference_rewards(self, reward: RewardConfig | None = None) -> tuple[float, float]:
         """Rewards of no fine-tune and of the mask of ones (``reward``: a RewardConfig, default
         the config's)."""
         refs = self.references()
         fn = Reward(reward or self.cfg.reward, refs)
         return fn(refs.none), fn(refs.full)
 
-    def seed_noise(self) -> dict[str, float]:
-        """Each metric's seed standard deviation on this task, pooled over the masks of the
-        tables' noise sample stored with two or more fine-tune seeds (looked up, never evaluated;
-        empty when there are none)."""
+    def noise_sample(self) -> dict[tuple[int, ...], list[Evaluation | None]]:
+        """Each mask of the tables' noise sample with its stored evaluations, fine-tune seed 0 then
+        :data:`NOISE_SEEDS` (None where not stored; looked up, never evaluated)."""
         k, fingerprints = self.space.k, self.context.fingerprints
         seeds = [self.cfg] + [load_config(self.cfg, {"finetune.seed": s}) for s in NOISE_SEEDS]
+        return {
+            mask: [self.evaluator.lookup(EvalSpec.from_config(c, mask, fingerprints).hash) for c in seeds]
+            for mask in noise_masks(k, min(2**k, 64))
+        }
+
+    def seed_noise(self) -> dict[str, float]:
+        """Each metric's seed standard deviation on this task, pooled over the masks of the
+        tables' noise sample stored with two or more fine-tune seeds (empty when there are none)."""
         variances: dict[str, list[float]] = {}
-        for mask in noise_masks(k, min(2**k, 64)):
-            found = [self.evaluator.lookup(EvalSpec.from_config(c, mask, fingerprints).hash) for c in seeds]
+        for found in self.noise_sample().values():
             runs = [ev.metrics for ev in found if ev is not None and ev.ok]
             if len(runs) < 2:
                 continue
@@ -140,7 +149,33 @@ class Task:
                     variances.setdefault(key, []).append(float(values.var(ddof=1)))
         return {key: float(np.sqrt(np.mean(v))) for key, v in variances.items()}
 
-    def score(self, mask: Any, reward: Any = None) -> Outcome:
+    def stored_reward(self, reward: RewardConfig | None = None) -> Reward | None:
+        """The reward (``reward``: a RewardConfig, default the config's) from stored references
+        only, or None when either reference is missing or failed (nothing is evaluated)."""
+        k = self.space.k
+        ends = (np.zeros(k, np.int8), np.ones(k, np.int8))
+        refs = [self.evaluator.lookup(self.context.spec(m).hash) for m in ends]
+        if any(ev is None or not ev.ok for ev in refs):
+            return None
+        none, full = refs
+        assert none is not None and full is not None
+        return Reward(reward or self.cfg.reward, References(none.metrics, full.metrics, self.seed_noise()))
+
+    def stored_terms(self, masks: np.ndarray, reward: RewardConfig | None = None) -> np.ndarray:
+        """(len(masks), 3) the :data:`~memrl.reward.TERMS` of each stored mask (NaN where a mask
+        or a reference is missing or failed; looked up, never evaluated)."""
+        out = np.full((len(masks), len(TERMS)), np.nan)
+        reward_fn = self.stored_reward(reward)
+        if reward_fn is None:
+            return out
+        for i, mask in enumerate(masks):
+            ev = self.evaluator.lookup(self.context.spec(mask).hash)
+            if ev is not None and ev.ok:
+                terms = reward_fn.terms(ev.metrics)
+                out[i] = [terms[key] for key in TERMS]
+        return out
+
+    def score(self, mask: Mask, reward: RewardConfig | None = None) -> Outcome:
         """Reward (``reward``: a RewardConfig, default the config's) and terms of ``mask``.
 
         A failed evaluation or reference scores ``reward.failure_penalty`` with the reason in

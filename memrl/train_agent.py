@@ -130,7 +130,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, report: bool = True)
     Everything that can fail on bad input is built before the run directory is written; the
     directory's ``run.json`` says whether the run completed.
     """
-    from memrl.agents.policy import write_card
+    from memrl.agents.policy import prior_path, write_card
     from memrl.store import EvaluationStore
     from memrl.task import TaskContext, architecture_space, suite
 
@@ -172,13 +172,12 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, report: bool = True)
         raise
     policy_path = run_dir / "policy.zip"
     model.save(policy_path)
-    write_card(
-        policy_path,
-        architecture_space(cfg),
-        cfg,
-        env.observation_space.shape[0],
-        {"num_timesteps": int(model.num_timesteps), "tasks_left_out": left_out},
-    )
+    extra: dict[str, Any] = {"num_timesteps": int(model.num_timesteps), "tasks_left_out": left_out}
+    if cfg.env.mode == "search":  # the search policy scores masks with its training tasks' tables
+        prior = env.get_attr("prior")[0]
+        prior.save(prior_path(policy_path))
+        extra["prior"] = {"tasks": prior.names, "file": prior_path(policy_path).name}
+    write_card(policy_path, architecture_space(cfg), cfg, env.observation_space.shape[0], extra)
     record_run(cfg, run_dir, "complete", {"num_timesteps": int(model.num_timesteps)})
     if report:
         report_task(cfg, policy_path, run_dir)
@@ -227,7 +226,8 @@ def replayed_search(policy: Any, task: Any) -> tuple[Any, str]:
     """A search policy's search of ``policy.budget`` masks on ``task`` (stored evaluations where
     the table has them, live fine-tunes otherwise); returns its best mask and a Markdown section."""
     reward = task.cfg.reward
-    baseline = max(task.reference_rewards(reward))
+    references = task.reference_rewards(reward)
+    baseline = max(references)
     lines: list[str] = []
 
     def evaluate(mask: Any) -> tuple[float, float, float]:
@@ -238,7 +238,7 @@ def replayed_search(policy: Any, task: Any) -> tuple[Any, str]:
         lines.append(f"| {len(lines) + 1} | `{bits}` | {value:+.3f} | {terms[0]:.3f} | {terms[1]:.3f} |")
         return value, *terms
 
-    history = policy.search(task.descriptor(), evaluate, policy.budget, baseline=baseline)
+    history = policy.search(task.descriptor(), evaluate, policy.budget, references=references)
     best = history.best_index()
     chosen = history.masks[0 if best is None else best]
     log.info(

@@ -113,3 +113,17 @@ def test_describe_reports_mean_tail_hits_and_paired_differences():
     assert [r["regret"] for r in diffs] == pytest.approx([-0.1, 0.0, 0.4, 0.2, -0.05, 0.1])
     text = summarise(rows + other)
     assert "| m | 0.192 [" in text and "| ppo | 0.100 [0.100, 0.100] |" in text
+
+
+def test_the_search_policy_is_compared_with_the_best_other_method_at_each_budget():
+    from memrl.benchmark.stats import against_the_best
+
+    rows = []
+    budgets = {1: {"ppo-search": 0.3, "knn": 0.1, "tpe": 0.4}, 2: {"ppo-search": 0.05, "tpe": 0.2}}
+    for n, values in budgets.items():
+        for method, v in values.items():
+            rows += [{**r, "fine_tunes": n} for r in rows_of({"a": [v, v], "b": [v, v]}, method=method)]
+    ablation = rows_of({"a": [0.0], "b": [0.0]}, method="ppo-search-no-history")  # never a comparator
+    lines = against_the_best(rows + ablation, [0.5], "leave one task out")
+    assert lines[4] == "| 1 | knn | 0.100 | 0.300 | +0.200 [+0.200, +0.200] | +0.200 |"
+    assert lines[5] == "| 2 | tpe | 0.200 | 0.050 | -0.150 [-0.150, -0.150] | -0.150 |"

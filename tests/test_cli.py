@@ -245,7 +245,17 @@ def test_apply_policy_sizes_the_splits_from_a_small_dataset(run_dir, tmp_path):
     assert proc.returncode == 2 and "at least 8" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_policy_from_another_search_space_is_refused(run_dir, new_dataset, tmp_path):
+@pytest.mark.parametrize("how", ["--set", "--config"])
+def test_policy_from_another_search_space_is_refused(run_dir, new_dataset, tmp_path, how):
+    import yaml
+
+    from memrl.config import load_config
+
+    block = load_config("test", {"search.granularity": "block"}).to_dict()
+    (tmp_path / "block.yaml").write_text(yaml.safe_dump(block))
+    setting = ["--set", "search.granularity=block"]
+    if how == "--config":
+        setting = ["--config", str(tmp_path / "block.yaml")]
     proc = run(
         "memrl.apply_policy",
         "--policy",
@@ -254,8 +264,7 @@ def test_policy_from_another_search_space_is_refused(run_dir, new_dataset, tmp_p
         str(new_dataset),
         "--out",
         str(tmp_path / "o"),
-        "--set",
-        "search.granularity=block",
+        *setting,
     )
     assert proc.returncode == 2
     assert "trained on another search space" in proc.stderr and "Traceback" not in proc.stderr

@@ -482,20 +482,29 @@ def test_search_episodes_replay_the_table_and_reward_improvements(table, tmp_pat
     }
     env = gym.make("MemControl-v0", config=cfg, overrides=overrides).unwrapped
     obs, _ = env.reset(seed=0, options={"preference": [0.5, 0.5, 0.0]})
-    assert env.observation_space.shape == obs.shape == (17 + 2 * 4 + 3 + 4 * 4 + 6,)
-    masks = [np.array(m, dtype=np.int8) for m in ([0, 1, 0, 1], [0, 1, 0, 1], [1, 1, 0, 0])]
+    assert env.observation_space.shape == obs.shape == (7 + 2**4 * 10,)
+    from memrl.episode import TRIED
     from memrl.reward import with_preference
 
+    rows = obs[7:].reshape(16, 10)
+    assert env.prior.names == [TASKS[0]["name"]] and (rows[:, :4] == 0.5).all()  # its own row left out
     task, weights = env.task, with_preference(env.cfg.reward, [0.5, 0.5, 0.0])
     baseline = max(task.reference_rewards(weights))
-    rewards, best = [], baseline
-    for i, mask in enumerate(masks):
-        obs, reward, terminated, _, info = env.step(mask)
+    indices = [0b0101, 0b0101, 0b1100]
+    rewards, best = [], None
+    for i, index in enumerate(indices):
+        obs, reward, terminated, _, info = env.step(index)
+        mask = np.array([int(b) for b in f"{index:04b}"], dtype=np.int8)
+        assert info["mask"] == mask.tolist() and obs[7:].reshape(16, 10)[index, TRIED] == 1
         value = task.score(mask, weights).reward
-        expected = 0.0 if i == 1 else max(value - best, 0.0)  # the repeat brings nothing
-        best = max(best, value)
+        # the change of the best tried reward; the first step against the better reference
+        expected = value - baseline if best is None else max(value - best, 0.0)
+        best = value if best is None else max(best, value)
         assert reward == pytest.approx(expected) and info["best_reward"] == pytest.approx(best)
         assert terminated == (i == 2) and info["budget_left"] == 2 - i
         rewards.append(reward)
     assert sum(rewards) == pytest.approx(best - baseline) and info["mask_reward"] == pytest.approx(value)
+    with pytest.raises(ValueError, match="mask's index"):
+        env.reset(seed=0)
+        env.step(16)
     check_env(gym.make("MemControl-v0", config=cfg, overrides=overrides).unwrapped)

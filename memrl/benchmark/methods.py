@@ -11,6 +11,7 @@ import numpy as np
 from memrl.benchmark.table import BenchTable, mask_index
 from memrl.config import Config, load_config
 from memrl.data.descriptor import descriptor_fields, family_slices
+from memrl.prior import KNN, TransferPrior
 
 
 def _ranked(scores: np.ndarray, n: int) -> list[int]:
@@ -31,15 +32,18 @@ def single_best_reward(table: BenchTable, train: list[int], w: float) -> int:
     return _ranked(-table.rewards(w)[train].mean(axis=0), 1)[0]
 
 
+def prior_of(table: BenchTable, train: list[int]) -> TransferPrior:
+    """The training tasks' rows as a :class:`~memrl.prior.TransferPrior` (what the search policy
+    sees; the nearest-task baselines below read the same one)."""
+    return TransferPrior([table.names[t] for t in train], table.descriptors[train], table.terms[train])
+
+
 def task_distances(table: BenchTable, train: list[int], test: int) -> np.ndarray:
     """Euclidean distances from the test task's descriptor to each training task's, features
     standardised with the training tasks' mean and standard deviation only (constant features
     dropped)."""
-    d = table.descriptors
-    mean, std = d[train].mean(axis=0), d[train].std(axis=0)
-    keep = std > 1e-9
-    z = (d[:, keep] - mean[keep]) / std[keep]
-    return np.linalg.norm(z[train] - z[test], axis=1)
+    prior = prior_of(table, train)
+    return prior.distances(table.descriptors[test], list(range(prior.size)))
 
 
 def nearest_task(table: BenchTable, train: list[int], test: int, w: float, n: int) -> list[int]:
@@ -48,14 +52,11 @@ def nearest_task(table: BenchTable, train: list[int], test: int, w: float, n: in
     return _ranked(table.regret(w)[nearest], n)
 
 
-def knn_tasks(table: BenchTable, train: list[int], test: int, w: float, n: int, k: int = 3) -> list[int]:
+def knn_tasks(table: BenchTable, train: list[int], test: int, w: float, n: int, k: int = KNN) -> list[int]:
     """The ``n`` masks with the lowest regret averaged over the ``k`` nearest training tasks,
     weighted by inverse descriptor distance."""
-    distances = task_distances(table, train, test)
-    order = np.argsort(distances, kind="stable")[:k]
-    weights = 1.0 / (distances[order] + 1e-6)
-    regret = table.regret(w)[[train[i] for i in order]]
-    return _ranked((weights[:, None] * regret).sum(axis=0) / weights.sum(), n)
+    prior = prior_of(table, train)
+    return _ranked(prior.knn_regret(table.descriptors[test], table.preference(w), k), n)
 
 
 def portfolio(table: BenchTable, train: list[int], w: float, n: int) -> list[int]:
@@ -245,8 +246,8 @@ def train_policies(
         },
     )
     env: Any = MemControlEnv(train_cfg)
-    env.zero_history = zero_history
-    if zero_descriptor:
+    env.zero_history, env.zero_descriptor = zero_history, zero_descriptor
+    if zero_descriptor and mode != "search":  # search mode sees the descriptor through its prior
         width = len(descriptor_fields(env.k))
         env = gym.wrappers.TransformObservation(
             env, lambda o: _zero_descriptor(o, width), env.observation_space
@@ -264,7 +265,7 @@ def train_policies(
     for target in sorted(episodes):
         counter.target = target
         model.learn(steps_per_episode * (target - counter.done), callback=counter, reset_num_timesteps=False)
-        snapshot = Policy.of_model(model, train_cfg)
+        snapshot = Policy.of_model(model, train_cfg, env.unwrapped.prior if mode == "search" else None)
         out.append(dataclasses.replace(snapshot, network=copy.deepcopy(model.policy)))
     return out
 
@@ -294,9 +295,9 @@ def search_policy_masks(
         i = mask_index(mask)
         return float(rewards[i]), float(terms[i, 0]), float(terms[i, 1])
 
-    baseline = float(max(rewards[0], rewards[-1]))
+    references = (float(rewards[0]), float(rewards[-1]))
     history = policy.search(
-        descriptor, evaluate, budget, table.preference(w), baseline=baseline, zero_history=zero_history
+        descriptor, evaluate, budget, table.preference(w), references=references, zero_history=zero_history
     )
     return [mask_index(m) for m in history.masks]
 

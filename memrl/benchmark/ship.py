@@ -22,7 +22,7 @@ def ship(cfg: Config, out: Path, results: Path) -> Path:
     import shutil
     import tempfile
 
-    from memrl.agents.policy import card_path, read_card
+    from memrl.agents.policy import card_path, prior_path, read_card
     from memrl.train_agent import train
     from memrl.utils import atomic_path, atomic_write_text
 
@@ -37,6 +37,9 @@ def ship(cfg: Config, out: Path, results: Path) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / "policy.zip") as dest:
             shutil.copyfile(policy, dest)
+        if prior_path(policy).is_file():
+            with atomic_path(prior_path(out / "policy.zip")) as dest:
+                shutil.copyfile(prior_path(policy), dest)
         atomic_write_text(card_path(out / "policy.zip"), json.dumps(card, indent=2))
     return out / "policy.zip"
 

@@ -156,7 +156,49 @@ def summarise(rows: list[dict[str, Any]], reference: str = "ppo") -> str:
             if sum(bool(c) for c in cells) > 1:
                 out.append(f"| {m} | " + " | ".join(cells) + " |")
         out.append("")
+        if any(r["method"] == SEARCHER for r in split):
+            out += [*against_the_best(split, weights, label), ""]
     return "\n".join(out)
+
+
+SEARCHER = "ppo-search"
+"""The search policy; its ablations (``ppo-search-...``) are never its comparators."""
+
+
+def against_the_best(split: list[dict[str, Any]], weights: list[float], label: str) -> list[str]:
+    """Markdown rows: at each number of fine-tunes, the search policy's mean regret minus that of
+    the best other method there (the lowest mean, chosen on these very rows: the hardest
+    comparator), pooled with its task-level 95% interval and per preference."""
+    out = [
+        f"**The search policy against the best other method at each number of fine-tunes** ({label}; "
+        "negative: the search policy is better)",
+        "",
+        "| fine-tunes | best other method | its mean | search policy | difference [95% CI] | "
+        + " | ".join(f"w={w}" for w in weights)
+        + " |",
+        "|---|---|---|---|---|" + "---|" * len(weights),
+    ]
+    for n in sorted({r["fine_tunes"] for r in split if r["method"] == SEARCHER}):
+        at = [r for r in split if r["fine_tunes"] == n]
+        means = {
+            m: float(np.mean([r["regret"] for r in at if r["method"] == m]))
+            for m in dict.fromkeys(r["method"] for r in at)
+            if not m.startswith(SEARCHER)
+        }
+        if not means:
+            continue
+        best = min(means, key=means.__getitem__)
+        d = paired_differences(at, SEARCHER, best)
+        lo, hi = task_bootstrap(_by_task(d), np.mean)
+        mine = np.mean([r["regret"] for r in at if r["method"] == SEARCHER])
+        per = [np.mean([r["regret"] for r in d if r["memorization_weight"] == w]) for w in weights]
+        out.append(
+            f"| {n} | {best} | {means[best]:.3f} | {mine:.3f} | "
+            f"{np.mean([r['regret'] for r in d]):+.3f} [{lo:+.3f}, {hi:+.3f}] | "
+            + " | ".join(f"{v:+.3f}" for v in per)
+            + " |"
+        )
+    return out
 
 
 def plot_transfer(rows: list[dict[str, Any]], path: Path) -> None:

@@ -10,11 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from memrl.config import Config, load_config
+from memrl.config import Config
 from memrl.errors import MemrlError
-from memrl.reward import References, Reward
+from memrl.reward import TERMS
 
-TERMS = ("memorization_term", "quality_term", "param_term")
 PREFERENCES = (0.25, 0.5, 0.75)
 """Memorization weights of the evaluation preferences (quality weight 1 minus it)."""
 BUDGETS = (1, 2, 4, 8, 16)
@@ -96,33 +95,23 @@ def load_table(cfg: Config) -> BenchTable:
     """Read every (task, mask) of ``cfg``'s suite from its tables and store (nothing is evaluated),
     with the reward of ``cfg.reward`` (its noise span from each task's noise sample) and each
     complete task's descriptor."""
-    from memrl.spec import EvalSpec
-    from memrl.tables import NOISE_SEEDS, noise_masks
-    from memrl.task import Task, make_evaluator, suite
+    from memrl.task import NOISE_SEEDS, Task, make_evaluator, suite
 
     evaluator = make_evaluator(cfg)
-    entries = suite(cfg)
-    tasks = [Task(e.cfg, evaluator, e.name, e.heldout) for e in entries]
+    tasks = [Task(e.cfg, evaluator, e.name, e.heldout) for e in suite(cfg)]
     k = tasks[0].space.k
     masks = np.array(list(itertools.product((0, 1), repeat=k)), dtype=np.int8)
-    noisy = [mask_index(m) for m in noise_masks(k, min(len(masks), 64))]
-    terms = np.full((len(tasks), len(masks), 3), np.nan)
-    noise = np.full((len(tasks), len(noisy), 1 + len(NOISE_SEEDS), 3), np.nan)
+    terms = np.stack([task.stored_terms(masks) for task in tasks])
+    noisy: list[int] = []
+    noise = np.full((len(tasks), min(len(masks), 64), 1 + len(NOISE_SEEDS), 3), np.nan)
     for t, task in enumerate(tasks):
-        found = [evaluator.lookup(task.context.spec(m).hash) for m in masks]
-        none, full = found[0], found[-1]
-        if none is None or full is None or not (none.ok and full.ok):
+        reward = task.stored_reward()
+        sample = task.noise_sample()
+        noisy = [mask_index(m) for m in sample]
+        if reward is None:
             continue
-        reward = Reward(cfg.reward, References(none.metrics, full.metrics, task.seed_noise()))
-        for i, ev in enumerate(found):
-            if ev is not None and ev.ok:
-                terms[t, i] = [reward.terms(ev.metrics)[key] for key in TERMS]
-        seeds = [load_config(task.cfg, {"finetune.seed": s}) for s in NOISE_SEEDS]
-        prints = task.context.fingerprints
-        for j, i in enumerate(noisy):
-            noise[t, j, 0] = terms[t, i]
-            for s, seed_cfg in enumerate(seeds, start=1):
-                ev = evaluator.lookup(EvalSpec.from_config(seed_cfg, masks[i], prints).hash)
+        for j, found in enumerate(sample.values()):
+            for s, ev in enumerate(found):
                 if ev is not None and ev.ok:
                     noise[t, j, s] = [reward.terms(ev.metrics)[key] for key in TERMS]
     complete = np.isfinite(terms[:, :, 0]).all(axis=1)
@@ -139,7 +128,7 @@ def load_table(cfg: Config) -> BenchTable:
         descriptors,
         cfg.reward.param_weight,
         np.array(noisy),
-        noise,
+        noise[:, : len(noisy)],
     )
 
 

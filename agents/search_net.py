@@ -1,0 +1,84 @@
+"""The search policy's network: one small MLP scores every candidate mask from its row of the
+search observation (a learned acquisition function, as in MetaBO, Volpp et al. ICLR 2020), so the
+same weights serve any task and a mask already tried is never proposed again."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from stable_baselines3.common.policies import ActorCriticPolicy
+from torch import nn
+
+from memrl.episode import CANDIDATE_FEATURES, SEARCH_GLOBALS, TRIED
+
+TRIED_PENALTY = 1e4
+"""Subtracted from a tried mask's logit: its probability is 0 to float precision."""
+
+
+class CandidateScorer(nn.Module):
+    """Shared per-candidate MLP over (candidate row, episode-wide values) giving each mask's logit;
+    the value is read from the mean and max of the candidates' hidden units.
+
+    Args:
+        candidates: masks of the space (2**K); widths: hidden layer widths (``ppo.net_arch``).
+    """
+
+    def __init__(self, candidates: int, widths: list[int]) -> None:
+        super().__init__()
+        self.candidates = candidates
+        self.globals, self.features = len(SEARCH_GLOBALS), len(CANDIDATE_FEATURES)
+        layers: list[nn.Module] = []
+        width = self.features + self.globals
+        for w in widths:
+            layers += [nn.Linear(width, w), nn.Tanh()]
+            width = w
+        self.body = nn.Sequential(*layers)
+        self.logit = nn.Linear(width, 1)
+        self.critic = nn.Sequential(nn.Linear(2 * width + self.globals, width), nn.Tanh())
+        self.latent_dim_pi, self.latent_dim_vf = candidates, width
+
+    def _hidden(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        glob = obs[:, : self.globals]
+        rows = obs[:, self.globals :].reshape(len(obs), self.candidates, self.features)
+        both = torch.cat([rows, glob[:, None, :].expand(-1, self.candidates, -1)], dim=2)
+        return glob, rows, self.body(both)
+
+    def _logits(self, rows: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        return self.logit(hidden).squeeze(-1) - TRIED_PENALTY * rows[..., TRIED]
+
+    def _value(self, glob: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        return self.critic(torch.cat([hidden.mean(dim=1), hidden.amax(dim=1), glob], dim=1))
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        glob, rows, hidden = self._hidden(obs)
+        return self._logits(rows, hidden), self._value(glob, hidden)
+
+    def forward_actor(self, obs: torch.Tensor) -> torch.Tensor:
+        _, rows, hidden = self._hidden(obs)
+        return self._logits(rows, hidden)
+
+    def forward_critic(self, obs: torch.Tensor) -> torch.Tensor:
+        glob, _, hidden = self._hidden(obs)
+        return self._value(glob, hidden)
+
+
+class CandidatePolicy(ActorCriticPolicy):
+    """SB3 actor-critic whose action logits are :class:`CandidateScorer`'s per-mask scores
+    (``Discrete(2**K)`` actions; ``net_arch``: the scorer's hidden widths)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.widths = list(kwargs.pop("net_arch", None) or [64, 64])
+        super().__init__(*args, **{**kwargs, "net_arch": []})
+
+    def _build_mlp_extractor(self) -> None:
+        n = int(self.action_space.n)  # type: ignore[attr-defined]
+        self.mlp_extractor = CandidateScorer(n, self.widths)  # type: ignore[assignment]
+
+    def _build(self, lr_schedule: Any) -> None:
+        super()._build(lr_schedule)
+        self.action_net = nn.Identity()  # the scorer's logits are the action logits
+        scorer: Any = self.mlp_extractor
+        nn.init.orthogonal_(scorer.logit.weight, gain=0.01)
+        nn.init.zeros_(scorer.logit.bias)
+        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)  # type: ignore[call-arg]

@@ -1,0 +1,146 @@
+"""What the tables say about a new task before any fine-tune: every mask's regret on the training
+tasks, weighted by how near each task's descriptor is to the new one's.
+
+One :class:`TransferPrior` serves the zero-shot baselines of the benchmark (nearest task,
+k-nearest tasks) and the search policy, which sees its three per-mask scores at every step
+(``memrl.episode``) and ships them beside its weights (``policy.prior.safetensors``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memrl.errors import PolicyError
+
+PRIOR_FEATURES = ("knn_regret", "knn_rank", "nearest_regret", "mean_regret")
+"""Per-mask scores of :meth:`TransferPrior.features` (0 = the sources' best, 1 = their worst; the
+rank is the mask's place in ``knn_regret``'s order over the number of masks)."""
+KNN = 3
+"""Source tasks the ``knn_regret`` score averages (weighted by inverse descriptor distance)."""
+
+
+def all_masks(k: int) -> np.ndarray:
+    """(2**k, k) every mask of ``k`` groups in binary counting order (row i is mask i)."""
+    return np.array(list(itertools.product((0, 1), repeat=k)), dtype=np.int8)
+
+
+@dataclass
+class TransferPrior:
+    """The source (training) tasks: names, descriptors (S, D) and the memorization, quality and
+    parameter terms of every mask (S, M, 3; masks in binary counting order, NaN where missing)."""
+
+    names: list[str]
+    descriptors: np.ndarray
+    terms: np.ndarray
+
+    @classmethod
+    def of_tasks(cls, tasks: list[Any], reward: Any = None) -> TransferPrior:
+        """The prior of the :class:`memrl.task.Task` s whose every mask is stored (looked up, never
+        evaluated; ``reward``: the RewardConfig whose terms are used, default each task's)."""
+        names, descriptors, terms = [], [], []
+        for task in tasks:
+            found = task.stored_terms(all_masks(task.space.k), reward)
+            if np.isfinite(found).all():
+                names.append(task.name)
+                descriptors.append(task.descriptor())
+                terms.append(found)
+        if not names:
+            return cls([], np.zeros((0, 0)), np.zeros((0, 2 ** tasks[0].space.k if tasks else 0, 3)))
+        return cls(names, np.array(descriptors, dtype=float), np.array(terms))
+
+    @property
+    def size(self) -> int:
+        return len(self.names)
+
+    def regret(self, preference: np.ndarray) -> np.ndarray:
+        """(S, M) each source's normalised regret for the preference weights (3 values)."""
+        r = -(self.terms @ np.asarray(preference, dtype=float))
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            best = np.nanmax(r, axis=1, keepdims=True)
+            worst = np.nanmin(r, axis=1, keepdims=True)
+        return (best - r) / np.maximum(best - worst, 1e-9)
+
+    def distances(self, descriptor: np.ndarray, sources: list[int]) -> np.ndarray:
+        """Euclidean distances from ``descriptor`` to each of ``sources``' descriptors, features
+        standardised with those sources' mean and standard deviation (constant ones dropped)."""
+        d = self.descriptors[sources]
+        mean, std = d.mean(axis=0), d.std(axis=0)
+        keep = std > 1e-9
+        z = (d[:, keep] - mean[keep]) / std[keep]
+        return np.linalg.norm(z - (np.asarray(descriptor)[keep] - mean[keep]) / std[keep], axis=1)
+
+    def _sources(self, exclude: int | None) -> list[int]:
+        return [s for s in range(self.size) if s != exclude]
+
+    def knn_regret(
+        self, descriptor: np.ndarray, preference: np.ndarray, k: int = KNN, exclude: int | None = None
+    ) -> np.ndarray:
+        """(M,) regret averaged over the ``k`` nearest sources, weighted by inverse distance
+        (``exclude``: a source left out, as a training task is when it is the one searched)."""
+        sources = self._sources(exclude)
+        distances = self.distances(descriptor, sources)
+        order = np.argsort(distances, kind="stable")[:k]
+        weights = 1.0 / (distances[order] + 1e-6)
+        regret = self.regret(preference)[[sources[i] for i in order]]
+        return (weights[:, None] * regret).sum(axis=0) / weights.sum()
+
+    def features(
+        self, descriptor: np.ndarray, preference: np.ndarray, exclude: int | None = None
+    ) -> np.ndarray:
+        """(M, 4) :data:`PRIOR_FEATURES` of every mask; 0.5 everywhere when no source is left
+        (no information), 1 where a mask is missing from the sources' tables."""
+        sources = self._sources(exclude)
+        m = self.terms.shape[1]
+        if not sources:
+            return np.full((m, len(PRIOR_FEATURES)), 0.5)
+        regret = self.regret(preference)[sources]
+        nearest = sources[int(np.argmin(self.distances(descriptor, sources)))]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(regret, axis=0)
+        knn = np.nan_to_num(self.knn_regret(descriptor, preference, min(KNN, len(sources)), exclude), nan=1.0)
+        rank = np.empty(m)
+        rank[np.argsort(knn, kind="stable")] = np.arange(m) / max(m - 1, 1)
+        out = np.stack([knn, rank, self.regret(preference)[nearest], mean], axis=1)
+        return np.nan_to_num(out, nan=1.0)
+
+    def save(self, path: Path) -> None:
+        """Write the descriptors and terms as safetensors (names go on the policy card)."""
+        import torch
+        from safetensors.torch import save_file
+
+        from memrl.utils import atomic_path
+
+        tensors = {
+            "descriptors": torch.as_tensor(self.descriptors, dtype=torch.float64),
+            "terms": torch.as_tensor(self.terms, dtype=torch.float64),
+        }
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp))
+
+    @classmethod
+    def load(cls, path: Path, names: list[str], masks: int) -> TransferPrior:
+        """Read a prior written by :meth:`save` for ``names`` over ``masks`` masks, checking shapes."""
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        if not path.is_file():
+            raise PolicyError(f"{path}: no such file; a search policy ships its prior beside its weights")
+        try:
+            tensors = load_file(str(path))
+            descriptors, terms = tensors["descriptors"], tensors["terms"]
+        except (SafetensorError, KeyError, OSError, ValueError) as exc:
+            raise PolicyError(f"{path}: not a memrl prior ({str(exc)[:120]}); retrain the policy") from None
+        if terms.shape != (len(names), masks, 3) or descriptors.shape[0] != len(names):
+            raise PolicyError(
+                f"{path}: shapes {descriptors.shape} and {terms.shape} do not fit the card's "
+                f"{len(names)} training tasks and {masks} masks; use the prior written with the policy"
+            )
+        return cls(list(names), descriptors.astype(float), terms.astype(float))

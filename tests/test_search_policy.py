@@ -1,0 +1,106 @@
+"""The search policy's parts on hand-made numbers: the prior, the posterior, the observation, and a
+network that never proposes a mask twice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from memrl.episode import CANDIDATE_FEATURES, NOISE, SEARCH_GLOBALS, TRIED, SearchHistory, posterior
+from memrl.prior import TransferPrior, all_masks
+
+K = 2
+COLUMNS = {name: i for i, name in enumerate(CANDIDATE_FEATURES)}
+
+
+def rows_of(obs: np.ndarray) -> np.ndarray:
+    return obs[len(SEARCH_GLOBALS) :].reshape(2**K, len(CANDIDATE_FEATURES))
+
+
+def toy_prior() -> TransferPrior:
+    """Three source tasks on a 1-d descriptor (0, 1, 10); memorization term only, so at weights
+    (1, 0, 0) a mask's regret is its term rescaled per task."""
+    terms = np.zeros((3, 4, 3))
+    terms[0, :, 0] = [0.0, 1.0, 2.0, 4.0]  # regret 0, .25, .5, 1
+    terms[1, :, 0] = [4.0, 0.0, 2.0, 4.0]  # regret 1, 0, .5, 1
+    terms[2, :, 0] = [0.0, 0.0, 0.0, 8.0]  # regret 0, 0, 0, 1
+    return TransferPrior(["a", "b", "c"], np.array([[0.0], [1.0], [10.0]]), terms)
+
+
+def test_the_prior_weights_sources_by_standardised_distance_and_leaves_one_out():
+    prior = toy_prior()
+    w = np.array([1.0, 0.0, 0.0])
+    z = (np.array([0.0, 1.0, 10.0]) - 11 / 3) / np.std([0.0, 1.0, 10.0])
+    assert np.allclose(
+        prior.distances(np.array([0.2]), [0, 1, 2]), np.abs(z - (0.2 - 11 / 3) / np.std([0, 1, 10]))
+    )
+    feats = prior.features(np.array([0.2]), w)
+    d = np.abs(z - z[0] - 0.2 / np.std([0, 1, 10]))
+    weights = 1 / (d + 1e-6)
+    regret = np.array([[0, 0.25, 0.5, 1], [1, 0, 0.5, 1], [0, 0, 0, 1]])
+    knn = weights @ regret / weights.sum()
+    assert np.allclose(feats[:, 0], knn) and np.allclose(feats[:, 1], np.argsort(np.argsort(knn)) / 3)
+    assert np.allclose(feats[:, 2], regret[0]) and np.allclose(feats[:, 3], regret.mean(axis=0))
+    # leaving source "a" out: the nearest is "b", standardised on b and c only
+    assert np.allclose(prior.features(np.array([0.2]), w, exclude=0)[:, 2], regret[1])
+    assert (
+        TransferPrior(["a"], prior.descriptors[:1], prior.terms[:1]).features([0.0], w, exclude=0) == 0.5
+    ).all()
+
+
+def test_the_posterior_matches_a_hand_computed_gaussian_process():
+    x = np.array([[0, 0]])
+    mean, std = posterior(x, np.array([2.0]), all_masks(K))
+    similarity = np.exp(-np.array([0, 1, 1, 2]) / (0.25 * K))
+    assert np.allclose(mean, similarity * 2.0 / (1 + NOISE))
+    assert np.allclose(std, np.sqrt(1 - similarity**2 / (1 + NOISE)))
+
+
+def test_a_search_observation_shows_results_references_and_tries():
+    prior = np.tile([[0.1, 0.2, 0.3, 0.4]], (4, 1))
+    history = SearchHistory(K, budget=3, references=(0.0, 0.5))
+    first = history.observation(np.array([0.5, 0.5, 0.0]), prior)
+    assert first[:3].tolist() == [0.5, 0.5, 0.0] and first[3] == 1.0 and first[6] == 0.0
+    rows = rows_of(first)
+    assert np.allclose(rows[:, :4], prior) and rows[:, TRIED].sum() == 0
+    assert rows[0, COLUMNS["posterior_std"]] < 0.3 and rows[1, COLUMNS["posterior_std"]] > 0.5  # refs seen
+    assert history.add(np.array([0, 1]), 0.8, 0.1, 0.2) == pytest.approx(0.3)  # 0.8 - better reference
+    assert history.add(np.array([1, 0]), 0.6, 0.1, 0.2) == 0.0
+    obs = history.observation(np.array([0.5, 0.5, 0.0]), prior)
+    rows = rows_of(obs)
+    assert rows[:, TRIED].tolist() == [0, 1, 1, 0]
+    assert rows[:, COLUMNS["distance_to_best"]].tolist() == [0.5, 0.0, 1.0, 0.5]
+    assert rows[1, COLUMNS["posterior_mean"]] == pytest.approx(max(rows[:, COLUMNS["posterior_mean"]]))
+    assert obs[4] == pytest.approx(2 / 3) and obs[5] == pytest.approx(0.3, abs=1e-6) and obs[6] == 1.0
+    blank = rows_of(history.observation(np.array([0.5, 0.5, 0.0]), prior, zero_history=True))
+    assert blank[:, TRIED].tolist() == [0, 1, 1, 0] and (blank[:, COLUMNS["posterior_std"]] == 1).all()
+
+
+def test_the_candidate_network_never_proposes_a_tried_mask():
+    import torch
+    from gymnasium import spaces
+    from memrl.agents.policy import Policy
+    from memrl.agents.search_net import CandidatePolicy
+
+    from memrl.config import load_config
+    from memrl.episode import search_observation_size
+
+    torch.manual_seed(0)
+    n = search_observation_size(K)
+    network = CandidatePolicy(
+        spaces.Box(-10, 10, (n,), np.float32), spaces.Discrete(2**K), lambda _: 1e-3, net_arch=[8]
+    )
+    with torch.no_grad():  # a scorer that strongly prefers the mask of ones
+        network.mlp_extractor.logit.weight.zero_()
+        network.mlp_extractor.logit.bias.zero_()
+    obs = SearchHistory(K, 4).observation(np.array([0.5, 0.5, 0.0]), np.zeros((4, 4)))
+    obs[len(SEARCH_GLOBALS) + 3 * len(CANDIDATE_FEATURES) + TRIED] = 1  # mask 11 tried
+    dist = network.get_distribution(torch.as_tensor(obs[None]))
+    assert dist.distribution.probs[0].tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 0.0])
+    cfg = load_config("test", {"env.mode": "search", "env.budget": 4})
+    card = {"action_mode": "search", "search_space": {"groups": ["g0", "g1"]}}
+    prior = TransferPrior(["a"], np.zeros((1, 1)), np.zeros((1, 4, 3)))
+    history = Policy(card, network, cfg, prior).search(
+        np.zeros(1), lambda m: (float(m.sum()), 0.0, 0.0), 4, references=(0.0, 2.0)
+    )
+    assert sorted(map(tuple, history.masks)) == [(0, 0), (0, 1), (1, 0), (1, 1)]
