@@ -244,7 +244,7 @@ def code_digest() -> str:
 
     root = Path(memrl.__file__).parent
     files = [*(root / "benchmark").glob("*.py"), root / "reward.py", root / "task.py", root / "tables.py"]
-    files += [root / "episode.py", root / "context.py"]
+    files += [root / "episode.py", root / "context.py", root / "prior.py"]
     for package in ("memrl.agents", "memrl.envs"):
         files += Path(str(importlib.import_module(package).__file__)).parent.glob("*.py")
     digest = hashlib.sha256()
