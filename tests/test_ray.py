@@ -21,8 +21,9 @@ from memrl.task import TaskContext  # noqa: E402
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
+    """One local Ray for the module; its address lets a subprocess join it as it would a cluster."""
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
+    yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
 
@@ -52,7 +53,7 @@ def test_random_search_with_two_workers_runs_on_ray_and_matches_in_process(tmp_p
     assert local.metrics["heldout_loss"] == pytest.approx(rows[0]["metrics"]["heldout_loss"], rel=1e-4)
 
 
-def test_ppo_collects_from_envs_whose_evaluations_run_concurrently_on_ray(tmp_path):
+def test_ppo_collects_from_envs_whose_evaluations_run_concurrently_on_ray(tmp_path, local_ray):
     out = tmp_path / "run"
     settings = [
         "env.backend=ray",
@@ -71,6 +72,7 @@ def test_ppo_collects_from_envs_whose_evaluations_run_concurrently_on_ray(tmp_pa
         "--set",
         *settings,
         OMP_NUM_THREADS="1",
+        RAY_ADDRESS=local_ray,  # joins the running Ray, as a run on a cluster does
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     episodes = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]

@@ -45,12 +45,14 @@ def ship(cfg: Config, out: Path, results: Path) -> Path:
 
 
 def transfer_numbers(path: Path) -> dict[str, Any]:
-    """Per method, from ``transfer.csv``: mean and IQM regret of its first mask (1 fine-tune) and
-    the number of tasks, leave one task out and on the held-out tasks. These come from the
-    benchmark's per-fold policies (trained without the test task), not from the shipped policy,
-    which is trained once, with one seed, on every training task."""
+    """Per method, from ``transfer.csv``: mean and IQM regret of its first mask (1 fine-tune), its
+    mean regret at every number of fine-tunes it was judged at, and the number of tasks, leave one
+    task out and on the held-out tasks. These come from the benchmark's per-fold policies (trained
+    without the test task), not from the shipped policy, which is trained once, with one seed, on
+    every training task."""
     with path.open(newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if int(r["fine_tunes"]) == 1]
+        every = list(csv.DictReader(fh))
+    rows = [r for r in every if int(r["fine_tunes"]) == 1]
     out: dict[str, Any] = {
         "source": str(path),
         "seeds": len({r["seed"] for r in rows}),
@@ -67,5 +69,16 @@ def transfer_numbers(path: Path) -> dict[str, Any]:
                     "mean_regret": round(float(v.mean()), 4),
                     "iqm_regret": round(iqm(v), 4),
                     "tasks": len({r["task"] for r in mine}),
+                    "mean_regret_by_fine_tunes": _by_fine_tunes(
+                        [r for r in every if r["method"] == method and r["heldout"] == flag]
+                    ),
                 }
     return out
+
+
+def _by_fine_tunes(rows: list[dict[str, str]]) -> dict[int, float]:
+    """Mean regret at each number of fine-tunes."""
+    by: dict[int, list[float]] = {}
+    for r in rows:
+        by.setdefault(int(r["fine_tunes"]), []).append(float(r["regret"]))
+    return {n: round(float(np.mean(v)), 4) for n, v in sorted(by.items())}
