@@ -4,13 +4,16 @@ that resume without unpickling anything (weights and optimizer state with
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
+import os
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch
 from memrl.agents.policy import read_weights
@@ -45,15 +48,27 @@ class PrefetchVecEnv(DummyVecEnv):
         return super().step_wait()
 
 
+def _env_with_threads(threads: int, **kwargs: Any) -> gym.Env:
+    """MemControl-v0 in a worker process whose torch uses ``threads`` threads."""
+    torch.set_num_threads(threads)
+    return gym.make("MemControl-v0", **kwargs)
+
+
 def make_env(cfg: Config, n_envs: int = 1, seed: int = 0):
     """A vectorised MemControl-v0: with the Ray backend, ``n_envs`` envs in this process whose
-    evaluations run concurrently on Ray; otherwise separate processes when ``n_envs > 1``."""
+    evaluations run concurrently on Ray; otherwise separate processes when ``n_envs > 1``, which
+    share the machine's cores (each process's torch gets cores / n_envs threads: more threads than
+    cores makes every fine-tune several times slower)."""
     kwargs = {"config": cfg}
+    env_id: Any = "MemControl-v0"
     if cfg.env.backend == "ray":
         vec_cls: Any = PrefetchVecEnv
+    elif n_envs > 1:
+        vec_cls = SubprocVecEnv
+        env_id = functools.partial(_env_with_threads, max(1, (os.cpu_count() or 1) // n_envs))
     else:
-        vec_cls = SubprocVecEnv if n_envs > 1 else DummyVecEnv
-    return make_vec_env("MemControl-v0", n_envs=n_envs, seed=seed, env_kwargs=kwargs, vec_env_cls=vec_cls)
+        vec_cls = DummyVecEnv
+    return make_vec_env(env_id, n_envs=n_envs, seed=seed, env_kwargs=kwargs, vec_env_cls=vec_cls)
 
 
 def build_ppo(cfg: Config, env, run_dir: Path | None = None) -> PPO:

@@ -228,6 +228,8 @@ def test_apply_policy_sizes_the_splits_from_a_small_dataset(run_dir, tmp_path):
         "1",
         "--steps",
         "2",
+        "--sweep",
+        "0",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "result.json").read_text())

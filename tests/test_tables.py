@@ -261,8 +261,8 @@ def test_search_curves_and_the_benchmark_command(table, tmp_path):
     bench_cfg = load_config(
         cfg, {"env.backend": "replay", "env.table": str(path), "env.store": str(tmp_path / "s.sqlite")}
     )
-    rows = search_curves(bench_cfg, seeds=1, budget=16, ppo_steps=200, workers=2)
-    again = search_curves(load_config(bench_cfg, {"env.tasks": TASKS[1:]}), seeds=1, budget=16, ppo_steps=200)
+    rows = search_curves(bench_cfg, seeds=1, budget=16, ppo_steps=48, workers=2)
+    again = search_curves(load_config(bench_cfg, {"env.tasks": TASKS[1:]}), seeds=1, budget=16, ppo_steps=48)
     for method in ("random", "tpe", "ppo"):  # two worker processes give what one process gives
         assert [r["regret"] for r in again if r["method"] == method] == [
             r["regret"] for r in rows if r["method"] == method and r["task"] == "faces"

@@ -59,20 +59,20 @@ def transfer_numbers(path: Path) -> dict[str, Any]:
         "note": "numbers of the per-fold policies of the transfer benchmark (1 fine-tune each); the "
         "shipped policy is trained once, with one seed, on every training task",
     }
-    for method in dict.fromkeys(r["method"] for r in rows):
+    for method in dict.fromkeys(r["method"] for r in every):
         out[method] = {}
         for split, flag in (("loto", "False"), ("heldout", "True")):
-            mine = [r for r in rows if r["method"] == method and r["heldout"] == flag]
-            if mine:
-                v = np.array([float(r["regret"]) for r in mine])
-                out[method][split] = {
-                    "mean_regret": round(float(v.mean()), 4),
-                    "iqm_regret": round(iqm(v), 4),
-                    "tasks": len({r["task"] for r in mine}),
-                    "mean_regret_by_fine_tunes": _by_fine_tunes(
-                        [r for r in every if r["method"] == method and r["heldout"] == flag]
-                    ),
-                }
+            judged = [r for r in every if r["method"] == method and r["heldout"] == flag]
+            if not judged:
+                continue
+            entry: dict[str, Any] = {
+                "tasks": len({r["task"] for r in judged}),
+                "mean_regret_by_fine_tunes": _by_fine_tunes(judged),
+            }
+            first = np.array([float(r["regret"]) for r in judged if int(r["fine_tunes"]) == 1])
+            if len(first):
+                entry.update(mean_regret=round(float(first.mean()), 4), iqm_regret=round(iqm(first), 4))
+            out[method][split] = entry
     return out
 
 
