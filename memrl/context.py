@@ -144,7 +144,8 @@ class TaskContext:
         from memrl.data import ImageSet
         from memrl.models.stable_diffusion import captions_of, encode_latents
 
-        if self.sd is None:
+        sd = self.sd
+        if sd is None:
             return self.splits
         index = {p: i for i, p in enumerate(self.prompts)}
         null = len(self.prompts) - 1
@@ -152,11 +153,11 @@ class TaskContext:
         def latent(part: Any) -> Any:
             ids = [index.get(c, null) for c in captions_of(part, self.cfg.data.caption_template)]
             return ImageSet(
-                encode_latents(self.sd, part.images),
+                encode_latents(sd, part.images),
                 torch.tensor(ids),
                 None,
                 part.name,
-                {**part.meta, "latents": self.sd.vae_fingerprint},
+                {**part.meta, "latents": sd.vae_fingerprint},
             )
 
         s = self.splits

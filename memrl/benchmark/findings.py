@@ -10,7 +10,7 @@ import numpy as np
 
 from memrl.benchmark.methods import presets, single_best
 from memrl.benchmark.table import PREFERENCES, load_table, mask_index
-from memrl.config import Config, load_config
+from memrl.config import Config
 from memrl.errors import MemrlError
 
 NOISE_METRICS = (
@@ -29,8 +29,8 @@ def findings(cfg: Config) -> str:
     alike the tasks rank the masks; and each metric's seed noise against its spread across masks."""
     from scipy.stats import spearmanr
 
-    from memrl.tables import NOISE_SEEDS, noise_masks
-    from memrl.task import TaskContext, make_evaluator, suite
+    from memrl.tables import NOISE_SEEDS
+    from memrl.task import Task, make_evaluator, suite
 
     table = load_table(cfg)
     done = table.complete()
@@ -70,14 +70,16 @@ def findings(cfg: Config) -> str:
     evaluator = make_evaluator(cfg)
     lines = []
     for entry in suite(cfg):
-        contexts = [TaskContext.get(load_config(entry.cfg, {"finetune.seed": s})) for s in (0, *NOISE_SEEDS)]
-        masks = noise_masks(contexts[0].space.k, 64)
-        every_seed = [[evaluator.lookup(c.spec(m).hash) for c in contexts] for m in masks]
-        found = [row for row in every_seed if all(ev is not None and ev.ok for ev in row)]
+        task = Task(entry.cfg, evaluator, entry.name, entry.heldout)
+        found = [  # the noise masks stored with every seed
+            runs
+            for row in task.noise_sample().values()
+            if len(runs := [ev for ev in row if ev is not None and ev.ok]) == len(row)
+        ]
         if len(found) < 4:
             continue
         t = table.names.index(entry.name)
-        every = [evaluator.lookup(contexts[0].spec(m).hash) for m in table.masks]
+        every = [evaluator.lookup(task.context.spec(m).hash) for m in table.masks]
         for metric in NOISE_METRICS:
             per_mask = np.array([[ev.metrics[metric] for ev in row] for row in found])
             noise = float(np.mean(per_mask.std(axis=1, ddof=1)))
@@ -191,7 +193,10 @@ def claims(cfg: Config, path: Path) -> tuple[list[dict[str, Any]], str]:
         task = Task(entry.cfg, evaluator, entry.name, entry.heldout)
         whole = TaskContext.get(full_unet(entry.cfg))
         full = evaluator.lookup(whole.spec((1,) * whole.space.k).hash)
-        found = [evaluator.lookup(task.context.spec(m).hash) for m in table.masks]
+        looked_up = [evaluator.lookup(task.context.spec(m).hash) for m in table.masks]
+        found = [ev for ev in looked_up if ev is not None]
+        if len(found) < len(looked_up):
+            continue
         points = np.array([[ev.metrics[mem], ev.metrics[qual]] for ev in found])
         named = {"no fine-tune": 0, **{n: mask_index(m) for n, m in presets(task.space.names).items()}}
         best = int(np.nanargmin(table.regret(0.5)[t]))
