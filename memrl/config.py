@@ -183,7 +183,10 @@ class EnvConfig:
     replay_fallback: bool = False
     """Replay backend: evaluate masks missing from the store in-process instead of raising."""
     store: str | None = None
-    """Path of the EvaluationStore (sqlite); None uses ``$MEMRL_CACHE/evaluations.sqlite``."""
+    """Path of the EvaluationStore (sqlite); None uses ``$MEMRL_CACHE/evaluations.sqlite``. Commands
+    that write a folder (``train_agent``'s run, ``search``'s ``--out``) keep it there: unset, it is
+    ``evaluations.sqlite`` in that folder, and a relative path is taken inside it
+    (``memrl.evaluator.command_store``); ``apply_policy`` always uses its ``--out``."""
     table: str | None = None
     """A shipped MemControl-Bench table (``bench``) or a table file, read-only, consulted before
     the store (see ``memrl.tables``)."""

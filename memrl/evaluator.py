@@ -38,6 +38,17 @@ def shipped_dir() -> Path:
     return Path(str(resources.files("memrl") / "assets" / "tables"))
 
 
+STORE_FILE = "evaluations.sqlite"
+
+
+def command_store(cfg: Config, folder: Path) -> Path:
+    """Where a command that writes a folder (a run, a search) keeps its evaluations:
+    ``env.store`` when absolute, a relative ``env.store`` inside ``folder``, else
+    ``folder/evaluations.sqlite``. The one rule ``train_agent``, ``search`` and ``report`` share."""
+    store = Path(cfg.env.store or STORE_FILE)
+    return store if store.is_absolute() else (Path(folder) / store).resolve()
+
+
 def table_path(name: str) -> Path:
     """A shipped table's file (``bench``) or a path to a table file."""
     if name in SHIPPED:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from memrl.config import Config, load_config
+from memrl.evaluator import command_store
 from memrl.render import sample_grid
 from memrl.reward import References, Reward, pareto_front
 from memrl.utils import atomic_path, atomic_write_text
@@ -118,8 +119,7 @@ def write_report(
     if task_cfg is None:
         entries = suite(cfg)
         task_cfg = next((e for e in entries if not e.heldout), entries[0]).cfg
-    store_path = Path(cfg.env.store) if cfg.env.store else run_dir / "evaluations.sqlite"
-    store = EvaluationStore(store_path if store_path.is_absolute() else run_dir / store_path, readonly=True)
+    store = EvaluationStore(command_store(cfg, run_dir), readonly=True)
     tables = [EvaluationStore(table_path(cfg.env.table), readonly=True)] if cfg.env.table else []
     rows, ctx = task_rows(task_cfg, [store, *tables])
     k = ctx.space.k

@@ -19,6 +19,7 @@ from pathlib import Path
 from memrl.cli import add_config_args, config_from_args, run_main
 from memrl.config import dump_config
 from memrl.errors import MemrlError
+from memrl.evaluator import command_store
 from memrl.utils import atomic_path, setup_logging
 
 
@@ -52,8 +53,7 @@ def _search(args: argparse.Namespace, run_search, write_report) -> int:
     cfg = config_from_args(args)
     task = int(args.task) if args.task.isdigit() else args.task
     args.out.mkdir(parents=True, exist_ok=True)
-    if cfg.env.store is None:
-        cfg.env.store = str((args.out / "evaluations.sqlite").resolve())
+    cfg.env.store = str(command_store(cfg, args.out))
     dump_config(cfg, args.out / "config.yaml")
     rows = run_search(cfg, args.method, args.budget, cfg.seed, task, args.workers)
     if not any(r["ok"] for r in rows):

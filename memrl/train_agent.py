@@ -23,6 +23,7 @@ from typing import Any
 from memrl.cli import add_config_args, config_from_args, run_main
 from memrl.config import Config, dump_config, load_config
 from memrl.errors import ConfigError, MemrlError
+from memrl.evaluator import STORE_FILE, command_store
 from memrl.utils import atomic_write_text, package_versions, setup_logging
 
 log = logging.getLogger("memrl.train_agent")
@@ -57,7 +58,7 @@ def resolve_run(args: argparse.Namespace) -> tuple[Config, Path]:
         return config_from_args(args, **{"ppo.total_timesteps": args.timesteps}), run_dir
     cfg = config_from_args(args, **{"ppo.total_timesteps": args.timesteps})
     if cfg.env.store is None:
-        cfg.env.store = "evaluations.sqlite"  # inside the run directory
+        cfg.env.store = STORE_FILE  # inside the run directory (memrl.evaluator.command_store)
     run_dir = args.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.hash()[:8]}"
     return cfg, run_dir
 
@@ -151,10 +152,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, report: bool = True)
                 ", ".join(left_out),
             )
             cfg = load_config(cfg, {"env.tasks": tasks})
-    store = cfg.env.store or "evaluations.sqlite"
-    cfg = load_config(
-        cfg, {"env.store": str(store if Path(store).is_absolute() else (run_dir / store).resolve())}
-    )
+    store = cfg.env.store or STORE_FILE  # kept as given in the run's config.yaml
+    cfg = load_config(cfg, {"env.store": str(command_store(cfg, run_dir))})
     entries = suite(cfg)
     for e in entries:  # every task's data, base model and space load before anything is written
         _ = TaskContext.get(e.cfg).fingerprints
