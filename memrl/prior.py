@@ -100,7 +100,8 @@ class TransferPrior:
         m = self.terms.shape[1]
         if not sources:
             return np.full((m, len(PRIOR_FEATURES)), 0.5)
-        regret = self.regret(preference)[sources]
+        every = self.regret(preference)
+        regret = every[sources]
         nearest = sources[int(np.argmin(self.distances(descriptor, sources)))]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -108,7 +109,7 @@ class TransferPrior:
         knn = np.nan_to_num(self.knn_regret(descriptor, preference, min(KNN, len(sources)), exclude), nan=1.0)
         rank = np.empty(m)
         rank[np.argsort(knn, kind="stable")] = np.arange(m) / max(m - 1, 1)
-        out = np.stack([knn, rank, self.regret(preference)[nearest], mean], axis=1)
+        out = np.stack([knn, rank, every[nearest], mean], axis=1)
         return np.nan_to_num(out, nan=1.0)
 
     def save(self, path: Path) -> None:
