@@ -158,6 +158,7 @@ class TaskContext:
                 None,
                 part.name,
                 {**part.meta, "latents": sd.vae_fingerprint},
+                part.source_digest,
             )
 
         s = self.splits

@@ -8,6 +8,7 @@ holds exactly what a live evaluation of the same task and mask would compute.
     python -m memrl.tables build                 # resumable; 2 single-threaded workers
     python -m memrl.tables status                # rows per task, what is missing
     python -m memrl.tables export                # working store -> memrl/assets/tables/bench.sqlite
+    python -m memrl.tables rekey --store FILE    # re-key a store's rows after a fingerprint change
 
 ``build`` writes to a working store (``$MEMRL_CACHE/tables/<suite>.sqlite``, with samples);
 ``export`` writes the shipped table from it: no sample tensors, task descriptors, provenance.
@@ -88,6 +89,46 @@ def import_rows(store_path: Path, table: Path) -> int:
         db.execute("INSERT OR IGNORE INTO evaluations SELECT * FROM src.evaluations")
         db.execute("INSERT OR IGNORE INTO descriptors SELECT * FROM src.descriptors")
         return int(db.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0] - before)
+
+
+def rekey(store_path: Path) -> int:
+    """Give every row of ``store_path`` the data fingerprint this memrl computes from the row's own
+    settings, and re-hash it (descriptors follow their rows). Rows keyed by an older fingerprint
+    (memrl before the source digest hashed resized pixels, which differ between CPUs) are found
+    again; a row whose key is already current is left alone. Atomic: the store is rewritten in one
+    transaction. Returns the rows re-keyed."""
+    from memrl.data import load_splits
+    from memrl.data.descriptor import DESCRIPTOR_VERSION
+    from memrl.utils import stable_hash
+
+    EvaluationStore(store_path)  # checks it is a sound, writable store
+    new_data: dict[str, str] = {}
+    moved = 0
+    with closing(sqlite3.connect(store_path, timeout=60)) as db, db:
+        rows = db.execute("SELECT spec_hash, spec FROM evaluations WHERE spec IS NOT NULL").fetchall()
+        descriptor_keys: dict[str, str] = {}
+        for old_hash, text in rows:
+            spec = EvalSpec.from_json(text)
+            data = json.dumps(spec.settings["data"], sort_keys=True)
+            if data not in new_data:
+                new_data[data] = load_splits(load_config(spec.settings).data).fingerprint
+            fingerprints = {**spec.fingerprints, "data": new_data[data]}
+            new = EvalSpec(spec.settings, spec.mask, fingerprints, spec.version)
+            descriptor_keys[stable_hash([spec.fingerprints, DESCRIPTOR_VERSION])] = stable_hash(
+                [fingerprints, DESCRIPTOR_VERSION]
+            )
+            if new.hash == old_hash:
+                continue
+            db.execute(
+                "UPDATE OR REPLACE evaluations SET spec_hash = ?, spec = ? WHERE spec_hash = ?",
+                (new.hash, new.to_json(), old_hash),
+            )
+            moved += 1
+        for old_key, new_key in descriptor_keys.items():
+            if old_key != new_key:
+                db.execute("UPDATE OR REPLACE descriptors SET key = ? WHERE key = ?", (new_key, old_key))
+    log.info("re-keyed %d of %d rows in %s", moved, len(rows), store_path)
+    return moved
 
 
 def build(
@@ -265,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
-    parser.add_argument("command", choices=("build", "status", "export"))
+    parser.add_argument("command", choices=("build", "status", "export", "rekey"))
     add_config_args(parser, seed=False)
     parser.set_defaults(config="bench")
     parser.add_argument(
@@ -321,7 +362,15 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"evaluated {n}; working store {store_path}")
         elif args.command == "status":
-            print(status(cfg, store_path))
+            shipped = shipped_dir() / f"{name}.sqlite"
+            fallback = args.store is None and not store_path.is_file() and shipped.is_file()
+            if fallback:
+                print(f"no working store at {store_path}; the shipped table:")
+            print(status(cfg, shipped if fallback else store_path))
+        elif args.command == "rekey":
+            if args.store is None:
+                raise StoreError("rekey needs --store FILE: the store whose rows to re-key")
+            print(f"re-keyed {rekey(args.store)} rows of {args.store}")
         else:
             out = export(store_path, args.out or shipped_dir() / f"{name}.sqlite", name, args.force)
             print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")

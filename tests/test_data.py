@@ -127,8 +127,46 @@ def test_every_suite_task_reads_a_bundled_source():
     assert all(e.cfg.data.source in module.SOURCES for e in suite(load_config("bench")))
 
 
+def test_a_loaded_set_has_one_fingerprint_whatever_cpu_kernels_torch_runs():
+    """torch's default, AVX2 and AVX-512 resize kernels round differently (histology's patches,
+    resized from 32 to 16 px, came out with other fingerprints): a loaded set hashes its pixels as
+    read, so stored evaluations are found on every CPU."""
+    import os
+    import subprocess
+    import sys
+
+    from memrl.data import bundled
+
+    code = "from memrl.data import bundled; print(bundled('histology', 16).fingerprint)"
+    other = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert other == bundled("histology", 16).fingerprint
+
+
+def test_a_loaded_set_is_fingerprinted_by_its_source_pixels_not_by_the_resize(tmp_path, monkeypatch):
+    import importlib
+
+    imageset = importlib.import_module("memrl.data.imageset")
+    pixels = np.random.default_rng(0).integers(0, 256, (12, 32, 32), dtype=np.uint8)
+    np.savez(tmp_path / "a.npz", images=pixels)
+    before = load_npz(tmp_path / "a.npz", 16)
+    resize = imageset.resize_images
+    monkeypatch.setattr(imageset, "resize_images", lambda x, r: resize(x, r) * (1 - 1e-6))
+    assert load_npz(tmp_path / "a.npz", 16).fingerprint == before.fingerprint
+    assert load_npz(tmp_path / "a.npz", 8).fingerprint != before.fingerprint
+    pixels[3, 5, 7] ^= 1
+    np.savez(tmp_path / "a.npz", images=pixels)
+    assert load_npz(tmp_path / "a.npz", 16).fingerprint != before.fingerprint
+    assert before.subset([0, 1]).fingerprint != before.subset([0, 2]).fingerprint
+
+
 def test_the_fingerprint_is_of_16_bit_pixels(cfg):
-    """Last-bit float differences (another CPU's resize) do not change it; real edits do."""
+    """A set built by hand: last-bit float differences do not change it; real edits do."""
     s = load_splits(cfg.data).private
     grid = ((s.images + 1) * 32767.5).round() / 32767.5 - 1  # values on the 16-bit grid
     on_grid = ImageSet(grid, s.labels, None, s.name, s.meta)

@@ -14,7 +14,7 @@ import memrl  # noqa: F401  (registers MemControl-v0)
 from memrl.config import load_config
 from memrl.errors import NotInStoreError
 from memrl.store import EvaluationStore
-from memrl.tables import build, export, import_rows, jobs, noise_masks, shipped_dir
+from memrl.tables import build, export, import_rows, jobs, noise_masks, rekey, shipped_dir
 
 ROWS = 2 * 16 + 2 + 2 * 4
 """Rows of the tiny table: 16 masks and full fine-tuning on each of two tasks, 8 noise rows."""
@@ -161,6 +161,59 @@ def test_shipped_rows_still_hash_to_what_the_current_code_computes():
             )
             assert stored["fingerprints"] == spec.fingerprints and tuple(stored["mask"]) == spec.mask
     assert checked >= 2, "the shipped table holds none of the sampled rows: its keys changed"
+
+
+def test_every_shipped_row_is_keyed_by_the_data_fingerprint_this_machine_computes():
+    """No shipped task is orphaned on this CPU (on AVX2 machines histology's and retina's rows,
+    built on AVX-512 ones, once were)."""
+    from memrl.data import load_splits
+
+    path = shipped_dir() / "bench.sqlite"
+    if not path.is_file():
+        pytest.skip("no shipped bench table yet")
+    with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True) as db:
+        stored = {
+            (json.dumps(s["settings"]["data"], sort_keys=True), s["fingerprints"]["data"])
+            for s in (json.loads(t) for (t,) in db.execute("SELECT spec FROM evaluations"))
+        }
+    wrong = [
+        (data, fp)
+        for data, fp in stored
+        if load_splits(load_config({"data": json.loads(data)}).data).fingerprint != fp
+    ]
+    assert not wrong, f"{len(wrong)} data settings keyed by another fingerprint, e.g. {wrong[0]}"
+
+
+def test_rekey_finds_rows_keyed_by_an_older_data_fingerprint_again(table, tmp_path):
+    """Rows (and descriptors) keyed by a stale data fingerprint get the current one; a current row
+    is left alone, so a second run moves nothing."""
+    from memrl.data.descriptor import DESCRIPTOR_VERSION
+    from memrl.spec import EvalSpec
+    from memrl.utils import stable_hash
+
+    path, _ = table
+    stale = tmp_path / "stale.sqlite"
+    stale.write_bytes(path.read_bytes())
+    current = EvaluationStore(path, readonly=True).hashes()
+    with sqlite3.connect(stale) as db:
+        keys = {k for (k,) in db.execute("SELECT key FROM descriptors")}
+        for h, text in db.execute("SELECT spec_hash, spec FROM evaluations").fetchall():
+            spec = EvalSpec.from_json(text)
+            older = {**spec.fingerprints, "data": stable_hash(["older", spec.fingerprints["data"]])}
+            old = EvalSpec(spec.settings, spec.mask, older, spec.version)
+            db.execute(
+                "UPDATE evaluations SET spec_hash = ?, spec = ? WHERE spec_hash = ?",
+                (old.hash, old.to_json(), h),
+            )
+            new_key = stable_hash([spec.fingerprints, DESCRIPTOR_VERSION])
+            old_key = stable_hash([old.fingerprints, DESCRIPTOR_VERSION])
+            db.execute("UPDATE descriptors SET key = ? WHERE key = ?", (old_key, new_key))
+    assert EvaluationStore(stale, readonly=True).hashes().isdisjoint(current)
+    assert rekey(stale) == ROWS
+    assert EvaluationStore(stale, readonly=True).hashes() == current
+    with sqlite3.connect(stale) as db:
+        assert {k for (k,) in db.execute("SELECT key FROM descriptors")} == keys
+    assert rekey(stale) == 0
 
 
 def test_the_transfer_benchmark_runs_every_method_on_the_tables(table, tmp_path):

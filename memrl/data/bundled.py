@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from memrl.data.imageset import ImageSet, resize_images, to_unit_range
+from memrl.data.imageset import ImageSet, pixel_digest, resize_images, to_unit_range
 from memrl.errors import DataError
 
 
@@ -42,21 +42,25 @@ def _image_set(
     channels: int,
     labels: np.ndarray | None = None,
 ) -> ImageSet:
-    tensor = resize_images(to_unit_range(images, max_value), resolution)
+    unit = to_unit_range(images, max_value)
+    tensor = resize_images(unit, resolution)
     if channels == 3:
         tensor = tensor.repeat(1, 3, 1, 1)
     return ImageSet(
         images=tensor,
         labels=None if labels is None else torch.from_numpy(labels.astype(np.int64)),
         name=name,
-        meta={"source": name, "resolution": resolution},
+        meta={"source": name, "resolution": resolution, "channels": channels},
+        source_digest=pixel_digest(unit),
     )
 
 
 def _grey(image: np.ndarray) -> np.ndarray:
+    """ITU-R 601 luma, elementwise (a BLAS product would round differently on another CPU)."""
     if image.ndim == 2:
         return image.astype(np.float32)
-    return image[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    rgb = image[..., :3].astype(np.float32)
+    return rgb[..., 0] * np.float32(0.299) + rgb[..., 1] * np.float32(0.587) + rgb[..., 2] * np.float32(0.114)
 
 
 def _patches(image: np.ndarray, size: int, min_mean: float = 0.0, min_std: float = 0.0) -> np.ndarray:

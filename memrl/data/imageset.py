@@ -38,6 +38,9 @@ class ImageSet:
     name: str = "images"
     meta: dict[str, Any] = field(default_factory=dict)
     """Settings that produced this set (source, split, seed); part of the fingerprint."""
+    source_digest: str | None = None
+    """:func:`pixel_digest` of the pixels as read, before resizing (set by the loaders); the
+    fingerprint hashes it instead of ``images``, so it is the same on every CPU."""
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or 0 in self.images.shape[1:]:
@@ -66,12 +69,17 @@ class ImageSet:
     def fingerprint(self) -> str:
         """sha256 over pixels, labels, captions and meta: changes whenever any of them does.
 
-        Pixels are hashed as 16-bit values, so last-bit differences of a float resize (which can
-        differ between CPUs) rarely change the fingerprint that keys stored evaluations.
+        A loaded set hashes its pixels as read (:attr:`source_digest`): a float resize gives
+        last-bit differences between CPUs (torch's AVX2 and AVX-512 kernels do), and those must
+        not change the fingerprint that keys stored evaluations. A set built by hand hashes its
+        pixels as 16-bit values.
         """
         h = hashlib.sha256()
-        pixels = ((self.images.detach().float().clamp(-1, 1) + 1) * 32767.5).round().to(torch.int32)
-        h.update(pixels.numpy().astype("<u2").tobytes())
+        if self.source_digest is not None:
+            h.update(b"source" + self.source_digest.encode())
+        else:
+            pixels = ((self.images.detach().float().clamp(-1, 1) + 1) * 32767.5).round().to(torch.int32)
+            h.update(pixels.numpy().astype("<u2").tobytes())
         if self.labels is not None:
             h.update(b"labels" + self.labels.to(torch.int64).numpy().tobytes())
         if self.captions is not None:
@@ -89,12 +97,22 @@ class ImageSet:
             labels=None if self.labels is None else self.labels[index],
             captions=None if self.captions is None else [self.captions[i] for i in index.tolist()],
             name=name or self.name,
+            source_digest=self.source_digest,
             meta={
                 **self.meta,
                 "subset": hashlib.sha256(index.numpy().tobytes()).hexdigest()[:12],
                 **(meta or {}),
             },
         )
+
+
+def pixel_digest(*arrays: torch.Tensor) -> str:
+    """sha256 of float pixel arrays (shapes and exact values): the pixels as read, before any step
+    whose float result depends on the CPU."""
+    h = hashlib.sha256(RESIZE_METHOD.encode())
+    for a in arrays:
+        h.update(str(tuple(a.shape)).encode() + a.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def to_unit_range(array: np.ndarray, max_value: float) -> torch.Tensor:
@@ -127,6 +145,10 @@ def scale_pixels(array: np.ndarray, where: str) -> torch.Tensor:
     raise DataError(
         f"{where}: pixels of type {array.dtype} are not supported; store uint8, uint16 or floats in [0, 1]"
     )
+
+
+RESIZE_METHOD = "bilinear, antialias, align_corners=False"
+"""How :func:`resize_images` resizes; part of :func:`pixel_digest` (change it with the method)."""
 
 
 def resize_images(images: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -234,14 +256,14 @@ def load_folder(folder: str | Path, resolution: int, channels: int = 1, resize: 
                 f"{path}: size {array.shape[2]}x{array.shape[1]} differs from data.resolution="
                 f"{resolution}; set data.resize=true or resize the images"
             )
-        tensor = torch.from_numpy(array)[None] * 2 - 1
-        arrays.append(resize_images(tensor, resolution))
+        arrays.append(torch.from_numpy(array)[None] * 2 - 1)
     return ImageSet(
-        images=torch.cat(arrays),
+        images=torch.cat([resize_images(a, resolution) for a in arrays]),
         labels=labels,
         captions=_read_captions(folder, files),
         name=folder.name,
         meta={"source": str(folder), "resolution": resolution, "classes": classes},
+        source_digest=pixel_digest(*arrays),
     )
 
 
@@ -305,4 +327,5 @@ def load_npz(path: str | Path, resolution: int, resize: bool = True) -> ImageSet
         labels=None if labels is None else torch.from_numpy(labels.astype(np.int64)),
         name=path.stem,
         meta={"source": str(path), "resolution": resolution},
+        source_digest=pixel_digest(tensor),
     )
