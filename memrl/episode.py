@@ -50,6 +50,8 @@ CANDIDATE_FEATURES = (
     "expected_improvement",
     "distance_to_best",
     "size",
+    "calibrated_mean",
+    "calibrated_improvement",
 )
 """What a search observation shows about each candidate mask (one row per mask, counting order)."""
 TRIED = CANDIDATE_FEATURES.index("tried")
@@ -82,6 +84,31 @@ def posterior(
     v = np.linalg.solve(chol, cross.T)
     variance = np.clip(1.0 - (v**2).sum(axis=0), 1e-9, None)
     return cross @ alpha, np.sqrt(variance)
+
+
+def calibrated_posterior(
+    prior_regret: np.ndarray, observed: list[int], values: np.ndarray, candidates: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Posterior of every candidate's reward with what transfers as its prior mean: an affine map
+    from the prior's regret (:meth:`memrl.prior.TransferPrior.knn_regret`) to reward, fitted on the
+    ``observed`` candidates' ``values`` (slope never negative: low prior regret never predicts a
+    low reward), and :func:`posterior` on the residuals. Returns the mean and standard deviation in
+    reward units, and the observed rewards' spread (the unit the residuals were scaled by)."""
+    x = prior_regret[observed]
+    design = np.column_stack([np.ones(len(observed)), -x])
+    (_, slope), *_ = np.linalg.lstsq(design, values, rcond=None)
+    slope = max(float(slope), 0.0)
+    intercept = float(np.mean(values + slope * x))
+    mean = intercept - slope * prior_regret
+    scale = max(float(np.std(values)), 0.05)
+    mu, std = posterior(candidates[observed], (values - mean[observed]) / scale, candidates)
+    return mean + scale * mu, scale * std, scale
+
+
+def expected_improvement(mean: np.ndarray, std: np.ndarray, incumbent: float) -> np.ndarray:
+    """Expected improvement over ``incumbent`` of Gaussian beliefs (same units as ``mean``)."""
+    z = (mean - incumbent) / std
+    return std * (z * _normal_cdf(z) + np.exp(-0.5 * z**2) / np.sqrt(2 * np.pi))
 
 
 @dataclass
@@ -141,8 +168,10 @@ class SearchHistory:
         ``prior`` (2**k, 4) from :class:`memrl.prior.TransferPrior`, whether it was tried, the
         posterior of its reward given every result so far and the references (mean and expected
         improvement relative to the best so far, in units of the results' spread), its Hamming
-        distance to the best tried mask and its size. ``zero_history`` shows every candidate as
-        if nothing had been observed, except which were tried (an ablation: does it use feedback?)."""
+        distance to the best tried mask, its size, and the same mean and improvement from
+        :func:`calibrated_posterior` (the prior's ``knn_regret`` as the posterior's mean).
+        ``zero_history`` shows every candidate as if nothing had been observed, except which were
+        tried (an ablation: does it use feedback?)."""
         candidates = all_masks(self.k)
         m = len(candidates)
         tried = np.zeros(m)
@@ -151,6 +180,7 @@ class SearchHistory:
             tried[index[tuple(int(v) for v in mask)]] = 1
         mean, std = np.zeros(m), np.ones(m)
         distance = np.ones(m)
+        calibrated, calibrated_ei = np.zeros(m), np.zeros(m)
         best_rel, has_tried = 0.0, float(bool(self.masks))
         if not zero_history:
             observed = [(mask, r) for mask, r in zip(self.masks, self.rewards) if np.isfinite(r)]
@@ -164,14 +194,27 @@ class SearchHistory:
                 centre = float(y.mean())
                 mu, std = posterior(x, (y - centre) / scale, candidates)
                 mean = np.clip(mu + (centre - incumbent) / scale, -5, 5)
+                seen = [index[tuple(int(v) for v in o[0])] for o in observed]
+                c_mean, c_std, c_scale = calibrated_posterior(prior[:, 0], seen, y, candidates)
+                calibrated = np.clip((c_mean - incumbent) / c_scale, -5, 5)
+                calibrated_ei = np.clip(expected_improvement(c_mean, c_std, incumbent) / c_scale, 0, 5)
             best = self.best_index()
             if best is not None:
                 distance = np.abs(candidates - self.masks[best]).sum(axis=1) / self.k
                 best_rel = float(np.clip(self.best_reward - self.baseline, -2, 2))
-        z = mean / std
-        improvement = np.clip(std * (z * _normal_cdf(z) + np.exp(-0.5 * z**2) / np.sqrt(2 * np.pi)), 0, 5)
+        improvement = np.clip(expected_improvement(mean, std, 0.0), 0, 5)
         rows = np.column_stack(
-            [prior, tried, mean, std, improvement, distance, candidates.sum(axis=1) / self.k]
+            [
+                prior,
+                tried,
+                mean,
+                std,
+                improvement,
+                distance,
+                candidates.sum(axis=1) / self.k,
+                calibrated,
+                calibrated_ei,
+            ]
         )
         scalars = [
             *np.asarray(preference, dtype=float),

@@ -8,6 +8,7 @@ from memrl.benchmark.methods import (
     knn_tasks,
     nearest_task,
     portfolio,
+    prior_gp_search,
     single_best,
     single_best_reward,
     task_distances,
@@ -56,6 +57,15 @@ def test_every_zero_shot_baseline_picks_what_a_hand_computation_gives(table):
     regret = table.regret(0.5)[test]
     assert best_regret(regret, [1]) == 1.0 and best_regret(regret, [1, 2]) == 0.0
     assert best_regret(regret, portfolio(table, train, 0.5, 2)) == 0.5
+
+
+def test_the_prior_mean_gp_exploits_the_calibrated_prior_first_then_explores(table):
+    # c's references 00 and 11 (rewards -2, -1; knn regrets .9, .55) fit reward = 4/7 - 20/7 * regret,
+    # so the best predicted mask is 01 (knn regret .025), although it is c's worst; once it is seen,
+    # the one mask never observed (10) has the largest expected improvement: c's best
+    assert prior_gp_search(table, [0, 1], 2, 0.5, 2) == [1, 2]
+    assert prior_gp_search(table, [0, 1], 2, 0.5, 1) == [1]
+    assert prior_gp_search(table, [0, 1], 2, 0.5, 9)[:2] == [1, 2]  # budget beyond the table: stops
 
 
 def test_gradient_top_g_picks_the_most_sensitive_groups_with_g_chosen_on_training_tasks(table):

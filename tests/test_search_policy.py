@@ -56,6 +56,20 @@ def test_the_posterior_matches_a_hand_computed_gaussian_process():
     assert np.allclose(std, np.sqrt(1 - similarity**2 / (1 + NOISE)))
 
 
+def test_the_calibrated_posterior_maps_the_prior_to_rewards_and_never_inverts_it():
+    from memrl.episode import calibrated_posterior
+
+    prior = np.array([0.0, 1.0, 0.5, 0.25])  # knn regret of masks 00, 01, 10, 11
+    mean, std, scale = calibrated_posterior(prior, [0, 1], np.array([1.0, 0.0]), all_masks(K))
+    # reward = 1 - regret fits both exactly: no residual, so the mean is the map itself
+    assert np.allclose(mean, [1.0, 0.0, 0.5, 0.75]) and scale == 0.5
+    assert std[0] < std[2] and std[3] > std[2] * 0.99  # seen masks are the surest
+    # rewards that rise with the prior's regret: the slope is clipped to 0, the mean is flat plus the GP
+    mean, _, _ = calibrated_posterior(prior, [0, 1], np.array([0.0, 1.0]), all_masks(K))
+    gp, _, _ = calibrated_posterior(np.zeros(4), [0, 1], np.array([0.0, 1.0]), all_masks(K))
+    assert np.allclose(mean, gp)
+
+
 def test_a_search_observation_shows_results_references_and_tries():
     prior = np.tile([[0.1, 0.2, 0.3, 0.4]], (4, 1))
     history = SearchHistory(K, budget=3, references=(0.0, 0.5))
@@ -72,8 +86,13 @@ def test_a_search_observation_shows_results_references_and_tries():
     assert rows[:, COLUMNS["distance_to_best"]].tolist() == [0.5, 0.0, 1.0, 0.5]
     assert rows[1, COLUMNS["posterior_mean"]] == pytest.approx(max(rows[:, COLUMNS["posterior_mean"]]))
     assert obs[4] == pytest.approx(2 / 3) and obs[5] == pytest.approx(0.3, abs=1e-6) and obs[6] == 1.0
+    calibrated = rows[:, COLUMNS["calibrated_mean"]]
+    # the best so far, observed: about its own value (the posterior's noise shrinks it a little)
+    assert calibrated[1] == pytest.approx(0.0, abs=0.1) and calibrated[1] == calibrated.max()
+    assert (rows[:, COLUMNS["calibrated_improvement"]] >= 0).all()
     blank = rows_of(history.observation(np.array([0.5, 0.5, 0.0]), prior, zero_history=True))
     assert blank[:, TRIED].tolist() == [0, 1, 1, 0] and (blank[:, COLUMNS["posterior_std"]] == 1).all()
+    assert (blank[:, COLUMNS["calibrated_mean"]] == 0).all()
 
 
 def test_the_candidate_network_never_proposes_a_tried_mask():

@@ -248,7 +248,7 @@ def test_the_transfer_benchmark_runs_every_method_on_the_tables(table, tmp_path)
             f"preset: {p}": {1}
             for p in ("down-blocks attention", "mid-block attention", "up-blocks attention", "all attention")
         },
-        **{m: {4, 16} for m in ("random", "tpe", "tpe-warm", "gp")},
+        **{m: {4, 16} for m in ("random", "tpe", "tpe-warm", "gp", "gp-prior")},
         **{m: {4, 16} for m in ("ppo-search", "ppo-search-no-descriptor", "ppo-search-no-history")},
     }
     assert {r["task"] for r in rows} == {"faces"}  # the only task with another one to train on
@@ -540,11 +540,11 @@ def test_search_episodes_replay_the_table_and_reward_improvements(table, tmp_pat
     }
     env = gym.make("MemControl-v0", config=cfg, overrides=overrides).unwrapped
     obs, _ = env.reset(seed=0, options={"preference": [0.5, 0.5, 0.0]})
-    assert env.observation_space.shape == obs.shape == (7 + 2**4 * 10,)
-    from memrl.episode import TRIED
+    from memrl.episode import CANDIDATE_FEATURES, TRIED
     from memrl.reward import with_preference
 
-    rows = obs[7:].reshape(16, 10)
+    assert env.observation_space.shape == obs.shape == (7 + 2**4 * len(CANDIDATE_FEATURES),)
+    rows = obs[7:].reshape(16, len(CANDIDATE_FEATURES))
     assert env.prior.names == [TASKS[0]["name"]] and (rows[:, :4] == 0.5).all()  # its own row left out
     task, weights = env.task, with_preference(env.cfg.reward, [0.5, 0.5, 0.0])
     baseline = max(task.reference_rewards(weights))
@@ -553,7 +553,8 @@ def test_search_episodes_replay_the_table_and_reward_improvements(table, tmp_pat
     for i, index in enumerate(indices):
         obs, reward, terminated, _, info = env.step(index)
         mask = np.array([int(b) for b in f"{index:04b}"], dtype=np.int8)
-        assert info["mask"] == mask.tolist() and obs[7:].reshape(16, 10)[index, TRIED] == 1
+        rows = obs[7:].reshape(16, len(CANDIDATE_FEATURES))
+        assert info["mask"] == mask.tolist() and rows[index, TRIED] == 1
         value = task.score(mask, weights).reward
         # the change of the best tried reward; the first step against the better reference
         expected = value - baseline if best is None else max(value - best, 0.0)

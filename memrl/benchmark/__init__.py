@@ -13,7 +13,8 @@ searching the test task; judged at 1..4 or 1..16 fine-tunes):
   (``env.mode=search``), each fine-tune chosen after the results before it;
 * ``nearest-task``, ``knn-tasks``, ``portfolio``, ``regression``, ``gradient-top-g``,
   ``single-best`` (by mean regret), ``single-best (mean reward)``, ``preset: ...``;
-* ``random``, ``tpe``, ``gp`` and ``tpe-warm`` (TPE with the nearest task's best masks first).
+* ``random``, ``tpe``, ``gp``, ``tpe-warm`` (TPE with the nearest task's best masks first) and
+  ``gp-prior`` (a GP whose prior mean is the calibrated ``knn-tasks`` regret; no learning).
 
     python -m memrl.benchmark transfer --n-seeds 10   # --episodes (one-shot PPO), --search-episodes
     python -m memrl.benchmark modes --n-seeds 3

@@ -24,6 +24,7 @@ from memrl.benchmark.methods import (
     portfolio,
     ppo_search,
     presets,
+    prior_gp_search,
     random_search,
     regression,
     search_policy_masks,
@@ -207,6 +208,7 @@ def transfer_fold(
             "tpe": optuna_search(table, test, w, longest, seed, "tpe"),
             "tpe-warm": optuna_search(table, test, w, longest, seed, "tpe", warm=nearest),
             "gp": optuna_search(table, test, w, longest, seed, "gp"),
+            "gp-prior": prior_gp_search(table, train, test, w, longest),
             **{
                 label: search_policy_masks(policy, table, test, w, longest, zero_d, zero_h)
                 for label, (policy, zero_d, zero_h) in searchers.items()

@@ -92,6 +92,32 @@ def gradient_top_g(table: BenchTable, train: list[int], test: int, w: float) -> 
     return mask_of(test, int(np.nanargmin(mean)))
 
 
+def prior_gp_search(table: BenchTable, train: list[int], test: int, w: float, budget: int) -> list[int]:
+    """Bayesian optimisation whose prior mean is what transfers (no learning): the search policy's
+    :func:`~memrl.episode.calibrated_posterior` (an affine map from the ``knn-tasks`` regret to the
+    test task's reward and a Gaussian process on the residuals, refitted after every result); the
+    first pick is the best predicted mask (close to ``knn-tasks``' first), each next the largest
+    expected improvement over the best so far. The references (no fine-tune, the mask of ones) are
+    observed first, as the search policy observes them."""
+    from memrl.episode import calibrated_posterior, expected_improvement
+    from memrl.prior import all_masks
+
+    rewards = table.rewards(w)[test]
+    prior = prior_of(table, train).knn_regret(table.descriptors[test], table.preference(w))
+    prior = np.nan_to_num(prior, nan=1.0)
+    candidates = all_masks(table.masks.shape[1])
+    available = np.isfinite(rewards)
+    tried: list[int] = []
+    for _ in range(min(budget, int(available.sum()))):
+        seen = [i for i in dict.fromkeys([0, len(rewards) - 1, *tried]) if available[i]]
+        mean, std, _ = calibrated_posterior(prior, seen, rewards[seen], candidates)
+        score = expected_improvement(mean, std, float(rewards[seen].max())) if tried else mean.copy()
+        score[~available] = -np.inf
+        score[tried] = -np.inf
+        tried.append(int(np.argmax(score)))
+    return tried
+
+
 def random_search(table: BenchTable, test: int, budget: int, rng: np.random.Generator) -> list[int]:
     """``budget`` distinct stored masks in a random order (a smaller budget is a prefix)."""
     available = np.flatnonzero(np.isfinite(table.terms[test, :, 0]))
