@@ -98,8 +98,7 @@ def rekey(store_path: Path) -> int:
     again; a row whose key is already current is left alone. Atomic: the store is rewritten in one
     transaction. Returns the rows re-keyed."""
     from memrl.data import load_splits
-    from memrl.data.descriptor import DESCRIPTOR_VERSION
-    from memrl.utils import stable_hash
+    from memrl.data.descriptor import descriptor_key
 
     EvaluationStore(store_path)  # checks it is a sound, writable store
     new_data: dict[str, str] = {}
@@ -114,9 +113,7 @@ def rekey(store_path: Path) -> int:
                 new_data[data] = load_splits(load_config(spec.settings).data).fingerprint
             fingerprints = {**spec.fingerprints, "data": new_data[data]}
             new = EvalSpec(spec.settings, spec.mask, fingerprints, spec.version)
-            descriptor_keys[stable_hash([spec.fingerprints, DESCRIPTOR_VERSION])] = stable_hash(
-                [fingerprints, DESCRIPTOR_VERSION]
-            )
+            descriptor_keys[descriptor_key(spec.fingerprints)] = descriptor_key(fingerprints)
             if new.hash == old_hash:
                 continue
             db.execute(

@@ -31,7 +31,6 @@ from memrl.evaluator import Evaluator, make_evaluator  # noqa: F401  (re-exporte
 from memrl.reward import TERMS, References, Reward
 from memrl.search_space import SearchSpace
 from memrl.spec import EvalSpec, Evaluation
-from memrl.utils import stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -197,9 +196,9 @@ class Task:
         return Outcome(mask, float(reward_cfg.failure_penalty), evaluation, terms, error)
 
     def descriptor_key(self) -> str:
-        from memrl.data.descriptor import DESCRIPTOR_VERSION
+        from memrl.data.descriptor import descriptor_key
 
-        return stable_hash([self.context.fingerprints, DESCRIPTOR_VERSION])
+        return descriptor_key(self.context.fingerprints)
 
     def descriptor(self) -> np.ndarray:
         """The dataset descriptor (stored beside the evaluations, so replay computes nothing)."""

@@ -51,6 +51,14 @@ FAMILIES: dict[str, tuple[str, ...]] = {
 """The feature families of fixed size; ``gradient`` (two per group) follows them."""
 
 
+def descriptor_key(fingerprints: dict[str, str]) -> str:
+    """Where a task's descriptor is stored: its fingerprints (data, base model, search space) and
+    :data:`DESCRIPTOR_VERSION`."""
+    from memrl.utils import stable_hash
+
+    return stable_hash([fingerprints, DESCRIPTOR_VERSION])
+
+
 def descriptor_fields(k: int) -> tuple[str, ...]:
     """The names of the descriptor's entries for a search space of ``k`` groups."""
     fixed = tuple(name for names in FAMILIES.values() for name in names)
