@@ -1,9 +1,15 @@
 """The search policy's network: one small MLP scores every candidate mask from its row of the
 search observation (a learned acquisition function, as in MetaBO, Volpp et al. ICLR 2020), so the
-same weights serve any task and a mask already tried is never proposed again."""
+same weights serve any task and a mask already tried is never proposed again.
+
+Each logit is a learned correction added to the ``gp-prior`` baseline's acquisition (the
+calibrated posterior's mean before any result, the log of its expected improvement after), so an
+untrained network searches as ``gp-prior`` does and PPO only has to learn where to depart from it
+(MetaBO's fallback to Bayesian optimisation, built into the parametrisation)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -14,11 +20,33 @@ from memrl.episode import CANDIDATE_FEATURES, SEARCH_GLOBALS, TRIED
 
 TRIED_PENALTY = 1e4
 """Subtracted from a tried mask's logit: its probability is 0 to float precision."""
+CALIBRATED_MEAN = CANDIDATE_FEATURES.index("calibrated_mean")
+CALIBRATED_EI = CANDIDATE_FEATURES.index("calibrated_improvement")
+HAS_TRIED = SEARCH_GLOBALS.index("has_tried")
+PRIOR_TEMPERATURE = 3.0
+"""Initial weight of the baseline acquisition in the logits (learned): the untrained policy's
+probabilities are a softmax of 3 x the calibrated mean (results' spread units) or 3 x the log
+expected improvement, so it samples near ``gp-prior``'s pick and its most probable mask is that pick."""
+EI_FLOOR = 1e-3
+"""Added to the expected improvement before its log (in units of the results' spread)."""
+TIE_BREAK = 1e-3
+"""Times the prior's ``knn_regret``, subtracted from every logit: equal scores go to the mask the
+training tasks favour (as ``memrl.episode.best_candidate`` breaks ``gp-prior``'s ties)."""
+KNN_REGRET = CANDIDATE_FEATURES.index("knn_regret")
+
+
+def baseline_acquisition(rows: torch.Tensor, glob: torch.Tensor) -> torch.Tensor:
+    """``gp-prior``'s score of every candidate from its observation rows (batch, masks, features):
+    the calibrated mean before the search has a result, the log expected improvement after."""
+    first = rows[..., CALIBRATED_MEAN]
+    later = torch.log(rows[..., CALIBRATED_EI].clamp_min(0) + EI_FLOOR)
+    return torch.where(glob[:, HAS_TRIED : HAS_TRIED + 1] > 0, later, first)
 
 
 class CandidateScorer(nn.Module):
-    """Shared per-candidate MLP over (candidate row, episode-wide values) giving each mask's logit;
-    the value is read from the mean and max of the candidates' hidden units.
+    """Shared per-candidate MLP over (candidate row, episode-wide values) giving each mask's
+    correction to :func:`baseline_acquisition` (times a learned temperature); the value is read
+    from the mean and max of the candidates' hidden units.
 
     Args:
         candidates: masks of the space (2**K); widths: hidden layer widths (``ppo.net_arch``).
@@ -35,6 +63,7 @@ class CandidateScorer(nn.Module):
             width = w
         self.body = nn.Sequential(*layers)
         self.logit = nn.Linear(width, 1)
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(PRIOR_TEMPERATURE)))
         self.critic = nn.Sequential(nn.Linear(2 * width + self.globals, width), nn.Tanh())
         self.latent_dim_pi, self.latent_dim_vf = candidates, width
 
@@ -44,19 +73,22 @@ class CandidateScorer(nn.Module):
         both = torch.cat([rows, glob[:, None, :].expand(-1, self.candidates, -1)], dim=2)
         return glob, rows, self.body(both)
 
-    def _logits(self, rows: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        return self.logit(hidden).squeeze(-1) - TRIED_PENALTY * rows[..., TRIED]
+    def _logits(self, glob: torch.Tensor, rows: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        prior = (
+            self.log_temperature.exp() * baseline_acquisition(rows, glob) - TIE_BREAK * rows[..., KNN_REGRET]
+        )
+        return prior + self.logit(hidden).squeeze(-1) - TRIED_PENALTY * rows[..., TRIED]
 
     def _value(self, glob: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         return self.critic(torch.cat([hidden.mean(dim=1), hidden.amax(dim=1), glob], dim=1))
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         glob, rows, hidden = self._hidden(obs)
-        return self._logits(rows, hidden), self._value(glob, hidden)
+        return self._logits(glob, rows, hidden), self._value(glob, hidden)
 
     def forward_actor(self, obs: torch.Tensor) -> torch.Tensor:
-        _, rows, hidden = self._hidden(obs)
-        return self._logits(rows, hidden)
+        glob, rows, hidden = self._hidden(obs)
+        return self._logits(glob, rows, hidden)
 
     def forward_critic(self, obs: torch.Tensor) -> torch.Tensor:
         glob, _, hidden = self._hidden(obs)
@@ -79,6 +111,6 @@ class CandidatePolicy(ActorCriticPolicy):
         super()._build(lr_schedule)
         self.action_net = nn.Identity()  # the scorer's logits are the action logits
         scorer: Any = self.mlp_extractor
-        nn.init.orthogonal_(scorer.logit.weight, gain=0.01)
+        nn.init.zeros_(scorer.logit.weight)  # the correction starts at 0: the policy starts as gp-prior
         nn.init.zeros_(scorer.logit.bias)
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)  # type: ignore[call-arg]

@@ -210,6 +210,8 @@ class PPOConfig:
     """
 
     total_timesteps: int = 24
+    """Env steps to train for; 0 (search mode only) keeps the policy as initialised, which for the
+    search policy is the ``gp-prior`` acquisition with no learned correction."""
     n_steps: int = 8
     batch_size: int = 8
     n_epochs: int = 10
@@ -438,6 +440,11 @@ def _validate_sizes(cfg: Config) -> None:
             "finetune.cuda_graph and finetune.gradient_checkpointing cannot both be on; set "
             "finetune.gradient_checkpointing=false (graphs pay off on small models that fit anyway)"
         )
+    if cfg.ppo.total_timesteps < (0 if cfg.env.mode == "search" else 1):
+        raise ConfigError(
+            f"ppo.total_timesteps={cfg.ppo.total_timesteps} must be positive (0 only with env.mode=search, "
+            "whose untrained policy searches as the gp-prior baseline)"
+        )
     if cfg.sample.num_samples < 2:
         raise ConfigError(
             f"sample.num_samples={cfg.sample.num_samples} must be 2 or more (KID compares sets)"
@@ -465,7 +472,6 @@ def _validate(cfg: Config) -> None:
         "finetune.lr": cfg.finetune.lr,
         "sample.num_samples": cfg.sample.num_samples,
         "sample.steps": cfg.sample.steps,
-        "ppo.total_timesteps": p.total_timesteps,
         "ppo.n_steps": p.n_steps,
         "ppo.batch_size": p.batch_size,
         "ppo.n_epochs": p.n_epochs,

@@ -59,6 +59,8 @@ LENGTHSCALE = 0.25
 """The posterior's kernel: exp(-Hamming distance / (LENGTHSCALE * K))."""
 NOISE = 0.05
 """The posterior's noise variance, in units of the observed rewards' spread."""
+CLIP = 10.0
+"""Bound of the calibrated features (results' spread units; the observation space's bound)."""
 
 
 def search_observation_size(k: int) -> int:
@@ -103,6 +105,14 @@ def calibrated_posterior(
     scale = max(float(np.std(values)), 0.05)
     mu, std = posterior(candidates[observed], (values - mean[observed]) / scale, candidates)
     return mean + scale * mu, scale * std, scale
+
+
+def best_candidate(score: np.ndarray, prior_regret: np.ndarray) -> int:
+    """The index of the largest ``score``, ties (to 1e-9) going to the lowest ``prior_regret`` (when results
+    say nothing, e.g. two references of equal reward make every mean equal, the prior decides,
+    not the counting order, whose first mask is no fine-tune)."""
+    top = np.flatnonzero(np.isclose(score, np.max(score), rtol=1e-9, atol=1e-12))
+    return int(top[np.argmin(prior_regret[top])])  # the first of equal minima
 
 
 def expected_improvement(mean: np.ndarray, std: np.ndarray, incumbent: float) -> np.ndarray:
@@ -168,8 +178,10 @@ class SearchHistory:
         ``prior`` (2**k, 4) from :class:`memrl.prior.TransferPrior`, whether it was tried, the
         posterior of its reward given every result so far and the references (mean and expected
         improvement relative to the best so far, in units of the results' spread), its Hamming
-        distance to the best tried mask, its size, and the same mean and improvement from
-        :func:`calibrated_posterior` (the prior's ``knn_regret`` as the posterior's mean).
+        distance to the best tried mask, its size, and the mean and improvement of
+        :func:`calibrated_posterior` (the prior's ``knn_regret`` as the posterior's mean; relative
+        to the best reward known, references included, as the ``gp-prior`` baseline scores them;
+        with nothing known, the mean is minus the prior's ``knn_regret`` and the improvement 0).
         ``zero_history`` shows every candidate as if nothing had been observed, except which were
         tried (an ablation: does it use feedback?)."""
         candidates = all_masks(self.k)
@@ -180,24 +192,28 @@ class SearchHistory:
             tried[index[tuple(int(v) for v in mask)]] = 1
         mean, std = np.zeros(m), np.ones(m)
         distance = np.ones(m)
-        calibrated, calibrated_ei = np.zeros(m), np.zeros(m)
+        calibrated, calibrated_ei = -np.asarray(prior[:, 0], dtype=float), np.zeros(m)  # nothing known
         best_rel, has_tried = 0.0, float(bool(self.masks))
         if not zero_history:
-            observed = [(mask, r) for mask, r in zip(self.masks, self.rewards) if np.isfinite(r)]
+            results: dict[int, float] = {}  # candidate index -> reward, each mask once
             if self.references is not None:
-                observed += [(candidates[0], self.references[0]), (candidates[-1], self.references[1])]
+                results = {0: self.references[0], m - 1: self.references[1]}
+            for mask, r in zip(self.masks, self.rewards):
+                if np.isfinite(r):
+                    results.setdefault(index[tuple(int(v) for v in mask)], r)
             incumbent = self.best_reward if np.isfinite(self.best_reward) else self.baseline
-            if observed:
-                x = np.array([o[0] for o in observed], dtype=float)
-                y = np.array([o[1] for o in observed], dtype=float)
+            if results:
+                seen = list(results)
+                y = np.array(list(results.values()), dtype=float)
                 scale = max(float(y.std()), 0.05) if len(y) > 1 else 1.0
                 centre = float(y.mean())
-                mu, std = posterior(x, (y - centre) / scale, candidates)
+                mu, std = posterior(candidates[seen], (y - centre) / scale, candidates)
                 mean = np.clip(mu + (centre - incumbent) / scale, -5, 5)
-                seen = [index[tuple(int(v) for v in o[0])] for o in observed]
+                # the calibrated posterior is gp-prior's: its incumbent is the best reward known
+                known = float(y.max())
                 c_mean, c_std, c_scale = calibrated_posterior(prior[:, 0], seen, y, candidates)
-                calibrated = np.clip((c_mean - incumbent) / c_scale, -5, 5)
-                calibrated_ei = np.clip(expected_improvement(c_mean, c_std, incumbent) / c_scale, 0, 5)
+                calibrated = np.clip((c_mean - known) / c_scale, -CLIP, CLIP)
+                calibrated_ei = np.clip(expected_improvement(c_mean, c_std, known) / c_scale, 0, CLIP)
             best = self.best_index()
             if best is not None:
                 distance = np.abs(candidates - self.masks[best]).sum(axis=1) / self.k

@@ -68,6 +68,33 @@ def test_the_prior_mean_gp_exploits_the_calibrated_prior_first_then_explores(tab
     assert prior_gp_search(table, [0, 1], 2, 0.5, 9)[:2] == [1, 2]  # budget beyond the table: stops
 
 
+def test_an_untrained_search_policy_searches_as_the_prior_mean_gp(table):
+    """The search network's logits are gp-prior's acquisition plus a learned correction that starts
+    near zero, so before any training its picks are gp-prior's (and with nothing known, knn-tasks')."""
+    import torch
+    from gymnasium import spaces
+    from memrl.agents.policy import Policy
+    from memrl.agents.search_net import CandidatePolicy
+
+    from memrl.benchmark.methods import prior_of, search_policy_masks
+    from memrl.config import load_config
+    from memrl.episode import search_observation_size
+
+    torch.manual_seed(0)
+    n = search_observation_size(2)
+    network = CandidatePolicy(
+        spaces.Box(-10, 10, (n,), np.float32), spaces.Discrete(4), lambda _: 1e-3, net_arch=[8]
+    )
+    card = {"action_mode": "search", "search_space": {"groups": ["g0", "g1"]}}
+    policy = Policy(
+        card, network, load_config("test", {"env.mode": "search", "env.budget": 4}), prior_of(table, [0, 1])
+    )
+    for w in (0.25, 0.5, 0.75):
+        assert search_policy_masks(policy, table, 2, w, 4) == prior_gp_search(table, [0, 1], 2, w, 4)
+        first = policy.candidates(table.descriptors[2], 1, table.preference(w))[0]
+        assert [int(v) for v in first] == list(table.masks[knn_tasks(table, [0, 1], 2, w, 1)[0]])
+
+
 def test_gradient_top_g_picks_the_most_sensitive_groups_with_g_chosen_on_training_tasks(table):
     from memrl.data.descriptor import descriptor_fields, family_slices
 

@@ -64,6 +64,10 @@ def test_atomic_writes_keep_old_content_on_failure_and_normal_permissions(tmp_pa
         ({"finetune.lr": float("inf")}, "must be a finite number"),
         ({"finetune.lr": 0}, r"finetune\.lr=0\.0 must be positive"),
         ({"ppo.total_timesteps": -5}, r"ppo\.total_timesteps=-5 must be positive"),
+        (
+            {"ppo.total_timesteps": 0},
+            r"ppo\.total_timesteps=0 must be positive \(0 only with env.mode=search",
+        ),
         ({"ppo.n_envs": 0}, r"ppo\.n_envs=0 must be positive"),
         ({"ppo.n_epochs": -1}, r"ppo\.n_epochs=-1 must be positive"),
         ({"ppo.batch_size": 0}, r"ppo\.batch_size=0 must be positive"),

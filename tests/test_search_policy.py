@@ -57,7 +57,7 @@ def test_the_posterior_matches_a_hand_computed_gaussian_process():
 
 
 def test_the_calibrated_posterior_maps_the_prior_to_rewards_and_never_inverts_it():
-    from memrl.episode import calibrated_posterior
+    from memrl.episode import best_candidate, calibrated_posterior
 
     prior = np.array([0.0, 1.0, 0.5, 0.25])  # knn regret of masks 00, 01, 10, 11
     mean, std, scale = calibrated_posterior(prior, [0, 1], np.array([1.0, 0.0]), all_masks(K))
@@ -68,6 +68,10 @@ def test_the_calibrated_posterior_maps_the_prior_to_rewards_and_never_inverts_it
     mean, _, _ = calibrated_posterior(prior, [0, 1], np.array([0.0, 1.0]), all_masks(K))
     gp, _, _ = calibrated_posterior(np.zeros(4), [0, 1], np.array([0.0, 1.0]), all_masks(K))
     assert np.allclose(mean, gp)
+    # results that say nothing (equal rewards): every mean is equal, and the prior breaks the tie
+    mean, _, _ = calibrated_posterior(prior, [0, 1], np.array([0.5, 0.5]), all_masks(K))
+    assert np.allclose(mean, 0.5, rtol=0, atol=1e-12) and best_candidate(mean, prior) == 0
+    assert best_candidate(mean, np.array([0.3, 0.2, 0.1, 0.1])) == 2
 
 
 def test_a_search_observation_shows_results_references_and_tries():
@@ -92,7 +96,7 @@ def test_a_search_observation_shows_results_references_and_tries():
     assert (rows[:, COLUMNS["calibrated_improvement"]] >= 0).all()
     blank = rows_of(history.observation(np.array([0.5, 0.5, 0.0]), prior, zero_history=True))
     assert blank[:, TRIED].tolist() == [0, 1, 1, 0] and (blank[:, COLUMNS["posterior_std"]] == 1).all()
-    assert (blank[:, COLUMNS["calibrated_mean"]] == 0).all()
+    assert np.allclose(blank[:, COLUMNS["calibrated_mean"]], -prior[:, 0])  # nothing known: the prior
 
 
 def test_the_candidate_network_never_proposes_a_tried_mask():

@@ -306,6 +306,42 @@ def test_the_paper_claims_compare_full_fine_tuning_presets_and_searched_masks(ta
     assert "| digits-a | heldout_loss |" not in summary  # no noise sample for it
 
 
+def test_tune_scores_search_settings_on_training_tasks_only_and_untrained_is_gp_prior(table, tmp_path):
+    from memrl.benchmark import load_table
+    from memrl.benchmark.experiments import TUNE_BUDGETS, chosen_setting, tune
+    from memrl.benchmark.methods import prior_gp_search
+    from memrl.errors import ConfigError
+
+    path, cfg = table
+    overrides = {"env.backend": "replay", "env.table": str(path), "env.store": str(tmp_path / "s.sqlite")}
+    bench_cfg = load_config(cfg, {**overrides, "ppo.n_steps": 16, "ppo.batch_size": 8, "env.budget": 4})
+    with pytest.raises(ConfigError, match="1 complete training task"):
+        tune(bench_cfg, seeds=1)  # faces is held out: one training task, nothing to train on
+    both = load_config(bench_cfg, {"env.tasks": [TASKS[0], {**TASKS[1], "heldout": False}]})
+    rows = tune(both, seeds=1, learning_rates=(3e-3,), episodes=(0, 4))
+    assert {(r["task"], r["episodes"]) for r in rows} == {
+        (t, e) for t in ("digits-a", "faces") for e in (0, 4)
+    }
+    dense = load_table(both)
+    for r in rows:
+        if r["episodes"] == 0:  # untrained: exactly gp-prior's search on the same fold
+            test = dense.names.index(r["task"])
+            masks = prior_gp_search(dense, [1 - test], test, r["memorization_weight"], max(TUNE_BUDGETS))
+            regret = dense.regret(r["memorization_weight"])[test]
+            assert r["regret"] == pytest.approx(regret[masks[: r["fine_tunes"]]].min())
+    hand = [
+        {"learning_rate": lr, "episodes": e, "regret": v}
+        for lr, e, v in [
+            (3e-3, 0, 0.2),
+            (3e-3, 250, 0.1),
+            (3e-4, 250, 0.1),
+            (3e-4, 1000, 0.1),
+            (3e-4, 0, 0.3),
+        ]
+    ]
+    assert chosen_setting(hand) == (3e-4, 250)  # ties: fewer episodes, then the smaller rate
+
+
 def test_search_curves_and_the_benchmark_command(table, tmp_path):
     from memrl.benchmark import main, search_curves
     from memrl.config import dump_config

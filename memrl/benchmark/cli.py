@@ -6,10 +6,10 @@ import argparse
 import time
 from pathlib import Path
 
-from memrl.benchmark.experiments import modes, search_curves, transfer
+from memrl.benchmark.experiments import chosen_setting, modes, search_curves, transfer, tune
 from memrl.benchmark.findings import claims, findings
 from memrl.benchmark.ship import ship
-from memrl.benchmark.stats import plot_curves, plot_transfer, summarise, write_rows
+from memrl.benchmark.stats import plot_curves, plot_transfer, summarise, summarise_tuning, write_rows
 from memrl.errors import ConfigError
 
 
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "command",
-        choices=("transfer", "search", "modes", "claims", "findings", "ship"),
+        choices=("transfer", "tune", "search", "modes", "claims", "findings", "ship"),
         nargs="?",
         default="transfer",
     )
@@ -47,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="transfer: training episodes of the search policy, env.budget masks each (default: "
-        "ppo.total_timesteps / env.budget, the shipped policy's recipe; 0: leave it out)",
+        "ppo.total_timesteps / env.budget, the shipped policy's recipe; 0: untrained)",
+    )
+    parser.add_argument(
+        "--no-search-policy", action="store_true", help="transfer: leave the search policy out"
     )
     parser.add_argument(
         "--out", type=Path, default=Path("bench/results/benchmark"), help="results (and ship's transfer.csv)"
@@ -71,10 +74,11 @@ def main(argv: list[str] | None = None) -> int:
             ("--episodes", args.episodes),
             ("--budget", args.budget),
             ("--workers", args.workers),
-            ("--search-episodes", None if args.search_episodes in (0, None) else args.search_episodes),
         ):
             if value is not None and value < 1:
                 raise ConfigError(f"{flag}={value} must be 1 or more")
+        if args.search_episodes is not None and args.search_episodes < 0:
+            raise ConfigError(f"--search-episodes={args.search_episodes} must be 0 (untrained) or more")
         cfg = config_from_args(args)
         args.out.mkdir(parents=True, exist_ok=True)
         parts = cache_dir() / "benchmark" / args.command  # each finished fold: a rerun resumes
@@ -86,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
                 workers=args.workers,
                 parts=parts,
                 search_episodes=(
-                    cfg.ppo.total_timesteps // cfg.env.budget
+                    None
+                    if args.no_search_policy
+                    else cfg.ppo.total_timesteps // cfg.env.budget
                     if args.search_episodes is None
                     else args.search_episodes
                 ),
@@ -99,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
             path = ship(cfg, args.ship_to or shipped_policy().parent, args.out)
             print(f"policy: {path}")
             return 0
+        elif args.command == "tune":
+            rows = tune(cfg, args.n_seeds, workers=args.workers, parts=parts)
+            lr, episodes = chosen_setting(rows)
+            text = summarise_tuning(rows, (lr, episodes)) + (
+                f"\n\nChosen: learning rate {lr:g}, {episodes} episodes (configs/bench.yaml: "
+                f"ppo.learning_rate: {lr:g}, ppo.total_timesteps: {episodes * cfg.env.budget})"
+            )
         elif args.command == "findings":
             rows, text = [], findings(cfg)
         elif args.command == "claims":
@@ -111,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             text = plot_curves(rows, args.out / "search.png")
         if rows:
             write_rows(rows, args.out / f"{args.command}.csv")
-        seeds = f"{args.n_seeds} seeds; " if args.command in ("transfer", "search", "modes") else ""
+        seeds = f"{args.n_seeds} seeds; " if args.command in ("transfer", "tune", "search", "modes") else ""
         footer = f"\n\n{seeds}{time.perf_counter() - start:.0f} s\n"
         atomic_write_text(args.out / f"{args.command}.md", text + footer)
         print(text)

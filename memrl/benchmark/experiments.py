@@ -33,7 +33,8 @@ from memrl.benchmark.methods import (
     train_policies,
 )
 from memrl.benchmark.table import BUDGETS, PREFERENCES, BenchTable, best_regret, folds, load_table, mask_index
-from memrl.config import Config
+from memrl.config import Config, load_config
+from memrl.errors import ConfigError
 from memrl.utils import stable_hash
 
 log = logging.getLogger("memrl.benchmark")
@@ -132,11 +133,12 @@ def transfer(
     budgets: tuple[int, ...] = BUDGETS,
     workers: int = 1,
     parts: Path | None = None,
-    search_episodes: int = 0,
+    search_episodes: int | None = None,
 ) -> list[dict[str, Any]]:
     """Regret of every method on every test task, preference, seed and number of fine-tunes (one
-    row each). ``search_episodes`` > 0 also trains the search policy (and its two ablations) for
-    that many episodes of ``env.budget`` masks. ``parts``: as in :func:`search_curves`."""
+    row each). ``search_episodes`` (not None) also runs the search policy (and its two ablations)
+    trained for that many episodes of ``env.budget`` masks (0: untrained). ``parts``: as in
+    :func:`search_curves`."""
     table = load_table(cfg)
     combos = [(seed, test, train) for seed in range(seeds) for test, train in folds(table)]
     work = [
@@ -168,7 +170,7 @@ def transfer_fold(
     train: list[int],
     episodes: int,
     budgets: tuple[int, ...],
-    search_episodes: int = 0,
+    search_episodes: int | None = None,
 ) -> list[dict[str, Any]]:
     """Every method's rows for one test task and seed (PPO trained on ``train``): zero-shot lists
     judged at 1..:data:`ZERO_SHOT_TOP` fine-tunes, searches at each of ``budgets``."""
@@ -177,7 +179,7 @@ def transfer_fold(
     names = [table.names[u] for u in train]
     nets = {zero: train_policies(cfg, names, seed, [episodes], zero)[0] for zero in (False, True)}
     searchers = {}
-    if search_episodes:
+    if search_episodes is not None:
         for label, zero_d, zero_h in SEARCH_VARIANTS:
             searchers[label] = (
                 train_policies(cfg, names, seed, [search_episodes], zero_d, "search", zero_h)[0],
@@ -236,6 +238,85 @@ def transfer_fold(
                 )
     log.info("transfer: seed %d, test task %s done", seed, table.names[test])
     return rows
+
+
+TUNE_LEARNING_RATES = (3e-4, 3e-3)
+TUNE_EPISODES = (0, 250, 1000, 2000)
+"""The search policy's settings ``tune`` tries (0 episodes: untrained, i.e. ``gp-prior``)."""
+TUNE_BUDGETS = (1, 2, 4, 8)
+"""The budgets a setting is judged at (the search policy's goal: best at 1 to 8 fine-tunes)."""
+
+
+def tune(
+    cfg: Config,
+    seeds: int,
+    learning_rates: tuple[float, ...] = TUNE_LEARNING_RATES,
+    episodes: tuple[int, ...] = TUNE_EPISODES,
+    workers: int = 1,
+    parts: Path | None = None,
+) -> list[dict[str, Any]]:
+    """The search policy's learning rate and training length chosen without a held-out task: leave
+    one *training* task out (trained on the other training tasks), best-so-far regret at
+    :data:`TUNE_BUDGETS` for every setting, preference and seed; one training per (seed, learning
+    rate, task) gives every count of ``episodes`` as a snapshot. ``parts``: as in
+    :func:`search_curves`."""
+    table = load_table(cfg)
+    dev = [t for t in table.complete() if not table.heldout[t]]
+    if len(dev) < 2:
+        raise ConfigError(
+            f"tune leaves one training task out and trains on the others: the table has {len(dev)} "
+            "complete training task(s); build more (python -m memrl.tables build) or mark fewer "
+            "tasks heldout in env.tasks"
+        )
+    combos = [(seed, lr, test) for seed in range(seeds) for lr in learning_rates for test in dev]
+    work = [
+        (cfg, table, seed, lr, test, [u for u in dev if u != test], episodes) for seed, lr, test in combos
+    ]
+    keys = [fold_key(tune_fold, cfg, table, [w[4], *w[5]], *w[2:4], w[6]) for w in work]
+    return [row for rows in in_parallel(tune_fold, work, workers, keys, parts) for row in rows]
+
+
+def tune_fold(
+    cfg: Config,
+    table: BenchTable,
+    seed: int,
+    lr: float,
+    test: int,
+    train: list[int],
+    episodes: tuple[int, ...],
+) -> list[dict[str, Any]]:
+    lr_cfg = load_config(cfg, {"ppo.learning_rate": lr})
+    names = [table.names[u] for u in train]
+    policies = train_policies(lr_cfg, names, seed, list(episodes), mode="search")
+    rows = []
+    for n_episodes, policy in zip(sorted(episodes), policies):
+        for w in PREFERENCES:
+            regret = table.regret(w)[test]
+            masks = search_policy_masks(policy, table, test, w, max(TUNE_BUDGETS))
+            for n in TUNE_BUDGETS:
+                rows.append(
+                    {
+                        "method": "ppo-search",
+                        "learning_rate": lr,
+                        "episodes": n_episodes,
+                        "task": table.names[test],
+                        "memorization_weight": w,
+                        "seed": seed,
+                        "fine_tunes": n,
+                        "regret": best_regret(regret, masks[:n]),
+                    }
+                )
+    log.info("tune: seed %d, lr %g, task %s done", seed, lr, table.names[test])
+    return rows
+
+
+def chosen_setting(rows: list[dict[str, Any]]) -> tuple[float, int]:
+    """The (learning rate, episodes) with the lowest mean regret over tasks, preferences, seeds and
+    :data:`TUNE_BUDGETS`; ties go to fewer episodes, then the smaller learning rate."""
+    by: dict[tuple[float, int], list[float]] = {}
+    for r in rows:
+        by.setdefault((float(r["learning_rate"]), int(r["episodes"])), []).append(float(r["regret"]))
+    return min(by, key=lambda s: (round(float(np.mean(by[s])), 6), s[1], s[0]))
 
 
 @functools.lru_cache(maxsize=1)

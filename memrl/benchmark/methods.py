@@ -97,9 +97,9 @@ def prior_gp_search(table: BenchTable, train: list[int], test: int, w: float, bu
     :func:`~memrl.episode.calibrated_posterior` (an affine map from the ``knn-tasks`` regret to the
     test task's reward and a Gaussian process on the residuals, refitted after every result); the
     first pick is the best predicted mask (close to ``knn-tasks``' first), each next the largest
-    expected improvement over the best so far. The references (no fine-tune, the mask of ones) are
-    observed first, as the search policy observes them."""
-    from memrl.episode import calibrated_posterior, expected_improvement
+    expected improvement over the best so far (ties to the lowest prior regret). The references (no
+    fine-tune, the mask of ones) are observed first, as the search policy observes them."""
+    from memrl.episode import best_candidate, calibrated_posterior, expected_improvement
     from memrl.prior import all_masks
 
     rewards = table.rewards(w)[test]
@@ -114,7 +114,7 @@ def prior_gp_search(table: BenchTable, train: list[int], test: int, w: float, bu
         score = expected_improvement(mean, std, float(rewards[seen].max())) if tried else mean.copy()
         score[~available] = -np.inf
         score[tried] = -np.inf
-        tried.append(int(np.argmax(score)))
+        tried.append(best_candidate(score, prior))
     return tried
 
 
@@ -269,9 +269,12 @@ def train_policies(
             "env.preferences": "uniform",
             "env.mode": mode,
             "seed": seed,
+            "ppo.total_timesteps": max(episodes),  # set to the steps trained below, once K is known
         },
     )
     env: Any = MemControlEnv(train_cfg)
+    steps_per_episode = {"mask": 1, "search": train_cfg.env.budget}.get(mode, env.k + 1)
+    train_cfg = load_config(train_cfg, {"ppo.total_timesteps": steps_per_episode * max(episodes)})
     env.zero_history, env.zero_descriptor = zero_history, zero_descriptor
     if zero_descriptor and mode != "search":  # search mode sees the descriptor through its prior
         width = len(descriptor_fields(env.k))
@@ -287,7 +290,6 @@ def train_policies(
             return self.done < self.target
 
     model, counter, out = build_ppo(train_cfg, env), Episodes(), []
-    steps_per_episode = {"mask": 1, "search": train_cfg.env.budget}.get(mode, env.unwrapped.k + 1)
     for target in sorted(episodes):
         counter.target = target
         model.learn(steps_per_episode * (target - counter.done), callback=counter, reset_num_timesteps=False)

@@ -161,6 +161,36 @@ def summarise(rows: list[dict[str, Any]], reference: str = "ppo") -> str:
     return "\n".join(out)
 
 
+def summarise_tuning(rows: list[dict[str, Any]], chosen: tuple[float, int]) -> str:
+    """Markdown: the search policy's mean regret for every (learning rate, episodes) at each
+    number of fine-tunes and over them, with a task-level 95% interval of the latter, and the
+    setting chosen (the lowest mean over budgets)."""
+    tasks = sorted({r["task"] for r in rows})
+    counts = sorted({int(r["fine_tunes"]) for r in rows})
+    seeds, weights = len({r["seed"] for r in rows}), sorted({r["memorization_weight"] for r in rows})
+    out = [
+        f"Leave one training task out ({len(tasks)} tasks: {', '.join(tasks)}; no held-out task), "
+        f"{seeds} seeds, memorization weights {weights}.",
+        "",
+        "| learning rate | episodes | "
+        + " | ".join(f"{n} fine-tunes" for n in counts)
+        + " | mean [95% CI] |",
+        "|---|---|" + "---|" * (len(counts) + 1),
+    ]
+    settings = sorted({(float(r["learning_rate"]), int(r["episodes"])) for r in rows})
+    for lr, episodes in settings:
+        mine = [r for r in rows if float(r["learning_rate"]) == lr and int(r["episodes"]) == episodes]
+        cells = [f"{np.mean([r['regret'] for r in mine if int(r['fine_tunes']) == n]):.3f}" for n in counts]
+        d = describe(mine)
+        mark = " (chosen)" if (lr, episodes) == chosen else ""
+        out.append(
+            f"| {lr:g} | {episodes}{mark} | "
+            + " | ".join(cells)
+            + f" | {d['mean']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}] |"
+        )
+    return "\n".join(out)
+
+
 SEARCHER = "ppo-search"
 """The search policy; its ablations (``ppo-search-...``) are never its comparators."""
 
