@@ -306,10 +306,12 @@ def test_the_paper_claims_compare_full_fine_tuning_presets_and_searched_masks(ta
     assert "| digits-a | heldout_loss |" not in summary  # no noise sample for it
 
 
-def test_tune_scores_search_settings_on_training_tasks_only_and_untrained_is_gp_prior(table, tmp_path):
+def test_tune_scores_settings_on_training_tasks_only_and_untrained_search_is_gp_prior(
+    table, tmp_path, monkeypatch
+):
     from memrl.benchmark import load_table
-    from memrl.benchmark.experiments import TUNE_BUDGETS, chosen_setting, tune
-    from memrl.benchmark.methods import prior_gp_search
+    from memrl.benchmark.experiments import TUNE_BUDGETS, TUNE_GRIDS, chosen_setting, tune
+    from memrl.benchmark.methods import prior_gp_search, regression, regression_model
     from memrl.errors import ConfigError
 
     path, cfg = table
@@ -317,20 +319,26 @@ def test_tune_scores_search_settings_on_training_tasks_only_and_untrained_is_gp_
     bench_cfg = load_config(cfg, {**overrides, "ppo.n_steps": 16, "ppo.batch_size": 8, "env.budget": 4})
     with pytest.raises(ConfigError, match="1 complete training task"):
         tune(bench_cfg, seeds=1)  # faces is held out: one training task, nothing to train on
+    with pytest.raises(ConfigError, match="'sac' is not one of"):
+        tune(bench_cfg, seeds=1, method="sac")
     both = load_config(bench_cfg, {"env.tasks": [TASKS[0], {**TASKS[1], "heldout": False}]})
-    rows = tune(both, seeds=1, learning_rates=(3e-3,), episodes=(0, 4))
-    assert {(r["task"], r["episodes"]) for r in rows} == {
-        (t, e) for t in ("digits-a", "faces") for e in (0, 4)
-    }
     dense = load_table(both)
+    monkeypatch.setitem(TUNE_GRIDS, "ppo-search", ((3e-3,), (0, 4)))
+    rows = tune(both, seeds=1)
+    assert {(r["task"], r["length"]) for r in rows} == {(t, e) for t in ("digits-a", "faces") for e in (0, 4)}
     for r in rows:
-        if r["episodes"] == 0:  # untrained: exactly gp-prior's search on the same fold
-            test = dense.names.index(r["task"])
-            masks = prior_gp_search(dense, [1 - test], test, r["memorization_weight"], max(TUNE_BUDGETS))
-            regret = dense.regret(r["memorization_weight"])[test]
-            assert r["regret"] == pytest.approx(regret[masks[: r["fine_tunes"]]].min())
+        test, w = dense.names.index(r["task"]), r["memorization_weight"]
+        if r["length"] == 0:  # untrained: exactly gp-prior's search on the same fold
+            masks = prior_gp_search(dense, [1 - test], test, w, max(TUNE_BUDGETS["ppo-search"]))
+            assert r["regret"] == pytest.approx(dense.regret(w)[test][masks[: r["fine_tunes"]]].min())
+    monkeypatch.setitem(TUNE_GRIDS, "regression", ((0.1,), (10, 40)))
+    rows = tune(both, seeds=1, method="regression")
+    assert {r["fine_tunes"] for r in rows} == {1, 2, 3, 4} and {r["length"] for r in rows} == {10, 40}
+    r = next(r for r in rows if r["task"] == "faces" and r["length"] == 40 and r["fine_tunes"] == 2)
+    masks = regression(dense, regression_model(dense, [0], 0, 40, 0.1), 1, r["memorization_weight"], 2)
+    assert r["regret"] == pytest.approx(dense.regret(r["memorization_weight"])[1][masks].min())
     hand = [
-        {"learning_rate": lr, "episodes": e, "regret": v}
+        {"learning_rate": lr, "length": e, "regret": v}
         for lr, e, v in [
             (3e-3, 0, 0.2),
             (3e-3, 250, 0.1),
@@ -339,7 +347,7 @@ def test_tune_scores_search_settings_on_training_tasks_only_and_untrained_is_gp_
             (3e-4, 0, 0.3),
         ]
     ]
-    assert chosen_setting(hand) == (3e-4, 250)  # ties: fewer episodes, then the smaller rate
+    assert chosen_setting(hand) == (3e-4, 250)  # ties: the shorter, then the smaller rate
 
 
 def test_search_curves_and_the_benchmark_command(table, tmp_path):

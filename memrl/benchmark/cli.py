@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from memrl.benchmark.experiments import chosen_setting, modes, search_curves, transfer, tune
+from memrl.benchmark.experiments import TUNE_GRIDS, chosen_setting, modes, search_curves, transfer, tune
 from memrl.benchmark.findings import claims, findings
 from memrl.benchmark.ship import ship
 from memrl.benchmark.stats import plot_curves, plot_transfer, summarise, summarise_tuning, write_rows
@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         "ppo.total_timesteps / env.budget, the shipped policy's recipe; 0: untrained)",
     )
     parser.add_argument(
+        "--method",
+        choices=tuple(TUNE_GRIDS),
+        default="ppo-search",
+        help="tune: whose settings (the search policy, the one-shot PPO policy, the regression)",
+    )
+    parser.add_argument(
         "--no-search-policy", action="store_true", help="transfer: leave the search policy out"
     )
     parser.add_argument(
@@ -82,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         args.out.mkdir(parents=True, exist_ok=True)
         parts = cache_dir() / "benchmark" / args.command  # each finished fold: a rerun resumes
+        name = args.command  # of the files written to --out
         if args.command == "transfer":
             rows = transfer(
                 cfg,
@@ -106,12 +113,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"policy: {path}")
             return 0
         elif args.command == "tune":
-            rows = tune(cfg, args.n_seeds, workers=args.workers, parts=parts)
-            lr, episodes = chosen_setting(rows)
-            text = summarise_tuning(rows, (lr, episodes)) + (
-                f"\n\nChosen: learning rate {lr:g}, {episodes} episodes (configs/bench.yaml: "
-                f"ppo.learning_rate: {lr:g}, ppo.total_timesteps: {episodes * cfg.env.budget})"
+            rows = tune(cfg, args.n_seeds, args.method, workers=args.workers, parts=parts)
+            lr, length = chosen_setting(rows)
+            text = (
+                summarise_tuning(rows, (lr, length)) + f"\n\nChosen: learning rate {lr:g}, length {length}."
             )
+            name = f"tune-{args.method}"
         elif args.command == "findings":
             rows, text = [], findings(cfg)
         elif args.command == "claims":
@@ -123,10 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             rows = search_curves(cfg, args.n_seeds, args.budget, workers=args.workers, parts=parts)
             text = plot_curves(rows, args.out / "search.png")
         if rows:
-            write_rows(rows, args.out / f"{args.command}.csv")
+            write_rows(rows, args.out / f"{name}.csv")
         seeds = f"{args.n_seeds} seeds; " if args.command in ("transfer", "tune", "search", "modes") else ""
         footer = f"\n\n{seeds}{time.perf_counter() - start:.0f} s\n"
-        atomic_write_text(args.out / f"{args.command}.md", text + footer)
+        atomic_write_text(args.out / f"{name}.md", text + footer)
         print(text)
         return 0
 

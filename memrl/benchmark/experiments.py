@@ -27,6 +27,7 @@ from memrl.benchmark.methods import (
     prior_gp_search,
     random_search,
     regression,
+    regression_model,
     search_policy_masks,
     single_best,
     single_best_reward,
@@ -188,6 +189,7 @@ def transfer_fold(
             )
     group_names = architecture_space(cfg).names
     top, longest = ZERO_SHOT_TOP, max(budgets)
+    fitted = regression_model(table, train, seed)
     rows = []
     for w in PREFERENCES:
         regret = table.regret(w)[test]
@@ -199,7 +201,7 @@ def transfer_fold(
             "nearest-task": nearest,
             "knn-tasks": knn_tasks(table, train, test, w, top),
             "portfolio": portfolio(table, train, w, top),
-            "regression": regression(table, train, test, w, seed, top),
+            "regression": regression(table, fitted, test, w, top),
             "gradient-top-g": [gradient_top_g(table, train, test, w)],
             "single-best": [single_best(table, train, w)],
             "single-best (mean reward)": [single_best_reward(table, train, w)],
@@ -240,26 +242,27 @@ def transfer_fold(
     return rows
 
 
-TUNE_LEARNING_RATES = (3e-4, 3e-3)
-TUNE_EPISODES = (0, 250, 1000, 2000)
-"""The search policy's settings ``tune`` tries (0 episodes: untrained, i.e. ``gp-prior``)."""
-TUNE_BUDGETS = (1, 2, 4, 8)
-"""The budgets a setting is judged at (the search policy's goal: best at 1 to 8 fine-tunes)."""
+TUNE_GRIDS: dict[str, tuple[tuple[float, ...], tuple[int, ...]]] = {
+    "ppo-search": ((3e-4, 3e-3), (0, 250, 1000, 2000)),
+    "ppo": ((3e-4, 3e-3), (1000, 4000, 10000)),
+    "regression": ((0.03, 0.1), (50, 200, 800)),
+}
+"""What ``tune`` tries per method: (learning rates, lengths); a length is training episodes for
+the PPO policies (the search policy's 0: untrained, i.e. ``gp-prior``) and boosting iterations for
+the regression."""
+TUNE_BUDGETS = {"ppo-search": (1, 2, 4, 8), "ppo": (1, 2, 3, 4), "regression": (1, 2, 3, 4)}
+"""The fine-tunes a setting is judged at: the search policy's goal budgets, the lists' 1..4."""
 
 
 def tune(
-    cfg: Config,
-    seeds: int,
-    learning_rates: tuple[float, ...] = TUNE_LEARNING_RATES,
-    episodes: tuple[int, ...] = TUNE_EPISODES,
-    workers: int = 1,
-    parts: Path | None = None,
+    cfg: Config, seeds: int, method: str = "ppo-search", workers: int = 1, parts: Path | None = None
 ) -> list[dict[str, Any]]:
-    """The search policy's learning rate and training length chosen without a held-out task: leave
-    one *training* task out (trained on the other training tasks), best-so-far regret at
-    :data:`TUNE_BUDGETS` for every setting, preference and seed; one training per (seed, learning
-    rate, task) gives every count of ``episodes`` as a snapshot. ``parts``: as in
-    :func:`search_curves`."""
+    """A method's settings (:data:`TUNE_GRIDS`) chosen without a held-out task: leave one
+    *training* task out (fit on the other training tasks), regret at :data:`TUNE_BUDGETS` for
+    every setting, preference and seed; one PPO training per (seed, learning rate, task) gives
+    every length as a snapshot. ``parts``: as in :func:`search_curves`."""
+    if method not in TUNE_GRIDS:
+        raise ConfigError(f"tune --method {method!r} is not one of {list(TUNE_GRIDS)}")
     table = load_table(cfg)
     dev = [t for t in table.complete() if not table.heldout[t]]
     if len(dev) < 2:
@@ -268,54 +271,69 @@ def tune(
             "complete training task(s); build more (python -m memrl.tables build) or mark fewer "
             "tasks heldout in env.tasks"
         )
-    combos = [(seed, lr, test) for seed in range(seeds) for lr in learning_rates for test in dev]
-    work = [
-        (cfg, table, seed, lr, test, [u for u in dev if u != test], episodes) for seed, lr, test in combos
+    rates, lengths = TUNE_GRIDS[method]
+    combos = [(seed, lr, test) for seed in range(seeds) for lr in rates for test in dev]
+    trains = {test: [u for u in dev if u != test] for test in dev}
+    work = [(cfg, table, method, seed, lr, test, trains[test], lengths) for seed, lr, test in combos]
+    keys = [
+        fold_key(tune_fold, cfg, table, [test, *trains[test]], method, seed, lr, lengths)
+        for seed, lr, test in combos
     ]
-    keys = [fold_key(tune_fold, cfg, table, [w[4], *w[5]], *w[2:4], w[6]) for w in work]
     return [row for rows in in_parallel(tune_fold, work, workers, keys, parts) for row in rows]
 
 
 def tune_fold(
     cfg: Config,
     table: BenchTable,
+    method: str,
     seed: int,
     lr: float,
     test: int,
     train: list[int],
-    episodes: tuple[int, ...],
+    lengths: tuple[int, ...],
 ) -> list[dict[str, Any]]:
-    lr_cfg = load_config(cfg, {"ppo.learning_rate": lr})
-    names = [table.names[u] for u in train]
-    policies = train_policies(lr_cfg, names, seed, list(episodes), mode="search")
+    budgets = TUNE_BUDGETS[method]
+    top = max(budgets)
+    picks: dict[int, Callable[[float], list[int]]]
+    if method == "regression":
+        models = {n: regression_model(table, train, seed, n, lr) for n in lengths}
+        picks = {n: lambda w, m=model: regression(table, m, test, w, top) for n, model in models.items()}
+    else:
+        mode = "search" if method == "ppo-search" else "mask"
+        lr_cfg = load_config(cfg, {"ppo.learning_rate": lr})
+        policies = train_policies(lr_cfg, [table.names[u] for u in train], seed, list(lengths), mode=mode)
+        masks_of = search_policy_masks if mode == "search" else policy_masks
+        picks = {
+            n: lambda w, p=policy: masks_of(p, table, test, w, top)
+            for n, policy in zip(sorted(lengths), policies)
+        }
     rows = []
-    for n_episodes, policy in zip(sorted(episodes), policies):
+    for length, pick in picks.items():
         for w in PREFERENCES:
-            regret = table.regret(w)[test]
-            masks = search_policy_masks(policy, table, test, w, max(TUNE_BUDGETS))
-            for n in TUNE_BUDGETS:
-                rows.append(
-                    {
-                        "method": "ppo-search",
-                        "learning_rate": lr,
-                        "episodes": n_episodes,
-                        "task": table.names[test],
-                        "memorization_weight": w,
-                        "seed": seed,
-                        "fine_tunes": n,
-                        "regret": best_regret(regret, masks[:n]),
-                    }
-                )
-    log.info("tune: seed %d, lr %g, task %s done", seed, lr, table.names[test])
+            regret, masks = table.regret(w)[test], pick(w)
+            rows += [
+                {
+                    "method": method,
+                    "learning_rate": lr,
+                    "length": length,
+                    "task": table.names[test],
+                    "memorization_weight": w,
+                    "seed": seed,
+                    "fine_tunes": n,
+                    "regret": best_regret(regret, masks[:n]),
+                }
+                for n in budgets
+            ]
+    log.info("tune %s: seed %d, lr %g, task %s done", method, seed, lr, table.names[test])
     return rows
 
 
 def chosen_setting(rows: list[dict[str, Any]]) -> tuple[float, int]:
-    """The (learning rate, episodes) with the lowest mean regret over tasks, preferences, seeds and
-    :data:`TUNE_BUDGETS`; ties go to fewer episodes, then the smaller learning rate."""
+    """The (learning rate, length) with the lowest mean regret over tasks, preferences, seeds and
+    budgets; ties go to the shorter length, then the smaller learning rate."""
     by: dict[tuple[float, int], list[float]] = {}
     for r in rows:
-        by.setdefault((float(r["learning_rate"]), int(r["episodes"])), []).append(float(r["regret"]))
+        by.setdefault((float(r["learning_rate"]), int(r["length"])), []).append(float(r["regret"]))
     return min(by, key=lambda s: (round(float(np.mean(by[s])), 6), s[1], s[0]))
 
 

@@ -214,28 +214,45 @@ def ppo_search(cfg: Config, task: str, w: float, seed: int, budget: int, max_ste
     return seen[:budget]
 
 
-def regression(table: BenchTable, train: list[int], test: int, w: float, seed: int, n: int = 1) -> list[int]:
-    """The ``n`` masks of highest predicted reward by a regression from (descriptor, preference,
-    mask) to reward fit on ``train``."""
-    from sklearn.ensemble import HistGradientBoostingRegressor
+REGRESSION_ITERATIONS = 50
+REGRESSION_LEARNING_RATE = 0.1
+"""The regression's boosting settings, as ``python -m memrl.benchmark tune --method regression``
+chose them on the training tasks (bench/results/benchmark/tune-regression.md, 2026-12-01: 50
+trees at 0.1, mean regret over 1-4 fine-tunes 0.056, against 0.099 for the 200 used before)."""
 
-    def features(t: int, weight: float) -> np.ndarray:
-        n = len(table.masks)
-        d = np.repeat(table.descriptors[t][None], n, 0)
-        p = np.repeat(table.preference(weight)[None], n, 0)
-        return np.concatenate([d, p, table.masks], axis=1)
+
+def regression_model(
+    table: BenchTable,
+    train: list[int],
+    seed: int,
+    iterations: int = REGRESSION_ITERATIONS,
+    learning_rate: float = REGRESSION_LEARNING_RATE,
+) -> Any:
+    """A regression from (descriptor, preference, mask) to reward fit on ``train``'s rows at 11
+    memorization weights (gradient boosting: ``iterations`` trees at ``learning_rate``)."""
+    from sklearn.ensemble import HistGradientBoostingRegressor
 
     xs, ys = [], []
     for t in train:
         for weight in np.linspace(0, 1, 11):
             r = table.rewards(weight)[t]
             keep = np.isfinite(r)
-            xs.append(features(t, weight)[keep])
+            xs.append(_regression_features(table, t, weight)[keep])
             ys.append(r[keep])
-    model = HistGradientBoostingRegressor(random_state=seed, max_iter=200).fit(
-        np.concatenate(xs), np.concatenate(ys)
-    )
-    predicted = model.predict(features(test, w))
+    model = HistGradientBoostingRegressor(random_state=seed, max_iter=iterations, learning_rate=learning_rate)
+    return model.fit(np.concatenate(xs), np.concatenate(ys))
+
+
+def _regression_features(table: BenchTable, t: int, weight: float) -> np.ndarray:
+    n = len(table.masks)
+    d = np.repeat(table.descriptors[t][None], n, 0)
+    p = np.repeat(table.preference(weight)[None], n, 0)
+    return np.concatenate([d, p, table.masks], axis=1)
+
+
+def regression(table: BenchTable, model: Any, test: int, w: float, n: int = 1) -> list[int]:
+    """The ``n`` masks of highest reward predicted by ``model`` (:func:`regression_model`)."""
+    predicted = model.predict(_regression_features(table, test, w))
     predicted[~np.isfinite(table.terms[test, :, 0])] = np.nan
     return _ranked(-predicted, n)
 

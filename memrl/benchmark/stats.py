@@ -162,29 +162,27 @@ def summarise(rows: list[dict[str, Any]], reference: str = "ppo") -> str:
 
 
 def summarise_tuning(rows: list[dict[str, Any]], chosen: tuple[float, int]) -> str:
-    """Markdown: the search policy's mean regret for every (learning rate, episodes) at each
-    number of fine-tunes and over them, with a task-level 95% interval of the latter, and the
-    setting chosen (the lowest mean over budgets)."""
+    """Markdown: a method's mean regret for every (learning rate, length) at each number of
+    fine-tunes and over them, with a task-level 95% interval of the latter, the chosen setting
+    (the lowest mean over budgets) marked."""
     tasks = sorted({r["task"] for r in rows})
     counts = sorted({int(r["fine_tunes"]) for r in rows})
     seeds, weights = len({r["seed"] for r in rows}), sorted({r["memorization_weight"] for r in rows})
+    unit = "boosting iterations" if rows and rows[0]["method"] == "regression" else "training episodes"
     out = [
-        f"Leave one training task out ({len(tasks)} tasks: {', '.join(tasks)}; no held-out task), "
-        f"{seeds} seeds, memorization weights {weights}.",
+        f"`{rows[0]['method'] if rows else ''}`: leave one training task out ({len(tasks)} tasks: "
+        f"{', '.join(tasks)}; no held-out task), {seeds} seeds, memorization weights {weights}.",
         "",
-        "| learning rate | episodes | "
-        + " | ".join(f"{n} fine-tunes" for n in counts)
-        + " | mean [95% CI] |",
+        f"| learning rate | {unit} | " + " | ".join(f"{n} fine-tunes" for n in counts) + " | mean [95% CI] |",
         "|---|---|" + "---|" * (len(counts) + 1),
     ]
-    settings = sorted({(float(r["learning_rate"]), int(r["episodes"])) for r in rows})
-    for lr, episodes in settings:
-        mine = [r for r in rows if float(r["learning_rate"]) == lr and int(r["episodes"]) == episodes]
+    for lr, length in sorted({(float(r["learning_rate"]), int(r["length"])) for r in rows}):
+        mine = [r for r in rows if float(r["learning_rate"]) == lr and int(r["length"]) == length]
         cells = [f"{np.mean([r['regret'] for r in mine if int(r['fine_tunes']) == n]):.3f}" for n in counts]
         d = describe(mine)
-        mark = " (chosen)" if (lr, episodes) == chosen else ""
+        mark = " (chosen)" if (lr, length) == chosen else ""
         out.append(
-            f"| {lr:g} | {episodes}{mark} | "
+            f"| {lr:g} | {length}{mark} | "
             + " | ".join(cells)
             + f" | {d['mean']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}] |"
         )
