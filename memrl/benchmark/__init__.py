@@ -17,7 +17,7 @@ searching the test task; judged at 1..4 or 1..16 fine-tunes):
   ``gp-prior`` (a GP whose prior mean is the calibrated ``knn-tasks`` regret; no learning).
 
     python -m memrl.benchmark transfer --n-seeds 10   # --episodes (one-shot PPO), --search-episodes
-    python -m memrl.benchmark tune --n-seeds 2      # --method ppo-search|ppo|regression: settings chosen on training tasks
+    python -m memrl.benchmark tune --n-seeds 2      # --method ppo-search|ppo|regression
     python -m memrl.benchmark modes --n-seeds 3
     python -m memrl.benchmark claims
     python -m memrl.benchmark findings              # best masks per task, seed noise (no method runs)
