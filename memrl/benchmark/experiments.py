@@ -294,23 +294,26 @@ def tune_fold(
 ) -> list[dict[str, Any]]:
     budgets = TUNE_BUDGETS[method]
     top = max(budgets)
-    picks: dict[int, Callable[[float], list[int]]]
+    fitted: dict[int, Any]  # per length: a regression model or a policy
     if method == "regression":
-        models = {n: regression_model(table, train, seed, n, lr) for n in lengths}
-        picks = {n: lambda w, m=model: regression(table, m, test, w, top) for n, model in models.items()}
+        fitted = {n: regression_model(table, train, seed, n, lr) for n in lengths}
     else:
         mode = "search" if method == "ppo-search" else "mask"
         lr_cfg = load_config(cfg, {"ppo.learning_rate": lr})
         policies = train_policies(lr_cfg, [table.names[u] for u in train], seed, list(lengths), mode=mode)
-        masks_of = search_policy_masks if mode == "search" else policy_masks
-        picks = {
-            n: lambda w, p=policy: masks_of(p, table, test, w, top)
-            for n, policy in zip(sorted(lengths), policies)
-        }
+        fitted = dict(zip(sorted(lengths), policies))
+
+    def masks_of(length: int, w: float) -> list[int]:
+        if method == "regression":
+            return regression(table, fitted[length], test, w, top)
+        if method == "ppo-search":
+            return search_policy_masks(fitted[length], table, test, w, top)
+        return policy_masks(fitted[length], table, test, w, top)
+
     rows = []
-    for length, pick in picks.items():
+    for length in fitted:
         for w in PREFERENCES:
-            regret, masks = table.regret(w)[test], pick(w)
+            regret, masks = table.regret(w)[test], masks_of(length, w)
             rows += [
                 {
                     "method": method,
