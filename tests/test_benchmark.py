@@ -164,3 +164,29 @@ def test_the_search_policy_is_compared_with_the_best_other_method_at_each_budget
     lines = against_the_best(rows + ablation, [0.5], "leave one task out")
     assert lines[4] == "| 1 | knn | 0.100 | 0.300 | +0.200 [+0.200, +0.200] | +0.200 |"
     assert lines[5] == "| 2 | tpe | 0.200 | 0.050 | -0.150 [-0.150, -0.150] | -0.150 |"
+
+
+def test_nested_tuning_chooses_each_folds_setting_without_its_own_results():
+    from memrl.benchmark.experiments import leave_one_out, nested_rows, nested_settings
+
+    def row(task: str, left_out: str, length: int, regret: float) -> dict:
+        return {"task": task, "left_out": left_out, "learning_rate": 0.1, "length": length, "regret": regret}
+
+    # Length 10 is best on a's own fold and on average (the flat choice), but the fits without a
+    # and another task score better with 20 on that other task: a's nested setting is 20.
+    rows = [
+        row("a", "a", 10, 0.0), row("a", "a", 20, 0.9),
+        row("b", "b", 10, 0.2), row("b", "b", 20, 0.3),
+        row("c", "c", 10, 0.2), row("c", "c", 20, 0.1),
+        row("b", "a+b", 10, 0.5), row("b", "a+b", 20, 0.1),
+        row("a", "a+b", 10, 0.0), row("a", "a+b", 20, 0.0),
+        row("c", "a+c", 10, 0.5), row("c", "a+c", 20, 0.1),
+        row("a", "a+c", 10, 0.9), row("a", "a+c", 20, 0.0),
+        row("c", "b+c", 10, 0.1), row("c", "b+c", 20, 0.6),
+        row("b", "b+c", 10, 0.1), row("b", "b+c", 20, 0.6),
+    ]  # fmt: skip
+    # a: inner b (a+b) and c (a+c): 20 (0.1) beats 10 (0.5). b: a (a+b), c (b+c): 10 (0.05) vs 20 (0.3).
+    # c: a (a+c), b (b+c): 10 (0.5) vs 20 (0.3).
+    assert nested_settings(rows) == {"a": (0.1, 20), "b": (0.1, 10), "c": (0.1, 20)}
+    assert {(r["task"], r["regret"]) for r in nested_rows(rows)} == {("a", 0.9), ("b", 0.2), ("c", 0.1)}
+    assert len(leave_one_out(rows)) == 6

@@ -16,7 +16,7 @@ from memrl.evaluator import Evaluator
 from memrl.reward import References, Reward, pareto_front
 from memrl.spec import EvalSpec, Evaluation
 from memrl.store import EvaluationStore
-from memrl.testing import wait_until
+from memrl.testing import run_module, wait_until
 
 
 def test_evaluation_round_trips_through_the_store(cfg, ctx, tmp_path):
@@ -35,9 +35,9 @@ def test_evaluation_round_trips_through_the_store(cfg, ctx, tmp_path):
     csv_path = store.export_csv(tmp_path / "table.csv")
     header = csv_path.read_text().splitlines()[0].split(",")
     assert {"canary_copy_fraction", "heldout_loss", "time_total"} <= set(header)
-    out = subprocess.run(
-        [sys.executable, "-m", "memrl.store", str(store.path)], capture_output=True, text=True, check=True
-    ).stdout
+    proc = run_module("memrl.store", str(store.path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
     assert "1 evaluations (0 failed)" in out and "1010" in out
 
 
@@ -148,7 +148,7 @@ def test_reading_a_store_never_modifies_it(tmp_path):
     db.execute("PRAGMA journal_mode=DELETE").fetchall()
     db.close()
     before = path.read_bytes()
-    out = subprocess.run([sys.executable, "-m", "memrl.store", str(path)], capture_output=True, text=True)
+    out = run_module("memrl.store", str(path))
     assert out.returncode == 0 and "1 evaluations" in out.stdout
     assert path.read_bytes() == before and not (tmp_path / "s.sqlite-wal").exists()
     with pytest.raises(StoreError, match="read-only"):
@@ -166,7 +166,7 @@ def test_another_applications_database_is_refused_and_left_alone(tmp_path):
         with pytest.raises(StoreError, match="another application|without memrl's evaluations table"):
             EvaluationStore(path, readonly=readonly)
     assert path.read_bytes() == before
-    out = subprocess.run([sys.executable, "-m", "memrl.store", str(path)], capture_output=True, text=True)
+    out = run_module("memrl.store", str(path))
     assert out.returncode == 2 and "Traceback" not in out.stderr and path.read_bytes() == before
 
 
@@ -263,9 +263,7 @@ def test_read_only_places_are_explained(tmp_path):
 def test_an_export_never_overwrites_the_store(tmp_path):
     path = tmp_path / "s.sqlite"
     EvaluationStore(path).put(Evaluation("h", (1,), {"x": 1.0}))
-    out = subprocess.run(
-        [sys.executable, "-m", "memrl.store", str(path), "--csv", str(path)], capture_output=True, text=True
-    )
+    out = run_module("memrl.store", str(path), "--csv", str(path))
     assert out.returncode == 2 and "the store itself" in out.stderr
     assert len(EvaluationStore(path)) == 1
 
@@ -304,16 +302,10 @@ def test_reward_normalisation_and_pareto():
 
 
 def test_csv_naming_a_directory_is_explained(tmp_path):
-    import subprocess
-    import sys
 
     from memrl.tables import shipped_dir
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "memrl.store", str(shipped_dir() / "bench.sqlite"), "--csv", str(tmp_path)],
-        capture_output=True,
-        text=True,
-    )
+    proc = run_module("memrl.store", str(shipped_dir() / "bench.sqlite"), "--csv", str(tmp_path))
     assert (
         proc.returncode == 2
         and "is a directory; name a file" in proc.stderr

@@ -3,8 +3,6 @@
 import itertools
 import json
 import sqlite3
-import subprocess
-import sys
 
 import gymnasium as gym
 import numpy as np
@@ -15,6 +13,7 @@ from memrl.config import load_config
 from memrl.errors import NotInStoreError
 from memrl.store import EvaluationStore
 from memrl.tables import build, export, import_rows, jobs, noise_masks, rekey, shipped_dir
+from memrl.testing import run_module
 
 ROWS = 2 * 16 + 2 + 2 * 4
 """Rows of the tiny table: 16 masks and full fine-tuning on each of two tasks, 8 noise rows."""
@@ -73,12 +72,9 @@ def test_a_build_resumes_and_a_table_seeds_a_new_working_store(table, tmp_path):
     path, cfg = table
     assert import_rows(tmp_path / "work.sqlite", path) == ROWS
     assert build(cfg, tmp_path / "work.sqlite", workers=1, threads=1) == 0
-    out = subprocess.run(
-        [sys.executable, "-m", "memrl.store", str(path), "--csv", str(tmp_path / "t.csv")],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    proc = run_module("memrl.store", str(path), "--csv", str(tmp_path / "t.csv"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
     assert f"{ROWS} evaluations (0 failed)" in out and "provenance" in out
     assert len((tmp_path / "t.csv").read_text().splitlines()) == ROWS + 1
 
@@ -324,7 +320,10 @@ def test_tune_scores_settings_on_training_tasks_only_and_untrained_search_is_gp_
     both = load_config(bench_cfg, {"env.tasks": [TASKS[0], {**TASKS[1], "heldout": False}]})
     dense = load_table(both)
     monkeypatch.setitem(TUNE_GRIDS, "ppo-search", ((3e-3,), (0, 4)))
+    with pytest.raises(ConfigError, match="every pair of training tasks out.*2 complete training"):
+        tune(both, seeds=1, nested=True)  # an inner fold would train on nothing
     rows = tune(both, seeds=1)
+    assert all(r["left_out"] == r["task"] for r in rows)
     assert {(r["task"], r["length"]) for r in rows} == {(t, e) for t in ("digits-a", "faces") for e in (0, 4)}
     for r in rows:
         test, w = dense.names.index(r["task"]), r["memorization_weight"]
@@ -525,11 +524,7 @@ def test_export_never_overwrites_what_it_should_not(table, tmp_path):
         assert before is None or out.read_bytes() == before
     shipped_copy = tmp_path / "table.sqlite"
     shipped_copy.write_bytes(path.read_bytes())
-    proc = subprocess.run(
-        [sys.executable, "-m", "memrl.tables", "export", "--store", str(small), "--out", str(shipped_copy)],
-        capture_output=True,
-        text=True,
-    )
+    proc = run_module("memrl.tables", "export", "--store", str(small), "--out", str(shipped_copy))
     assert proc.returncode == 2 and "rows that" in proc.stderr and "Traceback" not in proc.stderr
     assert len(EvaluationStore(shipped_copy, readonly=True)) == ROWS  # untouched
     assert len(EvaluationStore(export(small, shipped_copy, "tiny", force=True), readonly=True)) == 3
@@ -538,22 +533,8 @@ def test_export_never_overwrites_what_it_should_not(table, tmp_path):
 
 @pytest.mark.parametrize("flag,value", [("--workers", "0"), ("--threads", "0"), ("--limit", "-1")])
 def test_build_flags_out_of_range_are_refused(flag, value, tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "memrl.tables",
-            "build",
-            "--config",
-            "test",
-            "--store",
-            str(tmp_path / "s"),
-            flag,
-            value,
-        ],
-        capture_output=True,
-        text=True,
-    )
+    store = str(tmp_path / "s")
+    proc = run_module("memrl.tables", "build", "--config", "test", "--store", store, flag, value)
     assert (
         proc.returncode == 2 and f"{flag}={value} must be" in proc.stderr and "Traceback" not in proc.stderr
     )
@@ -563,9 +544,7 @@ def test_build_flags_out_of_range_are_refused(flag, value, tmp_path):
     "flags", [["--episodes", "0"], ["--episodes", "-5"], ["--budget", "0"], ["--n-seeds", "0"]]
 )
 def test_benchmark_flags_out_of_range_are_refused(flags):
-    proc = subprocess.run(
-        [sys.executable, "-m", "memrl.benchmark", "search", *flags], capture_output=True, text=True
-    )
+    proc = run_module("memrl.benchmark", "search", *flags)
     assert proc.returncode == 2 and f"{flags[0]}={flags[1]} must be 1 or more" in proc.stderr
     assert "Traceback" not in proc.stderr
 

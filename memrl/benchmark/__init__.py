@@ -17,7 +17,7 @@ searching the test task; judged at 1..4 or 1..16 fine-tunes):
   ``gp-prior`` (a GP whose prior mean is the calibrated ``knn-tasks`` regret; no learning).
 
     python -m memrl.benchmark transfer --n-seeds 10   # --episodes (one-shot PPO), --search-episodes
-    python -m memrl.benchmark tune --n-seeds 2      # --method ppo-search|ppo|regression
+    python -m memrl.benchmark tune --n-seeds 2      # --method ppo-search|ppo|regression, --nested
     python -m memrl.benchmark modes --n-seeds 3
     python -m memrl.benchmark claims
     python -m memrl.benchmark findings              # best masks per task, seed noise (no method runs)
@@ -32,7 +32,9 @@ tail, worst, hits, paired difference to ``ppo``, gap closed; then mean regret by
 where 0 is untrained and searches exactly as ``gp-prior``, and for one-shot PPO; boosting
 iterations for the regression) by leaving one *training* task out, so no held-out task is looked
 at (``tune-METHOD.csv``, ``tune-METHOD.md``); the chosen values go in ``configs/bench.yaml``'s
-``ppo`` (the PPO policies) and ``memrl.benchmark.methods`` (the regression).
+``ppo`` (the PPO policies) and ``memrl.benchmark.methods`` (the regression). The leave-one-out
+split of ``transfer`` then scores methods tuned on its own test tasks (optimistic); ``--nested``
+adds the honest figure: each left-out task's setting chosen on inner folds without it.
 ``modes`` compares mask mode with sequential mode (one group per step): the zero-shot regret of
 each one's first proposal after the same numbers of training episodes (``modes.*``).
 ``claims`` checks the MemControl paper's findings at small scale (``claims.*``): full fine-tuning

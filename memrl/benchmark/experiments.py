@@ -255,30 +255,41 @@ TUNE_BUDGETS = {"ppo-search": (1, 2, 4, 8), "ppo": (1, 2, 3, 4), "regression": (
 
 
 def tune(
-    cfg: Config, seeds: int, method: str = "ppo-search", workers: int = 1, parts: Path | None = None
+    cfg: Config,
+    seeds: int,
+    method: str = "ppo-search",
+    workers: int = 1,
+    parts: Path | None = None,
+    nested: bool = False,
 ) -> list[dict[str, Any]]:
     """A method's settings (:data:`TUNE_GRIDS`) chosen without a held-out task: leave one
     *training* task out (fit on the other training tasks), regret at :data:`TUNE_BUDGETS` for
-    every setting, preference and seed; one PPO training per (seed, learning rate, task) gives
-    every length as a snapshot. ``parts``: as in :func:`search_curves`."""
+    every setting, preference and seed; one PPO training per (seed, learning rate, fold) gives
+    every length as a snapshot. Each row's ``left_out`` names the tasks its fit did not see.
+
+    ``nested`` also leaves out every pair of training tasks (each fit scored on both), so that
+    :func:`nested_settings` can choose each leave-one-out fold's setting without its test task: the
+    inner fold of outer task ``a`` and inner task ``b`` is the fit without ``a`` and ``b``, scored on
+    ``b`` (one fit serves both outer tasks of a pair). ``parts``: as in :func:`search_curves`."""
     if method not in TUNE_GRIDS:
         raise ConfigError(f"tune --method {method!r} is not one of {list(TUNE_GRIDS)}")
     table = load_table(cfg)
     dev = [t for t in table.complete() if not table.heldout[t]]
-    if len(dev) < 2:
+    if len(dev) < (3 if nested else 2):
+        what = "every pair of training tasks out" if nested else "one training task out"
         raise ConfigError(
-            f"tune leaves one training task out and trains on the others: the table has {len(dev)} "
-            "complete training task(s); build more (python -m memrl.tables build) or mark fewer "
+            f"tune{' --nested' if nested else ''} leaves {what} and trains on the rest: the table has "
+            f"{len(dev)} complete training task(s); build more (python -m memrl.tables build) or mark fewer "
             "tasks heldout in env.tasks"
         )
     rates, lengths = TUNE_GRIDS[method]
-    combos = [(seed, lr, test) for seed in range(seeds) for lr in rates for test in dev]
-    trains = {test: [u for u in dev if u != test] for test in dev}
-    work = [(cfg, table, method, seed, lr, test, trains[test], lengths) for seed, lr, test in combos]
-    keys = [
-        fold_key(tune_fold, cfg, table, [test, *trains[test]], method, seed, lr, lengths)
-        for seed, lr, test in combos
-    ]
+    left_outs = [[t] for t in dev] + ([[a, b] for a, b in itertools.combinations(dev, 2)] if nested else [])
+    combos = [(seed, lr, out) for seed in range(seeds) for lr in rates for out in left_outs]
+    work, keys = [], []
+    for seed, lr, out in combos:
+        train = [u for u in dev if u not in out]
+        work.append((cfg, table, method, seed, lr, out, train, lengths))
+        keys.append(fold_key(tune_fold, cfg, table, [*out, *train], method, seed, lr, lengths))
     return [row for rows in in_parallel(tune_fold, work, workers, keys, parts) for row in rows]
 
 
@@ -288,7 +299,7 @@ def tune_fold(
     method: str,
     seed: int,
     lr: float,
-    test: int,
+    tests: list[int],
     train: list[int],
     lengths: tuple[int, ...],
 ) -> list[dict[str, Any]]:
@@ -303,32 +314,42 @@ def tune_fold(
         policies = train_policies(lr_cfg, [table.names[u] for u in train], seed, list(lengths), mode=mode)
         fitted = dict(zip(sorted(lengths), policies))
 
-    def masks_of(length: int, w: float) -> list[int]:
+    def masks_of(length: int, test: int, w: float) -> list[int]:
         if method == "regression":
             return regression(table, fitted[length], test, w, top)
         if method == "ppo-search":
             return search_policy_masks(fitted[length], table, test, w, top)
         return policy_masks(fitted[length], table, test, w, top)
 
+    left_out = LEFT_OUT_SEPARATOR.join(table.names[t] for t in tests)
     rows = []
-    for length in fitted:
-        for w in PREFERENCES:
-            regret, masks = table.regret(w)[test], masks_of(length, w)
-            rows += [
-                {
-                    "method": method,
-                    "learning_rate": lr,
-                    "length": length,
-                    "task": table.names[test],
-                    "memorization_weight": w,
-                    "seed": seed,
-                    "fine_tunes": n,
-                    "regret": best_regret(regret, masks[:n]),
-                }
-                for n in budgets
-            ]
-    log.info("tune %s: seed %d, lr %g, task %s done", method, seed, lr, table.names[test])
+    for test, length, w in itertools.product(tests, fitted, PREFERENCES):
+        regret, masks = table.regret(w)[test], masks_of(length, test, w)
+        rows += [
+            {
+                "method": method,
+                "learning_rate": lr,
+                "length": length,
+                "task": table.names[test],
+                "left_out": left_out,
+                "memorization_weight": w,
+                "seed": seed,
+                "fine_tunes": n,
+                "regret": best_regret(regret, masks[:n]),
+            }
+            for n in budgets
+        ]
+    log.info("tune %s: seed %d, lr %g, %s left out, done", method, seed, lr, left_out)
     return rows
+
+
+LEFT_OUT_SEPARATOR = "+"
+"""Joins the names of the tasks a tuning fit left out (task names never contain it)."""
+
+
+def leave_one_out(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of fits that left out only the task they are scored on."""
+    return [r for r in rows if r["left_out"] == r["task"]]
 
 
 def chosen_setting(rows: list[dict[str, Any]]) -> tuple[float, int]:
@@ -338,6 +359,32 @@ def chosen_setting(rows: list[dict[str, Any]]) -> tuple[float, int]:
     for r in rows:
         by.setdefault((float(r["learning_rate"]), int(r["length"])), []).append(float(r["regret"]))
     return min(by, key=lambda s: (round(float(np.mean(by[s])), 6), s[1], s[0]))
+
+
+def nested_settings(rows: list[dict[str, Any]]) -> dict[str, tuple[float, int]]:
+    """Per task (outer fold): the setting :func:`chosen_setting` picks from the inner folds alone,
+    the fits that left out this task and one other, scored on the other (``tune(nested=True)``'s
+    rows); this task's own results never enter its choice."""
+    out = {}
+    for task in sorted({r["task"] for r in rows}):
+        inner = [
+            r
+            for r in rows
+            if r["task"] != task and task in r["left_out"].split(LEFT_OUT_SEPARATOR)  # a pair without task
+        ]
+        if not inner:
+            raise ConfigError(f"nested tuning: no inner fold for {task!r}; run tune with nested=True")
+        out[task] = chosen_setting(inner)
+    return out
+
+
+def nested_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Leave one task out with each fold's setting chosen by :func:`nested_settings`: the honest
+    leave-one-out score of a method whose settings are tuned."""
+    chosen = nested_settings(rows)
+    return [
+        r for r in leave_one_out(rows) if (float(r["learning_rate"]), int(r["length"])) == chosen[r["task"]]
+    ]
 
 
 @functools.lru_cache(maxsize=1)

@@ -215,10 +215,11 @@ def ppo_search(cfg: Config, task: str, w: float, seed: int, budget: int, max_ste
 
 
 REGRESSION_ITERATIONS = 50
-REGRESSION_LEARNING_RATE = 0.1
+REGRESSION_LEARNING_RATE = 0.03
 """The regression's boosting settings, as ``python -m memrl.benchmark tune --method regression``
-chose them on the training tasks (bench/results/benchmark/tune-regression.md, 2026-12-01: 50
-trees at 0.1, mean regret over 1-4 fine-tunes 0.056, against 0.099 for the 200 used before)."""
+chose them on the training tasks (bench/results/benchmark/tune-regression.md, 2026-12-01, 8
+tasks: 50 trees at 0.03, mean regret over 1-4 fine-tunes 0.185; on 7 tasks it had chosen 50 at
+0.1, 0.056, against 0.099 for the 200 used before)."""
 
 
 def regression_model(
@@ -239,7 +240,12 @@ def regression_model(
             keep = np.isfinite(r)
             xs.append(_regression_features(table, t, weight)[keep])
             ys.append(r[keep])
-    model = HistGradientBoostingRegressor(random_state=seed, max_iter=iterations, learning_rate=learning_rate)
+    model = HistGradientBoostingRegressor(
+        random_state=seed,
+        max_iter=iterations,
+        learning_rate=learning_rate,
+        early_stopping=False,  # "auto" turns it on past 10,000 rows (8 tasks): a fit of another kind
+    )
     return model.fit(np.concatenate(xs), np.concatenate(ys))
 
 

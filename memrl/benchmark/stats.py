@@ -189,6 +189,39 @@ def summarise_tuning(rows: list[dict[str, Any]], chosen: tuple[float, int]) -> s
     return "\n".join(out)
 
 
+def summarise_nested(
+    nested: list[dict[str, Any]], chosen: dict[str, tuple[float, int]], flat: list[dict[str, Any]]
+) -> str:
+    """Markdown: per task, the setting its inner folds chose and its regret with it (``nested``,
+    the rows of :func:`~memrl.benchmark.experiments.nested_rows`), then the mean regret at each
+    number of fine-tunes nested against ``flat`` (the one setting chosen on every fold, its test
+    tasks included: optimistic), each with a task-level 95% interval."""
+    counts = sorted({int(r["fine_tunes"]) for r in nested})
+    out = [
+        "**Nested** (each left-out task's setting chosen on the fits that left out it and one other "
+        "task, scored on the other: its own results never choose it)",
+        "",
+        "| task | chosen learning rate | chosen length | "
+        + " | ".join(f"{n} fine-tunes" for n in counts)
+        + " |",
+        "|---|---|---|" + "---|" * len(counts),
+    ]
+    for task, (lr, length) in sorted(chosen.items()):
+        mine = [r for r in nested if r["task"] == task]
+        cells = [f"{np.mean([r['regret'] for r in mine if int(r['fine_tunes']) == n]):.3f}" for n in counts]
+        out.append(f"| {task} | {lr:g} | {length} | " + " | ".join(cells) + " |")
+    out += ["", "| tuning | " + " | ".join(f"{n} fine-tunes" for n in counts) + " | mean [95% CI] |"]
+    out.append("|---|" + "---|" * (len(counts) + 1))
+    for label, rows in (("nested (honest)", nested), ("one setting for every fold (optimistic)", flat)):
+        cells = []
+        for n in counts:
+            d = describe([r for r in rows if int(r["fine_tunes"]) == n])
+            cells.append(f"{d['mean']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}]")
+        d = describe(rows)
+        out.append(f"| {label} | {' | '.join(cells)} | {d['mean']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}] |")
+    return "\n".join(out)
+
+
 SEARCHER = "ppo-search"
 """The search policy; its ablations (``ppo-search-...``) are never its comparators."""
 
