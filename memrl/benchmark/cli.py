@@ -15,6 +15,7 @@ from memrl.benchmark.experiments import (
     nested_rows,
     nested_settings,
     search_curves,
+    setting_of,
     transfer,
     tune,
 )
@@ -168,6 +169,6 @@ def tuning_report(rows: list[dict[str, Any]], nested: bool) -> str:
     chosen = chosen_setting(flat)
     text = summarise_tuning(flat, chosen) + f"\n\nChosen: learning rate {chosen[0]:g}, length {chosen[1]}."
     if nested:
-        same = [r for r in flat if (float(r["learning_rate"]), int(r["length"])) == chosen]
+        same = [r for r in flat if setting_of(r) == chosen]
         text += "\n\n" + summarise_nested(nested_rows(rows), nested_settings(rows), same)
     return text

@@ -352,12 +352,17 @@ def leave_one_out(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if r["left_out"] == r["task"]]
 
 
+def setting_of(row: dict[str, Any]) -> tuple[float, int]:
+    """A tuning row's (learning rate, length)."""
+    return float(row["learning_rate"]), int(row["length"])
+
+
 def chosen_setting(rows: list[dict[str, Any]]) -> tuple[float, int]:
     """The (learning rate, length) with the lowest mean regret over tasks, preferences, seeds and
     budgets; ties go to the shorter length, then the smaller learning rate."""
     by: dict[tuple[float, int], list[float]] = {}
     for r in rows:
-        by.setdefault((float(r["learning_rate"]), int(r["length"])), []).append(float(r["regret"]))
+        by.setdefault(setting_of(r), []).append(float(r["regret"]))
     return min(by, key=lambda s: (round(float(np.mean(by[s])), 6), s[1], s[0]))
 
 
@@ -382,9 +387,7 @@ def nested_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Leave one task out with each fold's setting chosen by :func:`nested_settings`: the honest
     leave-one-out score of a method whose settings are tuned."""
     chosen = nested_settings(rows)
-    return [
-        r for r in leave_one_out(rows) if (float(r["learning_rate"]), int(r["length"])) == chosen[r["task"]]
-    ]
+    return [r for r in leave_one_out(rows) if setting_of(r) == chosen[r["task"]]]
 
 
 @functools.lru_cache(maxsize=1)
