@@ -19,7 +19,11 @@ def sample(
     batch_size: int = 256,
 ) -> torch.Tensor:
     """Generate one image in [-1, 1] per label with DDIM (unknown labels and -1 sample
-    unconditionally). ``guidance`` is the classifier-free guidance scale (1 = no guidance)."""
+    unconditionally). ``guidance`` is the classifier-free guidance scale (1 = no guidance).
+
+    A chunk whose every label is the null label runs the UNet once per step instead of twice:
+    its conditional and unconditional predictions are the same tensor, so the guided noise is
+    the unconditional one bit for bit (``bench/bench_sampling.py`` measures it)."""
     from memrl.training import noise_scheduler
 
     labels = model.labels_or_null(labels, len(labels))
@@ -34,10 +38,14 @@ def sample(
         x = torch.randn((len(chunk), *shape), generator=g).to(device)
         chunk = chunk.to(device)
         null = torch.full_like(chunk, model.null_label)
+        unconditional = bool((chunk == null).all())
         for t in sched.timesteps:
-            tt = t.expand(2 * len(chunk)).to(device)
-            eps_cond, eps_uncond = model(torch.cat([x, x]), tt, torch.cat([chunk, null])).chunk(2)
-            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+            if unconditional:
+                eps = model(x, t.expand(len(chunk)).to(device), chunk)
+            else:
+                tt = t.expand(2 * len(chunk)).to(device)
+                eps_cond, eps_uncond = model(torch.cat([x, x]), tt, torch.cat([chunk, null])).chunk(2)
+                eps = eps_uncond + guidance * (eps_cond - eps_uncond)
             x = sched.step(eps, t, x).prev_sample
         out.append(x.clamp(-1, 1).cpu())
     return torch.cat(out)

@@ -146,6 +146,29 @@ def test_sampling_shape_range_and_seed(tiny_model):
     assert not torch.equal(a, sample(tiny_model, labels, steps=3, seed=2))
 
 
+def test_unconditional_sampling_runs_one_branch_with_the_guided_result_bit_for_bit(tiny_model):
+    from memrl.training import noise_scheduler
+
+    labels = torch.full((6,), -1)
+    calls = []
+    hook = tiny_model.unet.register_forward_pre_hook(lambda _, args: calls.append(len(args[0])))
+    try:
+        fast = sample(tiny_model, labels, steps=3, guidance=2.0, seed=4)
+    finally:
+        hook.remove()
+    assert calls == [6, 6, 6]  # one batch of 6 per step, not 12
+    # the guided two-branch loop every stored row was sampled with
+    sched = noise_scheduler(tiny_model, "ddim")
+    sched.set_timesteps(3)
+    null = torch.full((6,), tiny_model.null_label)
+    x = torch.randn((6, tiny_model.channels, 8, 8), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        for t in sched.timesteps:
+            cond, uncond = tiny_model(torch.cat([x, x]), t.expand(12), torch.cat([null, null])).chunk(2)
+            x = sched.step(uncond + 2.0 * (cond - uncond), t, x).prev_sample
+    assert torch.equal(fast, x.clamp(-1, 1))
+
+
 GROUPNORM_SCRIPT = textwrap.dedent("""
     import torch
     from memrl.models import install_groupnorm_guard
