@@ -164,6 +164,9 @@ def test_the_search_policy_is_compared_with_the_best_other_method_at_each_budget
     lines = against_the_best(rows + ablation, [0.5], "leave one task out")
     assert lines[4] == "| 1 | knn | 0.100 | 0.300 | +0.200 [+0.200, +0.200] | +0.200 |"
     assert lines[5] == "| 2 | tpe | 0.200 | 0.050 | -0.150 [-0.150, -0.150] | -0.150 |"
+    without = against_the_best(rows + ablation, [0.5], "leave one task out", exclude=("knn",))
+    assert "`knn` left out" in without[0]
+    assert without[4] == "| 1 | tpe | 0.400 | 0.300 | -0.100 [-0.100, -0.100] | -0.100 |"
 
 
 def test_nested_tuning_chooses_each_folds_setting_without_its_own_results():
@@ -190,3 +193,11 @@ def test_nested_tuning_chooses_each_folds_setting_without_its_own_results():
     assert nested_settings(rows) == {"a": (0.1, 20), "b": (0.1, 10), "c": (0.1, 20)}
     assert {(r["task"], r["regret"]) for r in nested_rows(rows)} == {("a", 0.9), ("b", 0.2), ("c", 0.1)}
     assert len(leave_one_out(rows)) == 6
+
+
+def test_report_modules_are_not_in_the_fold_digest_and_method_modules_are():
+    from memrl.benchmark.experiments import REPORT_ONLY, digest_files
+
+    names = {f.name for f in digest_files()}
+    assert {"methods.py", "experiments.py", "table.py", "prior.py", "episode.py", "reward.py"} <= names
+    assert not names & set(REPORT_ONLY)  # editing a summary must not rerun an hour of folds

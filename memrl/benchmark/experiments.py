@@ -390,19 +390,30 @@ def nested_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in leave_one_out(rows) if setting_of(r) == chosen[r["task"]]]
 
 
-@functools.lru_cache(maxsize=1)
-def code_digest() -> str:
-    """A hash of the code behind an experiment's results (the benchmark, agents, env, reward and
-    task modules): a change to it reruns every fold."""
+REPORT_ONLY = ("stats.py", "findings.py")
+"""Benchmark modules that only summarise rows (no fold calls them): editing a report reruns no fold."""
+
+
+def digest_files() -> list[Path]:
+    """The code behind an experiment's results: the benchmark modules less :data:`REPORT_ONLY`,
+    the agents, env, reward, task, table, episode, context and prior modules."""
     import memrl
 
     root = Path(memrl.__file__).parent
-    files = [*(root / "benchmark").glob("*.py"), root / "reward.py", root / "task.py", root / "tables.py"]
-    files += [root / "episode.py", root / "context.py", root / "prior.py"]
+    files = [f for f in (root / "benchmark").glob("*.py") if f.name not in REPORT_ONLY]
+    files += [
+        root / name for name in ("reward.py", "task.py", "tables.py", "episode.py", "context.py", "prior.py")
+    ]
     for package in ("memrl.agents", "memrl.envs"):
         files += Path(str(importlib.import_module(package).__file__)).parent.glob("*.py")
+    return sorted(files)
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """A hash of :func:`digest_files`: a change to any of them reruns every fold."""
     digest = hashlib.sha256()
-    for f in sorted(files):
+    for f in digest_files():
         digest.update(f.name.encode() + f.read_bytes())
     return digest.hexdigest()[:16]
 

@@ -158,6 +158,8 @@ def summarise(rows: list[dict[str, Any]], reference: str = "ppo") -> str:
         out.append("")
         if any(r["method"] == SEARCHER for r in split):
             out += [*against_the_best(split, weights, label), ""]
+            if any(r["method"] == STARTING_POINT for r in split):
+                out += [*against_the_best(split, weights, label, exclude=(STARTING_POINT,)), ""]
     return "\n".join(out)
 
 
@@ -224,15 +226,21 @@ def summarise_nested(
 
 SEARCHER = "ppo-search"
 """The search policy; its ablations (``ppo-search-...``) are never its comparators."""
+STARTING_POINT = "gp-prior"
+"""What the search policy is before PPO changes it (its logits start as this acquisition)."""
 
 
-def against_the_best(split: list[dict[str, Any]], weights: list[float], label: str) -> list[str]:
+def against_the_best(
+    split: list[dict[str, Any]], weights: list[float], label: str, exclude: tuple[str, ...] = ()
+) -> list[str]:
     """Markdown rows: at each number of fine-tunes, the search policy's mean regret minus that of
     the best other method there (the lowest mean, chosen on these very rows: the hardest
-    comparator), pooled with its task-level 95% interval and per preference."""
+    comparator), pooled with its task-level 95% interval and per preference. ``exclude``: methods
+    left out of the comparators (its own starting point, to ask how it fares against the rest)."""
+    without = f", {', '.join(f'`{m}`' for m in exclude)} left out" if exclude else ""
     out = [
-        f"**The search policy against the best other method at each number of fine-tunes** ({label}; "
-        "negative: the search policy is better)",
+        "**The search policy against the best other method at each number of fine-tunes** "
+        f"({label}{without}; negative: the search policy is better)",
         "",
         "| fine-tunes | best other method | its mean | search policy | difference [95% CI] | "
         + " | ".join(f"w={w}" for w in weights)
@@ -244,7 +252,7 @@ def against_the_best(split: list[dict[str, Any]], weights: list[float], label: s
         means = {
             m: float(np.mean([r["regret"] for r in at if r["method"] == m]))
             for m in dict.fromkeys(r["method"] for r in at)
-            if not m.startswith(SEARCHER)
+            if not m.startswith(SEARCHER) and m not in exclude
         }
         if not means:
             continue
