@@ -21,9 +21,11 @@ def sample(
     """Generate one image in [-1, 1] per label with DDIM (unknown labels and -1 sample
     unconditionally). ``guidance`` is the classifier-free guidance scale (1 = no guidance).
 
-    A chunk whose every label is the null label runs the UNet once per step instead of twice:
-    its conditional and unconditional predictions are the same tensor, so the guided noise is
-    the unconditional one bit for bit (``bench/bench_sampling.py`` measures it)."""
+    A chunk whose every label is the null label runs the UNet once per step instead of on a
+    doubled batch: its conditional and unconditional predictions are the same, so the guided noise
+    is the unconditional prediction. On the CPU kernels the result is bit for bit the doubled
+    batch's (``tests/test_models.py`` checks it; ``bench/bench_sampling.py`` measures the time and
+    re-evaluates stored rows); other devices may pick other kernels for the other batch size."""
     from memrl.training import noise_scheduler
 
     labels = model.labels_or_null(labels, len(labels))
