@@ -281,6 +281,8 @@ class Policy:
         weights = self.preference(preference)
         prior = self._prior_features(descriptor, preference)
         history = SearchHistory(self.k, budget, references)
+        if self.prior is not None:
+            history.neighbours = self.prior.neighbours(descriptor, weights)
         masks = all_masks(self.k)
         for _ in range(min(budget, len(masks))):
             probabilities = self._probabilities(history.observation(weights, prior, zero_history))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from memrl.prior import PRIOR_FEATURES, all_masks
+from memrl.prior import PRIOR_FEATURES, agreement_regret, all_masks
 from memrl.reward import PREFERENCE_FIELDS
 
 
@@ -135,6 +135,10 @@ class SearchHistory:
         k: groups of the search space; budget: the masks the search may evaluate.
         references: the rewards of no fine-tune and of the mask of ones, when known (they enter
             the posterior as observations, but count as tried only when the search picks them).
+        neighbours: the nearest training tasks' regret and weights
+            (:meth:`memrl.prior.TransferPrior.neighbours`); once a mask is tried, the calibrated
+            posterior's prior is their :func:`~memrl.prior.agreement_regret` instead of the fixed
+            ``knn_regret``.
     """
 
     k: int
@@ -143,6 +147,7 @@ class SearchHistory:
     masks: list[np.ndarray] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
     terms: list[tuple[float, float]] = field(default_factory=list)
+    neighbours: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def baseline(self) -> float:
@@ -179,7 +184,8 @@ class SearchHistory:
         posterior of its reward given every result so far and the references (mean and expected
         improvement relative to the best so far, in units of the results' spread), its Hamming
         distance to the best tried mask, its size, and the mean and improvement of
-        :func:`calibrated_posterior` (the prior's ``knn_regret`` as the posterior's mean; relative
+        :func:`calibrated_posterior` (the prior's ``knn_regret`` as the posterior's mean, re-weighted
+        by agreement with the results once a mask is tried when ``neighbours`` is set; relative
         to the best reward known, references included, as the ``gp-prior`` baseline scores them;
         with nothing known, the mean is minus the prior's ``knn_regret`` and the improvement 0).
         ``zero_history`` shows every candidate as if nothing had been observed, except which were
@@ -211,7 +217,10 @@ class SearchHistory:
                 mean = np.clip(mu + (centre - incumbent) / scale, -5, 5)
                 # the calibrated posterior is gp-prior's: its incumbent is the best reward known
                 known = float(y.max())
-                c_mean, c_std, c_scale = calibrated_posterior(prior[:, 0], seen, y, candidates)
+                prior_regret = np.asarray(prior[:, 0], dtype=float)
+                if self.neighbours is not None and len(self.neighbours[1]) and self.masks:
+                    prior_regret = np.nan_to_num(agreement_regret(*self.neighbours, seen, y), nan=1.0)
+                c_mean, c_std, c_scale = calibrated_posterior(prior_regret, seen, y, candidates)
                 calibrated = np.clip((c_mean - known) / c_scale, -CLIP, CLIP)
                 calibrated_ei = np.clip(expected_improvement(c_mean, c_std, known) / c_scale, 0, CLIP)
             best = self.best_index()

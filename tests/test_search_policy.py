@@ -48,6 +48,22 @@ def test_the_prior_weights_sources_by_standardised_distance_and_leaves_one_out()
     ).all()
 
 
+def test_agreement_discounts_a_neighbour_that_orders_the_results_the_other_way():
+    from memrl.prior import AGREEMENT_SHARPNESS, agreement_regret
+
+    regret = np.array([[0, 0.25, 0.5, 1], [1, 0, 0.5, 1], [0, 0, 0, 1]])
+    weights = np.array([1.0, 2.0, 1.0])
+    # no result yet: the inverse-distance average (knn_regret)
+    assert np.allclose(agreement_regret(regret, weights, [], np.zeros(0)), weights @ regret / 4)
+    # results on masks 0, 1, 3 with rewards 3 > 2 > 1: source a orders all 3 pairs as the task
+    # does; b orders (0, 1) the other way, ties (0, 3) and agrees on (1, 3) (1 of 3 discordant);
+    # c ties (0, 1), which is not discordant, and agrees on the rest (0 of 3)
+    got = agreement_regret(regret, weights, [0, 1, 3], np.array([3.0, 2.0, 1.0]))
+    w = weights * np.exp(-AGREEMENT_SHARPNESS * np.array([0.0, 1 / 3, 0.0]))
+    assert np.allclose(got, w @ regret / w.sum())
+    assert got[0] < weights @ regret[:, 0] / 4  # b, which says mask 0 is worst, counts for less
+
+
 def test_the_posterior_matches_a_hand_computed_gaussian_process():
     x = np.array([[0, 0]])
     mean, std = posterior(x, np.array([2.0]), all_masks(K))

@@ -97,24 +97,27 @@ def prior_gp_search(table: BenchTable, train: list[int], test: int, w: float, bu
     :func:`~memrl.episode.calibrated_posterior` (an affine map from the ``knn-tasks`` regret to the
     test task's reward and a Gaussian process on the residuals, refitted after every result); the
     first pick is the best predicted mask (close to ``knn-tasks``' first), each next the largest
-    expected improvement over the best so far (ties to the lowest prior regret). The references (no
-    fine-tune, the mask of ones) are observed first, as the search policy observes them."""
+    expected improvement over the best so far (ties to the lowest prior regret), its prior
+    re-weighted by how well each neighbour orders the results (:func:`~memrl.prior.agreement_regret`).
+    The references (no fine-tune, the mask of ones) are observed first, as the search policy
+    observes them."""
     from memrl.episode import best_candidate, calibrated_posterior, expected_improvement
-    from memrl.prior import all_masks
+    from memrl.prior import agreement_regret, all_masks
 
     rewards = table.rewards(w)[test]
-    prior = prior_of(table, train).knn_regret(table.descriptors[test], table.preference(w))
-    prior = np.nan_to_num(prior, nan=1.0)
+    neighbours = prior_of(table, train).neighbours(table.descriptors[test], table.preference(w))
+    knn = np.nan_to_num(agreement_regret(*neighbours, [], np.zeros(0)), nan=1.0)  # = knn-tasks regret
     candidates = all_masks(table.masks.shape[1])
     available = np.isfinite(rewards)
     tried: list[int] = []
     for _ in range(min(budget, int(available.sum()))):
         seen = [i for i in dict.fromkeys([0, len(rewards) - 1, *tried]) if available[i]]
+        prior = np.nan_to_num(agreement_regret(*neighbours, seen, rewards[seen]), nan=1.0) if tried else knn
         mean, std, _ = calibrated_posterior(prior, seen, rewards[seen], candidates)
         score = expected_improvement(mean, std, float(rewards[seen].max())) if tried else mean.copy()
         score[~available] = -np.inf
         score[tried] = -np.inf
-        tried.append(best_candidate(score, prior))
+        tried.append(best_candidate(score, knn))
     return tried
 
 
