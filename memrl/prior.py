@@ -98,8 +98,7 @@ class TransferPrior:
         self, descriptor: np.ndarray, preference: np.ndarray, k: int = KNN, exclude: int | None = None
     ) -> np.ndarray:
         """(M,) regret averaged over the ``k`` nearest sources, weighted by inverse distance."""
-        regret, weights = self.neighbours(descriptor, preference, k, exclude)
-        return (weights[:, None] * regret).sum(axis=0) / weights.sum()
+        return agreement_regret(*self.neighbours(descriptor, preference, k, exclude), [], np.zeros(0))
 
     def features(
         self, descriptor: np.ndarray, preference: np.ndarray, exclude: int | None = None
@@ -164,7 +163,8 @@ def agreement_regret(
     exp(-:data:`AGREEMENT_SHARPNESS` x the share of pairs of ``observed`` masks whose ``values``
     (the searched task's rewards) the source orders the other way): the transfer prior re-weighted
     by the results so far, after RGPE's ranking loss (Feurer et al. 2018), so that a descriptor
-    neighbour whose ranking the task contradicts stops steering the search."""
+    neighbour whose ranking the task contradicts stops steering the search. With nothing observed
+    it is the plain inverse-distance average (:meth:`TransferPrior.knn_regret`)."""
     values = np.asarray(values, dtype=float)
     upper = np.triu(np.ones((len(observed), len(observed)), dtype=bool), 1)
     task_order = np.sign(values[:, None] - values[None, :])

@@ -106,7 +106,7 @@ def prior_gp_search(table: BenchTable, train: list[int], test: int, w: float, bu
 
     rewards = table.rewards(w)[test]
     neighbours = prior_of(table, train).neighbours(table.descriptors[test], table.preference(w))
-    knn = np.nan_to_num(agreement_regret(*neighbours, [], np.zeros(0)), nan=1.0)  # = knn-tasks regret
+    knn = np.nan_to_num(agreement_regret(*neighbours, [], np.zeros(0)), nan=1.0)  # nothing seen: knn_regret
     candidates = all_masks(table.masks.shape[1])
     available = np.isfinite(rewards)
     tried: list[int] = []
