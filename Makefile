@@ -18,9 +18,10 @@ demo: install
 	$(PY) -m memrl.train_agent --config bench
 
 # Two single-threaded pytest workers, one test file each at a time (module fixtures stay in one
-# process): on 2 cores faster than one two-threaded process, and never oversubscribed.
+# process), longest files first (tests/conftest.py): on 2 cores faster than one two-threaded
+# process, and never oversubscribed.
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-slow: install
 	$(PY) -m pytest -q -m slow

@@ -17,6 +17,24 @@ USER_CACHE = os.environ.get("MEMRL_CACHE", os.path.expanduser("~/.cache/memrl"))
 # One cache per test session (tiny base model and encoder are built once, in seconds).
 os.environ["MEMRL_CACHE"] = tempfile.mkdtemp(prefix="memrl-test-cache-")
 
+LONGEST_FIRST = (
+    "test_cli.py",
+    "test_tables.py",
+    "test_ray.py",
+    "test_store.py",
+    "test_stable_diffusion.py",
+    "test_audit.py",
+)
+"""Test files that take longest (summed ``pytest --durations``, bench/README.md), longest first.
+``make test`` hands whole files to two workers in collection order (``--no-loadscope-reorder``):
+longest first, the two finish together; xdist's own order, by number of tests, started
+test_ray.py (5 tests, about 200 s) last."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
 
 @pytest.fixture
 def user_cache(monkeypatch):

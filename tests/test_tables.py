@@ -384,6 +384,8 @@ def test_search_curves_and_the_benchmark_command(table, tmp_path):
                 "1",
                 "--budget",
                 "4",
+                "--workers",
+                "1",  # the worker processes are checked above; a pool's start-up costs ~15 s
                 "--out",
                 str(tmp_path / "out"),
             ]
