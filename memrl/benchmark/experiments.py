@@ -141,13 +141,16 @@ def transfer(
     trained for that many episodes of ``env.budget`` masks (0: untrained). ``parts``: as in
     :func:`search_curves`."""
     table = load_table(cfg)
-    combos = [(seed, test, train) for seed in range(seeds) for test, train in folds(table)]
+    shared: dict[tuple[int, ...], list[int]] = {}  # the held-out tasks share one training set
+    for test, train in folds(table):
+        shared.setdefault(tuple(train), []).append(test)
+    combos = [(seed, tests, list(train)) for seed in range(seeds) for train, tests in shared.items()]
     work = [
-        (cfg, table, seed, test, train, episodes, budgets, search_episodes) for seed, test, train in combos
+        (cfg, table, seed, tests, train, episodes, budgets, search_episodes) for seed, tests, train in combos
     ]
     keys = [
-        fold_key(transfer_fold, cfg, table, [test, *train], seed, episodes, budgets, search_episodes)
-        for seed, test, train in combos
+        fold_key(transfer_fold, cfg, table, [*tests, *train], seed, episodes, budgets, search_episodes)
+        for seed, tests, train in combos
     ]
     return [row for rows in in_parallel(transfer_fold, work, workers, keys, parts) for row in rows]
 
@@ -167,14 +170,15 @@ def transfer_fold(
     cfg: Config,
     table: BenchTable,
     seed: int,
-    test: int,
+    tests: list[int],
     train: list[int],
     episodes: int,
     budgets: tuple[int, ...],
     search_episodes: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Every method's rows for one test task and seed (PPO trained on ``train``): zero-shot lists
-    judged at 1..:data:`ZERO_SHOT_TOP` fine-tunes, searches at each of ``budgets``."""
+    """Every method's rows for the test tasks of one training set and seed (the policies trained
+    once, on ``train``): zero-shot lists judged at 1..:data:`ZERO_SHOT_TOP` fine-tunes, searches
+    at each of ``budgets``."""
     from memrl.task import architecture_space
 
     names = [table.names[u] for u in train]
@@ -191,54 +195,55 @@ def transfer_fold(
     top, longest = ZERO_SHOT_TOP, max(budgets)
     fitted = regression_model(table, train, seed)
     rows = []
-    for w in PREFERENCES:
-        regret = table.regret(w)[test]
-        floor = float(table.noise_floor(w)[test])
-        nearest = nearest_task(table, train, test, w, top)
-        lists: dict[str, list[int]] = {
-            "ppo": policy_masks(nets[False], table, test, w, top),
-            "ppo-no-descriptor": policy_masks(nets[True], table, test, w, 1, zero=True),
-            "nearest-task": nearest,
-            "knn-tasks": knn_tasks(table, train, test, w, top),
-            "portfolio": portfolio(table, train, w, top),
-            "regression": regression(table, fitted, test, w, top),
-            "gradient-top-g": [gradient_top_g(table, train, test, w)],
-            "single-best": [single_best(table, train, w)],
-            "single-best (mean reward)": [single_best_reward(table, train, w)],
-            **{f"preset: {label}": [mask_index(m)] for label, m in presets(group_names).items()},
-        }
-        searches = {
-            "random": random_search(table, test, longest, np.random.default_rng(seed)),
-            "tpe": optuna_search(table, test, w, longest, seed, "tpe"),
-            "tpe-warm": optuna_search(table, test, w, longest, seed, "tpe", warm=nearest),
-            "gp": optuna_search(table, test, w, longest, seed, "gp"),
-            "gp-prior": prior_gp_search(table, train, test, w, longest),
-            **{
-                label: search_policy_masks(policy, table, test, w, longest, zero_d, zero_h)
-                for label, (policy, zero_d, zero_h) in searchers.items()
-            },
-        }
-        judged: list[tuple[str, list[int], tuple[int, ...]]] = [
-            (m, masks, tuple(range(1, len(masks) + 1))) for m, masks in lists.items()
-        ]
-        judged += [(m, masks, budgets) for m, masks in searches.items()]
-        for method, masks, counts in judged:
-            for n in counts:
-                value = best_regret(regret, masks[:n])
-                rows.append(
-                    {
-                        "method": method,
-                        "task": table.names[test],
-                        "heldout": bool(table.heldout[test]),
-                        "memorization_weight": w,
-                        "seed": seed,
-                        "fine_tunes": n,
-                        "regret": value,
-                        "noise_floor": floor,
-                        "mask": "".join(map(str, table.masks[masks[0]])),
-                    }
-                )
-    log.info("transfer: seed %d, test task %s done", seed, table.names[test])
+    for test in tests:
+        for w in PREFERENCES:
+            regret = table.regret(w)[test]
+            floor = float(table.noise_floor(w)[test])
+            nearest = nearest_task(table, train, test, w, top)
+            lists: dict[str, list[int]] = {
+                "ppo": policy_masks(nets[False], table, test, w, top),
+                "ppo-no-descriptor": policy_masks(nets[True], table, test, w, 1, zero=True),
+                "nearest-task": nearest,
+                "knn-tasks": knn_tasks(table, train, test, w, top),
+                "portfolio": portfolio(table, train, w, top),
+                "regression": regression(table, fitted, test, w, top),
+                "gradient-top-g": [gradient_top_g(table, train, test, w)],
+                "single-best": [single_best(table, train, w)],
+                "single-best (mean reward)": [single_best_reward(table, train, w)],
+                **{f"preset: {label}": [mask_index(m)] for label, m in presets(group_names).items()},
+            }
+            searches = {
+                "random": random_search(table, test, longest, np.random.default_rng(seed)),
+                "tpe": optuna_search(table, test, w, longest, seed, "tpe"),
+                "tpe-warm": optuna_search(table, test, w, longest, seed, "tpe", warm=nearest),
+                "gp": optuna_search(table, test, w, longest, seed, "gp"),
+                "gp-prior": prior_gp_search(table, train, test, w, longest),
+                **{
+                    label: search_policy_masks(policy, table, test, w, longest, zero_d, zero_h)
+                    for label, (policy, zero_d, zero_h) in searchers.items()
+                },
+            }
+            judged: list[tuple[str, list[int], tuple[int, ...]]] = [
+                (m, masks, tuple(range(1, len(masks) + 1))) for m, masks in lists.items()
+            ]
+            judged += [(m, masks, budgets) for m, masks in searches.items()]
+            for method, masks, counts in judged:
+                for n in counts:
+                    value = best_regret(regret, masks[:n])
+                    rows.append(
+                        {
+                            "method": method,
+                            "task": table.names[test],
+                            "heldout": bool(table.heldout[test]),
+                            "memorization_weight": w,
+                            "seed": seed,
+                            "fine_tunes": n,
+                            "regret": value,
+                            "noise_floor": floor,
+                            "mask": "".join(map(str, table.masks[masks[0]])),
+                        }
+                    )
+        log.info("transfer: seed %d, test task %s done", seed, table.names[test])
     return rows
 
 
