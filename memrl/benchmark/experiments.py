@@ -195,55 +195,54 @@ def transfer_fold(
     top, longest = ZERO_SHOT_TOP, max(budgets)
     fitted = regression_model(table, train, seed)
     rows = []
-    for test in tests:
-        for w in PREFERENCES:
-            regret = table.regret(w)[test]
-            floor = float(table.noise_floor(w)[test])
-            nearest = nearest_task(table, train, test, w, top)
-            lists: dict[str, list[int]] = {
-                "ppo": policy_masks(nets[False], table, test, w, top),
-                "ppo-no-descriptor": policy_masks(nets[True], table, test, w, 1, zero=True),
-                "nearest-task": nearest,
-                "knn-tasks": knn_tasks(table, train, test, w, top),
-                "portfolio": portfolio(table, train, w, top),
-                "regression": regression(table, fitted, test, w, top),
-                "gradient-top-g": [gradient_top_g(table, train, test, w)],
-                "single-best": [single_best(table, train, w)],
-                "single-best (mean reward)": [single_best_reward(table, train, w)],
-                **{f"preset: {label}": [mask_index(m)] for label, m in presets(group_names).items()},
-            }
-            searches = {
-                "random": random_search(table, test, longest, np.random.default_rng(seed)),
-                "tpe": optuna_search(table, test, w, longest, seed, "tpe"),
-                "tpe-warm": optuna_search(table, test, w, longest, seed, "tpe", warm=nearest),
-                "gp": optuna_search(table, test, w, longest, seed, "gp"),
-                "gp-prior": prior_gp_search(table, train, test, w, longest),
-                **{
-                    label: search_policy_masks(policy, table, test, w, longest, zero_d, zero_h)
-                    for label, (policy, zero_d, zero_h) in searchers.items()
-                },
-            }
-            judged: list[tuple[str, list[int], tuple[int, ...]]] = [
-                (m, masks, tuple(range(1, len(masks) + 1))) for m, masks in lists.items()
-            ]
-            judged += [(m, masks, budgets) for m, masks in searches.items()]
-            for method, masks, counts in judged:
-                for n in counts:
-                    value = best_regret(regret, masks[:n])
-                    rows.append(
-                        {
-                            "method": method,
-                            "task": table.names[test],
-                            "heldout": bool(table.heldout[test]),
-                            "memorization_weight": w,
-                            "seed": seed,
-                            "fine_tunes": n,
-                            "regret": value,
-                            "noise_floor": floor,
-                            "mask": "".join(map(str, table.masks[masks[0]])),
-                        }
-                    )
-        log.info("transfer: seed %d, test task %s done", seed, table.names[test])
+    for test, w in itertools.product(tests, PREFERENCES):
+        regret = table.regret(w)[test]
+        floor = float(table.noise_floor(w)[test])
+        nearest = nearest_task(table, train, test, w, top)
+        lists: dict[str, list[int]] = {
+            "ppo": policy_masks(nets[False], table, test, w, top),
+            "ppo-no-descriptor": policy_masks(nets[True], table, test, w, 1, zero=True),
+            "nearest-task": nearest,
+            "knn-tasks": knn_tasks(table, train, test, w, top),
+            "portfolio": portfolio(table, train, w, top),
+            "regression": regression(table, fitted, test, w, top),
+            "gradient-top-g": [gradient_top_g(table, train, test, w)],
+            "single-best": [single_best(table, train, w)],
+            "single-best (mean reward)": [single_best_reward(table, train, w)],
+            **{f"preset: {label}": [mask_index(m)] for label, m in presets(group_names).items()},
+        }
+        searches = {
+            "random": random_search(table, test, longest, np.random.default_rng(seed)),
+            "tpe": optuna_search(table, test, w, longest, seed, "tpe"),
+            "tpe-warm": optuna_search(table, test, w, longest, seed, "tpe", warm=nearest),
+            "gp": optuna_search(table, test, w, longest, seed, "gp"),
+            "gp-prior": prior_gp_search(table, train, test, w, longest),
+            **{
+                label: search_policy_masks(policy, table, test, w, longest, zero_d, zero_h)
+                for label, (policy, zero_d, zero_h) in searchers.items()
+            },
+        }
+        judged: list[tuple[str, list[int], tuple[int, ...]]] = [
+            (m, masks, tuple(range(1, len(masks) + 1))) for m, masks in lists.items()
+        ]
+        judged += [(m, masks, budgets) for m, masks in searches.items()]
+        for method, masks, counts in judged:
+            for n in counts:
+                value = best_regret(regret, masks[:n])
+                rows.append(
+                    {
+                        "method": method,
+                        "task": table.names[test],
+                        "heldout": bool(table.heldout[test]),
+                        "memorization_weight": w,
+                        "seed": seed,
+                        "fine_tunes": n,
+                        "regret": value,
+                        "noise_floor": floor,
+                        "mask": "".join(map(str, table.masks[masks[0]])),
+                    }
+                )
+    log.info("transfer: seed %d, test tasks %s done", seed, [table.names[t] for t in tests])
     return rows
 
 
