@@ -282,7 +282,7 @@ class Policy:
         prior = self._prior_features(descriptor, preference)
         history = SearchHistory(self.k, budget, references)
         if self.prior is not None:
-            history.neighbours = self.prior.neighbours(descriptor, weights)
+            history.sources = self.prior.weighted_sources(descriptor, weights)
         masks = all_masks(self.k)
         for _ in range(min(budget, len(masks))):
             probabilities = self._probabilities(history.observation(weights, prior, zero_history))

@@ -30,9 +30,9 @@ expected improvement, so it samples near ``gp-prior``'s pick and its most probab
 EI_FLOOR = 1e-3
 """Added to the expected improvement before its log (in units of the results' spread)."""
 TIE_BREAK = 1e-3
-"""Times the prior's ``knn_regret``, subtracted from every logit: equal scores go to the mask the
+"""Times the prior's ``transfer_regret``, subtracted from every logit: equal scores go to the mask the
 training tasks favour (as ``memrl.episode.best_candidate`` breaks ``gp-prior``'s ties)."""
-KNN_REGRET = CANDIDATE_FEATURES.index("knn_regret")
+TRANSFER_REGRET = CANDIDATE_FEATURES.index("transfer_regret")
 
 
 def baseline_acquisition(rows: torch.Tensor, glob: torch.Tensor) -> torch.Tensor:
@@ -74,9 +74,8 @@ class CandidateScorer(nn.Module):
         return glob, rows, self.body(both)
 
     def _logits(self, glob: torch.Tensor, rows: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        prior = (
-            self.log_temperature.exp() * baseline_acquisition(rows, glob) - TIE_BREAK * rows[..., KNN_REGRET]
-        )
+        acquisition = self.log_temperature.exp() * baseline_acquisition(rows, glob)
+        prior = acquisition - TIE_BREAK * rows[..., TRANSFER_REGRET]
         return prior + self.logit(hidden).squeeze(-1) - TRIED_PENALTY * rows[..., TRIED]
 
     def _value(self, glob: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

@@ -302,7 +302,7 @@ class MemControlEnv(gym.Env):
         descriptor = np.zeros_like(self._descriptor) if self.zero_descriptor else self._descriptor
         exclude = prior.names.index(self.task.name) if self.task.name in prior.names else None
         self._prior_features = prior.features(descriptor, self.preference, exclude)
-        self.history.neighbours = prior.neighbours(descriptor, self.preference, exclude=exclude)
+        self.history.sources = prior.weighted_sources(descriptor, self.preference, exclude)
         reward_cfg = with_preference(self.cfg.reward, self.preference)
         try:
             references = self.task.reference_rewards(reward_cfg)

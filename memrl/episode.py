@@ -92,7 +92,7 @@ def calibrated_posterior(
     prior_regret: np.ndarray, observed: list[int], values: np.ndarray, candidates: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Posterior of every candidate's reward with what transfers as its prior mean: an affine map
-    from the prior's regret (:meth:`memrl.prior.TransferPrior.knn_regret`) to reward, fitted on the
+    from the prior's regret (:meth:`memrl.prior.TransferPrior.transfer_regret`) to reward, fitted on the
     ``observed`` candidates' ``values`` (slope never negative: low prior regret never predicts a
     low reward), and :func:`posterior` on the residuals. Returns the mean and standard deviation in
     reward units, and the observed rewards' spread (the unit the residuals were scaled by)."""
@@ -135,10 +135,10 @@ class SearchHistory:
         k: groups of the search space; budget: the masks the search may evaluate.
         references: the rewards of no fine-tune and of the mask of ones, when known (they enter
             the posterior as observations, but count as tried only when the search picks them).
-        neighbours: the nearest training tasks' regret and weights
-            (:meth:`memrl.prior.TransferPrior.neighbours`); once a mask is tried, the calibrated
-            posterior's prior is their :func:`~memrl.prior.agreement_regret` instead of the fixed
-            ``knn_regret``.
+        sources: the training tasks' regret and weights
+            (:meth:`memrl.prior.TransferPrior.weighted_sources`); once a mask is tried, the
+            calibrated posterior's prior is their :func:`~memrl.prior.agreement_regret` instead of
+            the fixed ``transfer_regret``.
     """
 
     k: int
@@ -147,7 +147,7 @@ class SearchHistory:
     masks: list[np.ndarray] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
     terms: list[tuple[float, float]] = field(default_factory=list)
-    neighbours: tuple[np.ndarray, np.ndarray] | None = None
+    sources: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def baseline(self) -> float:
@@ -184,10 +184,10 @@ class SearchHistory:
         posterior of its reward given every result so far and the references (mean and expected
         improvement relative to the best so far, in units of the results' spread), its Hamming
         distance to the best tried mask, its size, and the mean and improvement of
-        :func:`calibrated_posterior` (the prior's ``knn_regret`` as the posterior's mean, re-weighted
-        by agreement with the results once a mask is tried when ``neighbours`` is set; relative
+        :func:`calibrated_posterior` (the prior's ``transfer_regret`` as the posterior's mean,
+        re-weighted by agreement with the results once a mask is tried when ``sources`` is set; relative
         to the best reward known, references included, as the ``gp-prior`` baseline scores them;
-        with nothing known, the mean is minus the prior's ``knn_regret`` and the improvement 0).
+        with nothing known, the mean is minus the prior's ``transfer_regret`` and the improvement 0).
         ``zero_history`` shows every candidate as if nothing had been observed, except which were
         tried (an ablation: does it use feedback?)."""
         candidates = all_masks(self.k)
@@ -218,8 +218,8 @@ class SearchHistory:
                 # the calibrated posterior is gp-prior's: its incumbent is the best reward known
                 known = float(y.max())
                 prior_regret = np.asarray(prior[:, 0], dtype=float)
-                if self.neighbours is not None and len(self.neighbours[1]) and self.masks:
-                    prior_regret = np.nan_to_num(agreement_regret(*self.neighbours, seen, y), nan=1.0)
+                if self.sources is not None and len(self.sources[1]) and self.masks:
+                    prior_regret = np.nan_to_num(agreement_regret(*self.sources, seen, y), nan=1.0)
                 c_mean, c_std, c_scale = calibrated_posterior(prior_regret, seen, y, candidates)
                 calibrated = np.clip((c_mean - known) / c_scale, -CLIP, CLIP)
                 calibrated_ei = np.clip(expected_improvement(c_mean, c_std, known) / c_scale, 0, CLIP)

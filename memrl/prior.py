@@ -2,8 +2,11 @@
 tasks, weighted by how near each task's descriptor is to the new one's.
 
 One :class:`TransferPrior` serves the zero-shot baselines of the benchmark (nearest task,
-k-nearest tasks) and the search policy, which sees its three per-mask scores at every step
-(``memrl.episode``) and ships them beside its weights (``policy.prior.safetensors``).
+k-nearest tasks) and the search policy, which sees its per-mask scores at every step
+(``memrl.episode``) and ships them beside its weights (``policy.prior.safetensors``). The search
+weights every training task by a Gaussian kernel of its descriptor distance plus a floor
+(:meth:`TransferPrior.weighted_sources`): a close relative dominates, and a task near none of
+them gets their plain average, which the results then re-weight (:func:`agreement_regret`).
 """
 
 from __future__ import annotations
@@ -18,15 +21,24 @@ import numpy as np
 
 from memrl.errors import PolicyError
 
-PRIOR_FEATURES = ("knn_regret", "knn_rank", "nearest_regret", "mean_regret")
+PRIOR_FEATURES = ("transfer_regret", "transfer_rank", "nearest_regret", "mean_regret")
 """Per-mask scores of :meth:`TransferPrior.features` (0 = the sources' best, 1 = their worst; the
-rank is the mask's place in ``knn_regret``'s order over the number of masks)."""
+rank is the mask's place in ``transfer_regret``'s order over the number of masks)."""
 KNN = 3
-"""Source tasks the ``knn_regret`` score averages (weighted by inverse descriptor distance)."""
+"""Source tasks the ``knn-tasks`` baseline averages (:meth:`TransferPrior.knn_regret`)."""
+KERNEL_WIDTH = 0.3
+"""Bandwidth of the search's source weights, in units of the sources' typical spacing (the median
+over sources of the distance to the nearest other one)."""
+KERNEL_FLOOR = 0.5
+"""Weight every source keeps however far it is (a close one's is up to 1 + this). Width and floor
+were chosen (from 0.3-1.5 and 0.03-0.5) with the lowest mean regret over 1-8 fine-tunes of
+``gp-prior``, averaged over leave one task out and leave one source out, on the 11 training tasks
+of 2026-12-02; see bench/README.md."""
 AGREEMENT_SHARPNESS = 10.0
 """How fast :func:`agreement_regret` discounts a source that orders the results seen otherwise:
 its weight times exp(-10 x its share of discordant pairs). Chosen among 3, 10 and 30 (and 3, 5 or
-all sources) on the leave-one-training-task-out folds of 9 training tasks, 2026-12-01."""
+all sources) on the leave-one-training-task-out folds of 9 training tasks, 2026-12-01, when the
+prior was the 3 nearest sources; not re-chosen for the kernel weights."""
 
 
 def all_masks(k: int) -> np.ndarray:
@@ -83,22 +95,47 @@ class TransferPrior:
     def _sources(self, exclude: int | None) -> list[int]:
         return [s for s in range(self.size) if s != exclude]
 
-    def neighbours(
-        self, descriptor: np.ndarray, preference: np.ndarray, k: int = KNN, exclude: int | None = None
+    def spacing(self, sources: list[int]) -> float:
+        """The median over ``sources`` of the distance to the nearest other one, in the units of
+        :meth:`distances` to them; 1 with fewer than two."""
+        if len(sources) < 2:
+            return 1.0
+        nearest = [
+            np.delete(self.distances(self.descriptors[s], sources), i).min() for i, s in enumerate(sources)
+        ]
+        return max(float(np.median(nearest)), 1e-9)
+
+    def weighted_sources(
+        self, descriptor: np.ndarray, preference: np.ndarray, exclude: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The ``k`` sources nearest in descriptor: their regret (k, M) and inverse-distance
-        weights (k,) (``exclude``: a source left out, as a training task is when it is the one
-        searched)."""
+        """Every source's regret (S, M) and its weight for a task with ``descriptor`` (S,):
+        exp(-d^2 / 2 (:data:`KERNEL_WIDTH` x :meth:`spacing`)^2) + :data:`KERNEL_FLOOR` of its
+        descriptor distance d (``exclude``: a source left out, as a training task is when it is
+        the one searched)."""
         sources = self._sources(exclude)
+        if not sources:
+            return np.zeros((0, self.terms.shape[1])), np.zeros(0)
+        width = KERNEL_WIDTH * self.spacing(sources)
         distances = self.distances(descriptor, sources)
-        order = np.argsort(distances, kind="stable")[:k]
-        return self.regret(preference)[[sources[i] for i in order]], 1.0 / (distances[order] + 1e-6)
+        weights = np.exp(-0.5 * (distances / width) ** 2) + KERNEL_FLOOR
+        return self.regret(preference)[sources], weights
+
+    def transfer_regret(
+        self, descriptor: np.ndarray, preference: np.ndarray, exclude: int | None = None
+    ) -> np.ndarray:
+        """(M,) regret averaged over the sources with :meth:`weighted_sources`' weights."""
+        return agreement_regret(*self.weighted_sources(descriptor, preference, exclude), [], np.zeros(0))
 
     def knn_regret(
         self, descriptor: np.ndarray, preference: np.ndarray, k: int = KNN, exclude: int | None = None
     ) -> np.ndarray:
-        """(M,) regret averaged over the ``k`` nearest sources, weighted by inverse distance."""
-        return agreement_regret(*self.neighbours(descriptor, preference, k, exclude), [], np.zeros(0))
+        """(M,) regret averaged over the ``k`` sources nearest in descriptor, weighted by inverse
+        distance (the ``knn-tasks`` baseline)."""
+        sources = self._sources(exclude)
+        distances = self.distances(descriptor, sources)
+        order = np.argsort(distances, kind="stable")[:k]
+        regret = self.regret(preference)[[sources[i] for i in order]]
+        return agreement_regret(regret, 1.0 / (distances[order] + 1e-6), [], np.zeros(0))
 
     def features(
         self, descriptor: np.ndarray, preference: np.ndarray, exclude: int | None = None
@@ -115,10 +152,10 @@ class TransferPrior:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             mean = np.nanmean(regret, axis=0)
-        knn = np.nan_to_num(self.knn_regret(descriptor, preference, min(KNN, len(sources)), exclude), nan=1.0)
+        transfer = np.nan_to_num(self.transfer_regret(descriptor, preference, exclude), nan=1.0)
         rank = np.empty(m)
-        rank[np.argsort(knn, kind="stable")] = np.arange(m) / max(m - 1, 1)
-        out = np.stack([knn, rank, every[nearest], mean], axis=1)
+        rank[np.argsort(transfer, kind="stable")] = np.arange(m) / max(m - 1, 1)
+        out = np.stack([transfer, rank, every[nearest], mean], axis=1)
         return np.nan_to_num(out, nan=1.0)
 
     def save(self, path: Path) -> None:
@@ -164,7 +201,7 @@ def agreement_regret(
     (the searched task's rewards) the source orders the other way): the transfer prior re-weighted
     by the results so far, after RGPE's ranking loss (Feurer et al. 2018), so that a descriptor
     neighbour whose ranking the task contradicts stops steering the search. With nothing observed
-    it is the plain inverse-distance average (:meth:`TransferPrior.knn_regret`)."""
+    it is the plain weighted average (:meth:`TransferPrior.transfer_regret`)."""
     values = np.asarray(values, dtype=float)
     upper = np.triu(np.ones((len(observed), len(observed)), dtype=bool), 1)
     task_order = np.sign(values[:, None] - values[None, :])

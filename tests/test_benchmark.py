@@ -60,9 +60,11 @@ def test_every_zero_shot_baseline_picks_what_a_hand_computation_gives(table):
 
 
 def test_the_prior_mean_gp_exploits_the_calibrated_prior_first_then_explores(table):
-    # c's references 00 and 11 (rewards -2, -1; knn regrets .9, .55) fit reward = 4/7 - 20/7 * regret,
-    # so the best predicted mask is 01 (knn regret .025), although it is c's worst; once it is seen,
-    # the one mask never observed (10) has the largest expected improvement: c's best
+    # the training tasks' weights for c are .51 (a) and 1.45 (b) (distances 1.8 and 0.2 standardised,
+    # spacing 2, width 0.6, floor 0.5): transfer regrets .74, .07, .32, .63. c's references 00 and 11
+    # (rewards -2, -1) fit a map of positive slope, so the best predicted mask is 01 (lowest regret),
+    # although it is c's worst; once it is seen, the one mask never observed (10) has the largest
+    # expected improvement: c's best
     assert prior_gp_search(table, [0, 1], 2, 0.5, 2) == [1, 2]
     assert prior_gp_search(table, [0, 1], 2, 0.5, 1) == [1]
     assert prior_gp_search(table, [0, 1], 2, 0.5, 9)[:2] == [1, 2]  # budget beyond the table: stops
@@ -70,7 +72,8 @@ def test_the_prior_mean_gp_exploits_the_calibrated_prior_first_then_explores(tab
 
 def test_an_untrained_search_policy_searches_as_the_prior_mean_gp(table):
     """The search network's logits are gp-prior's acquisition plus a learned correction that starts
-    near zero, so before any training its picks are gp-prior's (and with nothing known, knn-tasks')."""
+    near zero, so before any training its picks are gp-prior's (and with nothing known, the mask of
+    lowest transfer regret)."""
     import torch
     from gymnasium import spaces
     from memrl.agents.policy import Policy
@@ -92,7 +95,8 @@ def test_an_untrained_search_policy_searches_as_the_prior_mean_gp(table):
     for w in (0.25, 0.5, 0.75):
         assert search_policy_masks(policy, table, 2, w, 4) == prior_gp_search(table, [0, 1], 2, w, 4)
         first = policy.candidates(table.descriptors[2], 1, table.preference(w))[0]
-        assert [int(v) for v in first] == list(table.masks[knn_tasks(table, [0, 1], 2, w, 1)[0]])
+        transfer = prior_of(table, [0, 1]).transfer_regret(table.descriptors[2], table.preference(w))
+        assert [int(v) for v in first] == list(table.masks[int(np.argmin(transfer))])
 
 
 def test_gradient_top_g_picks_the_most_sensitive_groups_with_g_chosen_on_training_tasks(table):
@@ -112,6 +116,36 @@ def test_noise_floor_is_the_mean_regret_difference_between_seeds(table):
     floor = table.noise_floor(0.5)
     assert floor[2] == pytest.approx(0.4 / 3)
     assert np.isnan(floor[:2]).all()
+
+
+def test_source_folds_leave_out_every_task_of_the_test_tasks_source(table):
+    from memrl.benchmark.table import SPLITS, folds, source_folds, split_of
+
+    table.heldout = np.array([False, False, False])
+    assert source_folds(table) == folds(table)  # every task its own source: leave one task out
+    table.sources = ["digits", "digits", "faces"]
+    assert folds(table) == [(0, [1, 2]), (1, [0, 2]), (2, [0, 1])]
+    assert source_folds(table) == [(0, [2]), (1, [2]), (2, [0, 1])]
+    table.sources = ["digits", "digits", "digits"]
+    assert source_folds(table) == []  # no other source to transfer from
+    assert split_of({"heldout": "True"}) == SPLITS[2] and split_of({"heldout": False}) == SPLITS[0]
+    assert split_of({"heldout": False, "split": SPLITS[1]}) == SPLITS[1]
+
+
+def test_transfer_prior_weights_rise_with_closeness_and_keep_a_floor():
+    from memrl.prior import KERNEL_FLOOR, KERNEL_WIDTH, TransferPrior
+
+    terms = np.zeros((3, 2, 3))
+    terms[:, :, 0] = [[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]  # a prefers mask 0, b and c mask 1
+    prior = TransferPrior(["a", "b", "c"], np.array([[0.0], [1.0], [2.0]]), terms)
+    w = np.array([1.0, 0.0, 0.0])
+    # standardised (std sqrt(2/3)) the sources sit 1 / std apart: spacing 1 / std, width 0.3 / std
+    _, weights = prior.weighted_sources(np.array([0.0]), w)
+    expected = np.exp(-0.5 * (np.array([0.0, 1.0, 2.0]) / KERNEL_WIDTH) ** 2) + KERNEL_FLOOR
+    assert np.allclose(weights, expected)
+    assert prior.transfer_regret(np.array([0.0]), w)[0] < 0.5  # a, on top of the new task, leads
+    _, weights = prior.weighted_sources(np.array([0.0]), w, exclude=0)  # b, c: spacing 1 / std(1, 2)
+    assert np.allclose(weights, np.exp(-0.5 * (np.array([1.0, 2.0]) / KERNEL_WIDTH) ** 2) + KERNEL_FLOOR)
 
 
 def rows_of(values: dict[str, list[float]], method: str = "m", floor: float = 0.1) -> list[dict]:

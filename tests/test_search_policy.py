@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from memrl.episode import CANDIDATE_FEATURES, NOISE, SEARCH_GLOBALS, TRIED, SearchHistory, posterior
-from memrl.prior import TransferPrior, all_masks
+from memrl.prior import KERNEL_FLOOR, KERNEL_WIDTH, TransferPrior, all_masks
 
 K = 2
 COLUMNS = {name: i for i, name in enumerate(CANDIDATE_FEATURES)}
@@ -35,11 +35,17 @@ def test_the_prior_weights_sources_by_standardised_distance_and_leaves_one_out()
         prior.distances(np.array([0.2]), [0, 1, 2]), np.abs(z - (0.2 - 11 / 3) / np.std([0, 1, 10]))
     )
     feats = prior.features(np.array([0.2]), w)
-    d = np.abs(z - z[0] - 0.2 / np.std([0, 1, 10]))
-    weights = 1 / (d + 1e-6)
+    # the sources' spacing is the a-b gap (1 raw unit; the median of 1, 1, 9); raw distances from
+    # 0.2 are 0.2, 0.8, 9.8, so in units of the kernel's width they are d / 0.3
+    assert prior.spacing([0, 1, 2]) == pytest.approx(1 / np.std([0, 1, 10]))
+    weights = np.exp(-0.5 * (np.array([0.2, 0.8, 9.8]) / KERNEL_WIDTH) ** 2) + KERNEL_FLOOR
     regret = np.array([[0, 0.25, 0.5, 1], [1, 0, 0.5, 1], [0, 0, 0, 1]])
-    knn = weights @ regret / weights.sum()
-    assert np.allclose(feats[:, 0], knn) and np.allclose(feats[:, 1], np.argsort(np.argsort(knn)) / 3)
+    transfer = weights @ regret / weights.sum()
+    assert np.allclose(prior.weighted_sources(np.array([0.2]), w)[1], weights)
+    assert np.allclose(feats[:, 0], transfer)
+    assert np.allclose(feats[:, 1], np.argsort(np.argsort(transfer)) / 3)
+    # far from every source, each keeps only the floor: the plain average
+    assert np.allclose(prior.transfer_regret(np.array([100.0]), w), regret.mean(axis=0))
     assert np.allclose(feats[:, 2], regret[0]) and np.allclose(feats[:, 3], regret.mean(axis=0))
     # leaving source "a" out: the nearest is "b", standardised on b and c only
     assert np.allclose(prior.features(np.array([0.2]), w, exclude=0)[:, 2], regret[1])
@@ -53,7 +59,7 @@ def test_agreement_discounts_a_neighbour_that_orders_the_results_the_other_way()
 
     regret = np.array([[0, 0.25, 0.5, 1], [1, 0, 0.5, 1], [0, 0, 0, 1]])
     weights = np.array([1.0, 2.0, 1.0])
-    # no result yet: the inverse-distance average (knn_regret)
+    # no result yet: the weighted average (transfer_regret)
     assert np.allclose(agreement_regret(regret, weights, [], np.zeros(0)), weights @ regret / 4)
     # results on masks 0, 1, 3 with rewards 3 > 2 > 1: source a orders all 3 pairs as the task
     # does; b orders (0, 1) the other way, ties (0, 3) and agrees on (1, 3) (1 of 3 discordant);

@@ -1,10 +1,12 @@
 """Is a learned policy worth reusing? Zero-shot transfer on the MemControl-Bench tables.
 
-For each test task (leave-one-task-out over the training tasks, and each held-out task), each
-preference and each seed, every method picks masks for the test task without having seen it; its
-regret is read off the table, normalised per task and preference: 0 = the task's best mask, 1 = its
-worst. (Not 1 = the mask of ones: on tasks where fine-tuning induces little memorization the mask
-of ones is the best mask or close to it, and a regret scaled by it is undefined or explodes.)
+For each test task (leave-one-task-out over the training tasks; leave-one-source-out, each training
+task against the training tasks of other sources only, as a new kind of data meets the tables; and
+each held-out task, of a source no training task uses), each preference and each seed, every
+method picks masks for the test task without having seen it; its regret is read off the table,
+normalised per task and preference: 0 = the task's best mask, 1 = its worst. (Not 1 = the mask
+of ones: on tasks where fine-tuning induces little memorization the mask of ones is the best mask
+or close to it, and a regret scaled by it is undefined or explodes.)
 Methods (every one zero-shot from the training tasks' rows and the test task's descriptor, or
 searching the test task; judged at 1..4 or 1..16 fine-tunes):
 
@@ -14,7 +16,8 @@ searching the test task; judged at 1..4 or 1..16 fine-tunes):
 * ``nearest-task``, ``knn-tasks``, ``portfolio``, ``regression``, ``gradient-top-g``,
   ``single-best`` (by mean regret), ``single-best (mean reward)``, ``preset: ...``;
 * ``random``, ``tpe``, ``gp``, ``tpe-warm`` (TPE with the nearest task's best masks first) and
-  ``gp-prior`` (a GP whose prior mean is the calibrated ``knn-tasks`` regret; no learning).
+  ``gp-prior`` (a GP whose prior mean is the calibrated regret of the training tasks weighted by
+  descriptor distance, :meth:`memrl.prior.TransferPrior.weighted_sources`; no learning).
 
     python -m memrl.benchmark transfer --n-seeds 10   # --episodes (one-shot PPO), --search-episodes
     python -m memrl.benchmark tune --n-seeds 2      # --method ppo-search|ppo|regression, --nested
@@ -24,8 +27,8 @@ searching the test task; judged at 1..4 or 1..16 fine-tunes):
     python -m memrl.benchmark ship                  # trains the shipped policy (memrl/assets/policy)
     python -m memrl.benchmark search --n-seeds 10 --budget 64
 
-``transfer`` writes ``transfer.csv`` (one row per method, task, preference, seed and number of
-fine-tunes), ``transfer.md`` (per split and preference: mean with a task-level 95% interval, IQM,
+``transfer`` writes ``transfer.csv`` (one row per method, task, split, preference, seed and number
+of fine-tunes), ``transfer.md`` (per split and preference: mean with a task-level 95% interval, IQM,
 tail, worst, hits, paired difference to ``ppo``, gap closed; then mean regret by fine-tunes) and
 ``transfer.png``.
 ``tune`` chooses a method's learning rate and length (training episodes for the search policy,

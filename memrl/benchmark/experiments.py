@@ -33,7 +33,17 @@ from memrl.benchmark.methods import (
     single_best_reward,
     train_policies,
 )
-from memrl.benchmark.table import BUDGETS, PREFERENCES, BenchTable, best_regret, folds, load_table, mask_index
+from memrl.benchmark.table import (
+    BUDGETS,
+    PREFERENCES,
+    SPLITS,
+    BenchTable,
+    best_regret,
+    folds,
+    load_table,
+    mask_index,
+    source_folds,
+)
 from memrl.config import Config, load_config
 from memrl.errors import ConfigError
 from memrl.utils import stable_hash
@@ -137,19 +147,34 @@ def transfer(
     search_episodes: int | None = None,
 ) -> list[dict[str, Any]]:
     """Regret of every method on every test task, preference, seed and number of fine-tunes (one
-    row each). ``search_episodes`` (not None) also runs the search policy (and its two ablations)
-    trained for that many episodes of ``env.budget`` masks (0: untrained). ``parts``: as in
+    row each), on each of :data:`~memrl.benchmark.table.SPLITS` (a row's ``split``). Folds with the
+    same training tasks are fitted once (the held-out tasks; the tasks of one source left out
+    together; a task alone in its source, whose two training-task folds are one).
+    ``search_episodes`` (not None) also runs the search policy (and its two ablations) trained for
+    that many episodes of ``env.budget`` masks (0: untrained). ``parts``: as in
     :func:`search_curves`."""
     table = load_table(cfg)
-    shared: dict[tuple[int, ...], list[int]] = {}  # the held-out tasks share one training set
-    for test, train in folds(table):
-        shared.setdefault(tuple(train), []).append(test)
+    shared: dict[tuple[int, ...], list[tuple[int, str]]] = {}
+    every = [(test, train, SPLITS[2] if table.heldout[test] else SPLITS[0]) for test, train in folds(table)]
+    every += [(test, train, SPLITS[1]) for test, train in source_folds(table)]
+    for test, train, split in every:
+        shared.setdefault(tuple(train), []).append((test, split))
     combos = [(seed, tests, list(train)) for seed in range(seeds) for train, tests in shared.items()]
     work = [
         (cfg, table, seed, tests, train, episodes, budgets, search_episodes) for seed, tests, train in combos
     ]
     keys = [
-        fold_key(transfer_fold, cfg, table, [*tests, *train], seed, episodes, budgets, search_episodes)
+        fold_key(
+            transfer_fold,
+            cfg,
+            table,
+            [*(t for t, _ in tests), *train],
+            seed,
+            tests,
+            episodes,
+            budgets,
+            search_episodes,
+        )
         for seed, tests, train in combos
     ]
     return [row for rows in in_parallel(transfer_fold, work, workers, keys, parts) for row in rows]
@@ -170,15 +195,15 @@ def transfer_fold(
     cfg: Config,
     table: BenchTable,
     seed: int,
-    tests: list[int],
+    tests: list[tuple[int, str]],
     train: list[int],
     episodes: int,
     budgets: tuple[int, ...],
     search_episodes: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Every method's rows for the test tasks of one training set and seed (the policies trained
-    once, on ``train``): zero-shot lists judged at 1..:data:`ZERO_SHOT_TOP` fine-tunes, searches
-    at each of ``budgets``."""
+    """Every method's rows for the (test task, split) pairs of one training set and seed (the
+    policies trained once, on ``train``): zero-shot lists judged at 1..:data:`ZERO_SHOT_TOP`
+    fine-tunes, searches at each of ``budgets``; a task in two splits gets its rows twice."""
     from memrl.task import architecture_space
 
     names = [table.names[u] for u in train]
@@ -195,7 +220,10 @@ def transfer_fold(
     top, longest = ZERO_SHOT_TOP, max(budgets)
     fitted = regression_model(table, train, seed)
     rows = []
-    for test, w in itertools.product(tests, PREFERENCES):
+    splits: dict[int, list[str]] = {}
+    for test, split in tests:
+        splits.setdefault(test, []).append(split)
+    for test, w in itertools.product(splits, PREFERENCES):
         regret = table.regret(w)[test]
         floor = float(table.noise_floor(w)[test])
         nearest = nearest_task(table, train, test, w, top)
@@ -226,13 +254,14 @@ def transfer_fold(
             (m, masks, tuple(range(1, len(masks) + 1))) for m, masks in lists.items()
         ]
         judged += [(m, masks, budgets) for m, masks in searches.items()]
-        for method, masks, counts in judged:
+        for (method, masks, counts), split in itertools.product(judged, splits[test]):
             for n in counts:
                 value = best_regret(regret, masks[:n])
                 rows.append(
                     {
                         "method": method,
                         "task": table.names[test],
+                        "split": split,
                         "heldout": bool(table.heldout[test]),
                         "memorization_weight": w,
                         "seed": seed,
@@ -242,7 +271,7 @@ def transfer_fold(
                         "mask": "".join(map(str, table.masks[masks[0]])),
                     }
                 )
-    log.info("transfer: seed %d, test tasks %s done", seed, [table.names[t] for t in tests])
+    log.info("transfer: seed %d, test tasks %s done", seed, [table.names[t] for t in splits])
     return rows
 
 

@@ -105,10 +105,9 @@ def ranking_clusters(cfg: Config, table: Any) -> list[str]:
     from scipy.stats import spearmanr
 
     from memrl.data.bundled import SOURCES
-    from memrl.task import suite
 
     done = table.complete()
-    source = {e.name: {"nonfaces": "faces"}.get(e.cfg.data.source, e.cfg.data.source) for e in suite(cfg)}
+    source = dict(zip(table.names, table.sources))
     kind = {name: SOURCES[s].kind if s in SOURCES else "a folder" for name, s in source.items()}
     rewards = table.rewards(0.5)
     groups: dict[str, list[float]] = {"same source": [], "same kind, other source": [], "other kind": []}
@@ -131,10 +130,10 @@ def ranking_clusters(cfg: Config, table: Any) -> list[str]:
 
 def descriptor_ablation(table: Any) -> list[str]:
     """Markdown lines: how well each descriptor family predicts the best mask: the regret of the
-    nearest training task's best mask (leave one task out, and held out; mean over preferences)
-    with every family, and with each family removed."""
+    nearest training task's best mask (on each split; mean over preferences) with every family,
+    and with each family removed."""
     from memrl.benchmark.methods import nearest_task
-    from memrl.benchmark.table import folds
+    from memrl.benchmark.table import SPLITS, folds, source_folds
     from memrl.data.descriptor import family_slices
 
     k = table.masks.shape[1]
@@ -143,24 +142,28 @@ def descriptor_ablation(table: Any) -> list[str]:
         "Nearest-task lookup (top-1) with each descriptor family removed: mean regret (how much a "
         "family helps predict the best mask):",
         "",
-        "| descriptor | leave one task out | held out |",
-        "|---|---|---|",
+        "| descriptor | " + " | ".join(SPLITS) + " |",
+        "|---|---|---|---|",
     ]
+    splits = {
+        SPLITS[0]: [(t, train) for t, train in folds(table) if not table.heldout[t]],
+        SPLITS[1]: source_folds(table),
+        SPLITS[2]: [(t, train) for t, train in folds(table) if table.heldout[t]],
+    }
     full = table.descriptors.copy()
     for label, cut in variants.items():
         table.descriptors = full.copy()
         if cut is not None:
             table.descriptors[:, cut] = 0.0
         cells = []
-        for heldout in (False, True):
+        for pairs in splits.values():
             v = [
                 table.regret(w)[test, nearest_task(table, train, test, w, 1)[0]]
-                for test, train in folds(table)
-                if bool(table.heldout[test]) == heldout
+                for test, train in pairs
                 for w in PREFERENCES
             ]
             cells.append(f"{np.mean(v):.3f}" if v else "-")
-        lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     table.descriptors = full
     return [*lines, ""]
 

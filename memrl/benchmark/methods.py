@@ -94,30 +94,31 @@ def gradient_top_g(table: BenchTable, train: list[int], test: int, w: float) -> 
 
 def prior_gp_search(table: BenchTable, train: list[int], test: int, w: float, budget: int) -> list[int]:
     """Bayesian optimisation whose prior mean is what transfers (no learning): the search policy's
-    :func:`~memrl.episode.calibrated_posterior` (an affine map from the ``knn-tasks`` regret to the
+    :func:`~memrl.episode.calibrated_posterior` (an affine map from the training tasks' regret,
+    weighted by descriptor distance (:meth:`~memrl.prior.TransferPrior.weighted_sources`), to the
     test task's reward and a Gaussian process on the residuals, refitted after every result); the
-    first pick is the best predicted mask (close to ``knn-tasks``' first), each next the largest
-    expected improvement over the best so far (ties to the lowest prior regret), its prior
-    re-weighted by how well each neighbour orders the results (:func:`~memrl.prior.agreement_regret`).
+    first pick is the best predicted mask, each next the largest expected improvement over the best
+    so far (ties to the lowest prior regret), its prior re-weighted by how well each training task
+    orders the results (:func:`~memrl.prior.agreement_regret`).
     The references (no fine-tune, the mask of ones) are observed first, as the search policy
     observes them."""
     from memrl.episode import best_candidate, calibrated_posterior, expected_improvement
     from memrl.prior import agreement_regret, all_masks
 
     rewards = table.rewards(w)[test]
-    neighbours = prior_of(table, train).neighbours(table.descriptors[test], table.preference(w))
-    knn = np.nan_to_num(agreement_regret(*neighbours, [], np.zeros(0)), nan=1.0)  # nothing seen: knn_regret
+    sources = prior_of(table, train).weighted_sources(table.descriptors[test], table.preference(w))
+    transfer = np.nan_to_num(agreement_regret(*sources, [], np.zeros(0)), nan=1.0)  # nothing seen yet
     candidates = all_masks(table.masks.shape[1])
     available = np.isfinite(rewards)
     tried: list[int] = []
     for _ in range(min(budget, int(available.sum()))):
         seen = [i for i in dict.fromkeys([0, len(rewards) - 1, *tried]) if available[i]]
-        prior = np.nan_to_num(agreement_regret(*neighbours, seen, rewards[seen]), nan=1.0) if tried else knn
+        prior = np.nan_to_num(agreement_regret(*sources, seen, rewards[seen]), nan=1.0) if tried else transfer
         mean, std, _ = calibrated_posterior(prior, seen, rewards[seen], candidates)
         score = expected_improvement(mean, std, float(rewards[seen].max())) if tried else mean.copy()
         score[~available] = -np.inf
         score[tried] = -np.inf
-        tried.append(best_candidate(score, knn))
+        tried.append(best_candidate(score, transfer))
     return tried
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from memrl.benchmark.stats import iqm
+from memrl.benchmark.table import SPLITS, split_of
 from memrl.config import Config, load_config
 
 
@@ -46,10 +47,10 @@ def ship(cfg: Config, out: Path, results: Path) -> Path:
 
 def transfer_numbers(path: Path) -> dict[str, Any]:
     """Per method, from ``transfer.csv``: mean and IQM regret of its first mask (1 fine-tune), its
-    mean regret at every number of fine-tunes it was judged at, and the number of tasks, leave one
-    task out and on the held-out tasks. These come from the benchmark's per-fold policies (trained
-    without the test task), not from the shipped policy, which is trained once, with one seed, on
-    every training task."""
+    mean regret at every number of fine-tunes it was judged at, and the number of tasks, on each
+    split (leave one task out, leave one source out, held out). These come from the benchmark's
+    per-fold policies (trained without the test task), not from the shipped policy, which is
+    trained once, with one seed, on every training task."""
     with path.open(newline="") as fh:
         every = list(csv.DictReader(fh))
     rows = [r for r in every if int(r["fine_tunes"]) == 1]
@@ -61,8 +62,8 @@ def transfer_numbers(path: Path) -> dict[str, Any]:
     }
     for method in dict.fromkeys(r["method"] for r in every):
         out[method] = {}
-        for split, flag in (("loto", "False"), ("heldout", "True")):
-            judged = [r for r in every if r["method"] == method and r["heldout"] == flag]
+        for split, label in zip(("loto", "loso", "heldout"), SPLITS):
+            judged = [r for r in every if r["method"] == method and split_of(r) == label]
             if not judged:
                 continue
             entry: dict[str, Any] = {

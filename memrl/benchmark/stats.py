@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from memrl.benchmark.table import SPLITS, split_of
+
 
 def iqm(values: np.ndarray) -> float:
     """Interquartile mean: the mean of the middle 50%."""
@@ -99,9 +101,6 @@ def describe(rows: list[dict[str, Any]], reference: list[dict[str, Any]] | None 
     return out
 
 
-SPLITS = ((False, "leave one task out"), (True, "held-out tasks"))
-
-
 def summarise(rows: list[dict[str, Any]], reference: str = "ppo") -> str:
     """Markdown: for each split and preference (and all preferences pooled), every method's
     zero-shot regret (1 fine-tune): mean [task-level 95% interval], IQM, share of rows above 0.2,
@@ -111,8 +110,8 @@ def summarise(rows: list[dict[str, Any]], reference: str = "ppo") -> str:
     out = []
     methods = list(dict.fromkeys(r["method"] for r in rows))
     weights = sorted({r["memorization_weight"] for r in rows})
-    for heldout, label in SPLITS:
-        split = [r for r in rows if r["heldout"] == heldout]
+    for label in SPLITS:
+        split = [r for r in rows if split_of(r) == label]
         if not split:
             continue
         tasks = sorted({r["task"] for r in split})
@@ -271,8 +270,8 @@ def against_the_best(
 
 
 def plot_transfer(rows: list[dict[str, Any]], path: Path) -> None:
-    """Bars: mean zero-shot regret (1 fine-tune) with task-level 95% intervals per method, leave
-    one task out and held out side by side."""
+    """Bars: mean zero-shot regret (1 fine-tune) with task-level 95% intervals per method, the
+    splits side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -283,17 +282,21 @@ def plot_transfer(rows: list[dict[str, Any]], path: Path) -> None:
     first = [r for r in rows if r["fine_tunes"] == 1]
     methods = list(dict.fromkeys(r["method"] for r in first))
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(methods)), 3.5))
-    for offset, (heldout, label) in zip((-0.2, 0.2), SPLITS):
+    labels = [s for s in SPLITS if any(split_of(r) == s for r in first)]
+    width = 0.8 / max(len(labels), 1)
+    for i, label in enumerate(labels):
+        offset = (i - (len(labels) - 1) / 2) * width
         stats = []
         for m in methods:
-            mine = [r for r in first if r["method"] == m and r["heldout"] == heldout]
+            mine = [r for r in first if r["method"] == m and split_of(r) == label]
             stats.append(
                 (float(np.mean([r["regret"] for r in mine])), *task_bootstrap(_by_task(mine), np.mean))
                 if mine
                 else (np.nan,) * 3
             )
         mid, lo, hi = map(np.array, zip(*stats))
-        ax.bar(np.arange(len(methods)) + offset, mid, 0.4, yerr=[mid - lo, hi - mid], label=label, capsize=2)
+        bars = np.arange(len(methods)) + offset
+        ax.bar(bars, mid, width, yerr=[mid - lo, hi - mid], label=label, capsize=2)
     ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("mean regret, 1 fine-tune (0 = best mask)")
     ax.legend(fontsize=8)

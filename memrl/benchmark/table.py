@@ -38,6 +38,8 @@ class BenchTable:
     noise_terms: np.ndarray | None = None
     """(T, N, S, 3) terms of the noise masks with each fine-tune seed (seed 0 first; NaN where
     not stored)."""
+    sources: list[str] | None = None
+    """Each task's source (:func:`memrl.data.bundled.suite_source`); None: every task its own."""
 
     def rewards(self, w: float) -> np.ndarray:
         """(T, M) rewards for memorization weight ``w`` (quality weight 1 - w)."""
@@ -95,10 +97,12 @@ def load_table(cfg: Config) -> BenchTable:
     """Read every (task, mask) of ``cfg``'s suite from its tables and store (nothing is evaluated),
     with the reward of ``cfg.reward`` (its noise span from each task's noise sample) and each
     complete task's descriptor."""
+    from memrl.data.bundled import suite_source
     from memrl.task import NOISE_SEEDS, Task, make_evaluator, suite
 
     evaluator = make_evaluator(cfg)
-    tasks = [Task(e.cfg, evaluator, e.name, e.heldout) for e in suite(cfg)]
+    entries = suite(cfg)
+    tasks = [Task(e.cfg, evaluator, e.name, e.heldout) for e in entries]
     k = tasks[0].space.k
     masks = np.array(list(itertools.product((0, 1), repeat=k)), dtype=np.int8)
     terms = np.stack([task.stored_terms(masks) for task in tasks])
@@ -129,6 +133,7 @@ def load_table(cfg: Config) -> BenchTable:
         cfg.reward.param_weight,
         np.array(noisy),
         noise[:, : len(noisy)],
+        [suite_source(e.cfg.data.source) for e in entries],
     )
 
 
@@ -156,3 +161,24 @@ def folds(table: BenchTable) -> list[tuple[int, list[int]]]:
     out = [(t, [u for u in training if u != t]) for t in training]
     out += [(t, training) for t in complete if table.heldout[t]]
     return [(test, train) for test, train in out if train]
+
+
+def source_folds(table: BenchTable) -> list[tuple[int, list[int]]]:
+    """(test task, training tasks): each complete training task against the training tasks of
+    other sources only, which is how a held-out task of a new kind meets the tables (for a task
+    that is its source's only one, the leave-one-task-out fold)."""
+    sources = table.sources or table.names
+    training = [t for t in table.complete() if not table.heldout[t]]
+    out = [(t, [u for u in training if sources[u] != sources[t]]) for t in training]
+    return [(test, train) for test, train in out if train]
+
+
+SPLITS = ("leave one task out", "leave one source out", "held out")
+"""The benchmark's splits: :func:`folds` gives the first and last, :func:`source_folds` the middle."""
+
+
+def split_of(row: dict[str, Any]) -> str:
+    """A result row's split (rows written before the splits were named carry only ``heldout``)."""
+    if row.get("split"):
+        return str(row["split"])
+    return SPLITS[2] if str(row.get("heldout")) == "True" else SPLITS[0]

@@ -167,13 +167,15 @@ class SourceInfo:
 
     kind: str
     distinct_images: int
+    counts_as: str | None = None
+    """The source it is one with in the suite (the same source file), if another."""
 
 
 SOURCES: dict[str, SourceInfo] = {
     "mnist": SourceInfo("handwritten digits", 5000),
     "digits": SourceInfo("handwritten digits", 1797),
     "faces": SourceInfo("faces", 100),
-    "nonfaces": SourceInfo("photographs", 100),
+    "nonfaces": SourceInfo("photographs", 100, counts_as="faces"),
     "histology": SourceInfo("histology", 1),
     "cells": SourceInfo("microscopy", 1),
     "retina": SourceInfo("fundus photography", 1),
@@ -191,6 +193,12 @@ SOURCES: dict[str, SourceInfo] = {
 }
 """Every bundled dataset's :class:`SourceInfo`. ``faces`` and ``nonfaces`` share one source file
 (scikit-image's ``lfw_subset``) and count as one source in the suite."""
+
+
+def suite_source(name: str) -> str:
+    """The source a dataset counts as in the suite (:attr:`SourceInfo.counts_as`, else itself)."""
+    info = SOURCES.get(name)
+    return info.counts_as or name if info is not None else name
 
 
 @functools.lru_cache(maxsize=16)
