@@ -119,13 +119,14 @@ def test_noise_floor_is_the_mean_regret_difference_between_seeds(table):
 
 
 def test_source_folds_leave_out_every_task_of_the_test_tasks_source(table):
-    from memrl.benchmark.table import SPLITS, folds, source_folds, split_of
+    from memrl.benchmark.table import SPLITS, folds, source_folds, split_folds, split_of
 
     table.heldout = np.array([False, False, False])
     assert source_folds(table) == folds(table)  # every task its own source: leave one task out
     table.sources = ["digits", "digits", "faces"]
     assert folds(table) == [(0, [1, 2]), (1, [0, 2]), (2, [0, 1])]
     assert source_folds(table) == [(0, [2]), (1, [2]), (2, [0, 1])]
+    assert split_folds(table)[3:] == [(0, [2], SPLITS[1]), (1, [2], SPLITS[1]), (2, [0, 1], SPLITS[1])]
     table.sources = ["digits", "digits", "digits"]
     assert source_folds(table) == []  # no other source to transfer from
     assert split_of({"heldout": "True"}) == SPLITS[2] and split_of({"heldout": False}) == SPLITS[0]

@@ -36,13 +36,12 @@ from memrl.benchmark.methods import (
 from memrl.benchmark.table import (
     BUDGETS,
     PREFERENCES,
-    SPLITS,
     BenchTable,
     best_regret,
     folds,
     load_table,
     mask_index,
-    source_folds,
+    split_folds,
 )
 from memrl.config import Config, load_config
 from memrl.errors import ConfigError
@@ -155,9 +154,7 @@ def transfer(
     :func:`search_curves`."""
     table = load_table(cfg)
     shared: dict[tuple[int, ...], list[tuple[int, str]]] = {}
-    every = [(test, train, SPLITS[2] if table.heldout[test] else SPLITS[0]) for test, train in folds(table)]
-    every += [(test, train, SPLITS[1]) for test, train in source_folds(table)]
-    for test, train, split in every:
+    for test, train, split in split_folds(table):
         shared.setdefault(tuple(train), []).append((test, split))
     combos = [(seed, tests, list(train)) for seed in range(seeds) for train, tests in shared.items()]
     work = [

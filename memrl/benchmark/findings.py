@@ -133,7 +133,7 @@ def descriptor_ablation(table: Any) -> list[str]:
     nearest training task's best mask (on each split; mean over preferences) with every family,
     and with each family removed."""
     from memrl.benchmark.methods import nearest_task
-    from memrl.benchmark.table import SPLITS, folds, source_folds
+    from memrl.benchmark.table import SPLITS, split_folds
     from memrl.data.descriptor import family_slices
 
     k = table.masks.shape[1]
@@ -145,11 +145,9 @@ def descriptor_ablation(table: Any) -> list[str]:
         "| descriptor | " + " | ".join(SPLITS) + " |",
         "|---|---|---|---|",
     ]
-    splits = {
-        SPLITS[0]: [(t, train) for t, train in folds(table) if not table.heldout[t]],
-        SPLITS[1]: source_folds(table),
-        SPLITS[2]: [(t, train) for t, train in folds(table) if table.heldout[t]],
-    }
+    splits: dict[str, list[tuple[int, list[int]]]] = {s: [] for s in SPLITS}
+    for test, train, split in split_folds(table):
+        splits[split].append((test, train))
     full = table.descriptors.copy()
     for label, cut in variants.items():
         table.descriptors = full.copy()

@@ -177,6 +177,12 @@ SPLITS = ("leave one task out", "leave one source out", "held out")
 """The benchmark's splits: :func:`folds` gives the first and last, :func:`source_folds` the middle."""
 
 
+def split_folds(table: BenchTable) -> list[tuple[int, list[int], str]]:
+    """(test task, training tasks, split) of every split: :func:`folds` then :func:`source_folds`."""
+    out = [(test, train, SPLITS[2] if table.heldout[test] else SPLITS[0]) for test, train in folds(table)]
+    return out + [(test, train, SPLITS[1]) for test, train in source_folds(table)]
+
+
 def split_of(row: dict[str, Any]) -> str:
     """A result row's split (rows written before the splits were named carry only ``heldout``)."""
     if row.get("split"):
