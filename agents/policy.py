@@ -23,7 +23,14 @@ import torch
 
 from memrl.config import Config, load_config
 from memrl.data.descriptor import DESCRIPTOR_VERSION, descriptor_fields
-from memrl.episode import SearchHistory, all_masks, head, sequential_finished, sequential_observation
+from memrl.episode import (
+    SearchHistory,
+    all_masks,
+    head,
+    search_observation_size,
+    sequential_finished,
+    sequential_observation,
+)
 from memrl.errors import ConfigError, PolicyError
 from memrl.prior import TransferPrior
 from memrl.reward import PREFERENCE_FIELDS, preference_of, reward_version, with_preference
@@ -346,6 +353,12 @@ def load_policy(path: str | Path) -> Policy:
     if card["action_mode"] == "search":
         from memrl.agents.search_net import CandidatePolicy
 
+        if int(card["observation_dim"]) != search_observation_size(k):
+            raise PolicyError(
+                f"{card_file}: observation_dim {card['observation_dim']} is not this memrl's search "
+                f"observation ({search_observation_size(k)} for {k} groups: the policy was trained with "
+                "an older one); retrain it with python -m memrl.train_agent"
+            )
         act_space: spaces.Space = spaces.Discrete(2**k)
         network_cls = CandidatePolicy
         names = card.get("prior", {}).get("tasks")

@@ -3,7 +3,8 @@ search observation (a learned acquisition function, as in MetaBO, Volpp et al. I
 same weights serve any task and a mask already tried is never proposed again.
 
 Each logit is a learned correction added to the ``gp-prior`` baseline's acquisition (the
-calibrated posterior's mean before any result, the log of its expected improvement after), so an
+calibrated posterior's mean before any result, the portfolio score at the portfolio steps, the log
+of the calibrated expected improvement after), so an
 untrained network searches as ``gp-prior`` does and PPO only has to learn where to depart from it
 (MetaBO's fallback to Bayesian optimisation, built into the parametrisation)."""
 
@@ -22,11 +23,14 @@ TRIED_PENALTY = 1e4
 """Subtracted from a tried mask's logit: its probability is 0 to float precision."""
 CALIBRATED_MEAN = CANDIDATE_FEATURES.index("calibrated_mean")
 CALIBRATED_EI = CANDIDATE_FEATURES.index("calibrated_improvement")
+PORTFOLIO_SCORE = CANDIDATE_FEATURES.index("portfolio_score")
 HAS_TRIED = SEARCH_GLOBALS.index("has_tried")
+PORTFOLIO_STEP = SEARCH_GLOBALS.index("portfolio_step")
 PRIOR_TEMPERATURE = 3.0
 """Initial weight of the baseline acquisition in the logits (learned): the untrained policy's
-probabilities are a softmax of 3 x the calibrated mean (results' spread units) or 3 x the log
-expected improvement, so it samples near ``gp-prior``'s pick and its most probable mask is that pick."""
+probabilities are a softmax of 3 x the calibrated mean (results' spread units), 3 x the portfolio
+score (candidates' spread units) or 3 x the log expected improvement, so it samples near
+``gp-prior``'s pick and its most probable mask is that pick."""
 EI_FLOOR = 1e-3
 """Added to the expected improvement before its log (in units of the results' spread)."""
 TIE_BREAK = 1e-3
@@ -37,9 +41,11 @@ TRANSFER_REGRET = CANDIDATE_FEATURES.index("transfer_regret")
 
 def baseline_acquisition(rows: torch.Tensor, glob: torch.Tensor) -> torch.Tensor:
     """``gp-prior``'s score of every candidate from its observation rows (batch, masks, features):
-    the calibrated mean before the search has a result, the log expected improvement after."""
+    the calibrated mean before the search has a result, the portfolio score at a portfolio step,
+    the log expected improvement otherwise."""
     first = rows[..., CALIBRATED_MEAN]
     later = torch.log(rows[..., CALIBRATED_EI].clamp_min(0) + EI_FLOOR)
+    later = torch.where(glob[:, PORTFOLIO_STEP : PORTFOLIO_STEP + 1] > 0, rows[..., PORTFOLIO_SCORE], later)
     return torch.where(glob[:, HAS_TRIED : HAS_TRIED + 1] > 0, later, first)
 
 

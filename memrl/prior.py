@@ -35,7 +35,7 @@ were chosen (from 0.3-1.5 and 0.03-0.5) with the lowest mean regret over 1-8 fin
 ``gp-prior``, averaged over leave one task out and leave one source out, on the 11 training tasks
 of 2026-12-02; see bench/README.md."""
 AGREEMENT_SHARPNESS = 10.0
-"""How fast :func:`agreement_regret` discounts a source that orders the results seen otherwise:
+"""How fast :func:`agreement_weights` discounts a source that orders the results seen otherwise:
 its weight times exp(-10 x its share of discordant pairs). Chosen among 3, 10 and 30 (and 3, 5 or
 all sources) on the leave-one-training-task-out folds of 9 training tasks, 2026-12-01, when the
 prior was the 3 nearest sources; not re-chosen for the kernel weights."""
@@ -193,15 +193,13 @@ class TransferPrior:
         return cls(list(names), descriptors.astype(float), terms.astype(float))
 
 
-def agreement_regret(
+def agreement_weights(
     regret: np.ndarray, weights: np.ndarray, observed: list[int], values: np.ndarray
 ) -> np.ndarray:
-    """(M,) the sources' ``regret`` (S, M) averaged with their ``weights`` (S,) times
-    exp(-:data:`AGREEMENT_SHARPNESS` x the share of pairs of ``observed`` masks whose ``values``
-    (the searched task's rewards) the source orders the other way): the transfer prior re-weighted
-    by the results so far, after RGPE's ranking loss (Feurer et al. 2018), so that a descriptor
-    neighbour whose ranking the task contradicts stops steering the search. With nothing observed
-    it is the plain weighted average (:meth:`TransferPrior.transfer_regret`)."""
+    """(S,) the sources' ``weights`` times exp(-:data:`AGREEMENT_SHARPNESS` x the share of pairs of
+    ``observed`` masks whose ``values`` (the searched task's rewards) the source's ``regret``
+    (S, M) orders the other way: after RGPE's ranking loss (Feurer et al. 2018), a descriptor
+    neighbour whose ranking the task contradicts stops steering the search."""
     values = np.asarray(values, dtype=float)
     upper = np.triu(np.ones((len(observed), len(observed)), dtype=bool), 1)
     task_order = np.sign(values[:, None] - values[None, :])
@@ -210,5 +208,27 @@ def agreement_regret(
     with np.errstate(invalid="ignore"):
         discordant = (np.sign(source[:, :, None] - source[:, None, :]) * task_order < 0) & pairs
     share = discordant.sum(axis=(1, 2)) / max(int(pairs.sum()), 1)
-    w = np.asarray(weights, dtype=float) * np.exp(-AGREEMENT_SHARPNESS * share)
+    return np.asarray(weights, dtype=float) * np.exp(-AGREEMENT_SHARPNESS * share)
+
+
+def agreement_regret(
+    regret: np.ndarray, weights: np.ndarray, observed: list[int], values: np.ndarray
+) -> np.ndarray:
+    """(M,) the sources' ``regret`` (S, M) averaged with :func:`agreement_weights`: the transfer
+    prior re-weighted by the results so far. With nothing observed it is the plain weighted
+    average (:meth:`TransferPrior.transfer_regret`)."""
+    w = agreement_weights(regret, weights, observed, values)
     return (w[:, None] * regret).sum(axis=0) / w.sum()
+
+
+def portfolio_regret(
+    regret: np.ndarray, weights: np.ndarray, tried: list[int], observed: list[int], values: np.ndarray
+) -> np.ndarray:
+    """(M,) for every mask, the sources' best regret among ``tried`` and that mask, averaged with
+    :func:`agreement_weights` (``observed``, ``values``: the results so far, references included):
+    the mask that best completes the tried ones as a portfolio for tasks like the sources, as the
+    greedy portfolio baseline picks, but weighted for this task. A missing regret counts as 1."""
+    regret = np.nan_to_num(regret, nan=1.0)
+    w = agreement_weights(regret, weights, observed, values)
+    best = regret[:, tried].min(axis=1, keepdims=True) if tried else np.ones((len(regret), 1))
+    return (w[:, None] * np.minimum(best, regret)).sum(axis=0) / w.sum()

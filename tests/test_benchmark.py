@@ -59,15 +59,16 @@ def test_every_zero_shot_baseline_picks_what_a_hand_computation_gives(table):
     assert best_regret(regret, portfolio(table, train, 0.5, 2)) == 0.5
 
 
-def test_the_prior_mean_gp_exploits_the_calibrated_prior_first_then_explores(table):
+def test_the_prior_mean_gp_exploits_the_calibrated_prior_then_completes_a_portfolio(table):
     # the training tasks' weights for c are .51 (a) and 1.45 (b) (distances 1.8 and 0.2 standardised,
     # spacing 2, width 0.6, floor 0.5): transfer regrets .74, .07, .32, .63. c's references 00 and 11
     # (rewards -2, -1) fit a map of positive slope, so the best predicted mask is 01 (lowest regret),
-    # although it is c's worst; once it is seen, the one mask never observed (10) has the largest
-    # expected improvement: c's best
-    assert prior_gp_search(table, [0, 1], 2, 0.5, 2) == [1, 2]
+    # although it is c's worst. Then the portfolio steps: beside 01 (b's best), 00 (a's best) brings
+    # both training tasks to regret 0, so it comes second (a reference counts as a pick only when
+    # chosen); with every source's best tried, the tie goes to the lowest transfer regret: 10, c's best
+    assert prior_gp_search(table, [0, 1], 2, 0.5, 3) == [1, 0, 2]
     assert prior_gp_search(table, [0, 1], 2, 0.5, 1) == [1]
-    assert prior_gp_search(table, [0, 1], 2, 0.5, 9)[:2] == [1, 2]  # budget beyond the table: stops
+    assert prior_gp_search(table, [0, 1], 2, 0.5, 9) == [1, 0, 2, 3]  # budget beyond the table: stops
 
 
 def test_an_untrained_search_policy_searches_as_the_prior_mean_gp(table):

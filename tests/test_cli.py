@@ -311,6 +311,20 @@ def test_the_shipped_policy_is_the_default_and_fits_the_default_space(tmp_path):
     assert proc.returncode == 2 and "no images found" in proc.stderr, proc.stderr[-2000:]
 
 
+def test_a_search_policy_of_an_older_observation_is_refused_by_name(tmp_path):
+    import shutil
+
+    from memrl.agents.policy import PolicyError, card_path, load_policy, prior_path, shipped_policy
+
+    for source in (shipped_policy(), card_path(shipped_policy()), prior_path(shipped_policy())):
+        shutil.copy(source, tmp_path / source.name)
+    card = json.loads((tmp_path / "policy.card.json").read_text())
+    card["observation_dim"] -= 2**7 + 1  # one candidate feature and one global fewer
+    (tmp_path / "policy.card.json").write_text(json.dumps(card))
+    with pytest.raises(PolicyError, match="trained with an older one.*retrain it"):
+        load_policy(tmp_path / "policy.zip")
+
+
 class _Payload:
     """Unpickling this runs code: it creates the file named in ``marker``."""
 

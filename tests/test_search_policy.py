@@ -70,6 +70,46 @@ def test_agreement_discounts_a_neighbour_that_orders_the_results_the_other_way()
     assert got[0] < weights @ regret[:, 0] / 4  # b, which says mask 0 is worst, counts for less
 
 
+def test_a_portfolio_step_scores_how_well_a_mask_completes_the_tried_ones():
+    from memrl.prior import AGREEMENT_SHARPNESS, portfolio_regret
+
+    regret = np.array([[0, 0.25, 0.5, 1], [1, 0, 0.5, 1], [0, 0.5, 0, 1]])
+    weights = np.array([1.0, 1.0, 2.0])
+    # mask 1 tried: the sources' bests are .25, 0, .5; adding mask 0 brings them to 0, 0, 0, mask 2
+    # to .25, 0, 0 (weighted mean .0625), mask 3 or mask 1 again nothing (1.25 / 4)
+    assert np.allclose(portfolio_regret(regret, weights, [1], [], np.zeros(0)), [0, 0.3125, 0.0625, 0.3125])
+    # nothing tried: each mask alone, the weighted transfer regret
+    assert np.allclose(portfolio_regret(regret, weights, [], [], np.zeros(0)), weights @ regret / 4)
+    # results say mask 1 beats mask 0: sources a and c order them the other way and all but vanish,
+    # so b, whose best (mask 1) is tried, decides: no mask improves on it
+    got = portfolio_regret(regret, weights, [1], [0, 1], np.array([0.0, 1.0]))
+    w = weights * np.exp(-AGREEMENT_SHARPNESS * np.array([1.0, 0.0, 1.0]))
+    assert np.allclose(got, [0, (0.25 * w[0] + 0.5 * w[2]), 0.25 * w[0], 0.25 * w[0] + 0.5 * w[2]] / w.sum())
+
+    prior = TransferPrior(["a", "b", "c"], np.zeros((3, 1)), np.zeros((3, 4, 3)))
+    history = SearchHistory(K, budget=4, references=(0.0, 0.5), sources=(regret, weights))
+    step = SEARCH_GLOBALS.index("portfolio_step")
+    column = COLUMNS["portfolio_score"]
+    features = prior.features(np.zeros(1), np.array([1.0, 0.0, 0.0]))
+    first = history.observation(np.array([1.0, 0.0, 0.0]), features)
+    assert first[step] == 0 and (rows_of(first)[:, column] == 0).all()  # the first pick is not one
+    history.add(np.array([0, 1]), 0.8, 0.1, 0.2)
+    obs = history.observation(np.array([1.0, 0.0, 0.0]), features)
+    # results: the references (masks 0 and 3: rewards 0 and .5) and mask 1 (.8), which sources a and
+    # c order the other way on 2 of 3 pairs; the score is the portfolio regret below its best, 0 there
+    expected = portfolio_regret(regret, weights, [1], [0, 3, 1], np.array([0.0, 0.5, 0.8]))
+    scores = rows_of(obs)[:, column]
+    assert obs[step] == 1 and scores[int(np.argmin(expected))] == 0 and (scores <= 0).all()
+    assert np.allclose(scores, (expected.min() - expected) / expected.std(), atol=1e-6)
+    assert (
+        rows_of(history.observation(np.array([1.0, 0.0, 0.0]), features, zero_history=True))[:, column].max()
+        == 0
+    )
+    history.add(np.array([1, 0]), 0.6, 0.1, 0.2)
+    history.add(np.array([0, 0]), 0.0, 0.1, 0.2)
+    assert history.observation(np.array([1.0, 0.0, 0.0]), features)[step] == 0  # past PORTFOLIO_STEPS (2)
+
+
 def test_the_posterior_matches_a_hand_computed_gaussian_process():
     x = np.array([[0, 0]])
     mean, std = posterior(x, np.array([2.0]), all_masks(K))

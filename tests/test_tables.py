@@ -565,11 +565,12 @@ def test_search_episodes_replay_the_table_and_reward_improvements(table, tmp_pat
     }
     env = gym.make("MemControl-v0", config=cfg, overrides=overrides).unwrapped
     obs, _ = env.reset(seed=0, options={"preference": [0.5, 0.5, 0.0]})
-    from memrl.episode import CANDIDATE_FEATURES, TRIED
+    from memrl.episode import CANDIDATE_FEATURES, SEARCH_GLOBALS, TRIED
     from memrl.reward import with_preference
 
-    assert env.observation_space.shape == obs.shape == (7 + 2**4 * len(CANDIDATE_FEATURES),)
-    rows = obs[7:].reshape(16, len(CANDIDATE_FEATURES))
+    g = len(SEARCH_GLOBALS)
+    assert env.observation_space.shape == obs.shape == (g + 2**4 * len(CANDIDATE_FEATURES),)
+    rows = obs[g:].reshape(16, len(CANDIDATE_FEATURES))
     assert env.prior.names == [TASKS[0]["name"]] and (rows[:, :4] == 0.5).all()  # its own row left out
     task, weights = env.task, with_preference(env.cfg.reward, [0.5, 0.5, 0.0])
     baseline = max(task.reference_rewards(weights))
@@ -578,7 +579,7 @@ def test_search_episodes_replay_the_table_and_reward_improvements(table, tmp_pat
     for i, index in enumerate(indices):
         obs, reward, terminated, _, info = env.step(index)
         mask = np.array([int(b) for b in f"{index:04b}"], dtype=np.int8)
-        rows = obs[7:].reshape(16, len(CANDIDATE_FEATURES))
+        rows = obs[g:].reshape(16, len(CANDIDATE_FEATURES))
         assert info["mask"] == mask.tolist() and rows[index, TRIED] == 1
         value = task.score(mask, weights).reward
         # the change of the best tried reward; the first step against the better reference

@@ -97,13 +97,15 @@ def prior_gp_search(table: BenchTable, train: list[int], test: int, w: float, bu
     :func:`~memrl.episode.calibrated_posterior` (an affine map from the training tasks' regret,
     weighted by descriptor distance (:meth:`~memrl.prior.TransferPrior.weighted_sources`), to the
     test task's reward and a Gaussian process on the residuals, refitted after every result); the
-    first pick is the best predicted mask, each next the largest expected improvement over the best
-    so far (ties to the lowest prior regret), its prior re-weighted by how well each training task
-    orders the results (:func:`~memrl.prior.agreement_regret`).
+    first pick is the best predicted mask, the next :data:`~memrl.episode.PORTFOLIO_STEPS` the
+    best completion of the tried ones as a portfolio (:func:`~memrl.prior.portfolio_regret`), each
+    later one the largest expected improvement over the best so far; ties go to the lowest prior
+    regret, and after the first pick the training tasks are re-weighted by how well they order the
+    results (:func:`~memrl.prior.agreement_weights`).
     The references (no fine-tune, the mask of ones) are observed first, as the search policy
     observes them."""
-    from memrl.episode import best_candidate, calibrated_posterior, expected_improvement
-    from memrl.prior import agreement_regret, all_masks
+    from memrl.episode import best_candidate, calibrated_posterior, expected_improvement, portfolio_step
+    from memrl.prior import agreement_regret, all_masks, portfolio_regret
 
     rewards = table.rewards(w)[test]
     sources = prior_of(table, train).weighted_sources(table.descriptors[test], table.preference(w))
@@ -113,9 +115,13 @@ def prior_gp_search(table: BenchTable, train: list[int], test: int, w: float, bu
     tried: list[int] = []
     for _ in range(min(budget, int(available.sum()))):
         seen = [i for i in dict.fromkeys([0, len(rewards) - 1, *tried]) if available[i]]
-        prior = np.nan_to_num(agreement_regret(*sources, seen, rewards[seen]), nan=1.0) if tried else transfer
-        mean, std, _ = calibrated_posterior(prior, seen, rewards[seen], candidates)
-        score = expected_improvement(mean, std, float(rewards[seen].max())) if tried else mean.copy()
+        values = rewards[seen]
+        if portfolio_step(len(tried), sources):
+            score = -portfolio_regret(*sources, tried, seen, values)
+        else:
+            prior = np.nan_to_num(agreement_regret(*sources, seen, values), nan=1.0) if tried else transfer
+            mean, std, _ = calibrated_posterior(prior, seen, values, candidates)
+            score = expected_improvement(mean, std, float(values.max())) if tried else mean.copy()
         score[~available] = -np.inf
         score[tried] = -np.inf
         tried.append(best_candidate(score, transfer))
