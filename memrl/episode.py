@@ -156,10 +156,11 @@ class SearchHistory:
         references: the rewards of no fine-tune and of the mask of ones, when known (they enter
             the posterior as observations, but count as tried only when the search picks them).
         sources: the training tasks' regret and weights
-            (:meth:`memrl.prior.TransferPrior.weighted_sources`); once a mask is tried, the
-            calibrated posterior's prior is their :func:`~memrl.prior.agreement_regret` instead of
-            the fixed ``transfer_regret``, and the picks after the first :data:`PORTFOLIO_STEPS`
-            are scored by :func:`~memrl.prior.portfolio_regret`.
+            (:meth:`memrl.prior.TransferPrior.weighted_sources`); with any result known (the
+            references included), the calibrated posterior's prior is their
+            :func:`~memrl.prior.agreement_regret` instead of the fixed ``transfer_regret``, and
+            the picks after the first :data:`PORTFOLIO_STEPS` are scored by
+            :func:`~memrl.prior.portfolio_regret`.
     """
 
     k: int
@@ -206,7 +207,7 @@ class SearchHistory:
         improvement relative to the best so far, in units of the results' spread), its Hamming
         distance to the best tried mask, its size, and the mean and improvement of
         :func:`calibrated_posterior` (the prior's ``transfer_regret`` as the posterior's mean,
-        re-weighted by agreement with the results once a mask is tried when ``sources`` is set; relative
+        re-weighted by agreement with the results and references when ``sources`` is set; relative
         to the best reward known, references included, as the ``gp-prior`` baseline scores them;
         with nothing known, the mean is minus the prior's ``transfer_regret`` and the improvement 0),
         and at a portfolio step (:func:`portfolio_step`, the global ``portfolio_step`` 1) the
@@ -244,7 +245,7 @@ class SearchHistory:
                 # the calibrated posterior is gp-prior's: its incumbent is the best reward known
                 known = float(y.max())
                 prior_regret = np.asarray(prior[:, 0], dtype=float)
-                if self.sources is not None and len(self.sources[1]) and self.masks:
+                if self.sources is not None and len(self.sources[1]):
                     prior_regret = np.nan_to_num(agreement_regret(*self.sources, seen, y), nan=1.0)
                 c_mean, c_std, c_scale = calibrated_posterior(prior_regret, seen, y, candidates)
                 calibrated = np.clip((c_mean - known) / c_scale, -CLIP, CLIP)

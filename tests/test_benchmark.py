@@ -62,10 +62,11 @@ def test_every_zero_shot_baseline_picks_what_a_hand_computation_gives(table):
 def test_the_prior_mean_gp_exploits_the_calibrated_prior_then_completes_a_portfolio(table):
     # the training tasks' weights for c are .51 (a) and 1.45 (b) (distances 1.8 and 0.2 standardised,
     # spacing 2, width 0.6, floor 0.5): transfer regrets .74, .07, .32, .63. c's references 00 and 11
-    # (rewards -2, -1) fit a map of positive slope, so the best predicted mask is 01 (lowest regret),
-    # although it is c's worst. Then the portfolio steps: beside 01 (b's best), 00 (a's best) brings
-    # both training tasks to regret 0, so it comes second (a reference counts as a pick only when
-    # chosen); with every source's best tried, the tie goes to the lowest transfer regret: 10, c's best
+    # (rewards -2, -1) are ordered as c does by b only, so a's weight all but vanishes; they fit a map of
+    # positive slope, so the best predicted mask is b's best, 01, although it is c's worst. Then the
+    # portfolio steps: beside 01 (b's best), 00 (a's best) brings both training tasks to regret 0, so it
+    # comes second (a reference counts as a pick only when chosen); with every source's best tried, the
+    # tie goes to the lowest transfer regret: 10, c's best
     assert prior_gp_search(table, [0, 1], 2, 0.5, 3) == [1, 0, 2]
     assert prior_gp_search(table, [0, 1], 2, 0.5, 1) == [1]
     assert prior_gp_search(table, [0, 1], 2, 0.5, 9) == [1, 0, 2, 3]  # budget beyond the table: stops

@@ -110,6 +110,23 @@ def test_a_portfolio_step_scores_how_well_a_mask_completes_the_tried_ones():
     assert history.observation(np.array([1.0, 0.0, 0.0]), features)[step] == 0  # past PORTFOLIO_STEPS (2)
 
 
+def test_the_first_pick_follows_the_training_tasks_that_order_the_references_as_this_task_does():
+    # a (weight 10) says no fine-tune (mask 0) beats the mask of ones (3), b (weight 1) the reverse;
+    # the task's references agree with b, so the calibrated mean before any fine-tune is b's map
+    regret = np.array([[0, 0.1, 1, 0.5], [0.5, 1, 0, 0.2]])
+    weights = np.array([10.0, 1.0])
+    transfer = weights @ regret / weights.sum()  # a's view: masks 0 and 2 best
+    prior = np.column_stack([transfer, np.zeros((4, 3))])
+    history = SearchHistory(K, budget=4, references=(0.0, 1.0), sources=(regret, weights))
+    calibrated = rows_of(history.observation(np.array([1.0, 0.0, 0.0]), prior))[:, COLUMNS["calibrated_mean"]]
+    assert (
+        calibrated[2] > 1 and calibrated[1] < -3
+    )  # b's best above the better reference, its worst far below
+    history.sources = None  # without the sources: a's weighted view, and nothing above the references
+    calibrated = rows_of(history.observation(np.array([1.0, 0.0, 0.0]), prior))[:, COLUMNS["calibrated_mean"]]
+    assert calibrated.max() <= 0
+
+
 def test_the_posterior_matches_a_hand_computed_gaussian_process():
     x = np.array([[0, 0]])
     mean, std = posterior(x, np.array([2.0]), all_masks(K))

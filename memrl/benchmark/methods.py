@@ -100,10 +100,10 @@ def prior_gp_search(table: BenchTable, train: list[int], test: int, w: float, bu
     first pick is the best predicted mask, the next :data:`~memrl.episode.PORTFOLIO_STEPS` the
     best completion of the tried ones as a portfolio (:func:`~memrl.prior.portfolio_regret`), each
     later one the largest expected improvement over the best so far; ties go to the lowest prior
-    regret, and after the first pick the training tasks are re-weighted by how well they order the
-    results (:func:`~memrl.prior.agreement_weights`).
+    regret, and the training tasks are re-weighted by how well they order the results so far
+    (:func:`~memrl.prior.agreement_weights`), the references' included.
     The references (no fine-tune, the mask of ones) are observed first, as the search policy
-    observes them."""
+    observes them, so even the first pick knows which training tasks order them as this one does."""
     from memrl.episode import best_candidate, calibrated_posterior, expected_improvement, portfolio_step
     from memrl.prior import agreement_regret, all_masks, portfolio_regret
 
@@ -119,7 +119,7 @@ def prior_gp_search(table: BenchTable, train: list[int], test: int, w: float, bu
         if portfolio_step(len(tried), sources):
             score = -portfolio_regret(*sources, tried, seen, values)
         else:
-            prior = np.nan_to_num(agreement_regret(*sources, seen, values), nan=1.0) if tried else transfer
+            prior = np.nan_to_num(agreement_regret(*sources, seen, values), nan=1.0)
             mean, std, _ = calibrated_posterior(prior, seen, values, candidates)
             score = expected_improvement(mean, std, float(values.max())) if tried else mean.copy()
         score[~available] = -np.inf
