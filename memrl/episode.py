@@ -219,8 +219,8 @@ class SearchHistory:
         m = len(candidates)
         tried = np.zeros(m)
         index = {tuple(c): i for i, c in enumerate(candidates.tolist())}
-        for mask in self.masks:
-            tried[index[tuple(int(v) for v in mask)]] = 1
+        tried_index = [index[tuple(int(v) for v in mask)] for mask in self.masks]
+        tried[tried_index] = 1
         mean, std = np.zeros(m), np.ones(m)
         distance = np.ones(m)
         calibrated, calibrated_ei = -np.asarray(prior[:, 0], dtype=float), np.zeros(m)  # nothing known
@@ -231,9 +231,9 @@ class SearchHistory:
             results: dict[int, float] = {}  # candidate index -> reward, each mask once
             if self.references is not None:
                 results = {0: self.references[0], m - 1: self.references[1]}
-            for mask, r in zip(self.masks, self.rewards):
+            for i, r in zip(tried_index, self.rewards):
                 if np.isfinite(r):
-                    results.setdefault(index[tuple(int(v) for v in mask)], r)
+                    results.setdefault(i, r)
             incumbent = self.best_reward if np.isfinite(self.best_reward) else self.baseline
             if results:
                 seen = list(results)
@@ -252,7 +252,6 @@ class SearchHistory:
                 calibrated_ei = np.clip(expected_improvement(c_mean, c_std, known) / c_scale, 0, CLIP)
             if at_portfolio:
                 assert self.sources is not None  # portfolio_step checked it
-                tried_index = [index[tuple(int(v) for v in mask)] for mask in self.masks]
                 values = np.array(list(results.values()), dtype=float)
                 regret = portfolio_regret(*self.sources, tried_index, list(results), values)
                 portfolio = np.clip((regret.min() - regret) / max(float(regret.std()), 1e-9), -CLIP, 0)
