@@ -206,6 +206,20 @@ def test_the_search_policy_is_compared_with_the_best_other_method_at_each_budget
     assert without[4] == "| 1 | tpe | 0.400 | 0.300 | -0.100 [-0.100, -0.100] | -0.100 |"
 
 
+def test_the_search_policy_per_task_sits_beside_the_best_other_method_at_one_fine_tune():
+    from memrl.benchmark.stats import per_task
+
+    rows = []
+    budgets = {1: {"ppo-search": 0.3, "knn": 0.1, "tpe": 0.4, "gp-prior": 0.0}, 2: {"ppo-search": 0.05}}
+    for n, values in budgets.items():
+        for method, v in values.items():
+            rows += [{**r, "fine_tunes": n} for r in rows_of({"a": [v, v + 0.2], "b": [v, v]}, method=method)]
+    lines = per_task(rows, "held out")
+    # gp-prior (the starting point) is never the comparator; knn has the lowest mean at 1
+    assert lines[2] == "| task | 1 | 2 | knn at 1 |"
+    assert lines[4] == "| a | 0.400 | 0.150 | 0.200 |" and lines[5] == "| b | 0.300 | 0.050 | 0.100 |"
+
+
 def test_nested_tuning_chooses_each_folds_setting_without_its_own_results():
     from memrl.benchmark.experiments import leave_one_out, nested_rows, nested_settings
 

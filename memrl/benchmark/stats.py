@@ -156,6 +156,7 @@ def summarise(rows: list[dict[str, Any]], reference: str = "ppo") -> str:
                 out.append(f"| {m} | " + " | ".join(cells) + " |")
         out.append("")
         if any(r["method"] == SEARCHER for r in split):
+            out += [*per_task(split, label), ""]
             out += [*against_the_best(split, weights, label), ""]
             if any(r["method"] == STARTING_POINT for r in split):
                 out += [*against_the_best(split, weights, label, exclude=(STARTING_POINT,)), ""]
@@ -227,6 +228,35 @@ SEARCHER = "ppo-search"
 """The search policy; its ablations (``ppo-search-...``) are never its comparators."""
 STARTING_POINT = "gp-prior"
 """What the search policy is before PPO changes it (its logits start as this acquisition)."""
+
+
+def per_task(split: list[dict[str, Any]], label: str) -> list[str]:
+    """Markdown rows: the search policy's mean regret on each task (over preferences and seeds) at
+    every number of fine-tunes, beside the best other method at 1 fine-tune on the split (lowest
+    pooled mean, search-policy ablations and its starting point left out) on the same task."""
+    counts = sorted({r["fine_tunes"] for r in split if r["method"] == SEARCHER})
+    at_one = [r for r in split if r["fine_tunes"] == 1]
+    means = {
+        m: float(np.mean([r["regret"] for r in at_one if r["method"] == m]))
+        for m in dict.fromkeys(r["method"] for r in at_one)
+        if not m.startswith(SEARCHER) and m != STARTING_POINT
+    }
+    best = min(means, key=means.__getitem__) if means else None
+    out = [
+        f"**The search policy per task** ({label}; mean regret over preferences and seeds after "
+        f"{', '.join(map(str, counts))} fine-tunes)",
+        "",
+        "| task | " + " | ".join(map(str, counts)) + (f" | {best} at 1 |" if best else " |"),
+        "|---|" + "---|" * (len(counts) + bool(best)),
+    ]
+    for task in sorted({r["task"] for r in split}):
+        mine = [r for r in split if r["task"] == task and r["method"] == SEARCHER]
+        cells = [f"{np.mean([r['regret'] for r in mine if r['fine_tunes'] == n]):.3f}" for n in counts]
+        if best:
+            theirs = [r["regret"] for r in at_one if r["task"] == task and r["method"] == best]
+            cells.append(f"{np.mean(theirs):.3f}")
+        out.append(f"| {task} | " + " | ".join(cells) + " |")
+    return out
 
 
 def against_the_best(
