@@ -150,8 +150,9 @@ class MetricConfig:
 
 @dataclass
 class RewardConfig:
-    memorization: str = "canary_loss_gap"
-    """Metric key used as the memorization term (see ``Evaluation.metrics``)."""
+    memorization: str = "canary_log_loss_ratio"
+    """Metric key used as the memorization term (see ``Evaluation.metrics``; ``canary_loss_gap``
+    gives reward version 2)."""
     quality: str = "heldout_loss"
     """Metric key used as the quality term (lower is better)."""
     memorization_weight: float = 1.0

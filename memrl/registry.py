@@ -25,6 +25,7 @@ METRICS = (
     "canary_loss",
     "loss_gap",
     "canary_loss_gap",
+    "canary_log_loss_ratio",
     "mia_auc_canary",
     "mia_tpr_canary",
     "mia_auc_private",

@@ -5,21 +5,27 @@ without fine-tuning (mask of zeros) and full fine-tuning (mask of ones). Then
 
 * memorization term  ``m = max(0, (mem - mem_none) / span)`` with
   ``span = max(|mem_full - mem_none|, c * sigma)``: 0 memorizes as little as the base model, 1 as
-  much as full fine-tuning. ``sigma`` is the seed standard deviation of the memorization metric on
+  much as full fine-tuning. ``mem`` is ``reward.memorization``, by default
+  ``canary_log_loss_ratio`` (log of held-out over canary denoising loss), so ``mem - mem_none``
+  is how much more, relatively, fine-tuning lowered the canaries' loss than held-out images'.
+  ``sigma`` is the seed standard deviation of the memorization metric on
   the task (from the tables' noise sample; 0 when unknown) and ``c = reward.noise_span`` (3: the
   classic limit of detection, three standard deviations of a blank). Where fine-tuning induces
   less memorization than seed noise can resolve, the span stays at the noise level instead of
   dividing noise by a tiny number. The floor at 0 (``reward.memorization_floor``): a mask cannot
-  memorize less than a model that never saw the canaries, so a canary loss gap below the base
-  model's earns nothing.
+  memorize less than a model that never saw the canaries.
 * quality term  ``q = (qual - qual_full) / (qual_none - qual_full)`` (lower ``qual`` is better):
   0 is as good as full fine-tuning, 1 as poor as no fine-tuning;
 
 and ``reward = -(w_m * m + w_q * q + w_p * trainable_fraction)``. A mask that keeps full
 fine-tuning's quality while memorizing like the base model scores 0; no fine-tune scores
 ``-w_q``, and the mask of ones ``-w_m`` where its memorization is above the noise level.
-:data:`REWARD_VERSION` 2 is this reward; version 1 (no floor, no noise span) is
-``reward.memorization_floor=false reward.noise_span=0``.
+:data:`REWARD_VERSION` 3 is this reward. Version 2 measured memorization by the plain
+``canary_loss_gap`` (held-out minus canary loss; ``reward.memorization=canary_loss_gap``): on
+suite tasks whose canaries happened to be easy for the base model, every fine-tune shrank that gap
+with the losses themselves, so all 128 masks scored 0 memorization even where the canaries' loss
+fell relatively more than held-out images' (bench/README.md). Version 1 is version 2 without the
+floor and the noise span (``reward.memorization_floor=false reward.noise_span=0``).
 """
 
 from __future__ import annotations
@@ -63,13 +69,17 @@ def draw_preference(cfg: RewardConfig, mode: str, rng: np.random.Generator) -> n
 
 
 _EPS = 1e-6
-REWARD_VERSION = 2
-"""The reward's definition (policy cards record it): 2 adds the noise span and the floor."""
+REWARD_VERSION = 3
+"""The reward's definition (policy cards record it): 2 adds the noise span and the floor to 1, 3
+measures memorization by the log loss ratio instead of the loss gap."""
 
 
 def reward_version(cfg: RewardConfig) -> int:
-    """:data:`REWARD_VERSION` when the floor or the noise span is on, else 1."""
-    return REWARD_VERSION if cfg.memorization_floor or cfg.noise_span > 0 else 1
+    """The version ``cfg`` defines: 1 without the floor and the noise span, 2 with them on the
+    loss gap, :data:`REWARD_VERSION` otherwise."""
+    if not (cfg.memorization_floor or cfg.noise_span > 0):
+        return 1
+    return 2 if cfg.memorization == "canary_loss_gap" else REWARD_VERSION
 
 
 @dataclass

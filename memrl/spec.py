@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +70,23 @@ class EvalSpec:
         return cls(d["settings"], tuple(d["mask"]), d.get("fingerprints", {}), d.get("version", 1))
 
 
+def with_derived_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """``metrics`` with the metrics that are functions of others added where missing, so rows
+    stored before such a metric existed carry it too:
+
+    * ``canary_log_loss_ratio``: log(held-out loss / canary loss). Its change from the base model
+      (what the reward's memorization term measures) is how much more, relatively, fine-tuning
+      lowered the canaries' loss than held-out images': difficulty calibrated by ratio, as in
+      Watson et al. (ICLR 2022). The plain ``canary_loss_gap`` is calibrated by difference, which
+      fails when fine-tuning shrinks every loss several times over and the canaries started easy.
+    """
+    if "canary_log_loss_ratio" in metrics or not {"heldout_loss", "canary_loss"} <= metrics.keys():
+        return metrics
+    held, canary = metrics["heldout_loss"], metrics["canary_loss"]
+    ratio = math.log(held / canary) if held > 0 and canary > 0 else math.nan
+    return {**metrics, "canary_log_loss_ratio": ratio}
+
+
 @dataclass
 class Evaluation:
     """Every measured number for one spec; ``ok`` False means a recorded failure."""
@@ -86,6 +104,10 @@ class Evaluation:
     """Index into the private set of each sample's nearest training image."""
     cache_hit: bool = False
     """A run diagnostic: served from the store rather than computed now."""
+
+    def __post_init__(self) -> None:
+        if self.ok:
+            self.metrics = with_derived_metrics(self.metrics)
 
     def to_json(self) -> str:
         """JSON for the subprocess worker's reply (samples as nested lists)."""

@@ -301,6 +301,48 @@ def test_reward_normalisation_and_pareto():
     assert front.tolist() == [True, True, False, True]
 
 
+def test_memorization_is_calibrated_by_ratio_so_easy_canaries_still_count(tmp_path):
+    """Reward v3: the canaries start easy for the base model (loss 0.30 against 0.36 held out) and
+    fine-tuning cuts their loss tenfold, held-out images' sixfold. The loss gap shrinks (0.06 to
+    0.03), so v2 scores no memorization; the log ratio sees the canaries fall relatively more."""
+    import dataclasses
+    import math
+
+    from memrl.config import load_config
+    from memrl.reward import reward_version
+
+    cfg = load_config("test").reward
+    assert cfg.memorization == "canary_log_loss_ratio" and reward_version(cfg) == 3
+
+    def ev(canary: float, held: float) -> Evaluation:  # quality: the held-out loss
+        return Evaluation(
+            "h", (1,), {"canary_loss": canary, "heldout_loss": held, "canary_loss_gap": held - canary}
+        )
+
+    none, full = ev(0.30, 0.36), ev(0.03, 0.06)
+    assert full.metrics["canary_log_loss_ratio"] == pytest.approx(math.log(2.0))
+    tuned = ev(0.05, 0.075)  # canaries 6x lower, held out 4.8x
+    same_factor = ev(0.05, 0.06)  # every loss 6x lower: nothing memorized
+    v3 = Reward(cfg, References(none.metrics, full.metrics))
+    v2cfg = dataclasses.replace(cfg, memorization="canary_loss_gap")
+    assert reward_version(v2cfg) == 2
+    v2 = Reward(v2cfg, References(none.metrics, full.metrics))
+    assert v2.terms(full.metrics)["memorization_term"] == v2.terms(tuned.metrics)["memorization_term"] == 0.0
+    expected = math.log(0.075 / 0.05 / 1.2) / math.log(2.0 / 1.2)
+    assert v3.terms(tuned.metrics)["memorization_term"] == pytest.approx(expected)
+    assert 0 < expected < 1 and v3.terms(full.metrics)["memorization_term"] == pytest.approx(1.0)
+    assert v3.terms(same_factor.metrics)["memorization_term"] == pytest.approx(0.0, abs=1e-12)
+    # rows stored before the metric existed carry it when read back; failed rows do not
+    path = tmp_path / "s.sqlite"
+    store = EvaluationStore(path)
+    old = Evaluation("old", (1,), {"canary_loss": 0.03, "heldout_loss": 0.06})
+    del old.metrics["canary_log_loss_ratio"]
+    store.put(old)
+    store.put(Evaluation("bad", (1,), {}, ok=False, error="diverged"))
+    assert EvaluationStore(path).get("old").metrics["canary_log_loss_ratio"] == pytest.approx(math.log(2.0))
+    assert EvaluationStore(path).get("bad").metrics == {}
+
+
 def test_csv_naming_a_directory_is_explained(tmp_path):
 
     from memrl.tables import shipped_dir

@@ -14,6 +14,7 @@ from memrl.config import Config
 from memrl.errors import MemrlError
 
 NOISE_METRICS = (
+    "canary_log_loss_ratio",
     "canary_loss_gap",
     "heldout_loss",
     "canary_copy_fraction",
@@ -67,6 +68,7 @@ def findings(cfg: Config) -> str:
             *ranking_clusters(cfg, table),
             *descriptor_ablation(table),
         ]
+    out += memorization_metrics(cfg, table)
     evaluator = make_evaluator(cfg)
     lines = []
     for entry in suite(cfg):
@@ -97,6 +99,47 @@ def findings(cfg: Config) -> str:
             *lines,
         ]
     return "\n".join(out)
+
+
+MEMORIZATION_CANDIDATES = ("canary_log_loss_ratio", "canary_loss_gap")
+"""Memorization metrics compared by :func:`memorization_metrics` (the reward's v3 and v2)."""
+
+
+def memorization_metrics(cfg: Config, table: Any) -> list[str]:
+    """Markdown lines: per complete task, for each of :data:`MEMORIZATION_CANDIDATES`, the share
+    of fine-tuned masks that it says memorize more than the base model, and its rank correlation
+    over the masks with the generated samples' similarity to their nearest training image
+    (``nn_similarity_q95``, a measure from the samples, not the losses)."""
+    from scipy.stats import spearmanr
+
+    from memrl.task import Task, make_evaluator, suite
+
+    evaluator = make_evaluator(cfg)
+    done = {table.names[t] for t in table.complete()}
+    header = " | ".join(f"{m}: above base / Spearman" for m in MEMORIZATION_CANDIDATES)
+    lines = [
+        "Memorization metrics: share of the fine-tuned masks scored above no fine-tune, and Spearman "
+        "over the masks against the samples' nearest-training similarity (q95):",
+        "",
+        f"| task | {header} |",
+        "|---|" + "---|" * len(MEMORIZATION_CANDIDATES),
+    ]
+    for entry in suite(cfg):
+        if entry.name not in done:
+            continue
+        task = Task(entry.cfg, evaluator, entry.name, entry.heldout)
+        rows = [evaluator.lookup(task.context.spec(m).hash) for m in table.masks]
+        metrics = [ev.metrics for ev in rows if ev is not None and ev.ok]
+        if len(metrics) < len(rows):
+            continue
+        similarity = [m["nn_similarity_q95"] for m in metrics[1:]]
+        cells = []
+        for name in MEMORIZATION_CANDIDATES:
+            values = np.array([m[name] for m in metrics])
+            rho = spearmanr(values[1:], similarity)[0]
+            cells.append(f"{np.mean(values[1:] > values[0]):.2f} / {rho:+.2f}")
+        lines.append(f"| {entry.name} | " + " | ".join(cells) + " |")
+    return ["", *lines, ""]
 
 
 def ranking_clusters(cfg: Config, table: Any) -> list[str]:
