@@ -300,7 +300,9 @@ def test_the_shipped_policy_is_the_default_and_fits_the_default_space(tmp_path):
     trained_on = {t["name"] for t in policy.card["training_tasks"]}
     assert trained_on and trained_on <= bench and policy.card["preference"]["sampling"] == "uniform"
     assert policy.card["action_mode"] == "search" and policy.card["descriptor"]["version"] == 2
-    assert policy.card["reward"]["version"] == 2
+    from memrl.reward import REWARD_VERSION
+
+    assert policy.card["reward"] == {"version": REWARD_VERSION, "memorization": "canary_log_loss_ratio"}
     descriptor = np.zeros(len(policy.card["descriptor"]["fields"]), dtype=np.float32)
     masks = policy.candidates(descriptor, 4, [0.5, 0.5, 0])
     assert len({m.tobytes() for m in masks}) == 4 and all(len(m) == 7 for m in masks)

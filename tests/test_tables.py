@@ -425,7 +425,7 @@ def test_training_on_the_table_reports_a_held_out_task_with_a_live_check(table, 
     episodes = [json.loads(line) for line in (run / "episodes.jsonl").read_text().splitlines()]
     assert len(episodes) == 64 and all(e["cache_hit"] for e in episodes)  # replay: no fine-tune
     check = json.loads((run / "check.json").read_text())
-    assert check["task"] == "faces" and set(check["live"]) >= {"canary_loss_gap", "heldout_loss"}
+    assert check["task"] == "faces" and set(check["live"]) >= {"canary_log_loss_ratio", "heldout_loss"}
     for key, live in check["live"].items():  # same spec, fine-tuned again: the same numbers
         assert live == pytest.approx(check["table"][key], rel=1e-3, abs=1e-4), key
     report = (run / "report.md").read_text()
