@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from memrl.errors import StoreError
-from memrl.spec import EvalSpec, Evaluation
+from memrl.spec import EvalSpec, Evaluation, with_derived_metrics
 from memrl.utils import atomic_path, cache_dir
 
 _COLUMNS = {
@@ -254,7 +254,8 @@ class EvaluationStore:
 
     # -- tables -------------------------------------------------------------------------------
     def rows(self) -> list[dict[str, Any]]:
-        """Every evaluation as a flat dict: spec_hash, mask, ok, error, metrics..., timings."""
+        """Every evaluation as a flat dict: spec_hash, mask, ok, error, metrics... (with the derived
+        ones, as :class:`~memrl.spec.Evaluation` has them), timings."""
         with self._db() as db:
             raw = db.execute(
                 "SELECT spec_hash, mask, ok, error, metrics, timings, spec FROM evaluations ORDER BY created"
@@ -263,6 +264,7 @@ class EvaluationStore:
         for r in raw:
             spec = json.loads(r["spec"]) if r["spec"] else {}
             settings = spec.get("settings", {})
+            metrics = json.loads(r["metrics"])
             out.append(
                 {
                     "spec_hash": r["spec_hash"],
@@ -272,7 +274,7 @@ class EvaluationStore:
                     "method": settings.get("search", {}).get("method", ""),
                     "seed": settings.get("finetune", {}).get("seed", ""),
                     "data_fingerprint": spec.get("fingerprints", {}).get("data", ""),
-                    **json.loads(r["metrics"]),
+                    **(with_derived_metrics(metrics) if r["ok"] else metrics),
                     **{f"time_{k}": v for k, v in json.loads(r["timings"]).items()},
                 }
             )

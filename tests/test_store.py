@@ -341,6 +341,9 @@ def test_memorization_is_calibrated_by_ratio_so_easy_canaries_still_count(tmp_pa
     store.put(Evaluation("bad", (1,), {}, ok=False, error="diverged"))
     assert EvaluationStore(path).get("old").metrics["canary_log_loss_ratio"] == pytest.approx(math.log(2.0))
     assert EvaluationStore(path).get("bad").metrics == {}
+    flat = {r["spec_hash"]: r for r in EvaluationStore(path).rows()}  # the reports' and CSV's view
+    assert flat["old"]["canary_log_loss_ratio"] == pytest.approx(math.log(2.0))
+    assert "canary_log_loss_ratio" not in flat["bad"]
 
 
 def test_csv_naming_a_directory_is_explained(tmp_path):
