@@ -76,8 +76,9 @@ def with_derived_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
     * ``canary_log_loss_ratio``: log(held-out loss / canary loss). Its change from the base model
       (what the reward's memorization term measures) is how much more, relatively, fine-tuning
-      lowered the canaries' loss than held-out images': difficulty calibrated by ratio, as in
-      Watson et al. (ICLR 2022). The plain ``canary_loss_gap`` is calibrated by difference, which
+      lowered the canaries' loss than held-out images': the base model as the reference of
+      difficulty calibration (Watson et al., ICLR 2022, who subtract a reference model's loss),
+      applied to log losses, i.e. by ratio. The plain ``canary_loss_gap`` is calibrated by difference, which
       fails when fine-tuning shrinks every loss several times over and the canaries started easy.
     """
     if "canary_log_loss_ratio" in metrics or not {"heldout_loss", "canary_loss"} <= metrics.keys():
