@@ -78,8 +78,11 @@ def with_derived_metrics(metrics: dict[str, float]) -> dict[str, float]:
       (what the reward's memorization term measures) is how much more, relatively, fine-tuning
       lowered the canaries' loss than held-out images': the base model as the reference of
       difficulty calibration (Watson et al., ICLR 2022, who subtract a reference model's loss),
-      applied to log losses, i.e. by ratio. The plain ``canary_loss_gap`` is calibrated by difference, which
-      fails when fine-tuning shrinks every loss several times over and the canaries started easy.
+      applied to log losses, i.e. by ratio. The plain ``canary_loss_gap`` is calibrated by
+      difference, which fails when fine-tuning shrinks every loss several times over and the
+      canaries started easy.
+
+    A failed evaluation's metrics (empty) come back unchanged.
     """
     if "canary_log_loss_ratio" in metrics or not {"heldout_loss", "canary_loss"} <= metrics.keys():
         return metrics
@@ -107,8 +110,7 @@ class Evaluation:
     """A run diagnostic: served from the store rather than computed now."""
 
     def __post_init__(self) -> None:
-        if self.ok:
-            self.metrics = with_derived_metrics(self.metrics)
+        self.metrics = with_derived_metrics(self.metrics)
 
     def to_json(self) -> str:
         """JSON for the subprocess worker's reply (samples as nested lists)."""

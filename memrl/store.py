@@ -264,7 +264,6 @@ class EvaluationStore:
         for r in raw:
             spec = json.loads(r["spec"]) if r["spec"] else {}
             settings = spec.get("settings", {})
-            metrics = json.loads(r["metrics"])
             out.append(
                 {
                     "spec_hash": r["spec_hash"],
@@ -274,7 +273,7 @@ class EvaluationStore:
                     "method": settings.get("search", {}).get("method", ""),
                     "seed": settings.get("finetune", {}).get("seed", ""),
                     "data_fingerprint": spec.get("fingerprints", {}).get("data", ""),
-                    **(with_derived_metrics(metrics) if r["ok"] else metrics),
+                    **with_derived_metrics(json.loads(r["metrics"])),
                     **{f"time_{k}": v for k, v in json.loads(r["timings"]).items()},
                 }
             )

@@ -68,8 +68,8 @@ def findings(cfg: Config) -> str:
             *ranking_clusters(cfg, table),
             *descriptor_ablation(table),
         ]
-    out += memorization_metrics(cfg, table)
     evaluator = make_evaluator(cfg)
+    out += memorization_metrics(cfg, table, evaluator)
     lines = []
     for entry in suite(cfg):
         task = Task(entry.cfg, evaluator, entry.name, entry.heldout)
@@ -105,16 +105,15 @@ MEMORIZATION_CANDIDATES = ("canary_log_loss_ratio", "canary_loss_gap")
 """Memorization metrics compared by :func:`memorization_metrics` (the reward's v3 and v2)."""
 
 
-def memorization_metrics(cfg: Config, table: Any) -> list[str]:
+def memorization_metrics(cfg: Config, table: Any, evaluator: Any) -> list[str]:
     """Markdown lines: per complete task, for each of :data:`MEMORIZATION_CANDIDATES`, the share
     of fine-tuned masks that it says memorize more than the base model, and its rank correlation
     over the masks with the generated samples' similarity to their nearest training image
     (``nn_similarity_q95``, a measure from the samples, not the losses)."""
     from scipy.stats import spearmanr
 
-    from memrl.task import Task, make_evaluator, suite
+    from memrl.task import Task, suite
 
-    evaluator = make_evaluator(cfg)
     done = {table.names[t] for t in table.complete()}
     header = " | ".join(f"{m}: above base / Spearman" for m in MEMORIZATION_CANDIDATES)
     lines = [
