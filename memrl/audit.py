@@ -7,7 +7,9 @@ For the model (and, with ``--reference``, the model it was fine-tuned from, side
 
 * loss-based membership inference (Carlini et al. 2023): each image's denoising loss at fixed
   noise and timesteps; ROC AUC of "lower loss = member" for the training images against the
-  held-out ones, and the true-positive rate at ``--fpr``;
+  held-out ones, and the true-positive rate at ``--fpr``; with ``--reference``, also calibrated:
+  the same attack on each image's loss relative to the reference's on it (Watson et al., ICLR
+  2022), which images that are merely easy do not fool;
 * near copies: ``--samples`` images generated (conditioned on the training labels when there are
   any), each one's nearest training image in the embedding of an encoder trained on the audited
   images; a sample closer than ``metrics.copy_quantile`` of held-out images are is a near copy;
@@ -44,13 +46,24 @@ import numpy as np
 from memrl.cli import add_config_args, config_from_args, run_main
 from memrl.config import Config
 from memrl.errors import ConfigError, DataError, ModelError
-from memrl.metrics.membership import membership_auc, tpr_at_fpr
+from memrl.metrics.membership import calibrated_losses, membership_auc, tpr_at_fpr
 from memrl.utils import atomic_path, atomic_write_text, package_versions, setup_logging
 
 log = logging.getLogger("memrl.audit")
 
-GATE_METRICS = ("mia_auc", "mia_tpr", "near_copy_fraction", "extracted", "kid", "loss_gap", "noise_norm")
-"""The metrics ``--fail-above`` may name."""
+CALIBRATED = ("mia_auc_calibrated", "mia_tpr_calibrated")
+"""The metrics that need ``--reference`` (NaN without one)."""
+GATE_METRICS = (
+    "mia_auc",
+    "mia_tpr",
+    *CALIBRATED,
+    "near_copy_fraction",
+    "extracted",
+    "kid",
+    "loss_gap",
+    "noise_norm",
+)
+"""The metrics ``--fail-above`` may name (the rows of the report's table)."""
 
 
 def parse_gates(items: list[str]) -> dict[str, float]:
@@ -222,11 +235,12 @@ def measure(
     conditioned = train_labels is not None and bool((train_labels >= 0).any())
     norms = noise_norm(model, train_labels, m.noise_norm_timesteps) if conditioned else None
     held = held_loss.numpy()
-    score = (float(np.median(held)) - train_loss.numpy()) / max(float(held.std()), 1e-12)
     copies = torch.bincount(nearest[sims > threshold], minlength=len(train)).numpy()
     return {
         "mia_auc": membership_auc(train_loss, held_loss),
         "mia_tpr": tpr_at_fpr(train_loss, held_loss, fpr),
+        "mia_auc_calibrated": math.nan,  # needs a reference: add_calibrated
+        "mia_tpr_calibrated": math.nan,
         "loss_gap": float(held_loss.mean() - train_loss.mean()),
         "near_copy_fraction": float((sims > threshold).float().mean()),
         "copy_threshold": threshold,
@@ -236,13 +250,33 @@ def measure(
         "per_image": {
             "loss": train_loss.tolist(),
             "noise_norm": norms.tolist() if norms is not None else None,
-            "membership_score": score.tolist(),
+            "membership_score": membership_score(train_loss.numpy(), held).tolist(),
             "copying_samples": copies.tolist(),
         },
         "_samples": ((samples.clamp(-1, 1) + 1) * 127.5).round().byte().numpy(),
         "_nearest": nearest.numpy(),
         "_losses": (train_loss.numpy(), held),
     }
+
+
+def membership_score(train: np.ndarray, held: np.ndarray) -> np.ndarray:
+    """How far below the held-out images' median each training image's loss is, in held-out
+    standard deviations (the exposure ranking's membership score)."""
+    return (float(np.median(held)) - train) / max(float(held.std()), 1e-12)
+
+
+def add_calibrated(results: dict[str, dict[str, Any]], fpr: float) -> None:
+    """The model's membership attack on each image's loss relative to the reference model's
+    (:func:`memrl.metrics.membership.calibrated_losses`), into ``results["model"]``; its per-image
+    membership score (the exposure ranking) becomes the calibrated one too."""
+    model, reference = results["model"], results["reference"]
+    (train, held), (ref_train, ref_held) = model["_losses"], reference["_losses"]
+    cal_train, cal_held = calibrated_losses(train, ref_train), calibrated_losses(held, ref_held)
+    model["mia_auc_calibrated"] = membership_auc(cal_train, cal_held)
+    model["mia_tpr_calibrated"] = tpr_at_fpr(cal_train, cal_held, fpr)
+    model["per_image"]["calibrated_loss"] = cal_train.tolist()
+    model["per_image"]["membership_score"] = membership_score(cal_train, cal_held).tolist()
+    model["_calibrated"] = (cal_train, cal_held)
 
 
 def write_outputs(out: Path, results: dict[str, dict[str, Any]], train: Any, meta: dict[str, Any]) -> None:
@@ -274,14 +308,20 @@ def write_outputs(out: Path, results: dict[str, dict[str, Any]], train: Any, met
                     f"{per['loss'][i]:.6f}",
                 ]
             )
-    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.2), squeeze=False)
-    for ax, (name, r) in zip(axes[0], results.items()):
-        train_loss, held = r["_losses"]
+    panels = [
+        (f"{name}: membership AUC {r['mia_auc']:.3f}", "denoising loss", r["_losses"])
+        for name, r in results.items()
+    ]
+    if "_calibrated" in model:
+        title = f"model, calibrated: AUC {model['mia_auc_calibrated']:.3f}"
+        panels.append((title, "log(loss / reference's loss)", model["_calibrated"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), squeeze=False)
+    for ax, (title, xlabel, (train_loss, held)) in zip(axes[0], panels):
         bins = np.linspace(min(train_loss.min(), held.min()), max(train_loss.max(), held.max()), 30)
         ax.hist(held, bins, alpha=0.6, label="held-out", density=True)
         ax.hist(train_loss, bins, alpha=0.6, label="training", density=True)
-        ax.set_title(f"{name}: membership AUC {r['mia_auc']:.3f}", fontsize=9)
-        ax.set_xlabel("denoising loss (lower: more member-like)")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(f"{xlabel} (lower: more member-like)")
         ax.legend(fontsize=7)
     save_figure(fig, out / "membership.png")
     plt.close(fig)
@@ -295,8 +335,10 @@ def write_outputs(out: Path, results: dict[str, dict[str, Any]], train: Any, met
     plt.close(fig)
     names = list(results)
     rows = "\n".join(
-        f"| {k} | " + " | ".join(f"{results[n][k]:.4f}" for n in names) + " |"
-        for k in ("mia_auc", "mia_tpr", "loss_gap", "near_copy_fraction", "extracted", "kid", "noise_norm")
+        f"| {k} | "
+        + " | ".join(f"{results[n][k]:.4f}" if math.isfinite(results[n][k]) else "-" for n in names)
+        + " |"
+        for k in GATE_METRICS
     )
     top = "\n".join(
         f"| {rank} | {int(i)} | {per['copying_samples'][i]} | {per['membership_score'][i]:+.2f} |"
@@ -319,7 +361,10 @@ def write_outputs(out: Path, results: dict[str, dict[str, Any]], train: Any, met
         rows,
         "",
         "mia_auc: ROC AUC of the loss-threshold membership attack (0.5 = chance); mia_tpr: its "
-        f"true-positive rate at a {meta['fpr']:g} false-positive rate; near_copy_fraction: samples closer "
+        f"true-positive rate at a {meta['fpr']:g} false-positive rate; *_calibrated: the same attack on each "
+        "image's loss relative to the reference model's on it (needs --reference; images that are merely "
+        "easy for any model look like members on the raw loss, not on this; the membership scores below "
+        "use it when there); near_copy_fraction: samples closer "
         f"to a training image than {meta['copy_quantile']:.0%} of held-out images are; extracted: training "
         "images reproduced by 3 or more samples; noise_norm: Wen et al.'s norm of the conditional minus "
         "unconditional noise prediction on each training image's label or caption (high for "
@@ -347,6 +392,11 @@ def audit(args: argparse.Namespace) -> int:
     from memrl.encoders import get_encoder
 
     gates = parse_gates(args.fail_above)
+    if args.reference is None and set(gates) & set(CALIBRATED):
+        raise ConfigError(
+            "--fail-above " + ", ".join(sorted(set(gates) & set(CALIBRATED))) + " needs --reference "
+            "(the model it was fine-tuned from): the calibrated attack compares the two models' losses"
+        )
     if not 0 < args.fpr < 1 or args.samples < 2:
         raise ConfigError(f"--fpr={args.fpr} must be in (0, 1) and --samples={args.samples} 2 or more")
     cfg: Config = config_from_args(args)
@@ -363,6 +413,7 @@ def audit(args: argparse.Namespace) -> int:
     results = {"model": measure(model, train, heldout, cfg, encoder, args.samples, args.fpr)}
     if reference is not None:
         results["reference"] = measure(reference, train, heldout, cfg, encoder, args.samples, args.fpr)
+        add_calibrated(results, args.fpr)
     failed = [f"{k} {results['model'][k]:.4f} > {v:g}" for k, v in gates.items() if results["model"][k] > v]
     meta = {
         "model": str(args.model),
@@ -389,6 +440,11 @@ def audit(args: argparse.Namespace) -> int:
         print(
             f"{name}: membership AUC {r['mia_auc']:.3f}, TPR at {args.fpr:g} FPR {r['mia_tpr']:.3f}, "
             f"near copies {r['near_copy_fraction']:.3f}, extracted {r['extracted']:.0f}, KID {r['kid']:.4f}"
+            + (
+                f", calibrated membership AUC {r['mia_auc_calibrated']:.3f}"
+                if math.isfinite(r["mia_auc_calibrated"])
+                else ""
+            )
         )
     print(f"report: {args.out / 'report.md'}")
     for line in failed:

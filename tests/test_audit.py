@@ -66,13 +66,19 @@ def test_the_audit_ranks_the_memorized_model_above_its_base_and_gates_it(models,
     result = json.loads((tmp_path / "a" / "audit.json").read_text())
     tuned, base = result["results"]["model"], result["results"]["reference"]
     assert tuned["mia_auc"] > 0.8 > base["mia_auc"] and tuned["loss_gap"] > base["loss_gap"]
+    # calibrated against the reference's loss on each image; the reference against itself is not shown
+    assert tuned["mia_auc_calibrated"] > 0.8 and tuned["mia_tpr_calibrated"] > 0
+    assert base["mia_auc_calibrated"] != base["mia_auc_calibrated"]  # NaN
+    own = np.log(np.array(tuned["per_image"]["loss"]) / np.array(base["per_image"]["loss"]))
+    assert np.allclose(tuned["per_image"]["calibrated_loss"], own)
     assert len(tuned["per_image"]["loss"]) == 4 and result["fingerprints"]["train"]
     assert tuned["noise_norm"] > 0 and len(tuned["per_image"]["noise_norm"]) == 4
     rows = (tmp_path / "a" / "exposure.csv").read_text().splitlines()
     assert rows[0].startswith("rank,train_index") and len(rows) == 5
     for name in ("membership.png", "copies.png"):
         assert (tmp_path / "a" / name).read_bytes()[:4] == b"\x89PNG"
-    assert "**FAILED**" in (tmp_path / "a" / "report.md").read_text()
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert "**FAILED**" in report and "| mia_auc_calibrated | " in report
     passed = audit(models, "base", tmp_path / "b", "--fail-above", "mia_auc=0.8")
     assert passed.returncode == 0, passed.stderr[-2000:]
     import shutil
@@ -97,6 +103,7 @@ def test_bad_inputs_are_refused_in_one_line(models, tmp_path):
         (["--model", str(tmp_path)], "no diffusers UNet here"),
         (["--train", str(tmp_path / "nowhere")], "--train:"),
         (["--fail-above", "mia=3"], "write METRIC=NUMBER"),
+        (["--fail-above", "mia_auc_calibrated=0.6"], "mia_auc_calibrated needs --reference"),
         (["--set", "data.resolution=16"], "pass --set data.resolution=8"),
     ]
     for extra, message in cases:

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -206,3 +207,22 @@ def test_membership_auc_and_tpr_match_hand_computed_values():
     assert got["mia_auc_canary"] == pytest.approx(1.0)
     assert got["mia_tpr_canary"] == pytest.approx(1.0)
     assert got["mia_auc_private"] == pytest.approx(8 / 16)  # 0.1, 0.2 below every held-out loss
+
+
+def test_calibrated_attack_ignores_images_that_are_merely_easy():
+    from memrl.metrics.membership import calibrated_losses, membership_auc
+
+    # the members are easy for the reference model too and the fine-tune cut every loss by half:
+    # the raw attack calls them members, the calibrated one sees no difference
+    ref_members, ref_others = np.array([0.1, 0.2, 0.3]), np.array([0.5, 0.6, 0.7, 0.8])
+    members, others = ref_members / 2, ref_others / 2
+    assert membership_auc(members, others) == 1.0
+    calibrated = calibrated_losses(members, ref_members), calibrated_losses(others, ref_others)
+    assert np.allclose(calibrated[0], np.log(0.5)) and membership_auc(*calibrated) == 0.5
+    # hard members whose loss fell by 4 (the others' by 2) are found only after calibration
+    ref_members = np.array([1.6, 1.8, 2.0])
+    members = ref_members / 4
+    assert membership_auc(members, others) < 0.5
+    assert membership_auc(calibrated_losses(members, ref_members), calibrated[1]) == 1.0
+    with pytest.raises(ValueError, match="3 losses against 4"):
+        calibrated_losses(members, ref_others)

@@ -7,6 +7,11 @@ noise and timesteps, :func:`memrl.metrics.memorization.denoising_loss`) is low i
 Reported as the ROC AUC and the true-positive rate at a stated low false-positive rate, for the
 canaries against held-out images and for the whole private set against held-out images.
 
+The raw loss also reflects how hard an image is for any model: images that happen to be easy look
+like members even to a model that never saw them. :func:`calibrated_losses` divides each image's
+loss by a reference model's on the same image and noise (difficulty calibration, Watson et al.,
+ICLR 2022; on log losses, so by ratio), which removes that; the audit reports both.
+
 With ``n`` held-out images the smallest false-positive rate that can be resolved is ``1 / n``;
 below it the threshold is the lowest held-out loss (no held-out image is called a member).
 """
@@ -61,6 +66,20 @@ def tpr_at_fpr(
     allowed = math.floor(fpr * len(others))
     threshold = np.sort(others)[::-1][allowed]
     return float((members > threshold).mean())
+
+
+def calibrated_losses(
+    losses: torch.Tensor | np.ndarray, reference_losses: torch.Tensor | np.ndarray
+) -> np.ndarray:
+    """``log(loss / reference loss)`` per image (the same images, noise and timesteps for both
+    models): lower is more member-like, so it feeds :func:`membership_auc` and :func:`tpr_at_fpr` as
+    a loss does. A model scored against itself gives 0 everywhere (AUC 0.5)."""
+    values = np.asarray(losses, dtype=np.float64).reshape(-1)
+    reference = np.asarray(reference_losses, dtype=np.float64).reshape(-1)
+    if values.shape != reference.shape:
+        raise ValueError(f"{values.shape[0]} losses against {reference.shape[0]} reference losses")
+    tiny = np.finfo(np.float64).tiny
+    return np.log(np.maximum(values, tiny) / np.maximum(reference, tiny))
 
 
 def membership_metrics(
