@@ -206,3 +206,34 @@ def test_the_candidate_network_never_proposes_a_tried_mask():
         np.zeros(1), lambda m: (float(m.sum()), 0.0, 0.0), 4, references=(0.0, 2.0)
     )
     assert sorted(map(tuple, history.masks)) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def test_the_learned_correction_waits_for_the_first_result():
+    import torch
+    from gymnasium import spaces
+    from memrl.agents.search_net import CandidatePolicy
+
+    from memrl.episode import search_observation_size
+
+    torch.manual_seed(0)
+    network = CandidatePolicy(
+        spaces.Box(-10, 10, (search_observation_size(K),), np.float32),
+        spaces.Discrete(2**K),
+        lambda _: 1e-3,
+        net_arch=[8],
+    )
+    scorer = network.mlp_extractor
+    prior = np.array([[0.0, 0.0, 0.0, 0.0], [0.2] * 4, [0.6] * 4, [1.0] * 4])
+    first = SearchHistory(K, 4).observation(np.array([0.5, 0.5, 0.0]), prior)
+    later = SearchHistory(K, 4, references=(0.0, 0.5))
+    later.add(np.array([0, 1]), 0.4, 0.2, 0.1)
+    second = later.observation(np.array([0.5, 0.5, 0.0]), prior)
+    obs = torch.as_tensor(np.stack([first, second]))
+    untrained = scorer.forward_actor(obs).detach()
+    with torch.no_grad():  # a trained scorer: a large correction pointing at the prior's worst mask
+        scorer.logit.weight.normal_(0, 10.0)
+        scorer.logit.bias.fill_(3.0)
+    trained = scorer.forward_actor(obs).detach()
+    assert torch.allclose(trained[0], untrained[0])  # the first pick is always the prior's
+    assert int(trained[0].argmax()) == 0
+    assert not torch.allclose(trained[1], untrained[1])  # after a result, the correction acts
