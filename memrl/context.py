@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from memrl.config import Config, load_config, task_overrides
 from memrl.errors import ConfigError, ModelError
 from memrl.search_space import SearchSpace
-from memrl.spec import SPEC_SECTIONS, EvalSpec
+from memrl.spec import EvalSpec, spec_settings
 from memrl.utils import stable_hash
 
 if TYPE_CHECKING:
@@ -100,13 +100,15 @@ class TaskContext:
         from memrl.data import load_splits
 
         self.cfg = cfg
+        self.settings = spec_settings(cfg)
+        """What every spec of this task shares (one dict for all: specs are never changed)."""
         self.space = architecture_space(cfg)  # first: a bad model.path fails before data is loaded
         self.splits = load_splits(cfg.data)
+        self._specs: dict[tuple[int, ...], EvalSpec] = {}
 
     @classmethod
     def get(cls, cfg: Config) -> TaskContext:
-        tree = cfg.to_dict()
-        key = stable_hash({k: tree[k] for k in SPEC_SECTIONS})
+        key = stable_hash(spec_settings(cfg))
         if key not in cls._cache:
             cls._cache[key] = cls(cfg)
         return cls._cache[key]
@@ -215,8 +217,12 @@ class TaskContext:
         }
 
     def spec(self, mask: np.ndarray | Sequence[int]) -> EvalSpec:
-        """The EvalSpec of ``mask`` (validated against the search space) on this task."""
-        return EvalSpec.from_config(self.cfg, self.space.validate(mask), self.fingerprints)
+        """The EvalSpec of ``mask`` (validated against the search space) on this task; made once
+        per mask (a replayed search asks for the same few thousand specs again and again)."""
+        key = tuple(int(m) for m in self.space.validate(mask))
+        if key not in self._specs:
+            self._specs[key] = EvalSpec(self.settings, key, self.fingerprints)
+        return self._specs[key]
 
     @functools.cached_property
     def encoder(self) -> nn.Module:

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import multiprocessing as mp
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -90,15 +90,21 @@ class Evaluator:
     def lookup(self, spec_hash: str) -> Evaluation | None:
         """A stored evaluation (tables first, then the store), or None; a copy marked as a cache hit
         (the object an earlier caller holds is never changed)."""
-        if spec_hash not in self._memo:
-            for source in (*self.tables, self.store):
-                found = source.get(spec_hash)
-                if found is not None:
-                    self._memo[spec_hash] = found  # stored rows are final
-                    break
-            else:
-                return None
-        return dataclasses.replace(self._memo[spec_hash], cache_hit=True)
+        return self.lookup_many([spec_hash])[0]
+
+    def lookup_many(self, spec_hashes: Sequence[str]) -> list[Evaluation | None]:
+        """:meth:`lookup` of each of ``spec_hashes``, one query per source for all of them."""
+        todo = [h for h in dict.fromkeys(spec_hashes) if h not in self._memo]
+        for source in (*self.tables, self.store):
+            if not todo:
+                break
+            found = source.get_many(todo)
+            self._memo.update(found)  # stored rows are final
+            todo = [h for h in todo if h not in found]
+        return [
+            dataclasses.replace(self._memo[h], cache_hit=True) if h in self._memo else None
+            for h in spec_hashes
+        ]
 
     def evaluate(self, spec: EvalSpec) -> Evaluation:
         return self.evaluate_many([spec])[0]
@@ -107,8 +113,7 @@ class Evaluator:
         """Evaluations of ``specs``: stored ones looked up, the others run (concurrently on Ray)."""
         found: dict[str, Evaluation] = {}
         misses: dict[str, EvalSpec] = {}
-        for spec in specs:
-            hit = self.lookup(spec.hash)
+        for spec, hit in zip(specs, self.lookup_many([s.hash for s in specs])):
             if hit is not None:
                 self.hits += 1
                 found[spec.hash] = hit

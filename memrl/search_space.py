@@ -102,7 +102,7 @@ class SearchSpace:
         array = np.asarray(mask)
         if array.shape != (self.k,):
             raise ValueError(f"mask has shape {array.shape}; this search space needs ({self.k},)")
-        if not np.isin(array, (0, 1)).all():
+        if not ((array == 0) | (array == 1)).all():  # np.isin costs 10x this on 7 entries
             raise ValueError(f"mask values must be 0 or 1, got {array.tolist()}")
         return array.astype(np.int8)
 

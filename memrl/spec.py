@@ -15,6 +15,7 @@ shipped tables included. So the hash is deliberate:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -27,6 +28,12 @@ from memrl.utils import stable_hash, without_none
 
 SPEC_VERSION = 2
 SPEC_SECTIONS = ("data", "model", "search", "finetune", "sample", "encoder", "metrics")
+
+
+def spec_settings(cfg: Config) -> dict[str, Any]:
+    """The sections of ``cfg`` an evaluation depends on (:data:`SPEC_SECTIONS`) as plain data (only
+    those: the whole tree, ``env.tasks`` above all, costs far more to copy)."""
+    return {k: dataclasses.asdict(getattr(cfg, k)) for k in SPEC_SECTIONS}
 
 
 @dataclass(frozen=True)
@@ -42,15 +49,14 @@ class EvalSpec:
 
     @classmethod
     def from_config(cls, cfg: Config, mask: Any, fingerprints: dict[str, str] | None = None) -> EvalSpec:
-        tree = cfg.to_dict()
-        settings = {k: tree[k] for k in SPEC_SECTIONS}
-        return cls(settings, tuple(int(m) for m in mask), dict(fingerprints or {}))
+        return cls(spec_settings(cfg), tuple(int(m) for m in mask), dict(fingerprints or {}))
 
     def to_config(self) -> Config:
         return load_config(self.settings)
 
-    @property
+    @functools.cached_property
     def hash(self) -> str:
+        """The store's key (computed once: a spec is never changed after it is made)."""
         return stable_hash(
             {
                 "version": self.version,

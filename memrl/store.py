@@ -18,7 +18,7 @@ import json
 import sqlite3
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
@@ -203,9 +203,19 @@ class EvaluationStore:
             db.close()
 
     def get(self, spec_hash: str) -> Evaluation | None:
+        return self.get_many([spec_hash]).get(spec_hash)
+
+    def get_many(self, spec_hashes: Sequence[str]) -> dict[str, Evaluation]:
+        """The stored evaluations among ``spec_hashes``, by hash, read over one connection (opening
+        one per row costs more than the query)."""
+        hashes, found = list(dict.fromkeys(spec_hashes)), {}
         with self._db() as db:
-            row = db.execute("SELECT * FROM evaluations WHERE spec_hash = ?", (spec_hash,)).fetchone()
-        return None if row is None else from_row(dict(row))
+            for i in range(0, len(hashes), 500):  # under SQLite's limit on bound parameters
+                part = hashes[i : i + 500]
+                marks = ", ".join("?" * len(part))
+                for row in db.execute(f"SELECT * FROM evaluations WHERE spec_hash IN ({marks})", part):
+                    found[row["spec_hash"]] = from_row(dict(row))
+        return found
 
     def put(self, evaluation: Evaluation, spec: EvalSpec | None = None, keep_samples: bool = True) -> None:
         """Insert (or replace) one evaluation in one transaction."""

@@ -30,7 +30,7 @@ from memrl.context import (  # noqa: F401  (re-exported: memrl.task was their ho
 from memrl.evaluator import Evaluator, make_evaluator  # noqa: F401  (re-exported)
 from memrl.reward import TERMS, References, Reward
 from memrl.search_space import SearchSpace
-from memrl.spec import EvalSpec, Evaluation
+from memrl.spec import EvalSpec, Evaluation, spec_settings
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +128,16 @@ class Task:
         """Each mask of the tables' noise sample with its stored evaluations, fine-tune seed 0 then
         :data:`NOISE_SEEDS` (None where not stored; looked up, never evaluated)."""
         k, fingerprints = self.space.k, self.context.fingerprints
-        seeds = [self.cfg] + [load_config(self.cfg, {"finetune.seed": s}) for s in NOISE_SEEDS]
-        return {
-            mask: [self.evaluator.lookup(EvalSpec.from_config(c, mask, fingerprints).hash) for c in seeds]
-            for mask in noise_masks(k, min(2**k, 64))
-        }
+        settings = [spec_settings(load_config(self.cfg, {"finetune.seed": s})) for s in NOISE_SEEDS]
+        masks = noise_masks(k, min(2**k, 64))
+        specs = [
+            spec
+            for mask in masks
+            for spec in (self.context.spec(mask), *(EvalSpec(s, mask, fingerprints) for s in settings))
+        ]
+        found = self.evaluator.lookup_many([spec.hash for spec in specs])
+        n = 1 + len(NOISE_SEEDS)
+        return {mask: found[i * n : (i + 1) * n] for i, mask in enumerate(masks)}
 
     def seed_noise(self) -> dict[str, float]:
         """Each metric's seed standard deviation on this task, pooled over the masks of the
@@ -153,7 +158,7 @@ class Task:
         only, or None when either reference is missing or failed (nothing is evaluated)."""
         k = self.space.k
         ends = (np.zeros(k, np.int8), np.ones(k, np.int8))
-        refs = [self.evaluator.lookup(self.context.spec(m).hash) for m in ends]
+        refs = self.evaluator.lookup_many([self.context.spec(m).hash for m in ends])
         if any(ev is None or not ev.ok for ev in refs):
             return None
         none, full = refs
@@ -167,8 +172,8 @@ class Task:
         reward_fn = self.stored_reward(reward)
         if reward_fn is None:
             return out
-        for i, mask in enumerate(masks):
-            ev = self.evaluator.lookup(self.context.spec(mask).hash)
+        found = self.evaluator.lookup_many([self.context.spec(mask).hash for mask in masks])
+        for i, ev in enumerate(found):
             if ev is not None and ev.ok:
                 terms = reward_fn.terms(ev.metrics)
                 out[i] = [terms[key] for key in TERMS]

@@ -93,6 +93,22 @@ def test_replay_without_fallback_raises_and_a_table_is_read_first(ctx, tmp_path)
     assert found.cache_hit and found.metrics == {"x": 1.0}
 
 
+def test_many_lookups_at_once_read_the_tables_first_then_the_store(tmp_path):
+    table, store = EvaluationStore(tmp_path / "table.sqlite"), EvaluationStore(tmp_path / "s.sqlite")
+    for i in range(3):
+        table.put(Evaluation(f"t{i}", (1, 0), {"x": float(i)}))
+    store.put(Evaluation("t0", (1, 0), {"x": 99.0}))  # shadowed by the table's row
+    store.put(Evaluation("s0", (0, 1), {"x": 5.0}))
+    wanted = ["s0", *(f"absent{i}" for i in range(700)), "t2", "t0", "t2"]  # > one query's 500
+    assert set(store.get_many(wanted)) == {"s0", "t0"}
+    found = Evaluator(store, "replay", tables=[EvaluationStore(table.path, readonly=True)]).lookup_many(
+        wanted
+    )
+    assert len(found) == len(wanted) and all(ev is None for ev in found[1:701])
+    assert [ev.metrics["x"] for ev in (found[0], *found[701:])] == [5.0, 2.0, 0.0, 2.0]
+    assert all(ev.cache_hit for ev in (found[0], *found[701:]))
+
+
 def _writer(path, start):
     store = EvaluationStore(path)
     for i in range(start, start + 20):
