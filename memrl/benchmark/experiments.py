@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from memrl.benchmark.methods import (
+    ONE_SHOT_PPO,
     gradient_top_g,
     knn_tasks,
     nearest_task,
@@ -118,7 +119,7 @@ def modes_fold(
     names = [table.names[u] for u in train]
     rows = []
     for mode in ("mask", "sequential"):
-        policies = train_policies(cfg, names, seed, list(episodes), mode=mode)
+        policies = train_policies(load_config(cfg, ONE_SHOT_PPO), names, seed, list(episodes), mode=mode)
         for n, policy in zip(sorted(episodes), policies):
             for w in PREFERENCES:
                 rows.append(
@@ -204,7 +205,8 @@ def transfer_fold(
     from memrl.task import architecture_space
 
     names = [table.names[u] for u in train]
-    nets = {zero: train_policies(cfg, names, seed, [episodes], zero)[0] for zero in (False, True)}
+    one_shot = load_config(cfg, ONE_SHOT_PPO)
+    nets = {zero: train_policies(one_shot, names, seed, [episodes], zero)[0] for zero in (False, True)}
     searchers = {}
     if search_episodes is not None:
         for label, zero_d, zero_h in SEARCH_VARIANTS:

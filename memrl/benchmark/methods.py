@@ -188,6 +188,11 @@ SEARCH_PPO = {
 }
 """PPO searching one task from scratch: short rollouts, many epochs (every sample is a fine-tune)."""
 
+ONE_SHOT_PPO = {"ppo.learning_rate": 3e-3}
+"""The one-shot (mask mode) policy's recipe, over ``cfg.ppo`` (which is the shipped search
+policy's): ``tune --method ppo`` chose 3e-3 with 10,000 episodes (bench/results/benchmark/
+tune-ppo.md), where ``tune`` searches the search policy at 3e-4."""
+
 
 def ppo_search(cfg: Config, task: str, w: float, seed: int, budget: int, max_steps: int = 4000) -> list[int]:
     """Distinct masks PPO proposes while learning from scratch on one task (replay), in order, until
