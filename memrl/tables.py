@@ -159,9 +159,11 @@ def build(
     )
     live = load_config(cfg, {"env.backend": "inprocess", "env.store": str(store_path), "env.table": None})
     evaluator = make_evaluator(live)
-    for e in suite(live):  # each task's encoder (cached for the workers) and descriptor
+    pending = {j.task for j in todo}
+    for e in suite(live):  # each task's descriptor; an unfinished task's encoder, cached for the workers
         task = Task(e.cfg, evaluator, e.name, e.heldout)
-        _ = task.context.encoder
+        if e.name in pending:  # (a build resumed on a new machine trains none for finished tasks)
+            _ = task.context.encoder
         task.descriptor()
     if not todo:
         return 0

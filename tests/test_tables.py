@@ -68,10 +68,17 @@ def test_the_exported_table_has_rows_descriptors_provenance_and_no_samples(table
     )
 
 
-def test_a_build_resumes_and_a_table_seeds_a_new_working_store(table, tmp_path):
+def test_a_build_resumes_and_a_table_seeds_a_new_working_store(table, tmp_path, monkeypatch):
+    from memrl import encoders
+    from memrl.context import TaskContext
+
     path, cfg = table
     assert import_rows(tmp_path / "work.sqlite", path) == ROWS
+    monkeypatch.setattr(TaskContext, "_cache", {})  # as in a new process
+    asked, get_encoder = [], encoders.get_encoder
+    monkeypatch.setattr(encoders, "get_encoder", lambda *a: asked.append(a) or get_encoder(*a))
     assert build(cfg, tmp_path / "work.sqlite", workers=1, threads=1) == 0
+    assert asked == []  # the tasks are complete: no encoder is needed, none is trained
     proc = run_module("memrl.store", str(path), "--csv", str(tmp_path / "t.csv"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
