@@ -8,12 +8,15 @@
 #
 #     bash bench/suite_results.sh 2>&1 | tee suite_results.log
 #
+# PARTS=DIR keeps the finished folds in DIR/<command> instead (a folder that outlives the machine,
+# for a run that spans sessions).
 # Then copy the new numbers into README.md, bench/README.md and configs/bench.yaml's comments.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=bench/results/benchmark
 export OMP_NUM_THREADS=1  # single-threaded workers side by side (bench/README.md)
+parts() { if [[ -n "${PARTS:-}" ]]; then echo "--parts $PARTS/$1"; fi; }
 
 status=$($PY -m memrl.tables status | tail -n 1)
 read -r stored total <<<"$(sed -E 's#^ *all +([0-9]+)/([0-9]+).*#\1 \2#' <<<"$status")"
@@ -25,7 +28,7 @@ $PY -m memrl.tables export
 $PY -m pytest -q tests/test_tables.py -k shipped
 
 $PY -m memrl.benchmark findings --out "$OUT"
-$PY -m memrl.benchmark tune --method ppo-search --n-seeds 2 --out "$OUT"
+$PY -m memrl.benchmark tune --method ppo-search --n-seeds 2 --out "$OUT" $(parts tune)
 
 # tune's choice must be what configs/bench.yaml trains: the shipped policy and the transfer
 # benchmark's search policy both take their length from ppo.total_timesteps (episodes x budget)
@@ -42,5 +45,5 @@ if [[ $((episodes * budget)) != "$have_steps" ]] || ! $PY -c "import sys; sys.ex
   exit 1
 fi
 
-$PY -m memrl.benchmark transfer --n-seeds 10 --out "$OUT"
+$PY -m memrl.benchmark transfer --n-seeds 10 --out "$OUT" $(parts transfer)
 $PY -m memrl.benchmark ship --out "$OUT"

@@ -395,10 +395,13 @@ def test_search_curves_and_the_benchmark_command(table, tmp_path):
                 "1",  # the worker processes are checked above; a pool's start-up costs ~15 s
                 "--out",
                 str(tmp_path / "out"),
+                "--parts",
+                str(tmp_path / "parts"),
             ]
         )
         == 0
     )
+    assert len(list((tmp_path / "parts").glob("*.json"))) == 2 * 3  # each (task, preference) kept
     assert (tmp_path / "out" / "search.png").read_bytes()[:4] == b"\x89PNG"
     assert "| random |" in (tmp_path / "out" / "search.md").read_text()
 

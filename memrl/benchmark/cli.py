@@ -90,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, default=2, help="single-threaded processes side by side (2 cores: 2)"
     )
     parser.add_argument(
+        "--parts",
+        type=Path,
+        default=None,
+        help="where each finished fold is kept, so a rerun resumes (default: "
+        "$MEMRL_CACHE/benchmark/COMMAND; name a folder that outlives the machine for a long run)",
+    )
+    parser.add_argument(
         "--ship-to",
         type=Path,
         default=None,
@@ -112,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--search-episodes={args.search_episodes} must be 0 (untrained) or more")
         cfg = config_from_args(args)
         args.out.mkdir(parents=True, exist_ok=True)
-        parts = cache_dir() / "benchmark" / args.command  # each finished fold: a rerun resumes
+        parts = args.parts or cache_dir() / "benchmark" / args.command  # a rerun resumes from these
         name = args.command  # of the files written to --out
         if args.command == "transfer":
             rows = transfer(
