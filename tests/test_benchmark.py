@@ -173,6 +173,8 @@ def test_task_bootstrap_resamples_tasks_not_rows():
     # two tasks: a quarter of the draws hold only a (mean 0), a quarter only b (mean 1)
     assert task_bootstrap(groups, np.mean) == (0.0, 1.0)
     assert task_bootstrap({"a": np.full(5, 0.3)}, np.mean) == pytest.approx((0.3, 0.3))
+    # and then rows within each drawn task: one task of rows 0 and 1 gives means 0, 0.5 and 1
+    assert task_bootstrap({"a": np.array([0.0, 1.0])}, np.mean) == (0.0, 1.0)
 
 
 def test_describe_reports_mean_tail_hits_and_paired_differences():

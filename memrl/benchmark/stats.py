@@ -44,11 +44,14 @@ def task_bootstrap(
     if not groups:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    values = list(groups.values())
+    flat = np.concatenate(list(groups.values()))
+    sizes = np.array([len(v) for v in groups.values()])
+    starts = np.cumsum(sizes) - sizes
     draws = []
-    for _ in range(n):
-        picked = rng.integers(len(values), size=len(values))
-        draws.append(stat(np.concatenate([rng.choice(values[i], len(values[i])) for i in picked])))
+    for _ in range(n):  # one index array per draw: rows of the drawn tasks, drawn within each
+        picked = rng.integers(len(sizes), size=len(sizes))
+        size, start = np.repeat(sizes[picked], sizes[picked]), np.repeat(starts[picked], sizes[picked])
+        draws.append(stat(flat[start + (rng.random(len(size)) * size).astype(np.int64)]))
     return float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
 
 
