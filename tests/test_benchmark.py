@@ -177,6 +177,15 @@ def test_task_bootstrap_resamples_tasks_not_rows():
     assert task_bootstrap({"a": np.array([0.0, 1.0])}, np.mean) == (0.0, 1.0)
 
 
+def test_task_bootstrap_draws_what_task_by_task_resampling_draws():
+    groups = {"a": np.array([0.1, 0.5, 0.2]), "b": np.array([0.9]), "c": np.arange(7) / 10}
+    rng, values, draws = np.random.default_rng(0), list(groups.values()), []
+    for _ in range(2000):  # the plain loop: tasks, then each drawn task's rows, one call each
+        picked = rng.integers(len(values), size=len(values))
+        draws.append(np.mean(np.concatenate([rng.choice(values[i], len(values[i])) for i in picked])))
+    assert task_bootstrap(groups, np.mean) == (np.percentile(draws, 2.5), np.percentile(draws, 97.5))
+
+
 def test_describe_reports_mean_tail_hits_and_paired_differences():
     rows = rows_of({"a": [0.0, 0.1, 0.5], "b": [0.3, 0.05, 0.2]})
     d = describe(rows)

@@ -50,8 +50,9 @@ def task_bootstrap(
     draws = []
     for _ in range(n):  # one index array per draw: rows of the drawn tasks, drawn within each
         picked = rng.integers(len(sizes), size=len(sizes))
-        size, start = np.repeat(sizes[picked], sizes[picked]), np.repeat(starts[picked], sizes[picked])
-        draws.append(stat(flat[start + (rng.random(len(size)) * size).astype(np.int64)]))
+        size = np.repeat(sizes[picked], sizes[picked])
+        start = np.repeat(starts[picked], sizes[picked])
+        draws.append(stat(flat[start + rng.integers(size)]))
     return float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
 
 
