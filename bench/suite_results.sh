@@ -10,7 +10,8 @@
 #
 # PARTS=DIR keeps the finished folds in DIR/<command> instead (a folder that outlives the machine,
 # for a run that spans sessions).
-# Then copy the new numbers into README.md, bench/README.md and configs/bench.yaml's comments.
+# Then copy the new numbers into README.md (its front-page table is the headline table that opens
+# transfer.md), bench/README.md and configs/bench.yaml's comments.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

@@ -200,6 +200,21 @@ def test_describe_reports_mean_tail_hits_and_paired_differences():
     assert "| m | 0.192 [" in text and "| ppo | 0.100 [0.100, 0.100] |" in text
 
 
+def test_the_headline_table_pools_preferences_per_split_and_skips_unjudged_budgets():
+    from memrl.benchmark.stats import headline
+
+    rows = []
+    for n, v in {1: 0.4, 2: 0.2, 3: 0.9, 4: 0.1}.items():  # 3 is not a headline budget
+        rows += [{**r, "fine_tunes": n} for r in rows_of({"a": [v, v + 0.1], "b": [v]}, method="s")]
+    rows += [{**r, "heldout": True} for r in rows_of({"c": [0.2, 0.3]}, method="s")]
+    rows += [{**r, "memorization_weight": 0.25} for r in rows_of({"a": [0.4]}, method="one")]
+    rows += rows_of({"a": [0.5]}, method="one")
+    lines = headline(rows)
+    assert lines[2] == "| method | leave one task out | held out |"  # no leave-one-source-out rows
+    assert lines[4] == "| s | 0.433 / 0.233 / 0.133 | 0.250 |"
+    assert lines[5] == "| one | 0.450 |  |"  # its 0.25 and 0.5 rows pooled; never held out
+
+
 def test_the_search_policy_is_compared_with_the_best_other_method_at_each_budget():
     from memrl.benchmark.stats import against_the_best
 

@@ -105,13 +105,41 @@ def describe(rows: list[dict[str, Any]], reference: list[dict[str, Any]] | None 
     return out
 
 
+HEADLINE_BUDGETS = (1, 2, 4, 8, 16)
+"""The numbers of fine-tunes the headline table reports (the budgets issue 20 judges)."""
+
+
+def headline(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown rows: every method's mean regret after each of :data:`HEADLINE_BUDGETS` fine-tunes
+    it was judged at, all preferences pooled, one column per split: the table on README's front
+    page."""
+    sums: dict[tuple[str, str, int], list[float]] = {}
+    for r in rows:
+        if r["fine_tunes"] in HEADLINE_BUDGETS:
+            sums.setdefault((r["method"], split_of(r), r["fine_tunes"]), []).append(r["regret"])
+    labels = [label for label in SPLITS if any(key[1] == label for key in sums)]
+    out = [
+        f"**Mean regret after {' / '.join(map(str, HEADLINE_BUDGETS))} fine-tunes, all preferences pooled**",
+        "",
+        "| method | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(labels),
+    ]
+    for m in dict.fromkeys(r["method"] for r in rows):
+        cells = [
+            " / ".join(f"{np.mean(sums[m, label, n]):.3f}" for n in HEADLINE_BUDGETS if (m, label, n) in sums)
+            for label in labels
+        ]
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
+    return out
+
+
 def summarise(rows: list[dict[str, Any]], reference: str = "ppo") -> str:
     """Markdown: for each split and preference (and all preferences pooled), every method's
     zero-shot regret (1 fine-tune): mean [task-level 95% interval], IQM, share of rows above 0.2,
     worst row, hit rate, paired difference to ``reference`` [interval] and gap closed (the share of
     the single-best-to-optimum gap closed, from means); then each method's mean regret at every
-    number of fine-tunes, per split."""
-    out = []
+    number of fine-tunes, per split. The :func:`headline` table comes first."""
+    out = [*headline(rows), ""]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     weights = sorted({r["memorization_weight"] for r in rows})
     for label in SPLITS:
