@@ -198,6 +198,9 @@ def test_describe_reports_mean_tail_hits_and_paired_differences():
     assert [r["regret"] for r in diffs] == pytest.approx([-0.1, 0.0, 0.4, 0.2, -0.05, 0.1])
     text = summarise(rows + other)
     assert "| m | 0.192 [" in text and "| ppo | 0.100 [0.100, 0.100] |" in text
+    first = text.split("**The first pick (1 fine-tune), all preferences pooled**")[1].splitlines()
+    assert first[2] == "| method | leave one task out: mean [95% CI] | IQM | worst | hits |"
+    assert first[5] == "| ppo | 0.100 [0.100, 0.100] | 0.100 | 0.100 | 100% |"
 
 
 def test_the_headline_table_pools_preferences_per_split_and_skips_unjudged_budgets():

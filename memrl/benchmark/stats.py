@@ -138,8 +138,10 @@ def summarise(rows: list[dict[str, Any]], reference: str = "ppo") -> str:
     zero-shot regret (1 fine-tune): mean [task-level 95% interval], IQM, share of rows above 0.2,
     worst row, hit rate, paired difference to ``reference`` [interval] and gap closed (the share of
     the single-best-to-optimum gap closed, from means); then each method's mean regret at every
-    number of fine-tunes, per split. The :func:`headline` table comes first."""
-    out = [*headline(rows), ""]
+    number of fine-tunes, per split. The :func:`headline` and :func:`first_picks` tables come
+    first."""
+    out = []
+    pooled: dict[tuple[str, str], dict[str, float]] = {}  # (split, method): its 1-fine-tune description
     methods = list(dict.fromkeys(r["method"] for r in rows))
     weights = sorted({r["memorization_weight"] for r in rows})
     for label in SPLITS:
@@ -163,6 +165,8 @@ def summarise(rows: list[dict[str, Any]], reference: str = "ppo") -> str:
                 if not mine:
                     continue
                 d = describe(mine, paired_differences(part, m, reference) if m != reference else None)
+                if w is None:
+                    pooled[label, m] = d
                 diff = f"{d['diff']:+.3f} [{d['diff_lo']:+.3f}, {d['diff_hi']:+.3f}]" if "diff" in d else "-"
                 closed = (
                     1 - d["mean"] / float(np.mean(base)) if base and np.mean(base) > 1e-9 else float("nan")
@@ -192,7 +196,38 @@ def summarise(rows: list[dict[str, Any]], reference: str = "ppo") -> str:
             out += [*against_the_best(split, weights, label), ""]
             if any(r["method"] == STARTING_POINT for r in split):
                 out += [*against_the_best(split, weights, label, exclude=(STARTING_POINT,)), ""]
-    return "\n".join(out)
+    return "\n".join([*headline(rows), "", *first_picks(pooled), "", *out])
+
+
+def first_picks(pooled: dict[tuple[str, str], dict[str, float]]) -> list[str]:
+    """Markdown rows: each method's first pick (1 fine-tune), all preferences pooled, on every
+    split side by side: mean [task-level 95% interval], IQM, worst row and hit rate, from
+    ``pooled[split, method]`` (:func:`describe`'s output)."""
+    labels = list(dict.fromkeys(label for label, _ in pooled))
+    methods = list(dict.fromkeys(m for _, m in pooled))
+    head = " | ".join(f"{label}: mean [95% CI] | IQM | worst | hits" for label in labels)
+    out = [
+        "**The first pick (1 fine-tune), all preferences pooled**",
+        "",
+        f"| method | {head} |",
+        "|---|" + "---|---|---|---|" * len(labels),
+    ]
+    for m in methods:
+        cells = []
+        for label in labels:
+            d = pooled.get((label, m))
+            cells += (
+                [
+                    f"{d['mean']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}]",
+                    f"{d['iqm']:.3f}",
+                    f"{d['worst']:.3f}",
+                    f"{d['hits']:.0%}",
+                ]
+                if d
+                else ["", "", "", ""]
+            )
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
+    return out
 
 
 def summarise_tuning(rows: list[dict[str, Any]], chosen: tuple[float, int]) -> str:
