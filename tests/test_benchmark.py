@@ -218,6 +218,33 @@ def test_the_headline_table_pools_preferences_per_split_and_skips_unjudged_budge
     assert lines[5] == "| one | 0.450 |  |"  # its 0.25 and 0.5 rows pooled; never held out
 
 
+def test_the_transfer_plot_draws_each_split_and_every_method_judged_at_several_budgets(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from memrl.benchmark.stats import plot_budgets, plot_transfer
+
+    rows = []
+    for method in ("ppo-search", "ppo-search-no-history", "tpe"):
+        for n in (1, 2, 4):
+            values = {"a": [0.4 / n, 0.3 / n], "b": [0.2 / n]}
+            rows += [{**r, "fine_tunes": n} for r in rows_of(values, method)]
+    rows += rows_of({"a": [0.5], "b": [0.5]}, method="single-best")  # one budget: a bar, no curve
+    rows += [{**r, "heldout": True} for r in rows_of({"c": [0.1]}, method="ppo-search")]
+    plot_transfer(rows, tmp_path / "transfer.png")
+    assert (tmp_path / "transfer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig, ax = plt.subplots()
+    plot_budgets(rows, ax, {"ppo-search": "black", "ppo-search-no-history": "red", "tpe": "blue"})
+    lines = {line.get_label(): line for line in ax.lines}
+    assert list(lines["ppo-search"].get_xdata()) == [1, 2, 4]
+    assert np.allclose(lines["tpe"].get_ydata(), [0.3, 0.15, 0.075])  # means over tasks' rows
+    assert lines["ppo-search"].get_linewidth() > lines["tpe"].get_linewidth()
+    assert lines["ppo-search-no-history"].get_linestyle() == "--" and len(ax.collections) == 1  # one band
+    plt.close(fig)
+
+
 def test_the_search_policy_is_compared_with_the_best_other_method_at_each_budget():
     from memrl.benchmark.stats import against_the_best
 

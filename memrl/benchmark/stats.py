@@ -367,8 +367,9 @@ def against_the_best(
 
 
 def plot_transfer(rows: list[dict[str, Any]], path: Path) -> None:
-    """Bars: mean zero-shot regret (1 fine-tune) with task-level 95% intervals per method, the
-    splits side by side."""
+    """Top: bars of mean zero-shot regret (1 fine-tune) with task-level 95% intervals per method,
+    the splits side by side. Below, one panel per split: mean regret against the number of
+    fine-tunes for every method judged at more than one, the search policy with its interval."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -378,8 +379,10 @@ def plot_transfer(rows: list[dict[str, Any]], path: Path) -> None:
 
     first = [r for r in rows if r["fine_tunes"] == 1]
     methods = list(dict.fromkeys(r["method"] for r in first))
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(methods)), 3.5))
-    labels = [s for s in SPLITS if any(split_of(r) == s for r in first)]
+    labels = [s for s in SPLITS if any(split_of(r) == s for r in rows)]
+    fig = plt.figure(figsize=(max(6, 0.6 * len(methods)), 9))
+    grid = fig.add_gridspec(2, max(len(labels), 1), hspace=0.75, bottom=0.14)
+    ax = fig.add_subplot(grid[0, :])
     width = 0.8 / max(len(labels), 1)
     for i, label in enumerate(labels):
         offset = (i - (len(labels) - 1) / 2) * width
@@ -397,8 +400,45 @@ def plot_transfer(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("mean regret, 1 fine-tune (0 = best mask)")
     ax.legend(fontsize=8)
+    curves = [
+        m
+        for m in dict.fromkeys(r["method"] for r in rows)
+        if len({r["fine_tunes"] for r in rows if r["method"] == m}) > 1
+    ]
+    palette = [plt.get_cmap("tab20")(i) for i in range(20)]
+    colours = dict(zip(curves, palette[0::2] + palette[1::2]))  # ten distinct hues, then their tints
+    if SEARCHER in colours:
+        colours[SEARCHER] = "black"
+    for i, label in enumerate(labels):
+        panel = fig.add_subplot(grid[1, i])
+        plot_budgets([r for r in rows if split_of(r) == label and r["method"] in colours], panel, colours)
+        panel.set_title(label, fontsize=9)
+        if i == 0:
+            panel.set_ylabel("mean regret (log)")
+    handles, names = panel.get_legend_handles_labels() if labels else ([], [])
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 7), fontsize=7, frameon=False)
     save_figure(fig, path)
     plt.close(fig)
+
+
+def plot_budgets(split: list[dict[str, Any]], ax: Any, colours: dict[str, Any]) -> None:
+    """On ``ax``: each method's mean regret against the number of fine-tunes (log-log), in its
+    colour; the search policy bold, with its task-level 95% interval; its ablations dashed."""
+    by: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in split:
+        by.setdefault((r["method"], r["fine_tunes"]), []).append(r)
+    for m, colour in colours.items():
+        counts = sorted(n for method, n in by if method == m)
+        means = [float(np.mean([r["regret"] for r in by[m, n]])) for n in counts]
+        style = "--" if m.startswith(SEARCHER + "-") else "-"
+        ax.plot(counts, means, style, marker="o", ms=3, lw=2.5 if m == SEARCHER else 1, color=colour, label=m)
+        if m == SEARCHER and counts:
+            lo, hi = zip(*(task_bootstrap(_by_task(by[m, n]), np.mean) for n in counts))
+            ax.fill_between(counts, lo, hi, alpha=0.15, color=colour)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks([1, 2, 4, 8, 16], ["1", "2", "4", "8", "16"])
+    ax.set_xlabel("fine-tunes")
 
 
 def plot_curves(
