@@ -56,11 +56,22 @@ def task_bootstrap(
     return float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
 
 
-def _by_task(rows: list[dict[str, Any]], key: str = "regret") -> dict[str, np.ndarray]:
-    out: dict[str, list[float]] = {}
+def grouped(
+    rows: list[dict[str, Any]], key: Callable[[dict[str, Any]], Any]
+) -> dict[Any, list[dict[str, Any]]]:
+    """``rows`` by ``key(row)``, in the order the keys first appear."""
+    out: dict[Any, list[dict[str, Any]]] = {}
     for r in rows:
-        out.setdefault(r["task"], []).append(float(r[key]))
-    return {t: np.array(v) for t, v in out.items()}
+        out.setdefault(key(r), []).append(r)
+    return out
+
+
+def mean_regret(rows: list[dict[str, Any]]) -> float:
+    return float(np.mean([r["regret"] for r in rows]))
+
+
+def _by_task(rows: list[dict[str, Any]], key: str = "regret") -> dict[str, np.ndarray]:
+    return {t: np.array([float(r[key]) for r in g]) for t, g in grouped(rows, lambda r: r["task"]).items()}
 
 
 def paired_differences(rows: list[dict[str, Any]], method: str, reference: str) -> list[dict[str, Any]]:
@@ -113,11 +124,11 @@ def headline(rows: list[dict[str, Any]]) -> list[str]:
     """Markdown rows: every method's mean regret after each of :data:`HEADLINE_BUDGETS` fine-tunes
     it was judged at, all preferences pooled, one column per split: the table on README's front
     page."""
-    sums: dict[tuple[str, str, int], list[float]] = {}
-    for r in rows:
-        if r["fine_tunes"] in HEADLINE_BUDGETS:
-            sums.setdefault((r["method"], split_of(r), r["fine_tunes"]), []).append(r["regret"])
-    labels = [label for label in SPLITS if any(key[1] == label for key in sums)]
+    at = grouped(
+        [r for r in rows if r["fine_tunes"] in HEADLINE_BUDGETS],
+        lambda r: (r["method"], split_of(r), r["fine_tunes"]),
+    )
+    labels = [label for label in SPLITS if any(key[1] == label for key in at)]
     out = [
         f"**Mean regret after {' / '.join(map(str, HEADLINE_BUDGETS))} fine-tunes, all preferences pooled**",
         "",
@@ -126,7 +137,7 @@ def headline(rows: list[dict[str, Any]]) -> list[str]:
     ]
     for m in dict.fromkeys(r["method"] for r in rows):
         cells = [
-            " / ".join(f"{np.mean(sums[m, label, n]):.3f}" for n in HEADLINE_BUDGETS if (m, label, n) in sums)
+            " / ".join(f"{mean_regret(at[m, label, n]):.3f}" for n in HEADLINE_BUDGETS if (m, label, n) in at)
             for label in labels
         ]
         out.append(f"| {m} | " + " | ".join(cells) + " |")
@@ -183,11 +194,9 @@ def summarise(rows: list[dict[str, Any]], reference: str = "ppo") -> str:
             "| method | " + " | ".join(str(n) for n in counts) + " |",
             "|---|" + "---|" * len(counts),
         ]
+        at = grouped(split, lambda r: (r["method"], r["fine_tunes"]))
         for m in methods:
-            cells = []
-            for n in counts:
-                v = [r["regret"] for r in split if r["method"] == m and r["fine_tunes"] == n]
-                cells.append(f"{np.mean(v):.3f}" if v else "")
+            cells = [f"{mean_regret(at[m, n]):.3f}" if (m, n) in at else "" for n in counts]
             if sum(bool(c) for c in cells) > 1:
                 out.append(f"| {m} | " + " | ".join(cells) + " |")
         out.append("")
@@ -400,11 +409,8 @@ def plot_transfer(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("mean regret, 1 fine-tune (0 = best mask)")
     ax.legend(fontsize=8)
-    curves = [
-        m
-        for m in dict.fromkeys(r["method"] for r in rows)
-        if len({r["fine_tunes"] for r in rows if r["method"] == m}) > 1
-    ]
+    budgets = grouped(rows, lambda r: r["method"])
+    curves = [m for m, mine in budgets.items() if len({r["fine_tunes"] for r in mine}) > 1]
     palette = [plt.get_cmap("tab20")(i) for i in range(20)]
     colours = dict(zip(curves, palette[0::2] + palette[1::2]))  # ten distinct hues, then their tints
     if SEARCHER in colours:
@@ -424,12 +430,10 @@ def plot_transfer(rows: list[dict[str, Any]], path: Path) -> None:
 def plot_budgets(split: list[dict[str, Any]], ax: Any, colours: dict[str, Any]) -> None:
     """On ``ax``: each method's mean regret against the number of fine-tunes (log-log), in its
     colour; the search policy bold, with its task-level 95% interval; its ablations dashed."""
-    by: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for r in split:
-        by.setdefault((r["method"], r["fine_tunes"]), []).append(r)
+    by = grouped(split, lambda r: (r["method"], r["fine_tunes"]))
     for m, colour in colours.items():
         counts = sorted(n for method, n in by if method == m)
-        means = [float(np.mean([r["regret"] for r in by[m, n]])) for n in counts]
+        means = [mean_regret(by[m, n]) for n in counts]
         style = "--" if m.startswith(SEARCHER + "-") else "-"
         ax.plot(counts, means, style, marker="o", ms=3, lw=2.5 if m == SEARCHER else 1, color=colour, label=m)
         if m == SEARCHER and counts:
