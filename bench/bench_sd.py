@@ -94,7 +94,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--only", nargs="+", help="run only the memrl cases whose label has one of these")
+    parser.add_argument(
+        "--only", nargs="+", help="run only the memrl cases whose label has one of these (baselines always run)"
+    )
     args = parser.parse_args()
     side = 16 if args.size == "tiny" else 512
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,7 +111,7 @@ def main() -> None:
             return_tensors="pt",
         ).input_ids
         rows = []
-        for precision in ("no", "bf16") if not args.only else ():
+        for precision in ("no", "bf16"):
             for cached in (False, True):
                 reset_peak(args.device)
                 seconds = baseline_step_time(parts, images, ids, args.steps, args.device, precision, cached)
