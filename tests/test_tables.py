@@ -287,6 +287,28 @@ def test_the_transfer_benchmark_runs_every_method_on_the_tables(table, tmp_path)
     assert all(np.isfinite(r["regret"]) and r["regret"] >= 0 for r in compared)  # >1: worse than all groups
 
 
+def test_a_benchmark_command_records_its_run_beside_its_results(table, tmp_path):
+    import yaml
+
+    from memrl.benchmark import load_table
+    from memrl.benchmark.cli import main
+    from memrl.benchmark.experiments import code_digest
+
+    path, cfg = table
+    bench_cfg = load_config(
+        cfg, {"env.backend": "replay", "env.table": str(path), "env.store": str(tmp_path / "s.sqlite")}
+    )
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(bench_cfg.to_dict()))
+    argv = ["findings", "--config", str(tmp_path / "bench.yaml"), "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    record = json.loads((tmp_path / "out" / "findings.json").read_text())
+    assert record["command"] == "python -m memrl.benchmark " + " ".join(argv) and record["seeds"] == []
+    assert record["config_hash"] == bench_cfg.hash() and record["config"]["env"]["table"] == str(path)
+    dense = load_table(bench_cfg)
+    assert record["table"] == {"tasks": dense.names, "digest": dense.digest([0, 1])}
+    assert record["code_digest"] == code_digest() and "torch" in record["versions"]
+
+
 def test_the_paper_claims_compare_full_fine_tuning_presets_and_searched_masks(table, tmp_path):
     from memrl.benchmark import claims, findings, load_table
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,7 @@ from typing import Any
 from memrl.benchmark.experiments import (
     TUNE_GRIDS,
     chosen_setting,
+    code_digest,
     leave_one_out,
     modes,
     nested_rows,
@@ -29,6 +32,7 @@ from memrl.benchmark.stats import (
     summarise_tuning,
     write_rows,
 )
+from memrl.config import Config
 from memrl.errors import ConfigError
 
 
@@ -160,13 +164,38 @@ def main(argv: list[str] | None = None) -> int:
             text = plot_curves(rows, args.out / "search.png")
         if rows:
             write_rows(rows, args.out / f"{name}.csv")
-        seeds = f"{args.n_seeds} seeds; " if args.command in ("transfer", "tune", "search", "modes") else ""
-        footer = f"\n\n{seeds}{time.perf_counter() - start:.0f} s\n"
+        seeded = args.command in ("transfer", "tune", "search", "modes")
+        seconds = time.perf_counter() - start
+        footer = f"\n\n{f'{args.n_seeds} seeds; ' if seeded else ''}{seconds:.0f} s\n"
         atomic_write_text(args.out / f"{name}.md", text + footer)
+        command = sys.argv[1:] if argv is None else argv
+        record = run_record(cfg, command, args.n_seeds if seeded else 0, seconds)
+        atomic_write_text(args.out / f"{name}.json", json.dumps(record, indent=2))
         print(text)
         return 0
 
     return run_main(body)
+
+
+def run_record(cfg: Config, argv: list[str], seeds: int, seconds: float) -> dict[str, Any]:
+    """What a result depends on, written beside it as ``NAME.json``: the command, its seeds, the
+    config and its hash, the table's fingerprint (every task's stored terms, noise sample and
+    descriptor), the digest of the code behind the rows and the package versions."""
+    from memrl.benchmark.table import load_table
+    from memrl.utils import package_versions
+
+    table = load_table(cfg)
+    return {
+        "command": " ".join(["python -m memrl.benchmark", *argv]),
+        "seeds": list(range(seeds)),
+        "config": cfg.to_dict(),
+        "config_hash": cfg.hash(),
+        "table": {"tasks": table.names, "digest": table.digest(list(range(len(table.names))))},
+        "code_digest": code_digest(),
+        "versions": package_versions(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "seconds": round(seconds, 1),
+    }
 
 
 def tuning_report(rows: list[dict[str, Any]], nested: bool) -> str:

@@ -423,8 +423,9 @@ def nested_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in leave_one_out(rows) if setting_of(r) == chosen[r["task"]]]
 
 
-REPORT_ONLY = ("stats.py", "findings.py")
-"""Benchmark modules that only summarise rows (no fold calls them): editing a report reruns no fold."""
+REPORT_ONLY = ("stats.py", "findings.py", "cli.py")
+"""Benchmark modules no fold calls: reports, and the command line, which turns flags into an
+experiment's arguments (fold keys carry those). Editing one reruns no fold."""
 
 
 def digest_files() -> list[Path]:
