@@ -3,12 +3,15 @@
 import numpy as np
 import pytest
 
+from memrl.benchmark.experiments import sampler_seed
 from memrl.benchmark.methods import (
     gradient_top_g,
     knn_tasks,
     nearest_task,
+    optuna_search,
     portfolio,
     prior_gp_search,
+    random_search,
     single_best,
     single_best_reward,
     task_distances,
@@ -99,6 +102,27 @@ def test_an_untrained_search_policy_searches_as_the_prior_mean_gp(table):
         first = policy.candidates(table.descriptors[2], 1, table.preference(w))[0]
         transfer = prior_of(table, [0, 1]).transfer_regret(table.descriptors[2], table.preference(w))
         assert [int(v) for v in first] == list(table.masks[int(np.argmin(transfer))])
+
+
+def test_from_scratch_samplers_draw_differently_on_each_task_and_alike_on_a_rerun():
+    rng = np.random.default_rng(0)
+    tasks, k = 8, 6
+    cost = rng.random((tasks, 2**k))
+    many = BenchTable(
+        names=[f"task{i}" for i in range(tasks)],
+        heldout=np.zeros(tasks, dtype=bool),
+        masks=np.array([[(i >> (k - 1 - j)) & 1 for j in range(k)] for i in range(2**k)], dtype=np.int8),
+        terms=np.stack([cost, cost, np.zeros_like(cost)], axis=-1),
+        descriptors=rng.random((tasks, 3)),
+    )
+    for search in (
+        lambda t, s: random_search(many, t, 3, np.random.default_rng(s)),
+        lambda t, s: optuna_search(many, t, 0.5, 3, s, "tpe"),
+    ):
+        firsts = [search(t, sampler_seed(0, many, t))[0] for t in range(tasks)]
+        assert len(set(firsts)) > 1  # seeded with the run's seed alone, every task starts alike
+        assert search(3, sampler_seed(0, many, 3)) == search(3, sampler_seed(0, many, 3))
+    assert sampler_seed(0, many, 3) != sampler_seed(1, many, 3)
 
 
 def test_gradient_top_g_picks_the_most_sensitive_groups_with_g_chosen_on_training_tasks(table):

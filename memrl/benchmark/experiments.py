@@ -69,14 +69,22 @@ def search_curves(
     return [row for rows in in_parallel(search_one, work, workers, keys, parts) for row in rows]
 
 
+def sampler_seed(seed: int, table: BenchTable, test: int) -> int:
+    """The seed of a from-scratch sampler on one task: the run's seed and the task's name, so that
+    each task gets its own draws (seeded with the run's seed alone, every task of a seed would
+    start from the same masks, and the tasks would not be independent samples of the method)."""
+    return int(stable_hash([seed, table.names[test]], 8), 16)
+
+
 def search_one(
     cfg: Config, table: BenchTable, seed: int, test: int, w: float, budget: int, ppo_steps: int
 ) -> list[dict[str, Any]]:
     regret = table.regret(w)[test]
+    draws = sampler_seed(seed, table, test)
     tried = {
         "ppo": ppo_search(cfg, table.names[test], w, seed, budget, ppo_steps),
-        "random": random_search(table, test, budget, np.random.default_rng(seed)),
-        **{name: optuna_search(table, test, w, budget, seed, name) for name in ("tpe", "nsga2", "gp")},
+        "random": random_search(table, test, budget, np.random.default_rng(draws)),
+        **{name: optuna_search(table, test, w, budget, draws, name) for name in ("tpe", "nsga2", "gp")},
     }
     rows = []
     for method, masks in tried.items():
@@ -238,11 +246,12 @@ def transfer_fold(
             "single-best (mean reward)": [single_best_reward(table, train, w)],
             **{f"preset: {label}": [mask_index(m)] for label, m in presets(group_names).items()},
         }
+        draws = sampler_seed(seed, table, test)
         searches = {
-            "random": random_search(table, test, longest, np.random.default_rng(seed)),
-            "tpe": optuna_search(table, test, w, longest, seed, "tpe"),
-            "tpe-warm": optuna_search(table, test, w, longest, seed, "tpe", warm=nearest),
-            "gp": optuna_search(table, test, w, longest, seed, "gp"),
+            "random": random_search(table, test, longest, np.random.default_rng(draws)),
+            "tpe": optuna_search(table, test, w, longest, draws, "tpe"),
+            "tpe-warm": optuna_search(table, test, w, longest, draws, "tpe", warm=nearest),
+            "gp": optuna_search(table, test, w, longest, draws, "gp"),
             "gp-prior": prior_gp_search(table, train, test, w, longest),
             **{
                 label: search_policy_masks(policy, table, test, w, longest, zero_d, zero_h)
