@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument(
-        "--only", nargs="+", help="run only the memrl cases whose label has one of these (baselines always run)"
+        "--only", nargs="+", help="run only the memrl cases whose label has one of these (and the baselines)"
     )
     args = parser.parse_args()
     side = 16 if args.size == "tiny" else 512
