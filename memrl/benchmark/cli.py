@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             write_rows(rows, args.out / f"{name}.csv")
         seeded = args.command in ("transfer", "tune", "search", "modes")
         seconds = time.perf_counter() - start
-        footer = f"\n\n{f'{args.n_seeds} seeds; ' if seeded else ''}{seconds:.0f} s\n"
+        seeds = f"{args.n_seeds} seeds; " if seeded else ""
+        footer = f"\n\n{seeds}{seconds:.0f} s\n"
         atomic_write_text(args.out / f"{name}.md", text + footer)
         command = sys.argv[1:] if argv is None else argv
         record = run_record(cfg, command, args.n_seeds if seeded else 0, seconds)
