@@ -210,6 +210,7 @@ def measure(
         copy_threshold,
         denoising_loss,
         extraction_count,
+        extraction_threshold,
         noise_norm,
     )
     from memrl.metrics.quality import fid_kid
@@ -230,7 +231,12 @@ def measure(
     threshold = copy_threshold(index, embed(encoder, heldout.images), m.copy_quantile)
     sims, nearest = index.search(embed(encoder, samples), 1)
     sims, nearest = sims[:, 0], nearest[:, 0]
-    extracted, _ = extraction_count(samples, train.images, m.extraction_threshold)
+    cutoff = (
+        m.extraction_threshold
+        if m.extraction_quantile is None
+        else extraction_threshold(train.images, heldout.images, m.extraction_quantile)
+    )
+    extracted, _ = extraction_count(samples, train.images, cutoff)
     quality = fid_kid(encoder, samples, heldout.images, min(m.kid_subset_size, len(samples), len(heldout)))
     conditioned = train_labels is not None and bool((train_labels >= 0).any())
     norms = noise_norm(model, train_labels, m.noise_norm_timesteps) if conditioned else None

@@ -38,8 +38,12 @@ class DataConfig:
     """Resize images of other sizes; false makes a size mismatch an error."""
     channels: int = 1
     """1 (grayscale) or 3 (RGB); the base model is built with this many channels."""
+    base: str | None = None
+    """The base model's pretraining images: None, 2,000 MNIST digits (base model v1: the shipped
+    150-step table's); ``mix``, a reserved share of every training source (base model v2, the
+    default config's: ``memrl.data.bundled.BASE_MIX``), which tasks on it never draw from."""
     base_size: int = 2000
-    """Images the base model is pretrained on (bundled source only)."""
+    """MNIST images base model v1 is pretrained on (``data.base`` unset)."""
     private_size: int = 64
     """Images in the small, sensitive fine-tune set."""
     heldout_size: int = 128
@@ -101,6 +105,14 @@ class FinetuneConfig:
     """``fp16`` or ``bf16``: the forward pass under autocast (GPUs); None: float32."""
     gradient_checkpointing: bool | None = None
     """Recompute activations in the backward pass (less memory, more time; large UNets)."""
+    checkpoint_every: int | None = None
+    """Record a curve: every this many steps, the loss-based metrics of the model so far (held-out,
+    train and canary losses, membership AUC and TPR of training vs held-out images, the low tail
+    of training losses, each group's share of the gradient norm), in the same fine-tune. Must
+    divide ``steps``. None: no curve (the spec of a plain evaluation)."""
+    sample_at: list[int] | None = None
+    """Checkpoints (multiples of ``checkpoint_every``) at which the curve also samples and scores
+    copies, extraction and KID/FID, as at the final step. None: the final step only."""
     cuda_graph: bool | None = None
     """Replay each fine-tune step as one CUDA graph (CUDA only; same batches and updates, without
     per-kernel launch cost or a host synchronisation per step): what makes a small UNet fast on a
@@ -145,7 +157,14 @@ class MetricConfig:
     loss_timesteps: list[int] = field(default_factory=lambda: [50, 200, 400, 600])
     noise_norm_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700])
     extraction_threshold: float = 0.15
-    """Tiled-L2 threshold in [0,1]-pixel RMS units for the pixel extraction test."""
+    """Tiled-L2 threshold in [0,1]-pixel RMS units for the pixel extraction test (used when
+    ``extraction_quantile`` is unset)."""
+    extraction_quantile: float | None = None
+    """Calibrate the extraction threshold like the near-copy one: this quantile of held-out
+    images' nearest tiled-L2 distance to the training set (0.01: a sample counts as a match only
+    when it is closer than 99% of held-out real images are), so smooth samples that match smooth
+    training images as closely as unseen images do are not extractions. None: the fixed
+    ``extraction_threshold`` (the shipped 150-step table's)."""
 
 
 @dataclass
@@ -273,6 +292,7 @@ def _choices() -> dict[str, tuple[str | None, ...]]:
         "metrics.faiss_index": FAISS_INDEXES,
         "env.mode": ("mask", "sequential", "search"),
         "env.preferences": ("fixed", "uniform"),
+        "data.base": (None, "mix"),
         "finetune.mixed_precision": (None, "no", "fp16", "bf16"),
         "env.backend": BACKENDS,
     }
@@ -390,6 +410,36 @@ MAX_BATCH = 4096
 """The largest ``finetune.batch_size`` / ``model.pretrain_batch_size`` accepted (memory)."""
 
 
+def _validate_curve(f: FinetuneConfig) -> None:
+    every = f.checkpoint_every
+    if every is None:
+        if f.sample_at is not None:
+            raise ConfigError("finetune.sample_at needs finetune.checkpoint_every (the curve's spacing)")
+        return
+    if every < 1 or f.steps % every:
+        raise ConfigError(
+            f"finetune.checkpoint_every={every} must be a positive divisor of finetune.steps={f.steps} "
+            f"(e.g. {next(d for d in (25, 10, 5, 1) if f.steps % d == 0)})"
+        )
+    bad = [n for n in f.sample_at or () if n < 1 or n > f.steps or n % every]
+    if bad:
+        raise ConfigError(
+            f"finetune.sample_at={f.sample_at}: {bad[0]} is not a checkpoint (a multiple of "
+            f"finetune.checkpoint_every={every} up to finetune.steps={f.steps})"
+        )
+
+
+def _validate_metrics(m: MetricConfig) -> None:
+    if not 0.5 <= m.copy_quantile < 1:
+        raise ConfigError(f"metrics.copy_quantile={m.copy_quantile} must be in [0.5, 1)")
+    q = m.extraction_quantile
+    if q is not None and not 0 <= q <= 0.5:
+        raise ConfigError(
+            f"metrics.extraction_quantile={q} must be in [0, 0.5] (0.01: closer than 99% of held-out "
+            "images), or null for the fixed metrics.extraction_threshold"
+        )
+
+
 def _validate_env(e: EnvConfig) -> None:
     if e.budget < 1:
         raise ConfigError(f"env.budget={e.budget} must be 1 or more (masks per search episode)")
@@ -491,8 +541,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"finetune.steps={cfg.finetune.steps} must be >= 0")
     if not (cfg.finetune.device in ("cpu", "auto") or re.fullmatch(r"cuda(:\d+)?", cfg.finetune.device)):
         raise ConfigError(f"finetune.device={cfg.finetune.device!r} must be cpu, cuda, cuda:N or auto")
-    if not 0.5 <= cfg.metrics.copy_quantile < 1:
-        raise ConfigError(f"metrics.copy_quantile={cfg.metrics.copy_quantile} must be in [0.5, 1)")
+    _validate_metrics(cfg.metrics)
+    _validate_curve(cfg.finetune)
     rollout = p.n_steps * p.n_envs
     if not 1 < p.batch_size <= rollout:
         raise ConfigError(

@@ -255,6 +255,18 @@ class TaskContext:
 
         return copy_threshold(self.index, self.heldout_embeddings, self.cfg.metrics.copy_quantile)
 
+    @functools.cached_property
+    def extraction_threshold(self) -> float:
+        """The tiled-L2 extraction threshold: fixed, or calibrated on held-out images
+        (``metrics.extraction_quantile``)."""
+        from memrl.metrics.memorization import extraction_threshold
+
+        m = self.cfg.metrics
+        if m.extraction_quantile is None:
+            return m.extraction_threshold
+        splits = self.splits
+        return extraction_threshold(splits.private.images, splits.heldout.images, m.extraction_quantile)
+
 
 @dataclass(frozen=True)
 class TaskEntry:

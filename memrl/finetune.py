@@ -3,6 +3,8 @@ only the mask's modules trainable (under the configured PEFT method)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from memrl.config import Config
 from memrl.data import ImageSet
 from memrl.errors import ConfigError
@@ -12,11 +14,16 @@ from memrl.training import FinetuneResult, resolve_device, train_denoiser
 
 
 def finetune(
-    base: DiffusionModel, data: ImageSet, prefixes: list[str], cfg: Config
+    base: DiffusionModel,
+    data: ImageSet,
+    prefixes: list[str],
+    cfg: Config,
+    on_step: Callable[[DiffusionModel, int], None] | None = None,
 ) -> tuple[DiffusionModel, FinetuneResult]:
     """Fine-tune a fresh copy of ``base`` with only ``prefixes`` unfrozen under ``cfg.search.method``.
 
-    The base model is never modified. Returns the fine-tuned copy and its FinetuneResult.
+    ``on_step(model, n)`` runs after every update ``n`` (checkpoints). The base model is never
+    modified. Returns the fine-tuned copy and its FinetuneResult.
     """
     f = cfg.finetune
     if f.cuda_graph and f.gradient_checkpointing:
@@ -43,6 +50,7 @@ def finetune(
         desc="fine-tune",
         mixed_precision=f.mixed_precision,
         cuda_graph=bool(f.cuda_graph),
+        on_step=None if on_step is None else lambda n: on_step(model, n),
     )
     result.total_params = total
     return model, result

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 BACKENDS = ("inprocess", "subprocess", "ray", "replay")
 """``env.backend``: where evaluations run (``memrl.backends``)."""
-ENCODER_KINDS = ("contrastive", "inception", "torchscript", "pixel")
+ENCODER_KINDS = ("contrastive", "shipped", "inception", "torchscript", "pixel")
 """``encoder.kind`` (``memrl.encoders``)."""
 METHODS = ("full", "attention", "bias_norm", "difffit", "lora", "svdiff")
 """``search.method``: what unfreezing a group means (``memrl.peft_methods``)."""
@@ -30,6 +30,9 @@ METRICS = (
     "mia_tpr_canary",
     "mia_auc_private",
     "mia_tpr_private",
+    "mia_auc_noncanary",
+    "mia_tpr_noncanary",
+    "loss_low_tail",
     "nn_similarity_mean",
     "nn_similarity_q50",
     "nn_similarity_q95",
@@ -39,6 +42,7 @@ METRICS = (
     "canary_copy_fraction",
     "copy_threshold",
     "extracted",
+    "extraction_threshold",
     "extraction_match_fraction",
     "fid",
     "kid",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -55,22 +55,56 @@ def _to_uint8(images: torch.Tensor) -> np.ndarray:
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
 
 
+def loss_metrics(model: DiffusionModel, ctx: TaskContext) -> dict[str, float]:
+    """The loss-based metrics of ``model`` on ``ctx``'s task (no sampling): denoising losses of
+    private and held-out images, the canaries' gap, membership inference (AUC and TPR at low FPR
+    of the canaries, the whole private set and its non-canary images against held-out images) and
+    the low tail (log ratio of the held-out to the training losses' 10% quantiles). What every
+    checkpoint of a curve measures."""
+    import math
+
+    from memrl.metrics.membership import membership_auc, membership_metrics, tpr_at_fpr
+    from memrl.metrics.memorization import denoising_loss
+
+    splits, m = ctx.splits, ctx.cfg.metrics
+    trained = ctx.model_splits  # the images themselves, or their latents on the Stable Diffusion path
+    is_canary = torch.zeros(len(splits.private), dtype=torch.bool)
+    is_canary[splits.canary_index] = True
+    train_loss = denoising_loss(model, trained.private.images, trained.private.labels, m.loss_timesteps)
+    heldout_loss = denoising_loss(model, trained.heldout.images, trained.heldout.labels, m.loss_timesteps)
+    held = float(heldout_loss.mean())
+    non_canary = train_loss[~is_canary]
+    canary = train_loss[is_canary]
+    nan = float("nan")
+    tail = nan
+    if len(non_canary):
+        low_held, low_train = float(heldout_loss.quantile(0.1)), float(non_canary.quantile(0.1))
+        tail = math.log(low_held / low_train) if low_held > 0 and low_train > 0 else nan
+    return {
+        "heldout_loss": held,
+        "train_loss": float(non_canary.mean()) if len(non_canary) else nan,
+        "canary_loss": float(canary.mean()) if len(canary) else nan,
+        "loss_gap": held - float(non_canary.mean()) if len(non_canary) else nan,
+        "canary_loss_gap": held - float(canary.mean()) if len(canary) else nan,
+        **membership_metrics(train_loss, heldout_loss, is_canary),
+        "mia_auc_noncanary": membership_auc(non_canary, heldout_loss),
+        "mia_tpr_noncanary": tpr_at_fpr(non_canary, heldout_loss),
+        "loss_low_tail": tail,
+    }
+
+
 def score_model(model: DiffusionModel, ctx: TaskContext, mask: np.ndarray, ft: FinetuneResult) -> Evaluation:
     """Every metric of a fine-tuned ``model`` on ``ctx``'s task (``ft``: how it was fine-tuned)."""
     from memrl.encoders import embed
-    from memrl.metrics.membership import membership_metrics
-    from memrl.metrics.memorization import copy_scores, denoising_loss, extraction_count, noise_norm
+    from memrl.metrics.memorization import copy_scores, extraction_count, noise_norm
     from memrl.metrics.quality import fid_kid
     from memrl.sampling import sample
 
     splits, m, s = ctx.splits, ctx.cfg.metrics, ctx.cfg.sample
-    trained = ctx.model_splits  # the images themselves, or their latents on the Stable Diffusion path
+    trained = ctx.model_splits
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    is_canary_private = torch.zeros(len(splits.private), dtype=torch.bool)
-    is_canary_private[splits.canary_index] = True
-    train_loss = denoising_loss(model, trained.private.images, trained.private.labels, m.loss_timesteps)
-    heldout_loss = denoising_loss(model, trained.heldout.images, trained.heldout.labels, m.loss_timesteps)
+    losses = loss_metrics(model, ctx)
     timings["losses"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -83,7 +117,7 @@ def score_model(model: DiffusionModel, ctx: TaskContext, mask: np.ndarray, ft: F
     sample_emb = embed(ctx.encoder, samples)
     scores = copy_scores(sample_emb, ctx.index, ctx.threshold, splits.canary_index, is_canary, m.ratio_test)
     _, nearest = ctx.index.search(sample_emb, 1)
-    extracted, match_frac = extraction_count(samples, splits.private.images, m.extraction_threshold)
+    extracted, match_frac = extraction_count(samples, splits.private.images, ctx.extraction_threshold)
     quality = fid_kid(ctx.encoder, samples, splits.heldout.images, m.kid_subset_size)
     norms = {}
     canary_labels = trained.canaries.labels
@@ -94,20 +128,12 @@ def score_model(model: DiffusionModel, ctx: TaskContext, mask: np.ndarray, ft: F
         )
     timings["metrics"] = time.perf_counter() - t0
 
-    held = float(heldout_loss.mean())
-    non_canary = train_loss[~is_canary_private]
-    canary = train_loss[is_canary_private]
-    nan = float("nan")
     metrics = {
-        "heldout_loss": held,
-        "train_loss": float(non_canary.mean()) if len(non_canary) else nan,
-        "canary_loss": float(canary.mean()) if len(canary) else nan,
-        "loss_gap": held - float(non_canary.mean()) if len(non_canary) else nan,
-        "canary_loss_gap": held - float(canary.mean()) if len(canary) else nan,
-        **membership_metrics(train_loss, heldout_loss, is_canary_private),
+        **losses,
         **{k: float(v) for k, v in dataclasses.asdict(scores).items()},
         "copy_threshold": ctx.threshold,
         "extracted": float(extracted),
+        "extraction_threshold": ctx.extraction_threshold,
         "extraction_match_fraction": match_frac,
         **quality,
         **norms,
@@ -127,8 +153,65 @@ def score_model(model: DiffusionModel, ctx: TaskContext, mask: np.ndarray, ft: F
     )
 
 
+class CurveRecorder:
+    """Measures one fine-tune at its checkpoints (``finetune.checkpoint_every``), as its
+    ``on_step``: :func:`loss_metrics` at every checkpoint, every metric (:func:`score_model`) at
+    ``finetune.sample_at``, and at both each group's share of the squared gradient norm summed over
+    the steps since the last checkpoint (``grad_share``, in the search space's group order).
+    Measuring does not change the run (``memrl.training.train_denoiser``)."""
+
+    def __init__(self, ctx: TaskContext, mask: np.ndarray) -> None:
+        f = ctx.cfg.finetune
+        self.ctx, self.mask = ctx, mask
+        self.every, self.steps, self.sample_at = int(f.checkpoint_every or 0), f.steps, set(f.sample_at or ())
+        self.points: list[dict[str, Any]] = []
+        self.seconds = 0.0
+        self._params: list[list[torch.nn.Parameter]] | None = None
+        self._sums = torch.zeros(ctx.space.k, dtype=torch.float64)
+
+    def _group_params(self, model: DiffusionModel) -> list[list[torch.nn.Parameter]]:
+        named = [(n, p) for n, p in model.unet.named_parameters() if p.requires_grad]
+        return [
+            [p for n, p in named if any(n == q or n.startswith(q + ".") for q in prefixes)]
+            for prefixes in self.ctx.space.groups.values()
+        ]
+
+    def grad_share(self) -> list[float]:
+        """Each group's share of the gradient norm since the last call (then reset)."""
+        total = float(self._sums.sum())
+        shares = (self._sums / total).tolist() if total > 0 else [0.0] * len(self._sums)
+        self._sums.zero_()
+        return [round(v, 6) for v in shares]
+
+    def __call__(self, model: DiffusionModel, n: int) -> None:
+        start = time.perf_counter()
+        if self._params is None:
+            self._params = self._group_params(model)
+        with torch.no_grad():
+            for i, params in enumerate(self._params):
+                self._sums[i] += sum(float(p.grad.square().sum()) for p in params if p.grad is not None)
+        if n % self.every == 0 and n < self.steps:
+            if n in self.sample_at:
+                metrics = score_model(model, self.ctx, self.mask, _snapshot()).metrics
+            else:
+                metrics = loss_metrics(model, self.ctx)
+            self.points.append({"step": n, **metrics, "grad_share": self.grad_share()})
+        self.seconds += time.perf_counter() - start
+
+    def curve(self, final: Evaluation) -> list[dict[str, Any]]:
+        """The checkpoints, then the final step (``final``'s metrics)."""
+        return [*self.points, {"step": self.steps, **final.metrics, "grad_share": self.grad_share()}]
+
+
+def _snapshot() -> FinetuneResult:
+    from memrl.training import FinetuneResult
+
+    return FinetuneResult()
+
+
 def finetune_and_score(ctx: TaskContext, mask: np.ndarray) -> tuple[DiffusionModel, Evaluation]:
-    """Fine-tune a fresh copy of the task's base model with ``mask`` and score it.
+    """Fine-tune a fresh copy of the task's base model with ``mask`` and score it; with
+    ``finetune.checkpoint_every`` set, also record its curve (:class:`CurveRecorder`).
 
     Raises FloatingPointError when the fine-tune diverges. Returns the model and its Evaluation.
     """
@@ -138,10 +221,15 @@ def finetune_and_score(ctx: TaskContext, mask: np.ndarray) -> tuple[DiffusionMod
     start = time.perf_counter()
     base, data = ctx.base, ctx.model_splits.finetune_set()
     context_time = time.perf_counter() - start
-    model, ft = finetune(base, data, ctx.space.prefixes(mask), ctx.cfg)
+    recorder = CurveRecorder(ctx, mask) if ctx.cfg.finetune.checkpoint_every else None
+    model, ft = finetune(base, data, ctx.space.prefixes(mask), ctx.cfg, recorder)
     if ft.diverged:
         raise FloatingPointError(f"fine-tune diverged: {ft.stop_reason}; lower finetune.lr")
     result = score_model(model, ctx, mask, ft)
+    if recorder is not None:
+        result.curve = recorder.curve(result)
+        result.timings["checkpoints"] = recorder.seconds
+        result.timings["finetune"] = ft.wall_time - recorder.seconds
     result.timings.update(context=context_time, total=time.perf_counter() - start)
     return model, result
 

@@ -112,6 +112,9 @@ class Evaluation:
     """Generated images as uint8 (N, C, H, W), kept for render and reports (None in tables)."""
     nearest: np.ndarray | None = None
     """Index into the private set of each sample's nearest training image."""
+    curve: list[dict[str, Any]] | None = None
+    """A checkpointed evaluation's curve (``finetune.checkpoint_every``): one dict per checkpoint,
+    ``step`` and the metrics measured there, the last one the final step's (``metrics``)."""
     cache_hit: bool = False
     """A run diagnostic: served from the store rather than computed now."""
 

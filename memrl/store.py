@@ -40,7 +40,11 @@ _COLUMNS = {
     "samples": "BLOB",
     "spec": "TEXT",
     "created": "REAL DEFAULT (unixepoch('subsec'))",
+    "curve": "TEXT",
 }
+_ADDED = {"curve"}
+"""Columns added after stores were first shipped: a store without them is read as it is (rows
+without a curve) and gains them the first time it is opened for writing."""
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS evaluations ("
     + ", ".join(f"{name} {kind}" for name, kind in _COLUMNS.items())
@@ -69,6 +73,7 @@ def to_row(evaluation: Evaluation, spec: EvalSpec | None = None, keep_samples: b
         "versions": json.dumps(evaluation.versions),
         "samples": blob,
         "spec": spec.to_json() if spec is not None else None,
+        "curve": json.dumps(evaluation.curve) if evaluation.curve is not None else None,
     }
 
 
@@ -87,6 +92,7 @@ def from_row(row: dict[str, Any]) -> Evaluation:
         versions=json.loads(row["versions"]),
         samples=samples,
         nearest=nearest,
+        curve=json.loads(row["curve"]) if row.get("curve") else None,
     )
 
 
@@ -131,6 +137,9 @@ class EvaluationStore:
                     db.execute("PRAGMA journal_mode=WAL").fetchall()
                 for statement in _SCHEMA:
                     db.execute(statement)
+                have = {r[1] for r in db.execute("PRAGMA table_info(evaluations)")}
+                for name in sorted(_ADDED - have):
+                    db.execute(f"ALTER TABLE evaluations ADD COLUMN {name} {_COLUMNS[name]}")
         except sqlite3.OperationalError:
             raise  # locked (retried by the caller), read-only, cannot open: explained there
         except sqlite3.DatabaseError as exc:
@@ -171,7 +180,7 @@ class EvaluationStore:
             ) from None
         if not columns:
             raise StoreError(f"{self.path}: an sqlite database without memrl's evaluations table")
-        missing = set(_COLUMNS) - columns
+        missing = set(_COLUMNS) - _ADDED - columns
         if missing:
             raise StoreError(
                 f"{self.path}: its evaluations table lacks columns {sorted(missing)}: not a store of "

@@ -86,7 +86,9 @@ def import_rows(store_path: Path, table: Path) -> int:
     with closing(sqlite3.connect(store_path, timeout=60)) as db, db:
         db.execute("ATTACH DATABASE ? AS src", (f"{table.resolve().as_uri()}?mode=ro",))
         before = db.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0]
-        db.execute("INSERT OR IGNORE INTO evaluations SELECT * FROM src.evaluations")
+        shared = [r[1] for r in db.execute("PRAGMA src.table_info(evaluations)")]
+        names = ", ".join(shared)
+        db.execute(f"INSERT OR IGNORE INTO evaluations ({names}) SELECT {names} FROM src.evaluations")
         db.execute("INSERT OR IGNORE INTO descriptors SELECT * FROM src.descriptors")
         return int(db.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0] - before)
 
@@ -244,10 +246,9 @@ def export(store_path: Path, out: Path, suite_name: str, force: bool = False) ->
         schema = db.execute("SELECT sql FROM src.sqlite_master WHERE type='table'").fetchall()
         for (sql,) in schema:
             db.execute(sql)
-        db.execute(
-            "INSERT INTO evaluations SELECT spec_hash, mask, ok, error, metrics, timings, versions, NULL, "
-            "spec, created FROM src.evaluations"
-        )
+        kept = [r[1] for r in db.execute("PRAGMA src.table_info(evaluations)") if r[1] != "samples"]
+        names = ", ".join(kept)
+        db.execute(f"INSERT INTO evaluations ({names}) SELECT {names} FROM src.evaluations")
         db.execute("INSERT INTO descriptors SELECT * FROM src.descriptors")
         db.execute("INSERT INTO notes VALUES ('provenance', ?)", (json.dumps(provenance),))
         db.commit()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -70,8 +71,12 @@ def train_denoiser(
     desc: str = "fine-tune",
     mixed_precision: str | None = None,
     cuda_graph: bool = False,
+    on_step: Callable[[int], None] | None = None,
 ) -> FinetuneResult:
     """Train the parameters of ``model`` that require grad; seeded and deterministic on CPU.
+
+    ``on_step(n)`` runs after the ``n``-th update (1-based) of an eager run: a checkpoint can
+    measure the model there (in eval mode, restored to train mode after) without changing the run.
 
     ``mixed_precision`` (``fp16`` or ``bf16``) runs the forward pass under autocast. Stops early
     (``diverged=True``) on a non-finite loss instead of raising. ``cuda_graph`` (CUDA only)
@@ -101,9 +106,10 @@ def train_denoiser(
         cosine=cosine,
         desc=desc,
         mixed_precision=mixed_precision,
+        on_step=on_step,
     )
     model.train()
-    if cuda_graph and device.type == "cuda":
+    if cuda_graph and device.type == "cuda" and on_step is None:
         initial = [p.detach().clone() for p in params]
         losses = _train_graphed(run)
         first_bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
@@ -141,6 +147,7 @@ class _Run:
     cosine: bool
     desc: str
     mixed_precision: str | None
+    on_step: Callable[[int], None] | None = None
 
     def batches(self) -> _Batches:
         return _Batches(self.model, self.data, self.batch_size, self.cond_dropout, self.seed)
@@ -201,6 +208,11 @@ def _train_eager(run: _Run, result: FinetuneResult, started: float) -> None:
         result.losses.append(value)
         if step == 0:
             result.first_step_time = time.perf_counter() - started
+        if run.on_step is not None:
+            rng = torch.get_rng_state()  # a checkpoint's measurements must not move the run
+            run.on_step(step + 1)
+            torch.set_rng_state(rng)
+            model.train()
 
 
 def _train_graphed(run: _Run, warmup: int = 3, chunk: int = 50) -> list[float]:

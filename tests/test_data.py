@@ -105,13 +105,14 @@ def test_every_bundled_dataset_loads_offline_as_greyscale_in_range():
         **{"mnist": 5000, "digits": 1797, "faces": 100, "histology": 256, "retina": 804, "cells": 340},
         **{"nonfaces": 100, "camera": 319, "astronaut": 418, "coffee": 380, "rocket": 224, "moon": 337},
         **{"chelsea": 496, "coins": 432, "page": 235, "text": 280, "hubble": 837, "photos": 677},
+        **{"fashion": 6000, "animals": 2000},
     }
     assert set(BUNDLED) == set(sizes) == set(SOURCES)
     for name in BUNDLED:
         s = bundled(name, 16)
         assert s.images.shape == (sizes[name], 1, 16, 16), name
         assert s.images.min() >= -1 and s.images.max() <= 1 and s.images.std() > 0.1, name
-        assert (s.labels is not None) == (name in ("mnist", "digits")), name
+        assert (s.labels is not None) == (name in ("mnist", "digits", "fashion", "animals")), name
         if name not in ("mnist", "digits", "faces", "histology", "retina", "cells"):  # the suite v2 sources
             assert (s.images.flatten(1).std(dim=1) > 0).all(), name  # no flat patch: no duplicate blanks
     assert bundled("faces", 16, channels=3).images.shape[1] == 3

@@ -34,7 +34,9 @@ def test_the_pretraining_seed_is_part_of_the_cache_key(cfg, ctx):
     assert base_model_key(load_config(cfg, {"seed": 7}), ctx.splits) == base_model_key(cfg, ctx.splits)
 
 
-def test_the_default_uses_the_shipped_base_model_without_pretraining(monkeypatch, tmp_path):
+@pytest.mark.parametrize("config,folder", [("default", "base_model_v2"), ("bench", "base_model")])
+def test_both_shipped_base_models_load_without_pretraining(monkeypatch, tmp_path, config, folder):
+    """The default config uses base model v2; the shipped 150-step table's config keeps v1."""
     import json
 
     from memrl.config import load_config
@@ -44,10 +46,11 @@ def test_the_default_uses_the_shipped_base_model_without_pretraining(monkeypatch
 
     monkeypatch.setenv("MEMRL_CACHE", str(tmp_path))
     monkeypatch.setattr(base, "pretrain_base_model", lambda *a: pytest.fail("pretrained instead of loading"))
-    cfg = load_config("default")
+    cfg = load_config(config)
     model = get_base_model(cfg, load_splits(cfg.data))
-    provenance = json.loads((shipped_folder() / "provenance.json").read_text())
+    provenance = json.loads((shipped_folder(folder) / "provenance.json").read_text())
     assert model.fingerprint() == provenance["weights_fingerprint"]
+    assert model.num_classes == cfg.model.num_classes
     assert provenance["pretrain_steps"] == cfg.model.pretrain_steps and isinstance(
         provenance["seconds"], float
     )

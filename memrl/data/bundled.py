@@ -17,6 +17,14 @@
 :data:`SOURCES` says, per dataset, its kind of image and how many distinct source images its
 patches come from (patches of one image are correlated: the suite records it per task).
 
+Labels share one vocabulary (:data:`LABEL_OFFSET`): digits 0-9, Fashion-MNIST 10-19, animals
+20-29. A model conditions on the labels below its ``num_classes`` and treats the rest as the null
+label, so base model v1 (10 classes) knows digits only and base model v2 (20) digits and clothes.
+
+:data:`BASE_MIX` is base model v2's pretraining mix: a fixed share of every training source,
+reserved (tasks on base v2 never draw from it) so that the base model never saw a task's private
+or held-out images; :data:`HELDOUT_SOURCES` stay out of it entirely.
+
 Every set is greyscale in [-1, 1] (RGB sources are converted with ITU-R 601 luma, or repeated to
 three channels when ``channels=3``), resized to the requested resolution.
 """
@@ -26,6 +34,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 
 import numpy as np
 import torch
@@ -95,6 +104,22 @@ def _faces(resolution: int, channels: int) -> ImageSet:
     return _image_set(faces[:, None], 1.0, "faces", resolution, channels)
 
 
+LABEL_OFFSET: dict[str, int] = {"mnist": 0, "digits": 0, "fashion": 10, "animals": 20}
+"""Where each labelled source's classes start in memrl's one label vocabulary."""
+
+
+def _vendored(name: str) -> Callable[[int, int], ImageSet]:
+    """A loader of the labelled 28x28 uint8 set vendored as ``memrl/assets/data/<name>.npz``."""
+
+    def load(resolution: int, channels: int) -> ImageSet:
+        path = resources.files("memrl") / "assets" / "data" / f"{name}.npz"
+        with resources.as_file(path) as file, np.load(file, allow_pickle=False) as npz:
+            images, labels = npz["images"], npz["labels"].astype(np.int64) + LABEL_OFFSET[name]
+        return _image_set(images[:, None], 255.0, name, resolution, channels, labels)
+
+    return load
+
+
 def _histology(resolution: int, channels: int) -> ImageSet:
     from skimage.data import immunohistochemistry
 
@@ -157,6 +182,8 @@ BUNDLED: dict[str, Callable[[int, int], ImageSet]] = {
     "text": _skimage_patches("text", "text", 16),
     "hubble": _skimage_patches("hubble", "hubble_deep_field", 32),
     "photos": _photos,
+    "fashion": _vendored("fashion"),
+    "animals": _vendored("animals"),
 }
 """Name -> loader(resolution, channels) of every bundled dataset."""
 
@@ -190,9 +217,32 @@ SOURCES: dict[str, SourceInfo] = {
     "hubble": SourceInfo("astronomy", 1),
     "page": SourceInfo("document scans", 1),
     "text": SourceInfo("photographs of text", 1),
+    "fashion": SourceInfo("clothing product photographs", 6000),
+    "animals": SourceInfo("animal silhouettes", 2000),
 }
 """Every bundled dataset's :class:`SourceInfo`. ``faces`` and ``nonfaces`` share one source file
 (scikit-image's ``lfw_subset``) and count as one source in the suite."""
+
+
+HELDOUT_SOURCES = ("retina", "hubble", "text", "animals", "faces", "nonfaces")
+"""Sources no training task and no base model v2 uses: new kinds of data for testing transfer."""
+
+BASE_MIX = tuple(n for n in SOURCES if n not in HELDOUT_SOURCES)
+"""The sources of base model v2's pretraining mix (every training source)."""
+
+
+def base_count(name: str, size: int) -> int:
+    """How many of the ``size`` images of ``name`` base model v2 reserves: MNIST, the base domain
+    of v1 that no task uses, 2,000 (v1's base split); every other training source a quarter."""
+    return min(2000, size) if name == "mnist" else size // 4
+
+
+def reserved_order(name: str, size: int) -> torch.Tensor:
+    """A fixed permutation of a source's ``size`` images: its first :func:`base_count` are base
+    model v2's, the rest the tasks'. Seeded by the name (MNIST by v1's base-split seed, so v2's
+    MNIST images are v1's), so every machine reserves the same ones."""
+    seed = 1234 if name == "mnist" else int.from_bytes(name.encode()[:8].ljust(8, b"\0"), "little") % 2**31
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed))
 
 
 def suite_source(name: str) -> str:

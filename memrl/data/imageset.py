@@ -160,6 +160,20 @@ def resize_images(images: torch.Tensor, resolution: int) -> torch.Tensor:
     ).clamp(-1, 1)
 
 
+def report_resize(where: str | Path, sizes: list[tuple[int, int]], resolution: int) -> None:
+    """Say on one line (a warning) when images are resized to the model's resolution."""
+    changed = [hw for hw in sizes if hw != (resolution, resolution)]
+    if not changed:
+        return
+    shapes = sorted(set(changed))
+    shown = ", ".join(f"{w}x{h}" for h, w in shapes[:3]) + (" ..." if len(shapes) > 3 else "")
+    log.warning(
+        "%s: resized %d of %d images (%s px) to %dx%d, the model's data.resolution; fine detail "
+        "is lost, and memorization is measured at this size",
+        where, len(changed), len(sizes), shown, resolution, resolution,
+    )
+
+
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
 
@@ -257,6 +271,7 @@ def load_folder(folder: str | Path, resolution: int, channels: int = 1, resize: 
                 f"{resolution}; set data.resize=true or resize the images"
             )
         arrays.append(torch.from_numpy(array)[None] * 2 - 1)
+    report_resize(folder, [tuple(a.shape[-2:]) for a in arrays], resolution)
     return ImageSet(
         images=torch.cat([resize_images(a, resolution) for a in arrays]),
         labels=labels,
@@ -322,6 +337,7 @@ def load_npz(path: str | Path, resolution: int, resize: bool = True) -> ImageSet
         raise DataError(f"{path}: images are {tensor.shape[-2]}x{tensor.shape[-1]} px; set data.resize=true")
     if labels is not None and (labels.shape != (len(images),) or labels.dtype.kind not in "iu"):
         raise DataError(f"{path}: 'labels' must be one integer per image")
+    report_resize(path, [tuple(tensor.shape[-2:])] * len(tensor), resolution)
     return ImageSet(
         images=resize_images(tensor, resolution),
         labels=None if labels is None else torch.from_numpy(labels.astype(np.int64)),

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from memrl.config import DataConfig
-from memrl.data.bundled import BUNDLED, bundled
+from memrl.data.bundled import BASE_MIX, BUNDLED, base_count, bundled, reserved_order
 from memrl.data.imageset import ImageSet, load_folder, load_npz
 from memrl.errors import DataError
 from memrl.utils import stable_hash
@@ -69,12 +69,42 @@ def source_set(cfg: DataConfig) -> ImageSet:
     )
 
 
+BASE_VERSIONS = (None, "mix")
+"""``data.base``: None, base model v1's 2,000 MNIST digits; ``mix``, base model v2's mix."""
+
+
 def base_split(cfg: DataConfig) -> ImageSet:
-    """The base domain the tiny base UNet is pretrained on: bundled MNIST digits."""
-    mnist = bundled("mnist", cfg.resolution, cfg.channels)
-    g = torch.Generator().manual_seed(1234)
-    index = torch.randperm(len(mnist), generator=g)[: cfg.base_size]
-    return mnist.subset(index, name="base")
+    """The images the tiny base UNet is pretrained on: ``base_size`` MNIST digits (``data.base``
+    unset: base model v1), or the reserved share of every training source (``mix``: v2, see
+    :data:`memrl.data.bundled.BASE_MIX`), unlabelled sources with label -1 (the null label)."""
+    if cfg.base is None:
+        mnist = bundled("mnist", cfg.resolution, cfg.channels)
+        g = torch.Generator().manual_seed(1234)
+        index = torch.randperm(len(mnist), generator=g)[: cfg.base_size]
+        return mnist.subset(index, name="base")
+    parts = []
+    for name in BASE_MIX:
+        source = bundled(name, cfg.resolution, cfg.channels)
+        index = reserved_order(name, len(source))[: base_count(name, len(source))]
+        part = source.subset(index)
+        labels = part.labels if part.labels is not None else torch.full((len(part),), -1)
+        parts.append((part, labels))
+    return ImageSet(
+        images=torch.cat([p.images for p, _ in parts]),
+        labels=torch.cat([labels for _, labels in parts]),
+        name="base",
+        meta={"base": cfg.base, "sources": {p.meta["source"]: p.fingerprint for p, _ in parts}},
+        source_digest=stable_hash([p.fingerprint for p, _ in parts]),
+    )
+
+
+def task_pool(cfg: DataConfig, source: ImageSet) -> torch.Tensor:
+    """Indices of ``source`` a task may draw its private and held-out images from: all of them,
+    except on base model v2 (``data.base: mix``) the share of a bundled source it was trained on."""
+    if cfg.base is None or cfg.source not in BASE_MIX:
+        return torch.arange(len(source))
+    order = reserved_order(cfg.source, len(source))
+    return order[base_count(cfg.source, len(source)) :].sort().values
 
 
 def fit_sizes(cfg: DataConfig, n_images: int) -> DataConfig:
@@ -98,9 +128,10 @@ def fit_sizes(cfg: DataConfig, n_images: int) -> DataConfig:
 def usable_count(cfg: DataConfig) -> int:
     """Images of the source that the splits may use (after ``private_classes``)."""
     source = source_set(cfg)
+    pool = task_pool(cfg, source)
     if cfg.private_classes is None or source.labels is None:
-        return len(source)
-    return int(torch.isin(source.labels, torch.tensor(cfg.private_classes)).sum())
+        return len(pool)
+    return int(torch.isin(source.labels[pool], torch.tensor(cfg.private_classes)).sum())
 
 
 def load_splits(cfg: DataConfig) -> DataSplits:
@@ -108,11 +139,11 @@ def load_splits(cfg: DataConfig) -> DataSplits:
     source = source_set(cfg)
     if source.channels != cfg.channels:
         raise DataError(f"{cfg.source}: images have {source.channels} channels, data.channels={cfg.channels}")
-    pool = torch.arange(len(source))
+    pool = task_pool(cfg, source)
     if cfg.private_classes is not None:
         if source.labels is None:
             raise DataError(f"data.private_classes is set but {cfg.source} has no labels; remove it")
-        keep = torch.isin(source.labels, torch.tensor(cfg.private_classes))
+        keep = torch.isin(source.labels[pool], torch.tensor(cfg.private_classes))
         pool = pool[keep]
     need = cfg.private_size + cfg.heldout_size
     if len(pool) < need:

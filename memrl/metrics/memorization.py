@@ -183,6 +183,16 @@ def tiled_l2_distance(a: torch.Tensor, b: torch.Tensor, tiles: int = 4) -> torch
     return (d / ta.shape[-1] ** 0.5).amax(dim=0)
 
 
+def extraction_threshold(
+    train: torch.Tensor, heldout: torch.Tensor, quantile: float, tiles: int = 4
+) -> float:
+    """Extraction threshold calibrated on held-out images: the ``quantile`` of their nearest
+    tiled-L2 distance to ``train``. Held-out images are, by construction, not extracted; a sample
+    must be closer to a training image than all but a ``quantile`` share of them are."""
+    nearest = tiled_l2_distance(heldout, train, tiles).amin(dim=1)
+    return float(torch.quantile(nearest, quantile))
+
+
 def extraction_count(
     samples: torch.Tensor, train: torch.Tensor, threshold: float, tiles: int = 4, clique: int = 3
 ) -> tuple[int, float]:

@@ -51,3 +51,20 @@ def fid_kid(
         torch.manual_seed(seed)  # KID's random subsets: the same every time for the same inputs
         kid_mean, kid_std = kid.compute()
     return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
+
+
+@torch.no_grad()
+def quality_controls(
+    encoder: nn.Module, reference: torch.Tensor, real: torch.Tensor, kid_subset_size: int = 32, seed: int = 0
+) -> dict[str, float]:
+    """KID against ``reference`` images of three controls a quality metric must order: other
+    ``real`` images of the same source (the floor), Gaussian noise clipped to [-1, 1], and one
+    constant grey image repeated. A metric that does not rate the last two far worse than the
+    first cannot tell samples that look like the data from samples that do not."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(real.shape, generator=g).clamp(-1, 1)
+    constant = torch.zeros_like(real)
+    return {
+        name: fid_kid(encoder, images, reference, kid_subset_size, seed=seed)["kid"]
+        for name, images in (("real", real), ("noise", noise), ("constant", constant))
+    }

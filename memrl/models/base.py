@@ -1,13 +1,17 @@
 """The base model every evaluation fine-tunes: shipped, cached, or pretrained once.
 
 * ``model.path`` set: any local diffusers UNet folder (:func:`memrl.models.unet.load_model`).
-* The embedded default: memrl ships its pretrained tiny UNet (``memrl/assets/base_model``), so every
-  machine fine-tunes bit-identical weights and finds the same stored evaluations.
+* The embedded default: memrl ships its pretrained tiny UNets, so every machine fine-tunes
+  bit-identical weights and finds the same stored evaluations: base model v2
+  (``memrl/assets/base_model_v2``, the default config's: pretrained on a share of every training
+  source, ``data.base: mix``) and v1 (``memrl/assets/base_model``, 2,000 MNIST digits: the shipped
+  150-step table's, ``configs/bench.yaml``).
 * Any other config: memrl pretrains its tiny UNet once on the base split and caches it under
   ``$MEMRL_CACHE/models/<key>``; the key covers the model settings (the pretraining seed included),
   the resolution, channels and the base split's fingerprint.
 
-``python -m memrl.models.base`` regenerates the shipped model (about 7 minutes on 2 CPU cores).
+``python -m memrl.models.base`` regenerates the shipped v2 model from ``configs/default.yaml``
+(``--config bench --out memrl/assets/base_model``: v1).
 """
 
 from __future__ import annotations
@@ -46,28 +50,30 @@ def base_model_key(cfg: Config, splits: DataSplits) -> str:
     return stable_hash(parts)
 
 
-def shipped_folder() -> Path:
-    """Where the shipped default base model lives inside the installed package."""
-    return Path(str(resources.files("memrl") / "assets" / "base_model"))
+SHIPPED = ("base_model_v2", "base_model")
+"""The shipped base models' folders in ``memrl/assets``: v2 (the default) and v1."""
 
 
-def _shipped_provenance() -> dict:
-    provenance = shipped_folder() / PROVENANCE_FILE
-    return json.loads(provenance.read_text()) if provenance.is_file() else {}
+def shipped_folder(name: str = SHIPPED[0]) -> Path:
+    """Where a shipped base model lives inside the installed package (default: v2)."""
+    return Path(str(resources.files("memrl") / "assets" / name))
 
 
-def _shipped_key() -> str | None:
-    return _shipped_provenance().get("key")
+def _shipped() -> dict[str, tuple[Path, dict]]:
+    """Cache key -> (folder, provenance) of every shipped base model."""
+    found = {}
+    for name in SHIPPED:
+        provenance = shipped_folder(name) / PROVENANCE_FILE
+        if provenance.is_file():
+            record = json.loads(provenance.read_text())
+            found[record["key"]] = (shipped_folder(name), record)
+    return found
 
 
 def shipped_fingerprint(cfg: Config, splits: DataSplits) -> str | None:
-    """The shipped base model's weight fingerprint if ``cfg`` uses it (read, not computed)."""
-    provenance = _shipped_provenance()
-    return (
-        provenance.get("weights_fingerprint")
-        if provenance.get("key") == base_model_key(cfg, splits)
-        else None
-    )
+    """The weight fingerprint of the shipped base model ``cfg`` uses, if any (read, not computed)."""
+    hit = _shipped().get(base_model_key(cfg, splits))
+    return hit[1].get("weights_fingerprint") if hit else None
 
 
 _LOADED: dict[str, DiffusionModel] = {}
@@ -85,8 +91,9 @@ def get_base_model(cfg: Config, splits: DataSplits) -> DiffusionModel:
     if key in _LOADED:
         return _LOADED[key]
     folder = cache_dir() / "models" / key
-    if _shipped_key() == key:
-        model = load_model(shipped_folder())
+    shipped = _shipped().get(key)
+    if shipped is not None:
+        model = load_model(shipped[0])
     elif (folder / META_FILE).is_file():
         model = load_model(folder)
     else:
@@ -148,15 +155,17 @@ def write_shipped(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Regenerate the shipped default base model (memrl/assets/base_model)."""
+    """Regenerate a shipped base model: v2 from the default config (memrl/assets/base_model_v2),
+    or v1 with ``--config bench --out memrl/assets/base_model``."""
     from memrl.data import load_splits
     from memrl.utils import setup_logging
 
     setup_logging()
     parser = argparse.ArgumentParser(prog="python -m memrl.models.base", description=main.__doc__)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "assets" / "base_model")
+    parser.add_argument("--config", default="default", help="the config whose base model to build")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "assets" / SHIPPED[0])
     args = parser.parse_args(argv)
-    cfg = load_config("default")
+    cfg = load_config(args.config)
     splits = load_splits(cfg.data)
     model, seconds = pretrain_base_model(cfg, splits)
     write_shipped(model, cfg, splits, seconds, args.out)

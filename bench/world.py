@@ -1,0 +1,262 @@
+"""Does the world show the phenomenon? Issue 50's acceptance, measured on every task of a suite.
+
+For each task: the base model alone (does it copy anything before fine-tuning?), the quality
+metric's controls (KID of other real images, of noise and of a constant image against the
+held-out set), and one fine-tune of the mask of ones to ``--steps`` steps, scored at every
+checkpoint with the same pipeline as every evaluation (``memrl.scoring.score_model``: losses,
+samples, copies, extraction, KID/FID). A sample sheet per task (samples beside their nearest
+training images) goes to ``docs/world/``; one JSON per task to ``--out`` (a rerun skips tasks
+already there, so a stopped run resumes).
+
+    OMP_NUM_THREADS=1 python bench/world.py run --shard 0/2 &   # two single-threaded workers
+    OMP_NUM_THREADS=1 python bench/world.py run --shard 1/2 &
+    python bench/world.py report                                 # docs/world.md from the JSONs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memrl.config import load_config
+from memrl.context import TaskContext, suite
+from memrl.data.bundled import SOURCES, suite_source
+from memrl.utils import atomic_write_text, package_versions, setup_logging
+
+log = logging.getLogger("world")
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "world"
+DOCS = ROOT / "docs" / "world"
+CHECKPOINTS = (25, 50, 100, 150, 200, 300, 400)
+COPY_BAR = 0.1
+"""Acceptance: the canary copy fraction must exceed this at some checkpoint."""
+KEEP = (
+    "heldout_loss",
+    "canary_loss",
+    "canary_log_loss_ratio",
+    "mia_auc_private",
+    "mia_tpr_private",
+    "canary_copy_fraction",
+    "near_copy_fraction",
+    "distinct_copied",
+    "copy_threshold",
+    "extracted",
+    "extraction_threshold",
+    "kid",
+    "fid",
+)
+
+
+def _kept(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: float(metrics[k]) for k in KEEP if k in metrics}
+
+
+def measure_task(name: str, cfg: Any, heldout: bool, steps: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every figure of one task, and the samples for its sheet."""
+    import torch
+
+    from memrl.finetune import finetune
+    from memrl.metrics.quality import quality_controls
+    from memrl.scoring import score_model
+    from memrl.training import FinetuneResult
+
+    cfg = load_config(cfg, {"finetune.steps": steps})
+    ctx = TaskContext.get(cfg)
+    start = time.perf_counter()
+    zeros = np.zeros(ctx.space.k, dtype=np.int64)
+    ones = np.ones(ctx.space.k, dtype=np.int64)
+    base_eval = score_model(ctx.base, ctx, zeros, FinetuneResult())
+    splits = ctx.splits
+    controls = quality_controls(
+        ctx.encoder, splits.heldout.images, splits.private.images, cfg.metrics.kid_subset_size
+    )
+    sheets = {"base": (base_eval.samples, base_eval.nearest)}
+    curve: list[dict[str, Any]] = []
+    wanted = {c for c in CHECKPOINTS if c <= steps} | {steps}
+
+    def checkpoint(model: Any, n: int) -> None:
+        if n not in wanted:
+            return
+        t0 = time.perf_counter()
+        snapshot = FinetuneResult(trainable_params=1, total_params=1)
+        result = score_model(model, ctx, ones, snapshot)
+        curve.append({"step": n, **_kept(result.metrics), "seconds": round(time.perf_counter() - t0, 1)})
+        sheets[n] = (result.samples, result.nearest)
+        log.info(
+            "%s step %d: canary copies %.2f, near copies %.2f, extracted %d, KID %.4f",
+            name,
+            n,
+            result.metrics["canary_copy_fraction"],
+            result.metrics["near_copy_fraction"],
+            result.metrics["extracted"],
+            result.metrics["kid"],
+        )
+
+    ft_start = time.perf_counter()
+    with torch.random.fork_rng():
+        _, ft = finetune(ctx.base, ctx.model_splits.finetune_set(), ctx.space.prefixes(ones), cfg, checkpoint)
+    source = cfg.data.source
+    record = {
+        "task": name,
+        "source": source,
+        "suite_source": suite_source(source),
+        "kind": SOURCES[source].kind if source in SOURCES else "folder",
+        "patches": SOURCES[source].distinct_images < 10 if source in SOURCES else False,
+        "heldout": heldout,
+        "private": len(splits.private),
+        "canaries": len(splits.canary_index),
+        "duplication": splits.duplication,
+        "mask": "".join(map(str, ones)),
+        "base": _kept(base_eval.metrics),
+        "controls": controls,
+        "curve": sorted(curve, key=lambda r: r["step"]),
+        "finetune_seconds": round(time.perf_counter() - ft_start, 1),
+        "seconds": round(time.perf_counter() - start, 1),
+        "diverged": ft.diverged,
+        "seed": cfg.finetune.seed,
+        "config_hash": cfg.hash(),
+        "fingerprints": ctx.fingerprints,
+        "versions": package_versions(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    return record, sheets
+
+
+def write_sheet(name: str, record: dict[str, Any], sheets: dict[Any, Any], ctx: TaskContext) -> Path:
+    """Base samples, the mask of ones at its peak canary copying and at the last step, each sample
+    beside its nearest training image (canary-conditioned samples first)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from memrl.render import sample_grid
+
+    curve = record["curve"]
+    peak = max(curve, key=lambda r: (r["canary_copy_fraction"], -r["step"]))["step"]
+    stages = ["base", *dict.fromkeys([peak, curve[-1]["step"]])]
+    fig, axes = plt.subplots(1, len(stages), figsize=(2.2 * len(stages), 6.5))
+    for ax, stage in zip(np.atleast_1d(axes), stages):
+        samples, nearest = sheets[stage]
+        order = np.r_[np.arange(0, 6), np.arange(len(samples) - 6, len(samples))]
+        ax.imshow(
+            sample_grid(samples[order], nearest[order], ctx.splits.private, n=12), interpolation="nearest"
+        )
+        row = record["base"] if stage == "base" else next(r for r in curve if r["step"] == stage)
+        title = "base" if stage == "base" else f"ones, {stage} steps"
+        ax.set_title(
+            f"{title}\ncanary copies {row['canary_copy_fraction']:.2f}\nextracted {row['extracted']:.0f}",
+            fontsize=8,
+        )
+        ax.axis("off")
+    fig.suptitle(f"{name}: sample | nearest training image", fontsize=9)
+    DOCS.mkdir(parents=True, exist_ok=True)
+    path = DOCS / f"{name}.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    entries = suite(cfg)
+    index, count = (int(v) for v in args.shard.split("/"))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for i, entry in enumerate(entries):
+        if i % count != index or (args.tasks and entry.name not in args.tasks):
+            continue
+        path = RESULTS / f"{entry.name}.json"
+        if path.is_file():
+            log.info("%s: done already (%s)", entry.name, path)
+            continue
+        log.info("%s: measuring (%d/%d)", entry.name, i + 1, len(entries))
+        record, sheets = measure_task(entry.name, entry.cfg, entry.heldout, args.steps)
+        ctx = TaskContext.get(load_config(entry.cfg, {"finetune.steps": args.steps}))
+        write_sheet(entry.name, record, sheets, ctx)
+        atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+        log.info("%s: %.0f s", entry.name, record["seconds"])
+    return 0
+
+
+def _fmt(v: float, digits: int = 2) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def report(args: argparse.Namespace) -> int:
+    records = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+    order = [e.name for e in suite(load_config(args.config))]
+    records.sort(key=lambda r: order.index(r["task"]) if r["task"] in order else len(order))
+    lines = [
+        "| task | split | images | canaries x dup | base: near copies / extracted "
+        "| peak canary copies (step) | near copies there | extracted there | KID base / 400 "
+        "| KID real / noise / constant | copies > 0.1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    passed = 0
+    for r in records:
+        curve = r["curve"]
+        peak = max(curve, key=lambda c: (c["canary_copy_fraction"], -c["step"]))
+        ok = peak["canary_copy_fraction"] > COPY_BAR
+        passed += ok
+        c = r["controls"]
+        kind = f"{r['kind']}{' (patches)' if r['patches'] else ''}"
+        lines.append(
+            f"| [{r['task']}](world/{r['task']}.png) | {'held out' if r['heldout'] else 'training'} "
+            f"| {kind}, "
+            f"{r['private']} | {r['canaries']} x {r['duplication']} | "
+            f"{_fmt(r['base']['near_copy_fraction'])} / {r['base']['extracted']:.0f} | "
+            f"{_fmt(peak['canary_copy_fraction'])} ({peak['step']}) | {_fmt(peak['near_copy_fraction'])} | "
+            f"{peak['extracted']:.0f} | {_fmt(r['base']['kid'], 4)} / {_fmt(curve[-1]['kid'], 4)} | "
+            f"{_fmt(c['real'], 4)} / {_fmt(c['noise'], 4)} / {_fmt(c['constant'], 4)} "
+            f"| {'yes' if ok else 'no'} |"
+        )
+    head = [
+        "# The world of base model v2: does memorization happen, and can the metrics tell?",
+        "",
+        f"Generated by `python bench/world.py report` from {len(records)} task records in "
+        "`bench/results/world/` (each names its config hash, fingerprints, seed and versions).",
+        "",
+        f"**Canary copy fraction above {COPY_BAR} at some checkpoint up to 400 steps, mask of ones: "
+        f"{passed} of {len(records)} tasks.**",
+        "",
+    ]
+    text = "\n".join(head + lines) + "\n"
+    out = ROOT / "docs" / "world.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.keep_prose and out.is_file():
+        old = out.read_text()
+        marker = "\n## Reading\n"
+        text += old[old.index(marker) :] if marker in old else ""
+    atomic_write_text(out, text)
+    print(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="measure the tasks (resumes)")
+    p_run.add_argument("--config", default="bench3")
+    p_run.add_argument("--steps", type=int, default=400)
+    p_run.add_argument("--shard", default="0/1", help="i/n: this worker's share of the tasks")
+    p_run.add_argument("--tasks", nargs="*", help="only these tasks")
+    p_report = sub.add_parser("report", help="write docs/world.md")
+    p_report.add_argument("--config", default="bench3")
+    p_report.add_argument("--keep-prose", action="store_true", help="keep the '## Reading' section")
+    args = parser.parse_args(argv)
+    return run(args) if args.command == "run" else report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
