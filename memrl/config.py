@@ -410,6 +410,20 @@ MAX_BATCH = 4096
 """The largest ``finetune.batch_size`` / ``model.pretrain_batch_size`` accepted (memory)."""
 
 
+SHIPPED_ENCODER_SIDE = 16
+"""The resolution the shipped encoder was trained at (``memrl.encoders.SHIPPED_RESOLUTION``)."""
+
+
+def _validate_encoder(cfg: Config) -> None:
+    d = cfg.data
+    if cfg.encoder.kind == "shipped" and (d.resolution != SHIPPED_ENCODER_SIDE or d.channels != 1):
+        raise ConfigError(
+            f"encoder.kind=shipped was trained on {SHIPPED_ENCODER_SIDE} px greyscale images, but "
+            f"data.resolution={d.resolution} and data.channels={d.channels}; use encoder.kind="
+            "contrastive (trained on the task's images) or inception"
+        )
+
+
 def _validate_curve(f: FinetuneConfig) -> None:
     every = f.checkpoint_every
     if every is None:
@@ -543,6 +557,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"finetune.device={cfg.finetune.device!r} must be cpu, cuda, cuda:N or auto")
     _validate_metrics(cfg.metrics)
     _validate_curve(cfg.finetune)
+    _validate_encoder(cfg)
     rollout = p.n_steps * p.n_envs
     if not 1 < p.batch_size <= rollout:
         raise ConfigError(

@@ -169,6 +169,8 @@ def inception_path() -> Path:
 SHIPPED_ENCODER = "encoder"
 """The shipped encoder's folder in ``memrl/assets``."""
 SHIPPED_RESOLUTION = 16
+"""The shipped encoder's input side (greyscale); ``memrl.config`` refuses it for other data
+(``SHIPPED_ENCODER_SIDE``, the same number: config imports no torch)."""
 SHIPPED_PER_SOURCE = 600
 """Images of each bundled source the shipped encoder is trained on (all of a smaller source)."""
 
@@ -192,16 +194,10 @@ def shipped_training_images(resolution: int = SHIPPED_RESOLUTION) -> torch.Tenso
     return torch.cat(parts)
 
 
-def _load_shipped(cfg: Config) -> ContrastiveEncoder:
+def _load_shipped() -> ContrastiveEncoder:
     from safetensors.torch import load_file
 
     path = shipped_encoder_path()
-    if cfg.data.resolution != SHIPPED_RESOLUTION or cfg.data.channels != 1:
-        raise ValueError(
-            f"encoder.kind=shipped was trained on {SHIPPED_RESOLUTION} px greyscale images, but "
-            f"data.resolution={cfg.data.resolution} and data.channels={cfg.data.channels}; "
-            "use encoder.kind=contrastive (trained on the task) or inception"
-        )
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the shipped encoder is missing; run python -m memrl.encoders")
     weights = load_file(path)
@@ -225,9 +221,9 @@ def get_encoder(cfg: Config, splits: DataSplits) -> nn.Module:
     e = cfg.encoder
     if e.kind == "pixel":
         return PixelEncoder(cfg.data.channels, cfg.data.resolution)
-    if e.kind == "shipped":
+    if e.kind == "shipped":  # load_config checks it fits data.resolution and data.channels
         if "shipped" not in _LOADED:
-            _LOADED["shipped"] = _load_shipped(cfg)
+            _LOADED["shipped"] = _load_shipped()
         return _LOADED["shipped"]
     if e.kind in ("inception", "torchscript"):
         if e.kind == "torchscript" and not e.path:

@@ -49,16 +49,62 @@ log = logging.getLogger("memrl.tables")
 class Job:
     task: str
     kind: str
-    """``main`` (every mask, seed 0), ``full`` (every UNet parameter: the paper's full fine-tuning)
-    or ``noise`` (a mask sample, extra seeds)."""
+    """``main`` (every mask, seed 0), ``full`` (every UNet parameter: the paper's full fine-tuning),
+    ``noise`` (a mask sample, extra seeds) or ``reference`` (a curve table's fixed references)."""
     spec: EvalSpec
+
+
+CURVE_MASKS = (
+    "1111111",
+    *("".join("1" if i == j else "0" for i in range(7)) for j in range(7)),
+    *("0001010", "0001100", "0011000", "0011100", "0111010", "0111101", "1001110", "1101100"),
+)
+"""The masks every task of a curve table holds (MemControl-Bench v3, 7 attention groups): the mask
+of ones, every single group, and the rest of the greedy portfolio (first 4 masks at memorization
+weights 0.25, 0.5 and 0.75) on the 150-step table's training tasks (a test recomputes it)."""
+CURVE_NOISE_MASKS = ("1111111", "0011100", "1000000", "0001100")
+"""The masks a curve table also holds with fine-tune seeds :data:`NOISE_SEEDS`."""
+REFERENCE_STEPS = 150
+"""A curve table's rewards are on references fixed per task: the masks of zeros and of ones,
+plain evaluations at this many steps."""
+
+
+def reference_config(cfg: Config) -> Config:
+    """A curve task's config for its reference evaluations: plain, :data:`REFERENCE_STEPS` steps."""
+    return load_config(
+        cfg,
+        {"finetune.steps": REFERENCE_STEPS, "finetune.checkpoint_every": None, "finetune.sample_at": None},
+    )
+
+
+def curve_jobs(cfg: Config) -> list[Job]:
+    """Every evaluation of a curve table (``finetune.checkpoint_every`` set), task by task: the
+    references (:func:`reference_config`), the curves of :data:`CURVE_MASKS` and of full
+    fine-tuning of every UNet parameter, then :data:`CURVE_NOISE_MASKS` with the other seeds."""
+    out: list[Job] = []
+    for e in suite(cfg):
+        ctx = TaskContext.get(e.cfg)
+        k = ctx.space.k
+        if k != len(CURVE_MASKS[0]):
+            raise StoreError(f"{e.name}: a curve table needs the 7-group space of base model v2, not {k}")
+        ref = TaskContext.get(reference_config(e.cfg))
+        out += [Job(e.name, "reference", ref.spec(m)) for m in ((0,) * k, (1,) * k)]
+        out += [Job(e.name, "main", ctx.spec([int(c) for c in m])) for m in CURVE_MASKS]
+        whole = TaskContext.get(full_unet(e.cfg))
+        out.append(Job(e.name, "full", whole.spec((1,) * whole.space.k)))
+        for seed in NOISE_SEEDS:
+            noisy = TaskContext.get(load_config(e.cfg, {"finetune.seed": seed}))
+            out += [Job(e.name, "noise", noisy.spec([int(c) for c in m])) for m in CURVE_NOISE_MASKS]
+    return out
 
 
 def jobs(cfg: Config) -> list[Job]:
     """Every evaluation of the suite's tables, task by task (so the table grows a complete task
     at a time): the references, full fine-tuning of every UNet parameter, every other mask, then
     the task's noise sample (the first ``noise_masks`` of :func:`noise_masks` with seeds
-    :data:`NOISE_SEEDS`) if it has one."""
+    :data:`NOISE_SEEDS`) if it has one. A curve suite's are :func:`curve_jobs`."""
+    if cfg.finetune.checkpoint_every:
+        return curve_jobs(cfg)
     out: list[Job] = []
     entries = suite(cfg)
     noise_size = {e.name: int(t.get("noise_masks", 0)) for e, t in zip(entries, cfg.env.tasks, strict=False)}

@@ -8,16 +8,20 @@ from memrl.errors import SpecError
 from memrl.spec import SPEC_VERSION, EvalSpec
 
 FINGERPRINTS = {"data": "d" * 16, "base_model": "b" * 16, "search_space": "s" * 16}
-# The hash of the default config's spec for the mask 1010101 with the fingerprints above. If this
-# test fails, every stored evaluation and the shipped tables are unreachable: bump SPEC_VERSION
-# only on purpose (and rebuild the tables), or keep new settings None by default.
+# The hash of the spec for the mask 1010101 with the fingerprints above, of every setting at its
+# default (the world of base model v1, the shipped 150-step table's) and of the default config (base
+# model v2). If this test fails, every stored evaluation and the shipped tables are unreachable:
+# bump SPEC_VERSION only on purpose (and rebuild the tables), or keep new settings None by default.
 PINNED = {2: "110795791267035b700959b5"}
+PINNED_V2_WORLD = {2: "08d76b28043a305dd6e06630"}
 
 
 def test_the_reference_spec_hash_is_pinned():
-    spec = EvalSpec.from_config(load_config("default"), [1, 0, 1, 0, 1, 0, 1], FINGERPRINTS)
+    spec = EvalSpec.from_config(load_config({}), [1, 0, 1, 0, 1, 0, 1], FINGERPRINTS)
     assert spec.version == SPEC_VERSION
     assert spec.hash == PINNED[SPEC_VERSION]
+    v2 = EvalSpec.from_config(load_config("default"), [1, 0, 1, 0, 1, 0, 1], FINGERPRINTS)
+    assert v2.hash == PINNED_V2_WORLD[SPEC_VERSION]
 
 
 def test_spec_hash_depends_on_every_input(cfg, ctx):

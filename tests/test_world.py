@@ -101,8 +101,12 @@ def test_the_shipped_encoder_is_one_fixed_model_and_refuses_other_sizes():
     a = get_encoder(cfg, splits)
     b = get_encoder(load_config(cfg, {"data.source": "fashion"}), splits)
     assert a is b and a.num_features == 64
-    with pytest.raises(ValueError, match="encoder.kind=shipped was trained on 16 px"):
-        get_encoder(load_config(cfg, {"data.resolution": 8}), splits)
+    with pytest.raises(ConfigError, match="encoder.kind=shipped was trained on 16 px"):
+        load_config(cfg, {"data.resolution": 8})
+    from memrl.config import SHIPPED_ENCODER_SIDE
+    from memrl.encoders import SHIPPED_RESOLUTION
+
+    assert SHIPPED_ENCODER_SIDE == SHIPPED_RESOLUTION
 
 
 def test_a_resize_is_said_on_one_line(tmp_path, caplog):

@@ -251,7 +251,7 @@ def suite_source(name: str) -> str:
     return info.counts_as or name if info is not None else name
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=64)
 def bundled(name: str, resolution: int, channels: int = 1) -> ImageSet:
     """A bundled dataset by name, resized to ``resolution`` with ``channels`` channels."""
     if name not in BUNDLED:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,15 +77,21 @@ BASE_VERSIONS = (None, "mix")
 def base_split(cfg: DataConfig) -> ImageSet:
     """The images the tiny base UNet is pretrained on: ``base_size`` MNIST digits (``data.base``
     unset: base model v1), or the reserved share of every training source (``mix``: v2, see
-    :data:`memrl.data.bundled.BASE_MIX`), unlabelled sources with label -1 (the null label)."""
-    if cfg.base is None:
-        mnist = bundled("mnist", cfg.resolution, cfg.channels)
+    :data:`memrl.data.bundled.BASE_MIX`), unlabelled sources with label -1 (the null label).
+    Built once per process and setting (every task of a suite shares it)."""
+    return _base_split(cfg.base, cfg.resolution, cfg.channels, cfg.base_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _base_split(base: str | None, resolution: int, channels: int, base_size: int) -> ImageSet:
+    if base is None:
+        mnist = bundled("mnist", resolution, channels)
         g = torch.Generator().manual_seed(1234)
-        index = torch.randperm(len(mnist), generator=g)[: cfg.base_size]
+        index = torch.randperm(len(mnist), generator=g)[:base_size]
         return mnist.subset(index, name="base")
     parts = []
     for name in BASE_MIX:
-        source = bundled(name, cfg.resolution, cfg.channels)
+        source = bundled(name, resolution, channels)
         index = reserved_order(name, len(source))[: base_count(name, len(source))]
         part = source.subset(index)
         labels = part.labels if part.labels is not None else torch.full((len(part),), -1)
@@ -93,7 +100,7 @@ def base_split(cfg: DataConfig) -> ImageSet:
         images=torch.cat([p.images for p, _ in parts]),
         labels=torch.cat([labels for _, labels in parts]),
         name="base",
-        meta={"base": cfg.base, "sources": {p.meta["source"]: p.fingerprint for p, _ in parts}},
+        meta={"base": base, "sources": {p.meta["source"]: p.fingerprint for p, _ in parts}},
         source_digest=stable_hash([p.fingerprint for p, _ in parts]),
     )
 
