@@ -357,6 +357,26 @@ def deliver(cfg: Config, mask: np.ndarray, out: Path | None, store: Any) -> Any:
     return result
 
 
+SPLIT_FILE = "split.json"
+"""Which of the user's images the delivered model was fine-tuned on and which it never saw
+(``python -m memrl.audit --from`` reads it)."""
+
+
+def write_split(path: Path, source: str, splits: Any) -> None:
+    """Record the delivered fine-tune's split: each image's file name (folders) and pixel digest."""
+    from memrl.data.imageset import image_digests
+
+    record = {
+        "source": source,
+        **{
+            f"{name}_{key}": value
+            for name, part in (("train", splits.private), ("heldout", splits.heldout))
+            for key, value in (("files", part.files), ("digests", image_digests(part.images)))
+        },
+    }
+    atomic_write_text(path, json.dumps(record, indent=1))
+
+
 def apply(args: argparse.Namespace) -> Path:
     from memrl.agents.policy import load_policy, shipped_policy
     from memrl.data import fit_sizes, usable_count
@@ -436,6 +456,7 @@ def apply(args: argparse.Namespace) -> Path:
         "versions": package_versions(),
     }
     atomic_write_text(args.out / "result.json", json.dumps(result, indent=2))
+    write_split(args.out / SPLIT_FILE, str(args.data), TaskContext.get(final_cfg).splits)
     rows = "\n".join(f"| {k} | {chosen.metrics[k]:.4f} | {full.metrics[k]:.4f} |" for k in keys)
     report = (
         f"# memrl apply: {args.data}\n\nPolicy `{args.policy}` proposed mask "

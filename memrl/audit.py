@@ -51,11 +51,24 @@ from memrl.utils import atomic_path, atomic_write_text, package_versions, setup_
 
 log = logging.getLogger("memrl.audit")
 
-CALIBRATED = ("mia_auc_calibrated", "mia_tpr_calibrated")
+CALIBRATED = ("mia_auc_calibrated", "mia_tpr_calibrated", "mia_auc_pia_calibrated", "mia_tpr_pia_calibrated")
 """The metrics that need ``--reference`` (NaN without one)."""
+ATTACKS = {
+    "loss": ("mia_auc", "mia_tpr"),
+    "pia": ("mia_auc_pia", "mia_tpr_pia"),
+    "loss, calibrated": ("mia_auc_calibrated", "mia_tpr_calibrated"),
+    "pia, calibrated": ("mia_auc_pia_calibrated", "mia_tpr_pia_calibrated"),
+}
+"""Each membership attack's (AUC, TPR at --fpr) metrics."""
+MEMBERSHIP = tuple(m for pair in ATTACKS.values() for m in pair)
+"""Every membership figure (each with a bootstrap interval over images, ``<name>_ci``)."""
+PIA_TIMESTEPS = [200]
+"""PIA's timestep (Kong et al. use t = 200 of 1,000 for DDPM models)."""
 GATE_METRICS = (
-    "mia_auc",
     "mia_tpr",
+    "mia_tpr_pia",
+    "mia_auc",
+    "mia_auc_pia",
     *CALIBRATED,
     "near_copy_fraction",
     "extracted",
@@ -79,6 +92,8 @@ def parse_gates(items: list[str]) -> dict[str, float]:
             raise ConfigError(
                 f"--fail-above {item!r}: write METRIC=NUMBER with METRIC one of {', '.join(GATE_METRICS)}"
             )
+        if name in gates:
+            raise ConfigError(f"--fail-above names {name} twice ({gates[name]:g} and {number:g}); keep one")
         gates[name] = number
     return gates
 
@@ -91,6 +106,46 @@ def load_images(source: str, cfg: Config, what: str) -> Any:
         return source_set(dataclasses.replace(cfg.data, source=source))
     except DataError as exc:
         raise DataError(f"--{what}: {exc}") from None
+
+
+def from_record(folder: Path, cfg: Config, train: Any, heldout: Any) -> tuple[Any, Any]:
+    """The training and held-out images an ``apply_policy`` results folder recorded (``split.json``):
+    they fill in a missing ``--train`` or ``--heldout``; held-out images given by hand that the
+    record says were fine-tuned on are refused by name."""
+    from memrl.data.imageset import image_digests
+
+    path = folder / "split.json"
+    if not path.is_file():
+        raise DataError(f"--from {folder}: no split.json here; point it at an apply_policy results folder")
+    try:
+        record = json.loads(path.read_text())
+        wanted = {k: list(record[f"{k}_digests"]) for k in ("train", "heldout")}
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: unreadable ({exc}); rerun apply_policy to write it again") from None
+    source = None
+    if train is None or heldout is None:
+        source = load_images(str(record["source"]), cfg, "from")
+        where = {d: i for i, d in enumerate(image_digests(source.images))}
+        for key in ("train", "heldout"):
+            missing = [d for d in wanted[key] if d not in where]
+            if missing:
+                raise DataError(
+                    f"--from {folder}: {len(missing)} of the recorded {key} images are not in "
+                    f"{record['source']} any more (changed or moved?); pass --train and --heldout"
+                )
+        picked = {k: source.subset([where[d] for d in wanted[k]]) for k in ("train", "heldout")}
+        train = train if train is not None else picked["train"]
+        heldout = heldout if heldout is not None else picked["heldout"]
+    trained = set(wanted["train"])
+    seen = [i for i, d in enumerate(image_digests(heldout.images)) if d in trained]
+    if seen:
+        names = ", ".join(image_name(heldout, i) for i in seen[:5]) + (" ..." if len(seen) > 5 else "")
+        raise DataError(
+            f"--heldout: {len(seen)} of its {len(heldout)} images were fine-tuned on, says {path} "
+            f"({names}); a membership test on them passes a model it should fail: leave out "
+            "--heldout to use the images the record held out"
+        )
+    return train, heldout
 
 
 def check_inputs(train: Any, heldout: Any, fpr: float) -> None:
@@ -212,6 +267,7 @@ def measure(
         extraction_count,
         extraction_threshold,
         noise_norm,
+        pia_error,
     )
     from memrl.metrics.quality import fid_kid
     from memrl.sampling import sample
@@ -221,6 +277,8 @@ def measure(
     held_inputs, held_labels = audited.to_inputs(heldout)
     train_loss = denoising_loss(model, train_inputs, train_labels, m.loss_timesteps)
     held_loss = denoising_loss(model, held_inputs, held_labels, m.loss_timesteps)
+    train_pia = pia_error(model, train_inputs, train_labels, PIA_TIMESTEPS)
+    held_pia = pia_error(model, held_inputs, held_labels, PIA_TIMESTEPS)
     labels = (
         train_labels.repeat(n_samples // len(train) + 1)[:n_samples]
         if train_labels is not None
@@ -243,10 +301,10 @@ def measure(
     held = held_loss.numpy()
     copies = torch.bincount(nearest[sims > threshold], minlength=len(train)).numpy()
     return {
-        "mia_auc": membership_auc(train_loss, held_loss),
-        "mia_tpr": tpr_at_fpr(train_loss, held_loss, fpr),
-        "mia_auc_calibrated": math.nan,  # needs a reference: add_calibrated
-        "mia_tpr_calibrated": math.nan,
+        **attack_figures("mia_auc", "mia_tpr", train_loss.numpy(), held, fpr),
+        **attack_figures("mia_auc_pia", "mia_tpr_pia", train_pia.numpy(), held_pia.numpy(), fpr),
+        **{name: math.nan for name in CALIBRATED},  # need a reference: add_calibrated
+        **{f"{name}_ci": [math.nan, math.nan] for name in CALIBRATED},
         "loss_gap": float(held_loss.mean() - train_loss.mean()),
         "near_copy_fraction": float((sims > threshold).float().mean()),
         "copy_threshold": threshold,
@@ -262,7 +320,30 @@ def measure(
         "_samples": ((samples.clamp(-1, 1) + 1) * 127.5).round().byte().numpy(),
         "_nearest": nearest.numpy(),
         "_losses": (train_loss.numpy(), held),
+        "_pia": (train_pia.numpy(), held_pia.numpy()),
     }
+
+
+def attack_figures(auc: str, tpr: str, train: np.ndarray, held: np.ndarray, fpr: float) -> dict[str, Any]:
+    """An attack's AUC and TPR at ``fpr`` on per-image scores (lower = more member-like), each
+    with its 95% bootstrap interval over images (``<name>_ci``)."""
+    from memrl.metrics.membership import bootstrap_interval
+
+    def at_fpr(a: np.ndarray, b: np.ndarray) -> float:
+        return tpr_at_fpr(a, b, fpr)
+
+    return {
+        auc: membership_auc(train, held),
+        f"{auc}_ci": list(bootstrap_interval(train, held, membership_auc)),
+        tpr: tpr_at_fpr(train, held, fpr),
+        f"{tpr}_ci": list(bootstrap_interval(train, held, at_fpr)),
+    }
+
+
+def strongest_attack(result: dict[str, Any]) -> str:
+    """The attack with the highest TPR at the stated FPR (AUC breaks ties), among those measured."""
+    measured = {k: v for k, v in ATTACKS.items() if math.isfinite(result[v[1]])}
+    return max(measured, key=lambda k: (result[measured[k][1]], result[measured[k][0]]))
 
 
 def membership_score(train: np.ndarray, held: np.ndarray) -> np.ndarray:
@@ -278,8 +359,17 @@ def add_calibrated(results: dict[str, dict[str, Any]], fpr: float) -> None:
     model, reference = results["model"], results["reference"]
     (train, held), (ref_train, ref_held) = model["_losses"], reference["_losses"]
     cal_train, cal_held = calibrated_losses(train, ref_train), calibrated_losses(held, ref_held)
-    model["mia_auc_calibrated"] = membership_auc(cal_train, cal_held)
-    model["mia_tpr_calibrated"] = tpr_at_fpr(cal_train, cal_held, fpr)
+    model.update(attack_figures("mia_auc_calibrated", "mia_tpr_calibrated", cal_train, cal_held, fpr))
+    (pia_train, pia_held), (ref_pia_train, ref_pia_held) = model["_pia"], reference["_pia"]
+    model.update(
+        attack_figures(
+            "mia_auc_pia_calibrated",
+            "mia_tpr_pia_calibrated",
+            calibrated_losses(pia_train, ref_pia_train),
+            calibrated_losses(pia_held, ref_pia_held),
+            fpr,
+        )
+    )
     model["per_image"]["calibrated_loss"] = cal_train.tolist()
     model["per_image"]["membership_score"] = membership_score(cal_train, cal_held).tolist()
     model["_calibrated"] = (cal_train, cal_held)
@@ -303,11 +393,12 @@ def write_outputs(out: Path, results: dict[str, dict[str, Any]], train: Any, met
     order = np.lexsort((-np.array(per["membership_score"]), -np.array(per["copying_samples"])))
     with atomic_path(out / "exposure.csv") as tmp, tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["rank", "train_index", "copying_samples", "membership_score", "loss"])
+        writer.writerow(["rank", "file", "train_index", "copying_samples", "membership_score", "loss"])
         for rank, i in enumerate(order, start=1):
             writer.writerow(
                 [
                     rank,
+                    image_name(train, int(i)),
                     int(i),
                     per["copying_samples"][i],
                     f"{per['membership_score'][i]:.4f}",
@@ -340,14 +431,19 @@ def write_outputs(out: Path, results: dict[str, dict[str, Any]], train: Any, met
     save_figure(fig, out / "copies.png")
     plt.close(fig)
     names = list(results)
+
+    def cell(r: dict[str, Any], k: str) -> str:
+        if not math.isfinite(r[k]):
+            return "-"
+        lo, hi = r.get(f"{k}_ci", (math.nan, math.nan))
+        return f"{r[k]:.4f}" + (f" [{lo:.3f}, {hi:.3f}]" if math.isfinite(lo) else "")
+
     rows = "\n".join(
-        f"| {k} | "
-        + " | ".join(f"{results[n][k]:.4f}" if math.isfinite(results[n][k]) else "-" for n in names)
-        + " |"
-        for k in GATE_METRICS
+        f"| {k} | " + " | ".join(cell(results[n], k) for n in names) + " |" for k in GATE_METRICS
     )
     top = "\n".join(
-        f"| {rank} | {int(i)} | {per['copying_samples'][i]} | {per['membership_score'][i]:+.2f} |"
+        f"| {rank} | {image_name(train, int(i))} | {per['copying_samples'][i]} | "
+        f"{per['membership_score'][i]:+.2f} |"
         for rank, i in enumerate(order[:10], start=1)
     )
     gates = meta.get("gates_failed") or []
@@ -361,13 +457,23 @@ def write_outputs(out: Path, results: dict[str, dict[str, Any]], train: Any, met
         f"# memrl audit: {meta['model']}",
         "",
         f"{len(train)} training images, {meta['heldout_images']} held out, {meta['samples']} samples. "
-        f"Gate: {verdict}.",
+        f"Gate: {verdict}" + (f" ({GATE_ON[meta['gate_on']]})." if meta["gates"] else "."),
+        "",
+        "## Worst case first",
+        "",
+        f"- {summary_line('model', model, meta['fpr'], train)}",
+        f"- strongest attack on this model (highest TPR at {meta['fpr']:g} FPR): {meta['strongest_attack']}",
+        *([f"- {meta['why_passed']}"] if meta.get("why_passed") else []),
+        "",
+        "## Every figure (95% bootstrap intervals over images)",
         "",
         header,
         rows,
         "",
         "mia_auc: ROC AUC of the loss-threshold membership attack (0.5 = chance); mia_tpr: its "
-        f"true-positive rate at a {meta['fpr']:g} false-positive rate; *_calibrated: the same attack on each "
+        f"true-positive rate at a {meta['fpr']:g} false-positive rate; *_pia: the same for PIA (Kong "
+        "et al., ICLR 2024: the error of the model's noise prediction after noising each image with "
+        "its own t = 0 prediction, deterministically); *_calibrated: the same attack on each "
         "image's loss relative to the reference model's on it (needs --reference; images that are merely "
         "easy for any model look like members on the raw loss, not on this; the membership scores below "
         "use it when there); near_copy_fraction: samples closer "
@@ -390,13 +496,8 @@ def write_outputs(out: Path, results: dict[str, dict[str, Any]], train: Any, met
     atomic_write_text(out / "report.md", "\n".join(text))
 
 
-def audit(args: argparse.Namespace) -> int:
-    """Run the audit; returns 1 when a ``--fail-above`` gate fails, else 0."""
-    import torch
-
-    from memrl.data.splits import DataSplits, base_split
-    from memrl.encoders import get_encoder
-
+def check_args(args: argparse.Namespace) -> dict[str, float]:
+    """Every flag checked before any work; returns the gates. Fills ``--model`` from ``--from``."""
     gates = parse_gates(args.fail_above)
     if args.reference is None and set(gates) & set(CALIBRATED):
         raise ConfigError(
@@ -405,12 +506,84 @@ def audit(args: argparse.Namespace) -> int:
         )
     if not 0 < args.fpr < 1 or args.samples < 2:
         raise ConfigError(f"--fpr={args.fpr} must be in (0, 1) and --samples={args.samples} 2 or more")
-    cfg: Config = config_from_args(args)
+    if args.model is None:
+        if args.from_ is None:
+            raise ConfigError("--model is required (or --from, an apply_policy results folder)")
+        args.model = args.from_
+    if args.from_ is None and (args.train is None or args.heldout is None):
+        raise ConfigError("--train and --heldout are required (or --from, an apply_policy results folder)")
     for path in (args.model, args.reference, args.base):
         if path is not None and not path.is_dir():
             raise ModelError(f"{path}: no such model folder")
-    train = load_images(args.train, cfg, "train")
-    heldout = load_images(args.heldout, cfg, "heldout")
+        if path is not None and not any((path / f).is_file() for f in MODEL_FILES):
+            raise ModelError(
+                f"{path}: no diffusers UNet here (expected one of {', '.join(MODEL_FILES)}); point it "
+                "at a model folder (apply_policy's results folder, save_pretrained, a pipeline or adapter)"
+            )
+        if path is not None:
+            check_finite(path)
+    check_out(args.out)
+    return gates
+
+
+def check_finite(folder: Path) -> None:
+    """Refuse a memrl model or UNet folder whose weights hold NaN or infinity (they crash native
+    code later, with no message); pipelines and adapters are checked when loaded."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    if (folder / "model_index.json").is_file() or (folder / "adapter_config.json").is_file():
+        return
+    for sub in (folder, folder / "unet", folder / "model", folder / "model" / "unet"):
+        for file in sorted(sub.glob("*.safetensors")):
+            try:
+                with safe_open(str(file), framework="pt") as weights:
+                    for key in weights.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                        tensor = weights.get_tensor(key)
+                        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                            raise ModelError(
+                                f"{file}: tensor {key} holds NaN or infinite values; audit a model that "
+                                "trained cleanly (or retrain it with a lower learning rate)"
+                            )
+            except SafetensorError as exc:
+                raise ModelError(f"{file}: not a readable safetensors file ({exc})") from None
+
+
+MODEL_FILES = (
+    "config.json",
+    "unet/config.json",
+    "model/unet/config.json",
+    "model_index.json",
+    "adapter_config.json",
+)
+"""A model folder holds one of these (memrl model or UNet, results folder, pipeline, adapter)."""
+
+
+def check_out(out: Path) -> None:
+    """``--out`` must be a folder (or not exist yet) outside the installed memrl package."""
+    import memrl
+
+    if out.exists() and not out.is_dir() or out.is_symlink() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder; name a new or existing folder")
+    package = Path(memrl.__file__).resolve().parent
+    target = out.resolve()
+    if target == package or package in target.parents:
+        raise ConfigError(f"--out {out}: inside the installed memrl package ({package}); write elsewhere")
+
+
+def audit(args: argparse.Namespace) -> int:
+    """Run the audit; returns 1 when a ``--fail-above`` gate fails, else 0."""
+    import torch
+
+    from memrl.data.splits import DataSplits, base_split
+    from memrl.encoders import get_encoder
+
+    gates = check_args(args)
+    cfg: Config = config_from_args(args)
+    train = load_images(args.train, cfg, "train") if args.train is not None else None
+    heldout = load_images(args.heldout, cfg, "heldout") if args.heldout is not None else None
+    if args.from_ is not None:
+        train, heldout = from_record(args.from_, cfg, train, heldout)
     check_inputs(train, heldout, args.fpr)
     model = load_audited(args.model, cfg, args.base, [train, heldout])
     reference = load_audited(args.reference, cfg, args.base, [train, heldout]) if args.reference else None
@@ -420,18 +593,23 @@ def audit(args: argparse.Namespace) -> int:
     if reference is not None:
         results["reference"] = measure(reference, train, heldout, cfg, encoder, args.samples, args.fpr)
         add_calibrated(results, args.fpr)
-    failed = [f"{k} {results['model'][k]:.4f} > {v:g}" for k, v in gates.items() if results["model"][k] > v]
+    verdicts = gate_verdicts(results["model"], gates, args.gate_on)
+    failed = [line for ok, line in verdicts if not ok]
     meta = {
         "model": str(args.model),
         "reference": str(args.reference) if args.reference else None,
-        "train": str(args.train),
-        "heldout": str(args.heldout),
+        "train": str(args.train) if args.train is not None else f"{args.from_}/split.json",
+        "heldout": str(args.heldout) if args.heldout is not None else f"{args.from_}/split.json",
         "heldout_images": len(heldout),
         "samples": args.samples,
         "fpr": args.fpr,
         "copy_quantile": cfg.metrics.copy_quantile,
         "gates": gates,
+        "gate_on": args.gate_on,
         "gates_failed": failed,
+        "gates_passed": [line for ok, line in verdicts if ok],
+        "why_passed": why_passed(results["model"], gates, args.fpr) if gates and not failed else None,
+        "strongest_attack": strongest_attack(results["model"]),
         "fingerprints": {
             "train": train.fingerprint,
             "heldout": heldout.fingerprint,
@@ -443,19 +621,89 @@ def audit(args: argparse.Namespace) -> int:
     }
     write_outputs(args.out, results, train, meta)
     for name, r in results.items():
-        print(
-            f"{name}: membership AUC {r['mia_auc']:.3f}, TPR at {args.fpr:g} FPR {r['mia_tpr']:.3f}, "
-            f"near copies {r['near_copy_fraction']:.3f}, extracted {r['extracted']:.0f}, KID {r['kid']:.4f}"
-            + (
-                f", calibrated membership AUC {r['mia_auc_calibrated']:.3f}"
-                if math.isfinite(r["mia_auc_calibrated"])
-                else ""
-            )
-        )
+        print(summary_line(name, r, args.fpr, train))
     print(f"report: {args.out / 'report.md'}")
-    for line in failed:
-        print(f"gate failed: {line}", file=sys.stderr)
+    if gates:
+        print(GATE_ON[args.gate_on])
+    for ok, line in verdicts:
+        print(f"gate {'passed' if ok else 'failed'}: {line}", file=sys.stdout if ok else sys.stderr)
+    if meta["why_passed"]:
+        print(meta["why_passed"])
     return 1 if failed else 0
+
+
+GATE_ON = {
+    "point": "gates compare the point estimate (--gate-on lower: the 95% interval's lower bound)",
+    "lower": "gates compare the lower bound of each membership figure's 95% bootstrap interval "
+    "(point estimates for the others)",
+}
+WORST_CASE = (
+    "mia_tpr",
+    "mia_tpr_pia",
+    "mia_tpr_calibrated",
+    "mia_tpr_pia_calibrated",
+    "extracted",
+    "near_copy_fraction",
+)
+"""Gate metrics that see a few memorized images in a large set (the AUC averages them away)."""
+
+
+def gated_value(result: dict[str, Any], metric: str, gate_on: str) -> float:
+    """The figure a gate compares: the point estimate, or with ``lower`` the lower bound of a
+    membership figure's bootstrap interval."""
+    if gate_on == "lower" and f"{metric}_ci" in result:
+        return float(result[f"{metric}_ci"][0])
+    return float(result[metric])
+
+
+def gate_verdicts(result: dict[str, Any], gates: dict[str, float], gate_on: str) -> list[tuple[bool, str]]:
+    """(passed, "metric value <=/> limit") per gate."""
+    out = []
+    for metric, limit in gates.items():
+        value = gated_value(result, metric, gate_on)
+        which = " (interval's lower bound)" if gate_on == "lower" and f"{metric}_ci" in result else ""
+        sign = ">" if value > limit else "<="
+        out.append((not value > limit, f"{metric}{which} {value:.4f} {sign} {limit:g}"))
+    return out
+
+
+def why_passed(result: dict[str, Any], gates: dict[str, float], fpr: float) -> str:
+    """Why every gate passed, and what the gates did not look at."""
+    if set(gates) & set(WORST_CASE):
+        return "passed: the model is at or below every gate, worst-case figures included"
+    return (
+        f"passed on average-case figures only ({', '.join(gates)}): no gate names a worst-case figure. "
+        f"TPR at {fpr:g} FPR is {result['mia_tpr']:.3f} (PIA {result['mia_tpr_pia']:.3f}), "
+        f"{result['extracted']:.0f} images extracted, near copies {result['near_copy_fraction']:.3f}: "
+        "a few memorized images in a large set barely move the AUC; gate on them too, e.g. "
+        f"--fail-above mia_tpr={min(0.5, 2 * fpr):g} extracted=0"
+    )
+
+
+def summary_line(name: str, r: dict[str, Any], fpr: float, train: Any) -> str:
+    """One model's figures, worst case first."""
+
+    def ci(metric: str) -> str:
+        lo, hi = r[f"{metric}_ci"]
+        return f"{r[metric]:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    per = r["per_image"]
+    top = np.argsort(-np.asarray(per["membership_score"]))[:3]
+    names = ", ".join(image_name(train, int(i)) for i in top)
+    text = (
+        f"{name}: TPR at {fpr:g} FPR {ci('mia_tpr')} (PIA {ci('mia_tpr_pia')}); most exposed: {names}; "
+        f"near copies {r['near_copy_fraction']:.3f}, extracted {r['extracted']:.0f}; "
+        f"membership AUC {ci('mia_auc')} (PIA {ci('mia_auc_pia')}), KID {r['kid']:.4f}"
+    )
+    if math.isfinite(r["mia_auc_calibrated"]):
+        text += f"; calibrated: TPR {ci('mia_tpr_calibrated')}, AUC {ci('mia_auc_calibrated')}"
+    return text
+
+
+def image_name(images: Any, i: int) -> str:
+    """A training image's file name where the set records them, else its index."""
+    files = getattr(images, "files", None)
+    return files[i] if files and i < len(files) else f"#{i}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -465,7 +713,15 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
-    parser.add_argument("--model", type=Path, required=True, help="the fine-tuned model folder")
+    parser.add_argument("--model", type=Path, default=None, help="the fine-tuned model folder")
+    parser.add_argument(
+        "--from",
+        dest="from_",
+        type=Path,
+        default=None,
+        help="an apply_policy results folder: its model, and the images its split.json says it was "
+        "fine-tuned on and held out (refuses --heldout images it trained on)",
+    )
     parser.add_argument("--reference", type=Path, default=None, help="the model it was fine-tuned from")
     parser.add_argument(
         "--base",
@@ -473,8 +729,8 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="the Stable Diffusion pipeline folder a peft/LoRA --model adapts",
     )
-    parser.add_argument("--train", required=True, help="its training images (folder, .npz or bundled name)")
-    parser.add_argument("--heldout", required=True, help="images of the same distribution it never saw")
+    parser.add_argument("--train", default=None, help="its training images (folder, .npz or bundled name)")
+    parser.add_argument("--heldout", default=None, help="images of the same distribution it never saw")
     parser.add_argument("--out", type=Path, default=Path("memrl-audit"), help="results folder")
     parser.add_argument("--samples", type=int, default=64, help="images to generate (default 64)")
     parser.add_argument(
@@ -482,6 +738,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--fail-above", nargs="*", default=[], metavar="METRIC=VALUE", help="exit 1 above these"
+    )
+    parser.add_argument(
+        "--gate-on",
+        choices=tuple(GATE_ON),
+        default="point",
+        help="compare gates with the point estimate (default) or the 95%% interval's lower bound",
     )
     add_config_args(parser, seed=True)
     args = parser.parse_args(argv)

@@ -63,10 +63,26 @@ CURVE_MASKS = (
 of ones, every single group, and the rest of the greedy portfolio (first 4 masks at memorization
 weights 0.25, 0.5 and 0.75) on the 150-step table's training tasks (a test recomputes it)."""
 CURVE_NOISE_MASKS = ("1111111", "0011100", "1000000", "0001100")
-"""The masks a curve table also holds with fine-tune seeds :data:`NOISE_SEEDS`."""
+"""The masks a curve table also holds with fine-tune seeds :data:`NOISE_SEEDS` (and full
+fine-tuning)."""
 REFERENCE_STEPS = 150
 """A curve table's rewards are on references fixed per task: the masks of zeros and of ones,
 plain evaluations at this many steps."""
+
+
+def curve_masks(k: int) -> tuple[str, ...]:
+    """A curve table's masks for a space of ``k`` groups: :data:`CURVE_MASKS` for base model v2's
+    7 groups; for another space (a test config, a Stable Diffusion model) the mask of ones and
+    every single group."""
+    if k == len(CURVE_MASKS[0]):
+        return CURVE_MASKS
+    return ("1" * k, *("".join("1" if i == j else "0" for i in range(k)) for j in range(k)))
+
+
+def curve_noise_masks(k: int) -> tuple[str, ...]:
+    """The masks a curve table also holds with the noise seeds (the first two of
+    :func:`curve_masks` outside the 7-group space)."""
+    return CURVE_NOISE_MASKS if k == len(CURVE_MASKS[0]) else curve_masks(k)[:2]
 
 
 def reference_config(cfg: Config) -> Config:
@@ -85,16 +101,16 @@ def curve_jobs(cfg: Config) -> list[Job]:
     for e in suite(cfg):
         ctx = TaskContext.get(e.cfg)
         k = ctx.space.k
-        if k != len(CURVE_MASKS[0]):
-            raise StoreError(f"{e.name}: a curve table needs the 7-group space of base model v2, not {k}")
         ref = TaskContext.get(reference_config(e.cfg))
         out += [Job(e.name, "reference", ref.spec(m)) for m in ((0,) * k, (1,) * k)]
-        out += [Job(e.name, "main", ctx.spec([int(c) for c in m])) for m in CURVE_MASKS]
+        out += [Job(e.name, "main", ctx.spec([int(c) for c in m])) for m in curve_masks(k)]
         whole = TaskContext.get(full_unet(e.cfg))
         out.append(Job(e.name, "full", whole.spec((1,) * whole.space.k)))
         for seed in NOISE_SEEDS:
             noisy = TaskContext.get(load_config(e.cfg, {"finetune.seed": seed}))
-            out += [Job(e.name, "noise", noisy.spec([int(c) for c in m])) for m in CURVE_NOISE_MASKS]
+            out += [Job(e.name, "noise", noisy.spec([int(c) for c in m])) for m in curve_noise_masks(k)]
+            noisy_whole = TaskContext.get(full_unet(noisy.cfg))
+            out.append(Job(e.name, "noise", noisy_whole.spec((1,) * noisy_whole.space.k)))
     return out
 
 

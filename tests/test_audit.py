@@ -1,11 +1,14 @@
 """python -m memrl.audit end to end: a model fine-tuned on a few heavily duplicated images against
 its base model, and the inputs it refuses."""
 
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import memrl
 from memrl.config import load_config
 from memrl.testing import run_module as run
 
@@ -35,6 +38,12 @@ def models(tmp_path_factory):
     ctx.base.save(folder / "base")
     to_npz(folder / "train.npz", train.images, train.labels)
     to_npz(folder / "heldout.npz", heldout.images, heldout.labels)
+    # the positive control: every parameter fine-tuned on the private set, its 2 canaries x 16
+    dup = dataclasses.replace(ctx.splits, duplication=16).finetune_set()
+    private_model, _ = finetune(ctx.base, dup, ctx.space.prefixes(np.ones(ctx.space.k, dtype=np.int8)), cfg)
+    private_model.save(folder / "private")
+    to_npz(folder / "private.npz", private.images, private.labels)
+    to_npz(folder / "canaries.npz", ctx.splits.canaries.images, ctx.splits.canaries.labels)
     return folder
 
 
@@ -74,7 +83,7 @@ def test_the_audit_ranks_the_memorized_model_above_its_base_and_gates_it(models,
     assert len(tuned["per_image"]["loss"]) == 4 and result["fingerprints"]["train"]
     assert tuned["noise_norm"] > 0 and len(tuned["per_image"]["noise_norm"]) == 4
     rows = (tmp_path / "a" / "exposure.csv").read_text().splitlines()
-    assert rows[0].startswith("rank,train_index") and len(rows) == 5
+    assert rows[0].startswith("rank,file,train_index") and len(rows) == 5
     for name in ("membership.png", "copies.png"):
         assert (tmp_path / "a" / name).read_bytes()[:4] == b"\x89PNG"
     report = (tmp_path / "a" / "report.md").read_text()
@@ -95,6 +104,17 @@ def test_the_audit_ranks_the_memorized_model_above_its_base_and_gates_it(models,
 
 
 def test_bad_inputs_are_refused_in_one_line(models, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    nan_model = tmp_path / "nan"
+    shutil.copytree(models / "model", nan_model)
+    weights_file = nan_model / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(weights_file)
+    for tensor in weights.values():
+        tensor.fill_(float("nan"))
+    save_file(weights, weights_file)
     few = tmp_path / "few.npz"
     np.savez(few, images=np.load(models / "heldout.npz")["images"][:8])
     cases = [
@@ -105,6 +125,11 @@ def test_bad_inputs_are_refused_in_one_line(models, tmp_path):
         (["--fail-above", "mia=3"], "write METRIC=NUMBER"),
         (["--fail-above", "mia_auc_calibrated=0.6"], "mia_auc_calibrated needs --reference"),
         (["--set", "data.resolution=16"], "pass --set data.resolution=8"),
+        (["--fail-above", "mia_auc=0.6", "mia_auc=0.7"], "names mia_auc twice"),
+        (["--out", str(models / "train.npz")], "exists and is not a folder"),
+        (["--out", str(Path(memrl.__file__).parent / "assets" / "policy")], "inside the installed memrl"),
+        (["--model", str(nan_model)], "holds NaN or infinite values"),
+        (["--from", str(tmp_path)], "no split.json here"),
     ]
     for extra, message in cases:
         proc = audit(models, "model", tmp_path / "o", *extra)
@@ -170,3 +195,54 @@ def test_a_tiny_stable_diffusion_pipeline_and_a_lora_adapter_on_it_are_audited(t
     assert (
         proc.returncode == 2 and "name the Stable Diffusion pipeline folder it was trained on" in proc.stderr
     )
+
+
+def test_controls_fire_when_they_should_and_only_then(models, tmp_path):
+    """Positive control: a model fine-tuned on a private set whose canaries repeat fails a
+    worst-case gate on its canaries and on its whole private set, and an average-case gate that
+    lets the private set through says why. Negative controls: the base model, and a model
+    fine-tuned on other images, audited on two halves of images neither saw, pass."""
+    half = models / "unseen"
+    held = np.load(models / "heldout.npz")
+    np.savez(half.with_suffix(".a.npz"), images=held["images"][:16], labels=held["labels"][:16])
+    np.savez(half.with_suffix(".b.npz"), images=held["images"][16:], labels=held["labels"][16:])
+
+    def run_audit(model, train, heldout, out, *gates):
+        return run(
+            "memrl.audit",
+            "--config",
+            "test",
+            "--model",
+            str(models / model),
+            "--train",
+            str(train),
+            "--heldout",
+            str(heldout),
+            "--out",
+            str(tmp_path / out),
+            "--samples",
+            "16",
+            "--fpr",
+            "0.0625",
+            "--fail-above",
+            *gates,
+        )
+
+    worst = ("mia_tpr=0.2", "extracted=0")
+    canaries = run_audit("private", models / "canaries.npz", models / "heldout.npz", "pos1", *worst)
+    assert canaries.returncode == 1 and "gate failed: mia_tpr" in canaries.stderr, canaries.stderr[-1500:]
+    private = run_audit("private", models / "private.npz", models / "heldout.npz", "pos2", "mia_tpr=0.1")
+    assert private.returncode == 1 and "gate failed: mia_tpr" in private.stderr, private.stderr[-1500:]
+    average = run_audit("private", models / "private.npz", models / "heldout.npz", "pos3", "mia_auc=0.95")
+    if average.returncode == 0:  # the AUC averages the canaries away: the pass must say so
+        assert "passed on average-case figures only" in average.stdout
+    for model in ("base", "private"):  # neither saw the held-out images
+        proc = run_audit(
+            model, half.with_suffix(".a.npz"), half.with_suffix(".b.npz"), f"neg-{model}", "mia_tpr=0.5"
+        )
+        assert proc.returncode == 0, (model, proc.stderr[-1500:])
+        result = json.loads((tmp_path / f"neg-{model}" / "audit.json").read_text())["results"]["model"]
+        lo, hi = result["mia_auc_ci"]
+        assert lo <= 0.5 <= hi, (model, result["mia_auc"], lo, hi)
+    first = (tmp_path / "pos1" / "report.md").read_text().split("## Every figure")[0]
+    assert "## Worst case first" in first and "TPR at 0.0625 FPR" in first and "strongest attack" in first

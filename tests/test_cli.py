@@ -206,6 +206,18 @@ def test_apply_policy_delivers_a_model_trained_on_all_but_the_heldout_images(run
 
     assert load_model(out / "model").resolution == 8
     assert "| metric | chosen mask | full fine-tune (every parameter) |" in (out / "report.md").read_text()
+    # the split is recorded, and the audit takes it: no guessed held-out images
+    split = json.loads((out / "split.json").read_text())
+    assert (len(split["train_digests"]), len(split["heldout_digests"])) == (96, 24)
+    assert not set(split["train_digests"]) & set(split["heldout_digests"])
+    common = ("memrl.audit", "--config", "test", "--from", str(out), "--samples", "8")
+    audited = run(*common, "--out", str(tmp_path / "audit"))
+    assert audited.returncode == 0, audited.stderr[-2000:]
+    record = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert record["heldout_images"] == 24 and record["train"].endswith("split.json")
+    guessed = run(*common, "--heldout", str(new_dataset), "--out", str(tmp_path / "guess"))
+    assert guessed.returncode == 2 and "96 of its 120 images were fine-tuned on" in guessed.stderr
+    assert "Traceback" not in guessed.stderr
 
 
 def test_apply_policy_sizes_the_splits_from_a_small_dataset(run_dir, tmp_path):

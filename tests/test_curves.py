@@ -96,3 +96,49 @@ def test_curve_masks_are_every_single_group_the_ones_and_the_150_step_portfolio(
         set(CURVE_MASKS) == picked | singles | {"1111111"} and len(CURVE_MASKS) == len(set(CURVE_MASKS)) == 16
     )
     assert set(CURVE_NOISE_MASKS) <= set(CURVE_MASKS)
+
+
+def test_a_curve_table_replays_every_stored_point_on_fixed_references(tmp_path):
+    """A tiny curve suite built in process: every (mask, steps) point reads back from the table,
+    its reward is on the plain references, and what is not in the table is named."""
+    from memrl.curves import FULL, load_curves
+    from memrl.errors import StoreError
+    from memrl.evaluator import make_evaluator
+    from memrl.reward import Reward
+    from memrl.tables import REFERENCE_STEPS, curve_jobs
+
+    cfg = load_config(
+        "test",
+        {
+            "finetune.checkpoint_every": 1,
+            "finetune.sample_at": [2],
+            "env.tasks": [{"name": "tiny", "seed": 3}],
+            "env.store": str(tmp_path / "curves.sqlite"),
+        },
+    )
+    jobs = curve_jobs(cfg)
+    assert [j.kind for j in jobs].count("reference") == 2 and [j.kind for j in jobs].count("noise") == 6
+    evaluator = make_evaluator(cfg)
+    stored = {j.spec.hash: ev for j, ev in zip(jobs, evaluator.evaluate_many([j.spec for j in jobs]))}
+    table = load_curves(cfg)
+    assert table.masks[-1] == FULL and list(table.steps) == [1, 2, 3] and table.complete().all()
+    ones = next(j for j in jobs if j.kind == "main" and j.spec.mask == (1, 1, 1, 1))
+    point = stored[ones.spec.hash].curve[1]
+    assert table.metric("heldout_loss", "tiny", "1111", 2) == point["heldout_loss"]
+    assert table.metric("kid", "tiny", "1111", 2) == point["kid"]  # sampled at step 2
+    assert np.isnan(table.metric("kid", "tiny", "1111", 1))  # not sampled at step 1
+    assert not np.isnan(table.metric("heldout_loss", "tiny", FULL, 3, seed=2))
+    reference = next(j for j in jobs if j.kind == "reference" and j.spec.mask == (1, 1, 1, 1))
+    assert reference.spec.settings["finetune"]["steps"] == REFERENCE_STEPS
+    refs = table.references[0]
+    expected = Reward(cfg.reward, refs).terms(point)
+    got = table.terms(cfg.reward, 0)[table.masks.index("1111"), 0, 1]
+    assert got[0] == pytest.approx(expected["memorization_term"]) and got[1] == pytest.approx(
+        expected["quality_term"]
+    )
+    shares = table.grad_share[0, table.masks.index("1000"), 0, 0]
+    assert shares[0] == pytest.approx(1.0) and shares[1:].sum() == 0
+    with pytest.raises(StoreError, match="steps=5 is not a checkpoint"):
+        table.index("tiny", "1111", 5)
+    with pytest.raises(StoreError, match="mask '0110' is not in this curve table"):
+        table.index("tiny", "0110", 1)

@@ -41,6 +41,9 @@ class ImageSet:
     source_digest: str | None = None
     """:func:`pixel_digest` of the pixels as read, before resizing (set by the loaders); the
     fingerprint hashes it instead of ``images``, so it is the same on every CPU."""
+    files: list[str] | None = None
+    """Each image's file, relative to its folder (folders only): how reports name an image. Not
+    part of the fingerprint (the pixels are)."""
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or 0 in self.images.shape[1:]:
@@ -53,6 +56,8 @@ class ImageSet:
             raise DataError(f"{self.name}: {len(self.labels)} labels for {n} images")
         if self.captions is not None and len(self.captions) != n:
             raise DataError(f"{self.name}: {len(self.captions)} captions for {n} images")
+        if self.files is not None and len(self.files) != n:
+            raise DataError(f"{self.name}: {len(self.files)} file names for {n} images")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -96,6 +101,7 @@ class ImageSet:
             images=self.images[index],
             labels=None if self.labels is None else self.labels[index],
             captions=None if self.captions is None else [self.captions[i] for i in index.tolist()],
+            files=None if self.files is None else [self.files[i] for i in index.tolist()],
             name=name or self.name,
             source_digest=self.source_digest,
             meta={
@@ -104,6 +110,13 @@ class ImageSet:
                 **(meta or {}),
             },
         )
+
+
+def image_digests(images: torch.Tensor) -> list[str]:
+    """A short digest of each image's pixels (as 16-bit values): the same image, however it was
+    loaded or ordered, gets the same digest."""
+    pixels = ((images.detach().float().clamp(-1, 1) + 1) * 32767.5).round().to(torch.int32).numpy()
+    return [hashlib.sha256(p.astype("<u2").tobytes()).hexdigest()[:16] for p in pixels]
 
 
 def pixel_digest(*arrays: torch.Tensor) -> str:
@@ -251,7 +264,15 @@ def load_folder(folder: str | Path, resolution: int, channels: int = 1, resize: 
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder; point data.source at a folder of images or an .npz")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    named = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = [p for p in named if p.is_file()]
+    skipped = [p.name for p in named if not p.is_file() and not p.is_dir()]
+    if skipped:
+        log.warning(
+            "%s: skipped %d entries named like images that are not regular files (%s); a link to a "
+            "device or a broken link is never read",
+            folder, len(skipped), ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""),
+        )
     if not files:
         raise DataError(
             f"{folder}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))}); "
@@ -279,6 +300,7 @@ def load_folder(folder: str | Path, resolution: int, channels: int = 1, resize: 
         name=folder.name,
         meta={"source": str(folder), "resolution": resolution, "classes": classes},
         source_digest=pixel_digest(*arrays),
+        files=[p.relative_to(folder).as_posix() for p in files],
     )
 
 

@@ -19,6 +19,7 @@ below it the threshold is the lowest held-out loss (no held-out image is called 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -99,3 +100,31 @@ def membership_metrics(
         "mia_auc_private": membership_auc(private_losses, heldout_losses),
         "mia_tpr_private": tpr_at_fpr(private_losses, heldout_losses, fpr),
     }
+
+
+def bootstrap_interval(
+    member_losses: torch.Tensor | np.ndarray,
+    nonmember_losses: torch.Tensor | np.ndarray,
+    statistic: Callable[[np.ndarray, np.ndarray], float],
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic(members, non-members)`` over images: both sets
+    resampled with replacement, independently, ``n_boot`` times. NaN when either set is empty."""
+    members = np.asarray(member_losses, dtype=np.float64).reshape(-1)
+    others = np.asarray(nonmember_losses, dtype=np.float64).reshape(-1)
+    if len(members) == 0 or len(others) == 0:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    values = np.array(
+        [
+            statistic(
+                members[rng.integers(0, len(members), len(members))],
+                others[rng.integers(0, len(others), len(others))],
+            )
+            for _ in range(n_boot)
+        ]
+    )
+    tail = (1 - level) / 2
+    return float(np.nanquantile(values, tail)), float(np.nanquantile(values, 1 - tail))

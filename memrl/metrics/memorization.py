@@ -236,6 +236,32 @@ def denoising_loss(
 
 
 @torch.no_grad()
+def pia_error(
+    model, images: torch.Tensor, labels: torch.Tensor | None, timesteps: list[int]
+) -> torch.Tensor:
+    """Proximal initialisation attack (PIA, Kong et al., ICLR 2024): per image, the model's own noise
+    prediction at t = 0 is taken as the noise, the image is noised with it deterministically to
+    each of ``timesteps``, and the error of the prediction there against it is averaged. Training
+    images, whose denoising trajectory the model has learned, give lower errors. No random noise:
+    the same image always gets the same score."""
+    from memrl.training import noise_scheduler
+
+    model.eval()
+    sched = noise_scheduler(model)
+    device = next(model.parameters()).device
+    x0 = images.to(device)
+    labels = model.labels_or_null(labels, len(images)).to(device)
+    zero = torch.zeros(len(images), dtype=torch.long, device=device)
+    eps0 = model(x0, zero, labels)
+    total = torch.zeros(len(images))
+    for t in timesteps:
+        tt = torch.full((len(images),), t, dtype=torch.long, device=device)
+        xt = sched.add_noise(x0, eps0, tt)
+        total += (model(xt, tt, labels) - eps0).square().flatten(1).mean(1).cpu()
+    return total / len(timesteps)
+
+
+@torch.no_grad()
 def noise_norm(model, labels: torch.Tensor, timesteps: list[int], seed: int = 0) -> torch.Tensor:
     """Wen et al. (ICLR 2024): per-label norm of eps(x_t, c) - eps(x_t, null), averaged over
     ``timesteps``, at x_t drawn from N(0, I) as at the start of sampling. Memorized prompts give
