@@ -315,13 +315,20 @@ class Policy:
     ) -> list[np.ndarray]:
         """Masks for a dataset: a Config, a data source (bundled name or path), or a dict of
         ``data`` overrides, for a preference (None: the training config's weights). Computes the
-        dataset's descriptor; fine-tunes nothing."""
+        dataset's descriptor; fine-tunes nothing. Splits are sized from the data, as
+        ``apply_policy`` sizes them (16 images: 12 and 4 held out)."""
+        import dataclasses
+
+        from memrl.data import fit_sizes, usable_count
         from memrl.task import Task, make_evaluator, task_config
 
         base = load_config(
             self.config, {"env.tasks": [], "env.store": None, "env.table": None, "env.backend": "inprocess"}
         )
         cfg = source if isinstance(source, Config) else task_config(base, source)
+        if not isinstance(source, Config):
+            sized = fit_sizes(cfg.data, usable_count(cfg.data))
+            cfg = load_config(cfg, {"data": dataclasses.asdict(sized)})
         task = Task(cfg, make_evaluator(base))
         self.check_space(task.space)
         return self.candidates(task.descriptor(), n, preference)
@@ -364,7 +371,9 @@ def load_policy(path: str | Path) -> Policy:
         names = card.get("prior", {}).get("tasks")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise PolicyError(f"{card_file}: a search policy's card lists its prior's tasks; retrain it")
-        prior = TransferPrior.load(prior_path(path), names, 2**k)
+        from memrl.data.descriptor import descriptor_fields
+
+        prior = TransferPrior.load(prior_path(path), names, 2**k, len(descriptor_fields(k)))
     elif card["action_mode"] == "mask":
         act_space = spaces.MultiBinary(k)
     else:

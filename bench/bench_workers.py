@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from memrl.config import load_config
-from memrl.tables import _init_worker, _work
+from memrl.evaluator import _init_worker, _work
 from memrl.task import TaskContext
 
 

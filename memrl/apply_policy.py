@@ -29,7 +29,7 @@ from memrl.cli import run_main
 from memrl.config import Config, dump_config, load_config, parse_overrides
 from memrl.errors import ConfigError, MemrlError
 from memrl.reward import PREFERENCE_FIELDS
-from memrl.utils import atomic_write_text, package_versions, setup_logging
+from memrl.utils import atomic_write_text, folder_lock, package_versions, setup_logging
 
 log = logging.getLogger("memrl.apply_policy")
 
@@ -383,6 +383,11 @@ def apply(args: argparse.Namespace) -> Path:
     from memrl.store import EvaluationStore
     from memrl.task import Task, TaskContext, architecture_space, full_unet, make_evaluator
 
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(
+            f"--steps={args.steps}: the delivered fine-tune needs 1 step or more (0 would deliver the "
+            "untouched base model as if fine-tuned); leave it out for 2 x finetune.steps"
+        )
     if args.budget < 0 or args.candidates < 1 or args.sweep < 0:
         raise ConfigError(
             f"--budget={args.budget}, --candidates={args.candidates}, --sweep={args.sweep}: the budget "
@@ -483,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
-        out = apply(args)
+        with folder_lock(args.out):
+            out = apply(args)
         print(f"results: {out / 'report.md'}")
         return 0
 

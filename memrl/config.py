@@ -406,6 +406,9 @@ def _validate_reward(r: RewardConfig) -> None:
         raise ConfigError(f"reward.noise_span={r.noise_span} must be >= 0 (0 turns it off)")
 
 
+MAX_COUNT = 10**8
+"""The largest step or image count accepted (a 23-digit count would pass as an int and fail mid-run)."""
+
 MAX_BATCH = 4096
 """The largest ``finetune.batch_size`` / ``model.pretrain_batch_size`` accepted (memory)."""
 
@@ -461,8 +464,8 @@ def _validate_env(e: EnvConfig) -> None:
         raise ConfigError(f"env.max_groups={e.max_groups} must be 1 or more (or null for no budget)")
 
 
-def _validate_sizes(cfg: Config) -> None:
-    """Counts and sizes that a run would otherwise fail on after minutes of work."""
+def _validate_counts(cfg: Config) -> None:
+    """Seeds within numpy's range, and step and image counts a run can reach."""
     m = cfg.model
     seeds = {
         "seed": cfg.seed,
@@ -471,8 +474,27 @@ def _validate_sizes(cfg: Config) -> None:
         "model.seed": m.seed,
     }
     for path, value in seeds.items():
-        if value < 0:
-            raise ConfigError(f"{path}={value} must be >= 0 (seeds are non-negative integers)")
+        if not 0 <= value < 2**32:
+            raise ConfigError(f"{path}={value} must be in [0, 2**32) (seeds are non-negative integers)")
+    counts = {
+        "finetune.steps": cfg.finetune.steps,
+        "model.pretrain_steps": m.pretrain_steps,
+        "encoder.steps": cfg.encoder.steps,
+        "sample.steps": cfg.sample.steps,
+        "ppo.total_timesteps": cfg.ppo.total_timesteps,
+        "data.private_size": cfg.data.private_size,
+        "data.heldout_size": cfg.data.heldout_size,
+        "data.duplication": cfg.data.duplication,
+    }
+    for path, value in counts.items():
+        if value > MAX_COUNT:
+            raise ConfigError(f"{path}={value} is more than memrl runs ({MAX_COUNT:,}); lower it")
+
+
+def _validate_sizes(cfg: Config) -> None:
+    """Counts and sizes that a run would otherwise fail on after minutes of work."""
+    m = cfg.model
+    _validate_counts(cfg)
     if any(n <= 0 for n in cfg.ppo.net_arch) or not cfg.ppo.net_arch:
         raise ConfigError(
             f"ppo.net_arch={cfg.ppo.net_arch} must list one or more positive layer widths, e.g. [32, 32]"
@@ -598,6 +620,19 @@ class _ConfigLoader(yaml.SafeLoader):
             anchor = self.peek_event().anchor
             raise ConfigError(f"the YAML uses an alias (*{anchor}); write the values out instead")
         return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(
+                    f"the key {key!r} appears twice (lines {seen[key]} and {line}); YAML would keep only "
+                    "the second, silently dropping the first's fields: merge them into one"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep)
 
 
 def _yaml(text: str) -> Any:

@@ -21,6 +21,8 @@ import numpy as np
 
 from memrl.errors import PolicyError
 
+MAX_PRIOR_VALUE = 1e6
+"""Descriptors and reward terms are of order 1; a prior beyond this was not written by memrl."""
 PRIOR_FEATURES = ("transfer_regret", "transfer_rank", "nearest_regret", "mean_regret")
 """Per-mask scores of :meth:`TransferPrior.features` (0 = the sources' best, 1 = their worst; the
 rank is the mask's place in ``transfer_regret``'s order over the number of masks)."""
@@ -173,8 +175,10 @@ class TransferPrior:
             save_file(tensors, str(tmp))
 
     @classmethod
-    def load(cls, path: Path, names: list[str], masks: int) -> TransferPrior:
-        """Read a prior written by :meth:`save` for ``names`` over ``masks`` masks, checking shapes."""
+    def load(cls, path: Path, names: list[str], masks: int, width: int | None = None) -> TransferPrior:
+        """Read a prior written by :meth:`save` for ``names`` over ``masks`` masks (descriptors of
+        ``width`` entries), checking shapes and values: NaN, infinity and magnitudes no table
+        holds (above :data:`MAX_PRIOR_VALUE`) are refused."""
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
@@ -185,11 +189,20 @@ class TransferPrior:
             descriptors, terms = tensors["descriptors"], tensors["terms"]
         except (SafetensorError, KeyError, OSError, ValueError) as exc:
             raise PolicyError(f"{path}: not a memrl prior ({str(exc)[:120]}); retrain the policy") from None
-        if terms.shape != (len(names), masks, 3) or descriptors.shape[0] != len(names):
+        wide = descriptors.ndim != 2 or (width is not None and descriptors.shape[1] != width)
+        if terms.shape != (len(names), masks, 3) or descriptors.shape[0] != len(names) or wide:
             raise PolicyError(
                 f"{path}: shapes {descriptors.shape} and {terms.shape} do not fit the card's "
-                f"{len(names)} training tasks and {masks} masks; use the prior written with the policy"
+                f"{len(names)} training tasks, {masks} masks and descriptors of {width} entries; use the "
+                "prior written with the policy"
             )
+        for name, values in (("descriptors", descriptors), ("terms", terms)):
+            finite = np.isfinite(values[~np.isnan(values)]) if name == "terms" else np.isfinite(values)
+            if not finite.all() or (np.abs(np.nan_to_num(values)) > MAX_PRIOR_VALUE).any():
+                raise PolicyError(
+                    f"{path}: its {name} hold infinite, NaN or huge values (above {MAX_PRIOR_VALUE:g}); "
+                    "a prior written by memrl holds none: use the prior written with the policy"
+                )
         return cls(list(names), descriptors.astype(float), terms.astype(float))
 
 

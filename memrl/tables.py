@@ -410,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
         ):
             if value is not None and value < least:
                 raise StoreError(f"{flag}={value} must be {least} or more")
+        if store_path.exists() and not store_path.is_file():
+            raise StoreError(
+                f"--store {store_path}: not a regular file (a folder or a device); name a store file"
+            )
         cfg = config_from_args(args)
         if args.command == "build":
             shipped = shipped_dir() / f"{name}.sqlite"

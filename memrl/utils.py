@@ -46,6 +46,49 @@ def cache_dir() -> Path:
 
 
 @contextmanager
+def folder_lock(folder: Path, what: str = "--out") -> Iterator[None]:
+    """Hold ``folder`` for this process (a ``.memrl-lock`` file with its pid): a second memrl
+    process writing the same folder is refused with one line, not left to overwrite its results.
+    A lock left by a process that no longer runs is taken over."""
+    from memrl.errors import MemrlError
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / ".memrl-lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                raise MemrlError(
+                    f"{what} {folder} is being written by another memrl process (pid {pid}); wait for it "
+                    "to finish or choose another folder"
+                ) from None
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
     Raises :class:`~memrl.errors.MemrlError` when ``path`` is a directory."""

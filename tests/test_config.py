@@ -80,7 +80,10 @@ def test_atomic_writes_keep_old_content_on_failure_and_normal_permissions(tmp_pa
         ({"ppo.net_arch": [-5]}, r"ppo\.net_arch=\[-5\]"),
         ({"env.max_groups": 0}, r"env\.max_groups=0 must be 1 or more"),
         ({"env.max_groups": -1}, r"env\.max_groups=-1 must be 1 or more"),
-        ({"seed": -1}, r"seed=-1 must be >= 0"),
+        ({"seed": -1}, r"seed=-1 must be in \[0, 2\*\*32\)"),
+        ({"finetune.steps": 10**22}, r"finetune\.steps=10000000000000000000000 is more than memrl runs"),
+        ({"finetune.checkpoint_every": 2}, r"finetune\.checkpoint_every=2 must be a positive divisor"),
+        ({"metrics.extraction_quantile": 0.7}, r"metrics\.extraction_quantile=0\.7 must be in \[0, 0\.5\]"),
         ({"model.block_out_channels": [7, 13]}, r"model\.block_out_channels=\[7, 13\]: every width"),
         ({"model.attention_head_dim": 0}, r"model\.attention_head_dim.*must be positive"),
         ({"finetune.batch_size": 100000}, r"finetune\.batch_size=100000 must be between 1 and 4096"),
@@ -180,3 +183,34 @@ def test_task_entries_carry_a_name_and_heldout_flag():
     assert len({e.cfg.data.source for e in entries}) >= 4
     faces = next(e for e in entries if e.name == "faces")
     assert faces.cfg.data.source == "faces" and faces.cfg.data.private_size == 48
+
+
+def test_a_section_repeated_in_a_yaml_file_is_refused(tmp_path):
+    """YAML keeps the second of two equal keys, silently dropping the first's fields."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("finetune:\n  steps: 3\ndata:\n  seed: 1\nfinetune:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"the key 'finetune' appears twice \(lines 1 and 5\)"):
+        load_config(path)
+
+
+def test_a_folder_held_by_a_live_process_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    import os
+    import subprocess
+
+    from memrl.errors import MemrlError
+    from memrl.utils import folder_lock
+
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        (tmp_path / ".memrl-lock").write_text(str(sleeper.pid))
+        with pytest.raises(
+            MemrlError, match=f"being written by another memrl process \\(pid {sleeper.pid}\\)"
+        ):
+            with folder_lock(tmp_path):
+                pass
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with folder_lock(tmp_path):  # its process is gone: the lock is stale
+        assert (tmp_path / ".memrl-lock").read_text() == str(os.getpid())
+    assert not (tmp_path / ".memrl-lock").exists()

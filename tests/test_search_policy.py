@@ -237,3 +237,31 @@ def test_the_learned_correction_waits_for_the_first_result():
     assert torch.allclose(trained[0], untrained[0])  # the first pick is always the prior's
     assert int(trained[0].argmax()) == 0
     assert not torch.allclose(trained[1], untrained[1])  # after a result, the correction acts
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ("nan", "hold infinite, NaN or huge values"),
+        ("huge", "hold infinite, NaN or huge values"),
+        ("width", "descriptors of 2 entries"),
+    ],
+)
+def test_a_prior_with_bad_values_or_shape_is_refused(tmp_path, bad, message):
+    from memrl.errors import PolicyError
+
+    prior = toy_prior()
+    descriptors, terms = prior.descriptors.copy(), prior.terms.copy()
+    if bad == "nan":
+        descriptors[0, 0] = np.nan
+    elif bad == "huge":
+        terms[0, 0, 0] = 1e308
+    TransferPrior(prior.names, descriptors, terms).save(tmp_path / "p.safetensors")
+    width = 2 if bad == "width" else 1
+    with pytest.raises(PolicyError, match=message):
+        TransferPrior.load(tmp_path / "p.safetensors", prior.names, prior.terms.shape[1], width)
+    TransferPrior(prior.names, prior.descriptors, prior.terms).save(tmp_path / "ok.safetensors")
+    assert (
+        TransferPrior.load(tmp_path / "ok.safetensors", prior.names, prior.terms.shape[1], 1).names
+        == prior.names
+    )

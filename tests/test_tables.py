@@ -267,6 +267,12 @@ def test_the_transfer_benchmark_runs_every_method_on_the_tables(table, tmp_path)
     assert "| ppo | " in summarise(rows)
     write_rows(rows, tmp_path / "transfer.csv")
     searcher = load_config(bench_cfg, {"env.mode": "search", "env.budget": 2})  # what memrl ships
+    from memrl.errors import MemrlError
+
+    with pytest.raises(MemrlError, match="no transfer.csv here"):  # checked before any training
+        ship(searcher, tmp_path / "ship", tmp_path / "elsewhere")
+    with pytest.raises(MemrlError, match="exists and is not a folder"):
+        ship(searcher, tmp_path / "transfer.csv", tmp_path)
     shipped = load_policy(ship(searcher, tmp_path / "ship", tmp_path))
     assert [t["name"] for t in shipped.card["training_tasks"]] == ["digits-a"]
     first = [r["regret"] for r in rows if r["method"] == "ppo" and r["fine_tunes"] == 1]
@@ -572,6 +578,12 @@ def test_build_flags_out_of_range_are_refused(flag, value, tmp_path):
     assert (
         proc.returncode == 2 and f"{flag}={value} must be" in proc.stderr and "Traceback" not in proc.stderr
     )
+
+
+def test_a_store_that_is_not_a_file_is_refused(tmp_path):
+    for store in ("/dev/zero", str(tmp_path)):
+        proc = run_module("memrl.tables", "status", "--config", "test", "--store", store)
+        assert proc.returncode == 2 and "not a regular file" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize(

@@ -18,14 +18,23 @@ def ship(cfg: Config, out: Path, results: Path) -> Path:
     whose table is complete (see :func:`memrl.train_agent.train`), with uniformly drawn
     preferences; write ``policy.zip`` and its card to ``out``. The card carries the transfer
     benchmark's numbers from ``results/transfer.csv`` (the same recipe, judged leave-one-task-out
-    and on the held-out tasks) when present."""
+    and on the held-out tasks); both paths are checked before any training."""
     import json
     import shutil
     import tempfile
 
     from memrl.agents.policy import card_path, prior_path, read_card
+    from memrl.errors import MemrlError
     from memrl.train_agent import train
     from memrl.utils import atomic_path, atomic_write_text
+
+    if not (results / "transfer.csv").is_file():
+        raise MemrlError(
+            f"--out {results}: no transfer.csv here, so the policy card would ship without its benchmark "
+            "numbers; point --out at the transfer run's results (bench/results/benchmark)"
+        )
+    if out.exists() and not out.is_dir():
+        raise MemrlError(f"--ship-to {out}: exists and is not a folder; name the folder the policy goes to")
 
     ship_cfg = load_config(cfg, {"env.preferences": "uniform", "env.store": None})
     with tempfile.TemporaryDirectory() as tmp:
@@ -33,8 +42,7 @@ def ship(cfg: Config, out: Path, results: Path) -> Path:
         card = read_card(card_path(policy))
         ship_cfg = load_config(card["config"], {"env.store": None})  # without the run's store
         card["config"], card["config_hash"] = ship_cfg.to_dict(), ship_cfg.hash()
-        if (results / "transfer.csv").is_file():
-            card["benchmark"] = transfer_numbers(results / "transfer.csv")
+        card["benchmark"] = transfer_numbers(results / "transfer.csv")
         out.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / "policy.zip") as dest:
             shutil.copyfile(policy, dest)
