@@ -479,8 +479,44 @@ def apply(args: argparse.Namespace) -> Path:
         + (search_section(tried) if searched else "")
         + (sweep_section(sweep) if sweep else "")
     )
-    atomic_write_text(args.out / "report.md", report)
+    resized = resize_figure(str(args.data), final_cfg.data.resolution, args.out / "resized.png")
+    atomic_write_text(args.out / "report.md", report + resized)
     return args.out
+
+
+def resize_figure(source: str, side: int, path: Path) -> str:
+    """When the user's images are resized to the model's resolution: the first of them before and
+    after (``resized.png``) and the report's paragraph saying so; else nothing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from memrl.data.imageset import first_image, resize_images
+    from memrl.report import save_figure
+
+    before = first_image(source)
+    if before is None or before.shape[-2:] == (side, side):
+        return ""
+    after = resize_images(torch.from_numpy(before)[None] * 2 - 1, side)[0]
+    fig, axes = plt.subplots(1, 2, figsize=(5, 2.6))
+    height, width = before.shape[-2:]
+    for ax, image, title in (
+        (axes[0], before, f"as given, {width}x{height} px"),
+        (axes[1], ((after + 1) / 2).numpy(), f"as trained on, {side}x{side} px"),
+    ):
+        shown = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+        ax.imshow(shown, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    save_figure(fig, path)
+    plt.close(fig)
+    return (
+        f"\n**Your images were resized** from {width}x{height} px to the model's {side}x{side} px "
+        "(`data.resolution`): memorization and quality are measured at that size. The first of them, "
+        "before and after:\n\n![resized](resized.png)\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -142,3 +142,15 @@ def test_a_checkpoint_during_a_finetune_does_not_change_it(cfg, ctx):
     checked, _ = finetune(ctx.base, data, prefixes, cfg, checkpoint)
     assert seen == [1, 2, 3, 4]
     assert plain.fingerprint() == checked.fingerprint()
+
+
+def test_the_apply_report_shows_a_resized_image_before_and_after(tmp_path):
+    from memrl.apply_policy import resize_figure
+
+    np.savez(tmp_path / "x.npz", images=(np.arange(5 * 64 * 64) % 251).reshape(5, 64, 64).astype(np.uint8))
+    text = resize_figure(str(tmp_path / "x.npz"), 16, tmp_path / "resized.png")
+    assert "resized** from 64x64 px to the model's 16x16 px" in text and "![resized](resized.png)" in text
+    assert (tmp_path / "resized.png").read_bytes()[:4] == b"\x89PNG"
+    np.savez(tmp_path / "fit.npz", images=np.zeros((5, 16, 16), dtype=np.uint8))
+    assert resize_figure(str(tmp_path / "fit.npz"), 16, tmp_path / "no.png") == ""
+    assert not (tmp_path / "no.png").exists()

@@ -259,6 +259,23 @@ def _read_captions(folder: Path, files: list[Path]) -> list[str] | None:
     return captions
 
 
+def first_image(source: str | Path) -> np.ndarray | None:
+    """The first image of a folder or .npz as given, (C, H, W) floats in [0, 1] (greyscale), before
+    any resize; None for other sources (bundled sets) or when there is none."""
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        return _read_image(files[0], 1) if files else None
+    if path.suffix == ".npz" and path.is_file():
+        images, _ = _npz_arrays(path)
+        if images.ndim == 3:
+            first = images[0]
+        else:
+            first = images[0, 0] if images.shape[1] in (1, 3) else images[0, ..., 0]
+        return ((scale_pixels(np.asarray(first)[None], str(path)) + 1) / 2).numpy()
+    return None
+
+
 def load_folder(folder: str | Path, resolution: int, channels: int = 1, resize: bool = True) -> ImageSet:
     """A folder of images, with one sub-folder per class (labels) or an optional captions.csv."""
     folder = Path(folder)
