@@ -138,7 +138,24 @@ def test_a_curve_table_replays_every_stored_point_on_fixed_references(tmp_path):
     )
     shares = table.grad_share[0, table.masks.index("1000"), 0, 0]
     assert shares[0] == pytest.approx(1.0) and shares[1:].sum() == 0
+    premise = _bench_module("premise")
+    best = premise.best_rewards(table, cfg.reward, 0, 0.5, 0, at=2)
+    assert best["any"] >= max(best["masks@150"], best["ones@any"], best["full@any"])
+    assert best["ones@any"] == pytest.approx(float(np.nanmax(table.rewards(cfg.reward, 0, 0.5)[0, 0])))
+    square = np.array([[0.5, 0.5], [1.0, 0.0], [2.0, 2.0]])
+    assert premise.hypervolume(square) == pytest.approx(1.0 * 1.0 + 0.5 * 0.5)
     with pytest.raises(StoreError, match="steps=5 is not a checkpoint"):
         table.index("tiny", "1111", 5)
     with pytest.raises(StoreError, match="mask '0110' is not in this curve table"):
         table.index("tiny", "0110", 1)
+
+
+def _bench_module(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
