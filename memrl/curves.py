@@ -22,6 +22,7 @@ from memrl.context import TaskContext, full_unet, suite
 from memrl.errors import StoreError
 from memrl.evaluator import make_evaluator
 from memrl.reward import References, Reward
+from memrl.spec import SPEC_VERSION
 from memrl.tables import REFERENCE_STEPS, curve_masks, reference_config
 from memrl.task import NOISE_SEEDS
 
@@ -125,6 +126,14 @@ def load_curves(cfg: Config, metrics: tuple[str, ...] | None = None) -> CurveTab
         "mia_tpr_private",
     )
     evaluator = make_evaluator(cfg)
+    for source in evaluator.tables:
+        version = source.notes().get("provenance", {}).get("memrl_spec_version", SPEC_VERSION)
+        if version != SPEC_VERSION:
+            raise StoreError(
+                f"{source.path}: a curve table of spec version {version}, but this memrl reads version "
+                f"{SPEC_VERSION}; rebuild it (python -m memrl.tables build --config ...) or install the "
+                "memrl it was built with"
+            )
     entries = suite(cfg)
     steps = np.arange(every, cfg.finetune.steps + 1, every)
     k = TaskContext.get(entries[0].cfg).space.k

@@ -159,3 +159,18 @@ def _bench_module(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_a_curve_table_of_another_spec_version_is_named(tmp_path):
+    from memrl.curves import load_curves
+    from memrl.errors import StoreError
+    from memrl.spec import SPEC_VERSION
+    from memrl.store import EvaluationStore
+
+    table = tmp_path / "old.sqlite"
+    EvaluationStore(table).set_note("provenance", {"memrl_spec_version": SPEC_VERSION - 1})
+    cfg = load_config("test", {"finetune.checkpoint_every": 1, "env.table": str(table)})
+    with pytest.raises(StoreError, match=f"a curve table of spec version {SPEC_VERSION - 1}"):
+        load_curves(cfg)
+    with pytest.raises(StoreError, match="records no curves"):
+        load_curves(load_config("test"))
