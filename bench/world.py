@@ -265,15 +265,15 @@ def acceptance(records: list[dict[str, Any]]) -> list[str]:
         for r in records
     )
     resembles = sum(
-        r["curve"][-1]["kid"] < min(r["controls"]["noise"], r["controls"]["constant"]) / RESEMBLES
+        min(c["kid"] for c in r["curve"]) < min(r["controls"]["noise"], r["controls"]["constant"]) / RESEMBLES
         for r in records
     )
     base_clean = sum(r["base"]["near_copy_fraction"] == 0 and r["base"]["extracted"] == 0 for r in records)
     return [
         f"- **Canary copy fraction above {COPY_BAR} at some checkpoint up to 400 steps, mask of ones: "
         f"{count(records)} tasks** ({'; '.join(f'{k} {count(v)}' for k, v in groups.items() if v)}).",
-        f"- Samples after 400 steps resemble the domain (KID below 1/{RESEMBLES:g} of the better of the "
-        f"noise and constant controls' on the task): {resembles} of {len(records)} tasks.",
+        f"- Samples resemble the domain at some checkpoint (KID below 1/{RESEMBLES:g} of the better of "
+        f"the noise and constant controls' on the task): {resembles} of {len(records)} tasks.",
         f"- KID rates pure noise and a constant image at least 5x worse than other real images of the "
         f"source: {controls_ok} of {len(records)} tasks.",
         f"- The base model alone: no near copy and nothing extracted on {base_clean} of "
