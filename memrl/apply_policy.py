@@ -16,6 +16,7 @@ protocol.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -378,6 +379,12 @@ def write_split(path: Path, source: str, splits: Any) -> None:
 
 
 def apply(args: argparse.Namespace) -> Path:
+    """Propose, deliver and report; ``--out`` is held (locked) from the moment it is created."""
+    with contextlib.ExitStack() as stack:
+        return _apply(args, stack)
+
+
+def _apply(args: argparse.Namespace, stack: contextlib.ExitStack) -> Path:
     from memrl.agents.policy import load_policy, shipped_policy
     from memrl.data import fit_sizes, usable_count
     from memrl.store import EvaluationStore
@@ -412,7 +419,7 @@ def apply(args: argparse.Namespace) -> Path:
     task = Task(search_cfg, make_evaluator(search_cfg), name=str(args.data))
     policy.check_space(task.space)
     preference = user_preference(args, policy)
-    args.out.mkdir(parents=True, exist_ok=True)
+    stack.enter_context(folder_lock(args.out))
     mask, tried = choose_mask(policy, task, args.candidates, args.budget, preference)
     searched = policy.card["action_mode"] == "search" and args.budget > 0
     if searched:
@@ -524,8 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
-        with folder_lock(args.out):
-            out = apply(args)
+        out = apply(args)
         print(f"results: {out / 'report.md'}")
         return 0
 

@@ -81,7 +81,7 @@ GATE_METRICS = (
 
 def parse_gates(items: list[str]) -> dict[str, float]:
     """``["mia_auc=0.6"]`` -> ``{"mia_auc": 0.6}``, each metric one of :data:`GATE_METRICS`."""
-    gates = {}
+    gates: dict[str, float] = {}
     for item in items:
         name, _, value = item.partition("=")
         try:
@@ -580,10 +580,12 @@ def audit(args: argparse.Namespace) -> int:
 
     gates = check_args(args)
     cfg: Config = config_from_args(args)
-    train = load_images(args.train, cfg, "train") if args.train is not None else None
-    heldout = load_images(args.heldout, cfg, "heldout") if args.heldout is not None else None
+    given_train = load_images(args.train, cfg, "train") if args.train is not None else None
+    given_heldout = load_images(args.heldout, cfg, "heldout") if args.heldout is not None else None
     if args.from_ is not None:
-        train, heldout = from_record(args.from_, cfg, train, heldout)
+        train, heldout = from_record(args.from_, cfg, given_train, given_heldout)
+    else:  # check_args made sure both were given
+        train, heldout = given_train, given_heldout
     check_inputs(train, heldout, args.fpr)
     model = load_audited(args.model, cfg, args.base, [train, heldout])
     reference = load_audited(args.reference, cfg, args.base, [train, heldout]) if args.reference else None

@@ -189,7 +189,8 @@ class TransferPrior:
             descriptors, terms = tensors["descriptors"], tensors["terms"]
         except (SafetensorError, KeyError, OSError, ValueError) as exc:
             raise PolicyError(f"{path}: not a memrl prior ({str(exc)[:120]}); retrain the policy") from None
-        wide = descriptors.ndim != 2 or (width is not None and descriptors.shape[1] != width)
+        checked = width is not None and len(names) > 0  # an empty prior has no descriptor columns
+        wide = descriptors.ndim != 2 or (checked and descriptors.shape[1] != width)
         if terms.shape != (len(names), masks, 3) or descriptors.shape[0] != len(names) or wide:
             raise PolicyError(
                 f"{path}: shapes {descriptors.shape} and {terms.shape} do not fit the card's "

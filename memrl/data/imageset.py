@@ -173,7 +173,7 @@ def resize_images(images: torch.Tensor, resolution: int) -> torch.Tensor:
     ).clamp(-1, 1)
 
 
-def report_resize(where: str | Path, sizes: list[tuple[int, int]], resolution: int) -> None:
+def report_resize(where: str | Path, sizes: list[tuple[int, ...]], resolution: int) -> None:
     """Say on one line (a warning) when images are resized to the model's resolution."""
     changed = [hw for hw in sizes if hw != (resolution, resolution)]
     if not changed:
