@@ -246,6 +246,11 @@ def test_apply_policy_sizes_the_splits_from_a_small_dataset(run_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "result.json").read_text())
     assert (result["images"], result["heldout"], result["finetuned_on"]) == (16, 4, 12)
+    from memrl.agents import load_policy
+
+    assert load_policy(run_dir / "policy.zip").propose(str(small))[0].shape == (4,)  # as the CLI takes
+    zero = run("memrl.apply_policy", "--policy", str(run_dir), "--data", str(small), "--steps", "0")
+    assert zero.returncode == 2 and "--steps=0" in zero.stderr and "Traceback" not in zero.stderr
     np.savez(tmp_path / "seven.npz", images=np.zeros((7, 8, 8), np.uint8))
     proc = run(
         "memrl.apply_policy",
