@@ -677,8 +677,8 @@ def why_passed(result: dict[str, Any], gates: dict[str, float], fpr: float) -> s
         f"passed on average-case figures only ({', '.join(gates)}): no gate names a worst-case figure. "
         f"TPR at {fpr:g} FPR is {result['mia_tpr']:.3f} (PIA {result['mia_tpr_pia']:.3f}), "
         f"{result['extracted']:.0f} images extracted, near copies {result['near_copy_fraction']:.3f}: "
-        "a few memorized images in a large set barely move the AUC; gate on them too, e.g. "
-        f"--fail-above mia_tpr={min(0.5, 2 * fpr):g} extracted=0"
+        "a few memorized images in a large set barely move the AUC; gate on them too, on the "
+        f"interval's lower bound, e.g. --fail-above mia_tpr={min(0.5, 2 * fpr):g} extracted=0 --gate-on lower"
     )
 
 
