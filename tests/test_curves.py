@@ -174,3 +174,31 @@ def test_a_curve_table_of_another_spec_version_is_named(tmp_path):
         load_curves(cfg)
     with pytest.raises(StoreError, match="records no curves"):
         load_curves(load_config("test"))
+
+
+def test_the_shipped_curve_table_rows_rehash_and_read_back():
+    """Rows of memrl/assets/tables/bench3.sqlite (built across sessions) are keyed exactly as this
+    memrl keys them, on the fingerprints this machine computes, and carry whole curves."""
+    import json as _json
+
+    from memrl.context import TaskContext
+    from memrl.spec import EvalSpec
+    from memrl.store import EvaluationStore
+    from memrl.tables import shipped_dir
+
+    path = shipped_dir() / "bench3.sqlite"
+    if not path.is_file():
+        pytest.skip("no curve table shipped yet")
+    rows = EvaluationStore(path, readonly=True)
+    with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True) as db:
+        sample = db.execute(
+            "SELECT spec_hash, spec, curve FROM evaluations ORDER BY spec_hash LIMIT 4"
+        ).fetchall()
+    assert sample and "provenance" in rows.notes()
+    for spec_hash, text, curve in sample:
+        spec = EvalSpec.from_json(text)
+        assert spec.hash == spec_hash
+        assert TaskContext.get(spec.to_config()).fingerprints == spec.fingerprints
+        if spec.settings["finetune"].get("checkpoint_every"):
+            points = _json.loads(curve)
+            assert [p["step"] for p in points] == list(range(25, 401, 25))
