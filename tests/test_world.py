@@ -154,3 +154,17 @@ def test_the_apply_report_shows_a_resized_image_before_and_after(tmp_path):
     np.savez(tmp_path / "fit.npz", images=np.zeros((5, 16, 16), dtype=np.uint8))
     assert resize_figure(str(tmp_path / "fit.npz"), 16, tmp_path / "no.png") == ""
     assert not (tmp_path / "no.png").exists()
+
+
+def test_a_link_to_a_device_among_the_images_is_skipped_with_a_warning(tmp_path, caplog):
+    from PIL import Image
+
+    from memrl.data import load_folder
+
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    with caplog.at_level(logging.WARNING):
+        images = load_folder(tmp_path, 8)
+    assert len(images) == 3 and images.files == ["0.png", "1.png", "2.png"]
+    assert any("skipped 1 entries" in r.getMessage() and "zero.png" in r.getMessage() for r in caplog.records)
