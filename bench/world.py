@@ -186,6 +186,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def exposure(r: dict[str, Any], steps: int = 400, batch: int = 32) -> float:
+    """How often each canary is drawn by ``steps`` steps (uniform draws from the fine-tune set)."""
+    size = r["private"] + r["canaries"] * (r["duplication"] - 1)
+    return steps * batch * r["duplication"] / size
+
+
 def _fmt(v: float, digits: int = 2) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
@@ -195,10 +201,11 @@ def report(args: argparse.Namespace) -> int:
     order = [e.name for e in suite(load_config(args.config))]
     records.sort(key=lambda r: order.index(r["task"]) if r["task"] in order else len(order))
     lines = [
-        "| task | split | images | canaries x dup | base: near copies / extracted "
-        "| peak canary copies (step) | near copies there | extracted there | KID base / 400 "
+        "| task | split | images | canaries x dup | canary draws by 400 steps "
+        "| base: near copies / extracted | peak canary copies (step) | near copies there "
+        "| extracted there | KID base / 400 "
         "| KID real / noise / constant | copies > 0.1 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     passed = 0
     for r in records:
@@ -211,7 +218,7 @@ def report(args: argparse.Namespace) -> int:
         lines.append(
             f"| [{r['task']}](world/{r['task']}.png) | {'held out' if r['heldout'] else 'training'} "
             f"| {kind}, "
-            f"{r['private']} | {r['canaries']} x {r['duplication']} | "
+            f"{r['private']} | {r['canaries']} x {r['duplication']} | {exposure(r):,.0f} | "
             f"{_fmt(r['base']['near_copy_fraction'])} / {r['base']['extracted']:.0f} | "
             f"{_fmt(peak['canary_copy_fraction'])} ({peak['step']}) | {_fmt(peak['near_copy_fraction'])} | "
             f"{peak['extracted']:.0f} | {_fmt(r['base']['kid'], 4)} / {_fmt(curve[-1]['kid'], 4)} | "
