@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from memrl.config import Config, load_config
-from memrl.data.descriptor import DESCRIPTOR_VERSION, descriptor_fields
+from memrl.descriptor import DESCRIPTOR_VERSION, descriptor_fields
 from memrl.episode import (
     SearchHistory,
     all_masks,
@@ -371,7 +371,7 @@ def load_policy(path: str | Path) -> Policy:
         names = card.get("prior", {}).get("tasks")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise PolicyError(f"{card_file}: a search policy's card lists its prior's tasks; retrain it")
-        from memrl.data.descriptor import descriptor_fields
+        from memrl.descriptor import descriptor_fields
 
         prior = TransferPrior.load(prior_path(path), names, 2**k, len(descriptor_fields(k)))
     elif card["action_mode"] == "mask":

@@ -13,7 +13,7 @@ import numpy as np
 from gymnasium import spaces
 
 from memrl.config import Config, load_config
-from memrl.data.descriptor import descriptor_fields
+from memrl.descriptor import descriptor_fields
 from memrl.episode import (
     MAX_SEARCH_GROUPS,
     SearchHistory,
@@ -73,7 +73,7 @@ class MemControlEnv(gym.Env):
 
     ## Observation Space
     ``Box`` of the dataset descriptor (version 2: 17 + 2K values, see
-    ``memrl.data.descriptor.descriptor_fields``, each roughly in [0, 1]) and the episode's
+    ``memrl.descriptor.descriptor_fields``, each roughly in [0, 1]) and the episode's
     preference (3 reward weights: ``memrl.reward.PREFERENCE_FIELDS``); sequential mode appends the
     partial mask (K) and a one-hot of the current group (K). Search mode observes instead
     ``memrl.episode.SEARCH_GLOBALS`` and, for every mask, ``CANDIDATE_FEATURES``: the training

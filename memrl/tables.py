@@ -162,7 +162,7 @@ def rekey(store_path: Path) -> int:
     again; a row whose key is already current is left alone. Atomic: the store is rewritten in one
     transaction. Returns the rows re-keyed."""
     from memrl.data import load_splits
-    from memrl.data.descriptor import descriptor_key
+    from memrl.descriptor import descriptor_key
 
     EvaluationStore(store_path)  # checks it is a sound, writable store
     new_data: dict[str, str] = {}

@@ -27,6 +27,7 @@ from memrl.context import (  # noqa: F401  (re-exported: memrl.task was their ho
     suite,
     task_config,
 )
+from memrl.descriptor import describe, descriptor_key
 from memrl.evaluator import Evaluator, make_evaluator  # noqa: F401  (re-exported)
 from memrl.reward import TERMS, References, Reward
 from memrl.search_space import SearchSpace
@@ -201,14 +202,10 @@ class Task:
         return Outcome(mask, float(reward_cfg.failure_penalty), evaluation, terms, error)
 
     def descriptor_key(self) -> str:
-        from memrl.data.descriptor import descriptor_key
-
         return descriptor_key(self.context.fingerprints)
 
     def descriptor(self) -> np.ndarray:
         """The dataset descriptor (stored beside the evaluations, so replay computes nothing)."""
-        from memrl.data.descriptor import describe
-
         if self._descriptor is None:
             key = self.descriptor_key()
             found = self.evaluator.descriptor(key)

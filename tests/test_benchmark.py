@@ -126,7 +126,7 @@ def test_from_scratch_samplers_draw_differently_on_each_task_and_alike_on_a_reru
 
 
 def test_gradient_top_g_picks_the_most_sensitive_groups_with_g_chosen_on_training_tasks(table):
-    from memrl.data.descriptor import descriptor_fields, family_slices
+    from memrl.descriptor import descriptor_fields, family_slices
 
     gradient = family_slices(2)["gradient"]
     descriptors = np.zeros((3, len(descriptor_fields(2))))

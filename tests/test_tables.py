@@ -190,7 +190,7 @@ def test_every_shipped_row_is_keyed_by_the_data_fingerprint_this_machine_compute
 def test_rekey_finds_rows_keyed_by_an_older_data_fingerprint_again(table, tmp_path):
     """Rows (and descriptors) keyed by a stale data fingerprint get the current one; a current row
     is left alone, so a second run moves nothing."""
-    from memrl.data.descriptor import DESCRIPTOR_VERSION
+    from memrl.descriptor import DESCRIPTOR_VERSION
     from memrl.spec import EvalSpec
     from memrl.utils import stable_hash
 

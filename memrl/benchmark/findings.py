@@ -176,7 +176,7 @@ def descriptor_ablation(table: Any) -> list[str]:
     and with each family removed."""
     from memrl.benchmark.methods import nearest_task
     from memrl.benchmark.table import SPLITS, split_folds
-    from memrl.data.descriptor import family_slices
+    from memrl.descriptor import family_slices
 
     k = table.masks.shape[1]
     variants = {"all families": None, **{f"without {f}": s for f, s in family_slices(k).items()}}

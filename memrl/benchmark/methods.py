@@ -10,7 +10,7 @@ import numpy as np
 
 from memrl.benchmark.table import BenchTable, mask_index
 from memrl.config import Config, load_config
-from memrl.data.descriptor import descriptor_fields, family_slices
+from memrl.descriptor import descriptor_fields, family_slices
 from memrl.prior import KNN, TransferPrior
 
 

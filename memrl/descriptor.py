@@ -27,8 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from memrl.metrics.memorization import denoising_loss
+from memrl.training import noise_scheduler
+from memrl.utils import stable_hash
+
 if TYPE_CHECKING:
-    from memrl.task import TaskContext
+    from memrl.context import TaskContext
 
 DESCRIPTOR_VERSION = 2
 LOSS_BANDS = (50, 250, 500, 750)
@@ -54,7 +58,6 @@ FAMILIES: dict[str, tuple[str, ...]] = {
 def descriptor_key(fingerprints: dict[str, str]) -> str:
     """Where a task's descriptor is stored: its fingerprints (data, base model, search space) and
     :data:`DESCRIPTOR_VERSION`."""
-    from memrl.utils import stable_hash
 
     return stable_hash([fingerprints, DESCRIPTOR_VERSION])
 
@@ -133,7 +136,6 @@ def pixel_features(private: torch.Tensor, heldout: torch.Tensor, base: torch.Ten
 
 def _loss(model, images: torch.Tensor, labels: torch.Tensor | None, timesteps: list[int]) -> torch.Tensor:
     """Mean epsilon-prediction MSE at ``timesteps`` with seeded noise (with a graph)."""
-    from memrl.training import noise_scheduler
 
     sched = noise_scheduler(model)
     g = torch.Generator().manual_seed(0)
@@ -177,7 +179,6 @@ def gradient_sensitivity(ctx: TaskContext, images: torch.Tensor, labels: torch.T
 
 def describe(ctx: TaskContext) -> np.ndarray:
     """The descriptor of ``ctx``'s private set (computed with its base model; no fine-tune)."""
-    from memrl.metrics.memorization import denoising_loss
 
     splits = ctx.splits
     private = splits.private
