@@ -18,11 +18,11 @@ import torch
 from memrl.context import TaskContext
 from memrl.errors import SpecError
 from memrl.spec import EvalSpec, Evaluation
+from memrl.training import FinetuneResult
 from memrl.utils import package_versions
 
 if TYPE_CHECKING:
     from memrl.models import DiffusionModel
-    from memrl.training import FinetuneResult
 
 
 def sample_labels(ctx: TaskContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,7 +192,7 @@ class CurveRecorder:
                 self._sums[i] += sum(float(p.grad.square().sum()) for p in params if p.grad is not None)
         if n % self.every == 0 and n < self.steps:
             if n in self.sample_at:
-                metrics = score_model(model, self.ctx, self.mask, _snapshot()).metrics
+                metrics = score_model(model, self.ctx, self.mask, FinetuneResult()).metrics
             else:
                 metrics = loss_metrics(model, self.ctx)
             self.points.append({"step": n, **metrics, "grad_share": self.grad_share()})
@@ -201,12 +201,6 @@ class CurveRecorder:
     def curve(self, final: Evaluation) -> list[dict[str, Any]]:
         """The checkpoints, then the final step (``final``'s metrics)."""
         return [*self.points, {"step": self.steps, **final.metrics, "grad_share": self.grad_share()}]
-
-
-def _snapshot() -> FinetuneResult:
-    from memrl.training import FinetuneResult
-
-    return FinetuneResult()
 
 
 def finetune_and_score(ctx: TaskContext, mask: np.ndarray) -> tuple[DiffusionModel, Evaluation]:
