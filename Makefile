@@ -26,13 +26,14 @@ test: install
 test-slow: install
 	$(PY) -m pytest -q -m slow
 
-# mypy checks envs/ and agents/ as the memrl.envs and memrl.agents users import: a tree of links in
+# mypy checks envs/ and agents/ as the memrl.envs and memrl.agents users import (and research/): a tree of links in
 # build/typecheck lays them out as the installed package does (pyproject's package-dir).
 lint: install
 	$(VENV)/bin/ruff check .
 	rm -rf build/typecheck && mkdir -p build/typecheck/memrl
 	ln -s $(CURDIR)/memrl/* $(CURDIR)/agents $(CURDIR)/envs build/typecheck/memrl/
-	cd build/typecheck && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p memrl
+	ln -s $(CURDIR)/research build/typecheck/research
+	cd build/typecheck && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p memrl -p research
 
 bench: install
 	$(PY) bench/bench_finetune.py

@@ -225,7 +225,8 @@ class Policy:
                 + "); use the base model, search.granularity and search.method it was trained with"
             )
 
-    def _probabilities(self, obs: np.ndarray) -> np.ndarray:
+    def probabilities(self, obs: np.ndarray) -> np.ndarray:
+        """The action probabilities at observation ``obs`` (per group, or per mask for a search policy)."""
         with torch.no_grad():
             dist = self.network.get_distribution(torch.as_tensor(obs[None], dtype=torch.float32))
             return dist.distribution.probs[0].numpy()
@@ -237,7 +238,7 @@ class Policy:
 
     def _ranked_masks(self, obs: np.ndarray, n: int) -> list[np.ndarray]:
         """The ``n`` most probable masks of a MultiBinary policy at ``obs``, best first."""
-        p = np.clip(self._probabilities(obs), 1e-6, 1 - 1e-6)
+        p = np.clip(self.probabilities(obs), 1e-6, 1 - 1e-6)
         if self.k <= 16:
             masks = np.array(list(itertools.product((0, 1), repeat=self.k)), dtype=np.int8)
             logp = masks @ np.log(p) + (1 - masks) @ np.log(1 - p)
@@ -255,16 +256,17 @@ class Policy:
         search policy: its first step, before any result (the zero-shot proposal)."""
         if self.card["action_mode"] == "search":
             observation = SearchHistory(self.k, self.budget).observation(
-                self.preference(preference), self._prior_features(descriptor, preference)
+                self.preference(preference), self.prior_features(descriptor, preference)
             )
-            order = np.argsort(-self._probabilities(observation), kind="stable")[:n]
+            order = np.argsort(-self.probabilities(observation), kind="stable")[:n]
             return [all_masks(self.k)[i] for i in order]
         first = head(descriptor, self.preference(preference))
         if self.card["action_mode"] == "mask":
             return self._ranked_masks(first, n)
         return [self._rollout(first)][:n]
 
-    def _prior_features(self, descriptor: np.ndarray, preference: Any) -> np.ndarray:
+    def prior_features(self, descriptor: np.ndarray, preference: Any) -> np.ndarray:
+        """What a search policy's prior says about every mask for this dataset and preference."""
         if self.prior is None:
             raise PolicyError("this search policy has no prior (policy.prior.safetensors); retrain it")
         return self.prior.features(descriptor, self.preference(preference))
@@ -272,37 +274,26 @@ class Policy:
     def search(
         self,
         descriptor: np.ndarray,
-        evaluate: Callable[[np.ndarray], tuple[float, float, float]],
+        oracle: Any,
         budget: int,
         preference: Any = None,
-        references: tuple[float, float] | None = None,
-        zero_history: bool = False,
-    ) -> SearchHistory:
-        """Run a search policy for ``budget`` masks: each step takes the most probable mask not
-        tried yet, ``evaluate(mask)`` returns its (reward, memorization term, quality term), and
-        the next observation shows every result so far. ``references``: the rewards of no
-        fine-tune and of the mask of ones (a live search evaluates them first). Returns the
-        history (masks in order, rewards, terms)."""
-        if self.card["action_mode"] != "search":
-            raise PolicyError("this policy was not trained to search (env.mode=search); retrain it")
-        weights = self.preference(preference)
-        prior = self._prior_features(descriptor, preference)
-        history = SearchHistory(self.k, budget, references)
-        if self.prior is not None:
-            history.sources = self.prior.weighted_sources(descriptor, weights)
-        masks = all_masks(self.k)
-        for _ in range(min(budget, len(masks))):
-            probabilities = self._probabilities(history.observation(weights, prior, zero_history))
-            mask = masks[int(np.argmax(probabilities))]  # tried masks have probability 0
-            history.add(mask, *evaluate(mask))
-        return history
+        on_result: Callable[[Any], None] | None = None,
+    ) -> Any:
+        """Run this search policy for ``budget`` fine-tunes on ``oracle`` (a
+        :class:`memrl.searchers.TaskOracle` or :class:`~memrl.searchers.TableOracle`): each mask
+        the most probable one not tried yet after every result so far. Returns the
+        :class:`~memrl.searchers.History`."""
+        from memrl.searchers import Knowledge, SearchPolicySearcher, run
+
+        knowledge = Knowledge(self.k, self.preference(preference), budget=budget, descriptor=descriptor)
+        return run(SearchPolicySearcher(self, knowledge), oracle, budget, on_result=on_result)
 
     def _rollout(self, first: np.ndarray) -> np.ndarray:
         """Sequential policies: walk the groups, taking the most probable action each time."""
         mask = np.zeros(self.k, dtype=np.int8)
         budget = self.card.get("max_groups")
         for position in range(self.k):
-            action = int(np.argmax(self._probabilities(sequential_observation(first, mask, position))))
+            action = int(np.argmax(self.probabilities(sequential_observation(first, mask, position))))
             if action == 2:
                 break
             mask[position] = action

@@ -1,4 +1,4 @@
-"""What one fold of ``python -m memrl.benchmark transfer`` costs, and a digest of its rows.
+"""What one fold of ``python -m research.benchmark transfer`` costs, and a digest of its rows.
 
 One fold: the held-out tasks' training set (every training task), seed 0, the one-shot PPO
 policies (10,000 episodes, with and without the descriptor), the untrained search policy and its
@@ -18,9 +18,9 @@ import json
 import pstats
 import time
 
-from memrl.benchmark.experiments import BUDGETS, transfer_fold
-from memrl.benchmark.table import load_table, split_folds
 from memrl.config import load_config
+from research.benchmark.experiments import BUDGETS, transfer_fold
+from research.benchmark.folds import load_table, split_folds
 
 
 def main() -> None:

@@ -28,8 +28,8 @@ fi
 $PY -m memrl.tables export
 $PY -m pytest -q tests/test_tables.py -k shipped
 
-$PY -m memrl.benchmark findings --out "$OUT"
-$PY -m memrl.benchmark tune --method ppo-search --n-seeds 2 --out "$OUT" $(parts tune)
+$PY -m research.benchmark findings --out "$OUT"
+$PY -m research.benchmark tune --method ppo-search --n-seeds 2 --out "$OUT" $(parts tune)
 
 # tune's choice must be what configs/bench.yaml trains: the shipped policy and the transfer
 # benchmark's search policy both take their length from ppo.total_timesteps (episodes x budget)
@@ -46,5 +46,5 @@ if [[ $((episodes * budget)) != "$have_steps" ]] || ! $PY -c "import sys; sys.ex
   exit 1
 fi
 
-$PY -m memrl.benchmark transfer --n-seeds 10 --out "$OUT" $(parts transfer)
-$PY -m memrl.benchmark ship --out "$OUT"
+$PY -m research.benchmark transfer --n-seeds 10 --out "$OUT" $(parts transfer)
+$PY -m research.benchmark ship --out "$OUT"

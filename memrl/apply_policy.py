@@ -30,6 +30,7 @@ from memrl.cli import run_main
 from memrl.config import Config, dump_config, load_config, parse_overrides
 from memrl.errors import ConfigError, MemrlError
 from memrl.reward import PREFERENCE_FIELDS
+from memrl.searchers import spec_of
 from memrl.utils import atomic_write_text, folder_lock, package_versions, setup_logging
 
 log = logging.getLogger("memrl.apply_policy")
@@ -73,6 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fine-tunes to search with: a search policy chooses each after seeing the results so far "
         "(after evaluating the two references); another policy evaluates its top candidates. 0: the "
         "policy's zero-shot proposal",
+    )
+    parser.add_argument(
+        "--searcher",
+        default="policy",
+        help="with --budget: the search method (memrl.searchers; default the policy itself). Methods that "
+        "transfer (portfolio, gp-prior, ...) read the training tasks' tables from the policy's prior",
     )
     parser.add_argument(
         "--steps", type=int, default=None, help="final fine-tune steps (default: 2 x finetune.steps)"
@@ -122,44 +129,51 @@ def user_preference(args: argparse.Namespace, policy: Any) -> np.ndarray:
 
 
 def live_search(
-    policy: Any, task: Any, budget: int, preference: np.ndarray
+    policy: Any, task: Any, budget: int, preference: np.ndarray, searcher: str = "policy"
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """A search policy run live: the two references first (no fine-tune, mask of ones), then
-    ``budget`` fine-tunes, each chosen after seeing every result so far and printed as it
+    """A search run live with registered ``searcher`` (default: the search policy itself): the two
+    references first (no fine-tune, mask of ones), then ``budget`` fine-tunes, each printed as it
     finishes. Returns the best mask and the trace."""
     from memrl.reward import with_preference
+    from memrl.searchers import Knowledge, TaskOracle, make_searcher, run
 
-    reward = with_preference(task.cfg.reward, preference)
-    references = task.reference_rewards(reward)
-    baseline = max(references)
     trace: list[dict[str, Any]] = []
 
-    def evaluate(mask: np.ndarray) -> tuple[float, float, float]:
-        outcome = task.score(mask, reward)
-        value = outcome.reward if outcome.ok else -np.inf
-        best = max([baseline, value, *(t["reward"] for t in trace)])
+    def report(history: Any) -> None:
+        trial, result = history.trials[-1], history.results[-1]
+        best = max([history.baseline, *(r.reward for r in history.results)])
         trace.append(
             {
-                "mask": mask.tolist(),
-                "reward": float(value),
-                "ok": outcome.ok,
+                "mask": trial.mask.tolist(),
+                "reward": result.reward,
+                "ok": result.ok,
                 "best_so_far": float(best),
-                **{k: outcome.terms.get(k, float("nan")) for k in ("memorization_term", "quality_term")},
+                "memorization_term": result.memorization,
+                "quality_term": result.quality,
             }
         )
-        t = trace[-1]
         print(
-            f"fine-tune {len(trace)}/{budget}: mask {''.join(map(str, mask))} reward {value:+.3f} "
-            f"(memorization {t['memorization_term']:.3f}, quality {t['quality_term']:.3f}); best so far "
-            f"{best:+.3f}",
+            f"fine-tune {len(trace)}/{budget}: mask {''.join(map(str, trial.mask))} "
+            f"reward {result.reward:+.3f} (memorization {result.memorization:.3f}, "
+            f"quality {result.quality:.3f}); best so far {best:+.3f}",
             flush=True,
         )
-        return float(value), t["memorization_term"], t["quality_term"]
 
-    history = policy.search(task.descriptor(), evaluate, budget, preference, references=references)
+    knowledge = Knowledge(
+        k=task.space.k,
+        preference=policy.preference(preference),
+        seed=task.cfg.seed,
+        budget=budget,
+        group_names=list(task.space.names),
+        descriptor=task.descriptor(),
+        prior=policy.prior,
+        policy=policy,
+    )
+    oracle = TaskOracle(task, with_preference(task.cfg.reward, preference))
+    history = run(make_searcher(searcher, knowledge), oracle, budget, on_result=report)
     best = history.best_index()
-    if best is None or history.rewards[best] < baseline:
-        log.warning("no searched mask beat the better reference; delivering the policy's first mask")
+    if best is None or history.results[best].reward < history.baseline:
+        log.warning("no searched mask beat the better reference; delivering the first mask searched")
         return history.masks[0], trace
     return history.masks[best], trace
 
@@ -187,16 +201,21 @@ def plot_search(trace: list[dict[str, Any]], baseline_note: str, path: Path) -> 
     plt.close(fig)
 
 
+def searches(policy: Any, budget: int, searcher: str) -> bool:
+    """Whether ``choose_mask`` runs a live search (else the policy's candidates are scored)."""
+    return budget > 0 and (searcher != "policy" or policy.card["action_mode"] == "search")
+
+
 def choose_mask(
-    policy: Any, task: Any, candidates: int, budget: int, preference: np.ndarray
+    policy: Any, task: Any, candidates: int, budget: int, preference: np.ndarray, searcher: str = "policy"
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """The policy's best mask for ``preference``: its zero-shot proposal at budget 0; a search
-    policy's best mask after ``budget`` live fine-tunes; another policy's best-rewarded top
-    candidate."""
+    """The best mask for ``preference``: the policy's zero-shot proposal at budget 0; after
+    ``budget`` live fine-tunes, the best that ``searcher`` found (a search policy searches itself);
+    for another policy, its best-rewarded top candidate."""
     from memrl.reward import with_preference
 
-    if budget > 0 and policy.card["action_mode"] == "search":
-        return live_search(policy, task, budget, preference)
+    if searches(policy, budget, searcher):
+        return live_search(policy, task, budget, preference, searcher)
     masks = policy.candidates(task.descriptor(), max(candidates, 1), preference)
     if budget <= 0 or len(masks) == 1:
         return masks[0], []
@@ -400,6 +419,7 @@ def _apply(args: argparse.Namespace, stack: contextlib.ExitStack) -> Path:
             f"--budget={args.budget}, --candidates={args.candidates}, --sweep={args.sweep}: the budget "
             "and sweep must be 0 or more and the candidates 1 or more"
         )
+    spec_of(args.searcher)  # an unknown name fails before any work
     if args.policy is None:
         args.policy = shipped_policy()
     policy = load_policy(args.policy)
@@ -420,8 +440,8 @@ def _apply(args: argparse.Namespace, stack: contextlib.ExitStack) -> Path:
     policy.check_space(task.space)
     preference = user_preference(args, policy)
     stack.enter_context(folder_lock(args.out))
-    mask, tried = choose_mask(policy, task, args.candidates, args.budget, preference)
-    searched = policy.card["action_mode"] == "search" and args.budget > 0
+    mask, tried = choose_mask(policy, task, args.candidates, args.budget, preference, args.searcher)
+    searched = searches(policy, args.budget, args.searcher)
     if searched:
         plot_search(tried, f"search on {args.data}: {args.budget} fine-tunes", args.out / "search.png")
     sweep = preference_sweep(policy, task, args.sweep, args.out) if args.sweep > 0 else []

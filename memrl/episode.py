@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from memrl.gp import calibrated_posterior, expected_improvement, posterior
 from memrl.prior import PRIOR_FEATURES, agreement_regret, all_masks, portfolio_regret
 from memrl.reward import PREFERENCE_FIELDS
 
@@ -63,10 +64,6 @@ CANDIDATE_FEATURES = (
 )
 """What a search observation shows about each candidate mask (one row per mask, counting order)."""
 TRIED = CANDIDATE_FEATURES.index("tried")
-LENGTHSCALE = 0.25
-"""The posterior's kernel: exp(-Hamming distance / (LENGTHSCALE * K))."""
-NOISE = 0.05
-"""The posterior's noise variance, in units of the observed rewards' spread."""
 CLIP = 10.0
 """Bound of the calibrated features (results' spread units; the observation space's bound)."""
 PORTFOLIO_STEPS = 2
@@ -86,59 +83,6 @@ def portfolio_step(tried: int, sources: tuple[np.ndarray, np.ndarray] | None) ->
 def search_observation_size(k: int) -> int:
     """Length of a search-mode observation for ``k`` groups."""
     return len(SEARCH_GLOBALS) + 2**k * len(CANDIDATE_FEATURES)
-
-
-def posterior(
-    observed: np.ndarray, values: np.ndarray, candidates: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Gaussian-process mean and standard deviation of every candidate given the observed masks'
-    values (already standardised; Hamming-distance exponential kernel, :data:`NOISE`)."""
-    k = candidates.shape[1]
-
-    def kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        hamming = np.abs(a[:, None, :].astype(float) - b[None, :, :]).sum(axis=2)
-        return np.exp(-hamming / (LENGTHSCALE * k))
-
-    gram = kernel(observed, observed) + NOISE * np.eye(len(observed))
-    cross = kernel(candidates, observed)
-    chol = np.linalg.cholesky(gram)
-    alpha = np.linalg.solve(chol.T, np.linalg.solve(chol, values))
-    v = np.linalg.solve(chol, cross.T)
-    variance = np.clip(1.0 - (v**2).sum(axis=0), 1e-9, None)
-    return cross @ alpha, np.sqrt(variance)
-
-
-def calibrated_posterior(
-    prior_regret: np.ndarray, observed: list[int], values: np.ndarray, candidates: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """Posterior of every candidate's reward with what transfers as its prior mean: an affine map
-    from the prior's regret (:meth:`memrl.prior.TransferPrior.transfer_regret`) to reward, fitted on the
-    ``observed`` candidates' ``values`` (slope never negative: low prior regret never predicts a
-    low reward), and :func:`posterior` on the residuals. Returns the mean and standard deviation in
-    reward units, and the observed rewards' spread (the unit the residuals were scaled by)."""
-    x = prior_regret[observed]
-    design = np.column_stack([np.ones(len(observed)), -x])
-    (_, slope), *_ = np.linalg.lstsq(design, values, rcond=None)
-    slope = max(float(slope), 0.0)
-    intercept = float(np.mean(values + slope * x))
-    mean = intercept - slope * prior_regret
-    scale = max(float(np.std(values)), 0.05)
-    mu, std = posterior(candidates[observed], (values - mean[observed]) / scale, candidates)
-    return mean + scale * mu, scale * std, scale
-
-
-def best_candidate(score: np.ndarray, prior_regret: np.ndarray) -> int:
-    """The index of the largest ``score``, ties (to 1e-9) going to the lowest ``prior_regret`` (when results
-    say nothing, e.g. two references of equal reward make every mean equal, the prior decides,
-    not the counting order, whose first mask is no fine-tune)."""
-    top = np.flatnonzero(np.isclose(score, np.max(score), rtol=1e-9, atol=1e-12))
-    return int(top[np.argmin(prior_regret[top])])  # the first of equal minima
-
-
-def expected_improvement(mean: np.ndarray, std: np.ndarray, incumbent: float) -> np.ndarray:
-    """Expected improvement over ``incumbent`` of Gaussian beliefs (same units as ``mean``)."""
-    z = (mean - incumbent) / std
-    return std * (z * _normal_cdf(z) + np.exp(-0.5 * z**2) / np.sqrt(2 * np.pi))
 
 
 @dataclass
@@ -283,9 +227,3 @@ class SearchHistory:
             float(at_portfolio),
         ]
         return np.concatenate([scalars, rows.ravel()]).astype(np.float32)
-
-
-def _normal_cdf(z: np.ndarray) -> np.ndarray:
-    from math import erf
-
-    return 0.5 * (1.0 + np.vectorize(erf)(z / np.sqrt(2.0)))

@@ -224,28 +224,22 @@ def report_task(cfg: Config, policy_path: Path, run_dir: Path) -> None:
 def replayed_search(policy: Any, task: Any) -> tuple[Any, str]:
     """A search policy's search of ``policy.budget`` masks on ``task`` (stored evaluations where
     the table has them, live fine-tunes otherwise); returns its best mask and a Markdown section."""
-    reward = task.cfg.reward
-    references = task.reference_rewards(reward)
-    baseline = max(references)
-    lines: list[str] = []
+    from memrl.searchers import TaskOracle
 
-    def evaluate(mask: Any) -> tuple[float, float, float]:
-        outcome = task.score(mask, reward)
-        value = outcome.reward if outcome.ok else float("-inf")
-        terms = (outcome.terms.get("memorization_term", 0.0), outcome.terms.get("quality_term", 0.0))
-        bits = "".join(map(str, mask))
-        lines.append(f"| {len(lines) + 1} | `{bits}` | {value:+.3f} | {terms[0]:.3f} | {terms[1]:.3f} |")
-        return value, *terms
-
-    history = policy.search(task.descriptor(), evaluate, policy.budget, references=references)
+    history = policy.search(task.descriptor(), TaskOracle(task), policy.budget)
     best = history.best_index()
     chosen = history.masks[0 if best is None else best]
     log.info(
         "search on %s: best mask %s after %d fine-tunes", task.name, "".join(map(str, chosen)), policy.budget
     )
+    lines = [
+        f"| {i} | `{''.join(map(str, t.mask))}` | {r.reward:+.3f} | {r.memorization:.3f} | {r.quality:.3f} |"
+        for i, (t, r) in enumerate(zip(history.trials, history.results), 1)
+    ]
     section = (
         f"\n## The search policy on `{task.name}`\n\n{policy.budget} masks, each chosen after the results "
-        f"before it (rewards at the training preference; the better reference scores {baseline:+.3f}); "
+        "before it (rewards at the training preference; the better reference scores "
+        f"{history.baseline:+.3f}); "
         f"best: `{''.join(map(str, chosen))}`.\n\n| # | mask | reward | memorization term | quality term |\n"
         "|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
     )

@@ -1,4 +1,5 @@
-"""Every script under bench/ imports (a moved or renamed function breaks it here, not a month later)."""
+"""Every script under bench/ and every module of research/ imports (a moved or renamed function breaks it
+here, not a month later), and the installed package never imports the research harness."""
 
 from __future__ import annotations
 
@@ -16,3 +17,26 @@ def test_a_bench_script_imports(script):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # module level only: main() is not run
     assert callable(getattr(module, "main", None)), f"{script} has no main()"
+
+
+RESEARCH = Path(__file__).resolve().parents[1] / "research"
+
+
+MODULES = [".".join(p.relative_to(RESEARCH.parent).with_suffix("").parts) for p in RESEARCH.rglob("*.py")]
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if not m.endswith("__main__")))
+def test_a_research_module_imports(module):
+    importlib.import_module(module)
+
+
+def test_the_installed_package_never_imports_the_research_harness():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, memrl, memrl.search, memrl.apply_policy, memrl.train_agent, memrl.audit, memrl.tables, "
+        "memrl.searchers, memrl.agents, memrl.envs; print(any(m.startswith('research') for m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    assert out.stdout.strip() == "False"

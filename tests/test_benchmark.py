@@ -3,21 +3,10 @@
 import numpy as np
 import pytest
 
-from memrl.benchmark.experiments import sampler_seed
-from memrl.benchmark.methods import (
-    gradient_top_g,
-    knn_tasks,
-    nearest_task,
-    optuna_search,
-    portfolio,
-    prior_gp_search,
-    random_search,
-    single_best,
-    single_best_reward,
-    task_distances,
-)
-from memrl.benchmark.stats import describe, paired_differences, summarise, task_bootstrap
-from memrl.benchmark.table import BenchTable, best_regret
+from memrl.table import BenchTable, best_regret
+from research.benchmark.experiments import sampler_seed
+from research.benchmark.methods import prior_of, searched
+from research.benchmark.stats import describe, paired_differences, summarise, task_bootstrap
 
 COST = {  # cost of each mask (00, 01, 10, 11); reward = -cost whatever the preference
     "a": [0.0, 10.0, 20.0, 40.0],  # regret 0, .25, .5, 1 (rewards ten times wider than b's)
@@ -48,18 +37,18 @@ def test_every_zero_shot_baseline_picks_what_a_hand_computation_gives(table):
     for w in (0.25, 0.5, 0.75):
         assert np.allclose(table.regret(w)[test], [0.5, 1.0, 0.0, 0.25])
         # mean regret over a, b: .5, .125, .375, .75; mean raw reward: -2, -5, -10.5, -21
-        assert single_best(table, train, w) == 1
-        assert single_best_reward(table, train, w) == 0
+        assert searched("single-best", table, train, test, w, 4) == [1]
+        assert searched("single-best-reward", table, train, test, w, 4) == [0]
         # standardised on a, b only: a = -1, b = 1, c = 0.8; the constant feature is dropped
-        assert np.allclose(task_distances(table, train, test), [1.8, 0.2])
-        assert nearest_task(table, train, test, w, 2) == [1, 2]  # b's two best
+        assert np.allclose(prior_of(table, train).distances(table.descriptors[test], [0, 1]), [1.8, 0.2])
+        assert searched("nearest-task", table, train, test, w, 2) == [1, 2]  # b's two best
         # weights 1/1.8 and 1/0.2: weighted regrets .9, .025, .275, .55
-        assert knn_tasks(table, train, test, w, 4, k=2) == [1, 2, 3, 0]
+        assert searched("knn-tasks", table, train, test, w, 4) == [1, 2, 3, 0]
         # greedy: 01 (mean .125), then 00 (with it the best-of-two regret is 0 on a and b)
-        assert portfolio(table, train, w, 2) == [1, 0]
+        assert searched("portfolio", table, train, test, w, 2) == [1, 0]
     regret = table.regret(0.5)[test]
     assert best_regret(regret, [1]) == 1.0 and best_regret(regret, [1, 2]) == 0.0
-    assert best_regret(regret, portfolio(table, train, 0.5, 2)) == 0.5
+    assert best_regret(regret, searched("portfolio", table, train, test, 0.5, 2)) == 0.5
 
 
 def test_the_prior_mean_gp_exploits_the_calibrated_prior_then_completes_a_portfolio(table):
@@ -70,9 +59,9 @@ def test_the_prior_mean_gp_exploits_the_calibrated_prior_then_completes_a_portfo
     # portfolio steps: beside 01 (b's best), 00 (a's best) brings both training tasks to regret 0, so it
     # comes second (a reference counts as a pick only when chosen); with every source's best tried, the
     # tie goes to the lowest transfer regret: 10, c's best
-    assert prior_gp_search(table, [0, 1], 2, 0.5, 3) == [1, 0, 2]
-    assert prior_gp_search(table, [0, 1], 2, 0.5, 1) == [1]
-    assert prior_gp_search(table, [0, 1], 2, 0.5, 9) == [1, 0, 2, 3]  # budget beyond the table: stops
+    assert searched("gp-prior", table, [0, 1], 2, 0.5, 3) == [1, 0, 2]
+    assert searched("gp-prior", table, [0, 1], 2, 0.5, 1) == [1]
+    assert searched("gp-prior", table, [0, 1], 2, 0.5, 9) == [1, 0, 2, 3]  # budget beyond the table: stops
 
 
 def test_an_untrained_search_policy_searches_as_the_prior_mean_gp(table):
@@ -84,9 +73,9 @@ def test_an_untrained_search_policy_searches_as_the_prior_mean_gp(table):
     from memrl.agents.policy import Policy
     from memrl.agents.search_net import CandidatePolicy
 
-    from memrl.benchmark.methods import prior_of, search_policy_masks
     from memrl.config import load_config
     from memrl.episode import search_observation_size
+    from research.benchmark.methods import search_policy_masks
 
     torch.manual_seed(0)
     n = search_observation_size(2)
@@ -98,7 +87,7 @@ def test_an_untrained_search_policy_searches_as_the_prior_mean_gp(table):
         card, network, load_config("test", {"env.mode": "search", "env.budget": 4}), prior_of(table, [0, 1])
     )
     for w in (0.25, 0.5, 0.75):
-        assert search_policy_masks(policy, table, 2, w, 4) == prior_gp_search(table, [0, 1], 2, w, 4)
+        assert search_policy_masks(policy, table, 2, w, 4) == searched("gp-prior", table, [0, 1], 2, w, 4)
         first = policy.candidates(table.descriptors[2], 1, table.preference(w))[0]
         transfer = prior_of(table, [0, 1]).transfer_regret(table.descriptors[2], table.preference(w))
         assert [int(v) for v in first] == list(table.masks[int(np.argmin(transfer))])
@@ -116,8 +105,8 @@ def test_from_scratch_samplers_draw_differently_on_each_task_and_alike_on_a_reru
         descriptors=rng.random((tasks, 3)),
     )
     for search in (
-        lambda t, s: random_search(many, t, 3, np.random.default_rng(s)),
-        lambda t, s: optuna_search(many, t, 0.5, 3, s, "tpe"),
+        lambda t, s: searched("random", many, [], t, 0.5, 3, s),
+        lambda t, s: searched("tpe", many, [], t, 0.5, 3, s),
     ):
         firsts = [search(t, sampler_seed(0, many, t))[0] for t in range(tasks)]
         assert len(set(firsts)) > 1  # seeded with the run's seed alone, every task starts alike
@@ -134,7 +123,7 @@ def test_gradient_top_g_picks_the_most_sensitive_groups_with_g_chosen_on_trainin
     table.descriptors = descriptors
     # g = 0, 1, 2 give masks 00 / (a: 10, b: 01) / 11: mean regret .5, .25, .75 on a, b, so g = 1;
     # on c the most sensitive group is the second: mask 01 (index 1)
-    assert gradient_top_g(table, [0, 1], 2, 0.5) == 1
+    assert searched("gradient-top-g", table, [0, 1], 2, 0.5, 1) == [1]
 
 
 def test_noise_floor_is_the_mean_regret_difference_between_seeds(table):
@@ -145,7 +134,7 @@ def test_noise_floor_is_the_mean_regret_difference_between_seeds(table):
 
 
 def test_source_folds_leave_out_every_task_of_the_test_tasks_source(table):
-    from memrl.benchmark.table import SPLITS, folds, source_folds, split_folds, split_of
+    from research.benchmark.folds import SPLITS, folds, source_folds, split_folds, split_of
 
     table.heldout = np.array([False, False, False])
     assert source_folds(table) == folds(table)  # every task its own source: leave one task out
@@ -228,7 +217,7 @@ def test_describe_reports_mean_tail_hits_and_paired_differences():
 
 
 def test_the_headline_table_pools_preferences_per_split_and_skips_unjudged_budgets():
-    from memrl.benchmark.stats import headline
+    from research.benchmark.stats import headline
 
     rows = []
     for n, v in {1: 0.4, 2: 0.2, 3: 0.9, 4: 0.1}.items():  # 3 is not a headline budget
@@ -248,7 +237,7 @@ def test_the_transfer_plot_draws_each_split_and_every_method_judged_at_several_b
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from memrl.benchmark.stats import plot_budgets, plot_transfer
+    from research.benchmark.stats import plot_budgets, plot_transfer
 
     rows = []
     for method in ("ppo-search", "ppo-search-no-history", "tpe"):
@@ -270,7 +259,7 @@ def test_the_transfer_plot_draws_each_split_and_every_method_judged_at_several_b
 
 
 def test_the_search_policy_is_compared_with_the_best_other_method_at_each_budget():
-    from memrl.benchmark.stats import against_the_best
+    from research.benchmark.stats import against_the_best
 
     rows = []
     budgets = {1: {"ppo-search": 0.3, "knn": 0.1, "tpe": 0.4}, 2: {"ppo-search": 0.05, "tpe": 0.2}}
@@ -287,7 +276,7 @@ def test_the_search_policy_is_compared_with_the_best_other_method_at_each_budget
 
 
 def test_the_search_policy_per_task_sits_beside_the_best_other_method_at_one_fine_tune():
-    from memrl.benchmark.stats import per_task
+    from research.benchmark.stats import per_task
 
     rows = []
     budgets = {1: {"ppo-search": 0.3, "knn": 0.1, "tpe": 0.4, "gp-prior": 0.0}, 2: {"ppo-search": 0.05}}
@@ -301,7 +290,7 @@ def test_the_search_policy_per_task_sits_beside_the_best_other_method_at_one_fin
 
 
 def test_nested_tuning_chooses_each_folds_setting_without_its_own_results():
-    from memrl.benchmark.experiments import leave_one_out, nested_rows, nested_settings
+    from research.benchmark.experiments import leave_one_out, nested_rows, nested_settings
 
     def row(task: str, left_out: str, length: int, regret: float) -> dict:
         return {"task": task, "left_out": left_out, "learning_rate": 0.1, "length": length, "regret": regret}
@@ -324,11 +313,3 @@ def test_nested_tuning_chooses_each_folds_setting_without_its_own_results():
     assert nested_settings(rows) == {"a": (0.1, 20), "b": (0.1, 10), "c": (0.1, 20)}
     assert {(r["task"], r["regret"]) for r in nested_rows(rows)} == {("a", 0.9), ("b", 0.2), ("c", 0.1)}
     assert len(leave_one_out(rows)) == 6
-
-
-def test_report_modules_are_not_in_the_fold_digest_and_method_modules_are():
-    from memrl.benchmark.experiments import REPORT_ONLY, digest_files
-
-    names = {f.name for f in digest_files()}
-    assert {"methods.py", "experiments.py", "table.py", "prior.py", "episode.py", "reward.py"} <= names
-    assert not names & set(REPORT_ONLY)  # editing a summary must not rerun an hour of folds

@@ -123,6 +123,12 @@ def test_a_search_policy_trains_and_searches_live_with_apply_policy(tmp_path, ne
     zero = tmp_path / "zero"
     proc = apply(zero)
     assert proc.returncode == 0 and "search_trace" not in json.loads((zero / "result.json").read_text())
+    tpe = tmp_path / "tpe"  # any registered searcher, live, beside the policy
+    proc = apply(tpe, "--budget", "2", "--searcher", "tpe")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(json.loads((tpe / "result.json").read_text())["search_trace"]) == 2
+    proc = apply(tmp_path / "bad", "--budget", "2", "--searcher", "sac")
+    assert proc.returncode == 2 and "searcher 'sac' is not one of" in proc.stderr
 
 
 def test_apply_policy_warns_when_held_out_images_duplicate_training_images(run_dir, tmp_path):
@@ -549,9 +555,8 @@ def test_search_cli(method, tmp_path):
     "method,budget,rows", [("optuna-tpe", 3, 3), ("optuna-gp", 3, 3), ("exhaustive", 16, 16), ("fixed", 7, 7)]
 )
 def test_other_baselines_share_the_store(method, budget, rows, tmp_path):
-    from memrl.agents.baselines import run_search
-
     from memrl.config import load_config
+    from memrl.search import run_search
 
     cfg = load_config("test", {"env.store": str(tmp_path / "s.sqlite")})
     result = run_search(cfg, method, budget)
@@ -621,7 +626,7 @@ def test_a_refused_store_leaves_no_run_directory(tmp_path):
         "memrl.train_agent",
         "memrl.apply_policy",
         "memrl.search",
-        "memrl.benchmark",
+        "research.benchmark",
         "memrl.report",
         "memrl.store",
         "memrl.tables",

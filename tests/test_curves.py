@@ -82,14 +82,16 @@ def test_a_curve_survives_the_store_and_old_stores_still_read(ctx, tmp_path):
 def test_curve_masks_are_every_single_group_the_ones_and_the_150_step_portfolio():
     """CURVE_MASKS recomputed: the greedy portfolio's first 4 masks at each preference on the
     shipped 150-step table's training tasks, with the mask of ones and every single group."""
-    from memrl.benchmark.methods import portfolio
-    from memrl.benchmark.table import load_table
+    from memrl.table import load_table
     from memrl.tables import CURVE_MASKS, CURVE_NOISE_MASKS
+    from research.benchmark.methods import searched
 
     table = load_table(load_config("bench"))
     train = [i for i in range(len(table.names)) if not table.heldout[i]]
     picked = {
-        "".join(map(str, table.masks[i])) for w in (0.25, 0.5, 0.75) for i in portfolio(table, train, w, 4)
+        "".join(map(str, table.masks[i]))
+        for w in (0.25, 0.5, 0.75)
+        for i in searched("portfolio", table, train, train[0], w, 4)
     }
     singles = {"".join("1" if i == j else "0" for i in range(7)) for j in range(7)}
     assert (

@@ -40,7 +40,7 @@ def _ray_evaluation_pids() -> list[int]:
 
 
 def test_random_search_with_two_workers_runs_on_ray_and_matches_in_process(tmp_path):
-    from memrl.agents.baselines import run_search
+    from memrl.search import run_search
 
     cfg = load_config("test", {"env.backend": "ray", "env.store": str(tmp_path / "ray.sqlite")})
     rows = run_search(cfg, "random", 2, workers=2)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from memrl.episode import CANDIDATE_FEATURES, NOISE, SEARCH_GLOBALS, TRIED, SearchHistory, posterior
+from memrl.episode import CANDIDATE_FEATURES, SEARCH_GLOBALS, TRIED, SearchHistory
+from memrl.gp import NOISE, posterior
 from memrl.prior import KERNEL_FLOOR, KERNEL_WIDTH, TransferPrior, all_masks
 
 K = 2
@@ -136,7 +137,7 @@ def test_the_posterior_matches_a_hand_computed_gaussian_process():
 
 
 def test_the_calibrated_posterior_maps_the_prior_to_rewards_and_never_inverts_it():
-    from memrl.episode import best_candidate, calibrated_posterior
+    from memrl.gp import best_candidate, calibrated_posterior
 
     prior = np.array([0.0, 1.0, 0.5, 0.25])  # knn regret of masks 00, 01, 10, 11
     mean, std, scale = calibrated_posterior(prior, [0, 1], np.array([1.0, 0.0]), all_masks(K))
@@ -202,9 +203,7 @@ def test_the_candidate_network_never_proposes_a_tried_mask():
     cfg = load_config("test", {"env.mode": "search", "env.budget": 4})
     card = {"action_mode": "search", "search_space": {"groups": ["g0", "g1"]}}
     prior = TransferPrior(["a"], np.zeros((1, 1)), np.zeros((1, 4, 3)))
-    history = Policy(card, network, cfg, prior).search(
-        np.zeros(1), lambda m: (float(m.sum()), 0.0, 0.0), 4, references=(0.0, 2.0)
-    )
+    history = Policy(card, network, cfg, prior).search(np.zeros(1), SumOracle(), 4)
     assert sorted(map(tuple, history.masks)) == [(0, 0), (0, 1), (1, 0), (1, 1)]
 
 
@@ -265,3 +264,18 @@ def test_a_prior_with_bad_values_or_shape_is_refused(tmp_path, bad, message):
         TransferPrior.load(tmp_path / "ok.safetensors", prior.names, prior.terms.shape[1], 1).names
         == prior.names
     )
+
+
+class SumOracle:
+    """An oracle whose reward is the number of groups a mask fine-tunes (references 0 and 2)."""
+
+    def evaluate(self, trial):
+        from memrl.searchers import Result
+
+        return Result(float(trial.mask.sum()), 0.0, 0.0)
+
+    def references(self):
+        return 0.0, 2.0
+
+    def prefetch(self, trials):
+        pass

@@ -222,7 +222,7 @@ def test_rekey_finds_rows_keyed_by_an_older_data_fingerprint_again(table, tmp_pa
 def test_the_transfer_benchmark_runs_every_method_on_the_tables(table, tmp_path):
     from memrl.agents.policy import load_policy
 
-    from memrl.benchmark import PREFERENCES, iqm, load_table, modes, ship, summarise, transfer, write_rows
+    from research.benchmark import PREFERENCES, iqm, load_table, modes, ship, summarise, transfer, write_rows
 
     path, cfg = table
     bench_cfg = load_config(
@@ -296,9 +296,9 @@ def test_the_transfer_benchmark_runs_every_method_on_the_tables(table, tmp_path)
 def test_a_benchmark_command_records_its_run_beside_its_results(table, tmp_path):
     import yaml
 
-    from memrl.benchmark import load_table
-    from memrl.benchmark.cli import main
-    from memrl.benchmark.experiments import code_digest
+    from research.benchmark import load_table
+    from research.benchmark.cli import main
+    from research.benchmark.experiments import RESULTS_VERSION
 
     path, cfg = table
     bench_cfg = load_config(
@@ -308,15 +308,15 @@ def test_a_benchmark_command_records_its_run_beside_its_results(table, tmp_path)
     argv = ["findings", "--config", str(tmp_path / "bench.yaml"), "--out", str(tmp_path / "out")]
     assert main(argv) == 0
     record = json.loads((tmp_path / "out" / "findings.json").read_text())
-    assert record["command"] == "python -m memrl.benchmark " + " ".join(argv) and record["seeds"] == []
+    assert record["command"] == "python -m research.benchmark " + " ".join(argv) and record["seeds"] == []
     assert record["config_hash"] == bench_cfg.hash() and record["config"]["env"]["table"] == str(path)
     dense = load_table(bench_cfg)
     assert record["table"] == {"tasks": dense.names, "digest": dense.digest([0, 1])}
-    assert record["code_digest"] == code_digest() and "torch" in record["versions"]
+    assert record["results_version"] == RESULTS_VERSION and "torch" in record["versions"]
 
 
 def test_the_paper_claims_compare_full_fine_tuning_presets_and_searched_masks(table, tmp_path):
-    from memrl.benchmark import claims, findings, load_table
+    from research.benchmark import claims, findings, load_table
 
     path, cfg = table
     bench_cfg = load_config(
@@ -340,10 +340,11 @@ def test_the_paper_claims_compare_full_fine_tuning_presets_and_searched_masks(ta
 def test_tune_scores_settings_on_training_tasks_only_and_untrained_search_is_gp_prior(
     table, tmp_path, monkeypatch
 ):
-    from memrl.benchmark import load_table
-    from memrl.benchmark.experiments import TUNE_BUDGETS, TUNE_GRIDS, chosen_setting, tune
-    from memrl.benchmark.methods import prior_gp_search, regression, regression_model
     from memrl.errors import ConfigError
+    from memrl.searchers.transfer import regression_model
+    from research.benchmark import load_table
+    from research.benchmark.experiments import TUNE_BUDGETS, TUNE_GRIDS, chosen_setting, tune
+    from research.benchmark.methods import prior_of, searched
 
     path, cfg = table
     overrides = {"env.backend": "replay", "env.table": str(path), "env.store": str(tmp_path / "s.sqlite")}
@@ -363,13 +364,14 @@ def test_tune_scores_settings_on_training_tasks_only_and_untrained_search_is_gp_
     for r in rows:
         test, w = dense.names.index(r["task"]), r["memorization_weight"]
         if r["length"] == 0:  # untrained: exactly gp-prior's search on the same fold
-            masks = prior_gp_search(dense, [1 - test], test, w, max(TUNE_BUDGETS["ppo-search"]))
+            masks = searched("gp-prior", dense, [1 - test], test, w, max(TUNE_BUDGETS["ppo-search"]))
             assert r["regret"] == pytest.approx(dense.regret(w)[test][masks[: r["fine_tunes"]]].min())
     monkeypatch.setitem(TUNE_GRIDS, "regression", ((0.1,), (10, 40)))
     rows = tune(both, seeds=1, method="regression")
     assert {r["fine_tunes"] for r in rows} == {1, 2, 3, 4} and {r["length"] for r in rows} == {10, 40}
     r = next(r for r in rows if r["task"] == "faces" and r["length"] == 40 and r["fine_tunes"] == 2)
-    masks = regression(dense, regression_model(dense, [0], 0, 40, 0.1), 1, r["memorization_weight"], 2)
+    model = regression_model(prior_of(dense, [0]), 0, dense.param_weight, 40, 0.1)
+    masks = searched("regression", dense, [0], 1, r["memorization_weight"], 2, fitted={"regression": model})
     assert r["regret"] == pytest.approx(dense.regret(r["memorization_weight"])[1][masks].min())
     hand = [
         {"learning_rate": lr, "length": e, "regret": v}
@@ -385,8 +387,8 @@ def test_tune_scores_settings_on_training_tasks_only_and_untrained_search_is_gp_
 
 
 def test_search_curves_and_the_benchmark_command(table, tmp_path):
-    from memrl.benchmark import main, search_curves
     from memrl.config import dump_config
+    from research.benchmark import main, search_curves
 
     path, cfg = table
     bench_cfg = load_config(
@@ -478,7 +480,7 @@ def rows_of_max(*args):
 
 
 def test_an_interrupted_experiment_resumes_from_its_stored_parts(tmp_path):
-    from memrl.benchmark import in_parallel
+    from research.benchmark import in_parallel
 
     work, keys = [(1, 2), (5, 3), (4, 0)], ["a", "b", "c"]
     expected = [[{"value": 2}], [{"value": 5}], [{"value": 4}]]
@@ -503,7 +505,7 @@ def test_an_interrupted_experiment_resumes_from_its_stored_parts(tmp_path):
 def test_a_kept_result_that_cannot_be_trusted_is_computed_again_with_a_warning(tmp_path, damage, caplog):
     import pickle
 
-    from memrl.benchmark import in_parallel
+    from research.benchmark import in_parallel
 
     work, keys = [(1, 2)], ["a"]
     in_parallel(rows_of_max, work, 1, keys, tmp_path)
@@ -590,7 +592,7 @@ def test_a_store_that_is_not_a_file_is_refused(tmp_path):
     "flags", [["--episodes", "0"], ["--episodes", "-5"], ["--budget", "0"], ["--n-seeds", "0"]]
 )
 def test_benchmark_flags_out_of_range_are_refused(flags):
-    proc = run_module("memrl.benchmark", "search", *flags)
+    proc = run_module("research.benchmark", "search", *flags)
     assert proc.returncode == 2 and f"{flags[0]}={flags[1]} must be 1 or more" in proc.stderr
     assert "Traceback" not in proc.stderr
 

@@ -183,7 +183,12 @@ def report_resize(where: str | Path, sizes: list[tuple[int, ...]], resolution: i
     log.warning(
         "%s: resized %d of %d images (%s px) to %dx%d, the model's data.resolution; fine detail "
         "is lost, and memorization is measured at this size",
-        where, len(changed), len(sizes), shown, resolution, resolution,
+        where,
+        len(changed),
+        len(sizes),
+        shown,
+        resolution,
+        resolution,
     )
 
 
@@ -288,7 +293,9 @@ def load_folder(folder: str | Path, resolution: int, channels: int = 1, resize: 
         log.warning(
             "%s: skipped %d entries named like images that are not regular files (%s); a link to a "
             "device or a broken link is never read",
-            folder, len(skipped), ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""),
+            folder,
+            len(skipped),
+            ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""),
         )
     if not files:
         raise DataError(

@@ -236,9 +236,7 @@ def denoising_loss(
 
 
 @torch.no_grad()
-def pia_error(
-    model, images: torch.Tensor, labels: torch.Tensor | None, timesteps: list[int]
-) -> torch.Tensor:
+def pia_error(model, images: torch.Tensor, labels: torch.Tensor | None, timesteps: list[int]) -> torch.Tensor:
     """Proximal initialisation attack (PIA, Kong et al., ICLR 2024): per image, the model's own noise
     prediction at t = 0 is taken as the noise, the image is noised with it deterministically to
     each of ``timesteps``, and the error of the prediction there against it is averaged. Training

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from memrl.benchmark.table import SPLITS, split_of
+from research.benchmark.folds import SPLITS, split_of
 
 
 def iqm(values: np.ndarray) -> float:
@@ -271,7 +271,7 @@ def summarise_nested(
     nested: list[dict[str, Any]], chosen: dict[str, tuple[float, int]], flat: list[dict[str, Any]]
 ) -> str:
     """Markdown: per task, the setting its inner folds chose and its regret with it (``nested``,
-    the rows of :func:`~memrl.benchmark.experiments.nested_rows`), then the mean regret at each
+    the rows of :func:`~research.benchmark.experiments.nested_rows`), then the mean regret at each
     number of fine-tunes nested against ``flat`` (the one setting chosen on every fold, its test
     tasks included: optimistic), each with a task-level 95% interval."""
     counts = sorted({int(r["fine_tunes"]) for r in nested})

@@ -19,13 +19,13 @@ searching the test task; judged at 1..4 or 1..16 fine-tunes):
   ``gp-prior`` (a GP whose prior mean is the calibrated regret of the training tasks weighted by
   descriptor distance, :meth:`memrl.prior.TransferPrior.weighted_sources`; no learning).
 
-    python -m memrl.benchmark transfer --n-seeds 10   # --episodes (one-shot PPO), --search-episodes
-    python -m memrl.benchmark tune --n-seeds 2      # --method ppo-search|ppo|regression, --nested
-    python -m memrl.benchmark modes --n-seeds 3
-    python -m memrl.benchmark claims
-    python -m memrl.benchmark findings              # best masks per task, seed noise (no method runs)
-    python -m memrl.benchmark ship                  # trains the shipped policy (memrl/assets/policy)
-    python -m memrl.benchmark search --n-seeds 10 --budget 64
+    python -m research.benchmark transfer --n-seeds 10   # --episodes (one-shot PPO), --search-episodes
+    python -m research.benchmark tune --n-seeds 2      # --method ppo-search|ppo|regression, --nested
+    python -m research.benchmark modes --n-seeds 3
+    python -m research.benchmark claims
+    python -m research.benchmark findings              # best masks per task, seed noise (no method runs)
+    python -m research.benchmark ship                  # trains the shipped policy (memrl/assets/policy)
+    python -m research.benchmark search --n-seeds 10 --budget 64
 
 ``transfer`` writes ``transfer.csv`` (one row per method, task, split, preference, seed and number
 of fine-tunes), ``transfer.md`` (per split and preference: mean with a task-level 95% interval, IQM,
@@ -35,7 +35,7 @@ tail, worst, hits, paired difference to ``ppo``, gap closed; then mean regret by
 where 0 is untrained and searches exactly as ``gp-prior``, and for one-shot PPO; boosting
 iterations for the regression) by leaving one *training* task out, so no held-out task is looked
 at (``tune-METHOD.csv``, ``tune-METHOD.md``); the chosen values go in ``configs/bench.yaml``'s
-``ppo`` (the PPO policies) and ``memrl.benchmark.methods`` (the regression). The leave-one-out
+``ppo`` (the PPO policies) and ``research.benchmark.methods`` (the regression). The leave-one-out
 split of ``transfer`` then scores methods tuned on its own test tasks (optimistic); ``--nested``
 adds the honest figure: each left-out task's setting chosen on inner folds without it.
 ``modes`` compares mask mode with sequential mode (one group per step): the zero-shot regret of
@@ -47,19 +47,20 @@ against the presets on the Pareto front.
 the number of distinct fine-tunes (1..64) for PPO, random search, TPE, NSGA-II and GP
 (``search.csv``, ``search.md``, ``search.png``).
 
-The package: :mod:`~memrl.benchmark.table` (the tables as arrays, folds),
-:mod:`~memrl.benchmark.methods` (what each method tries), :mod:`~memrl.benchmark.experiments`
-(transfer, modes, search), :mod:`~memrl.benchmark.stats` (IQM, bootstrap, tables, plots),
-:mod:`~memrl.benchmark.findings` (findings and the paper's claims), :mod:`~memrl.benchmark.ship`
-(the shipped policy) and :mod:`~memrl.benchmark.cli` (the command).
+The package: :mod:`~research.benchmark.folds` (the tables as arrays, folds),
+:mod:`~research.benchmark.methods` (what each method tries), :mod:`~research.benchmark.experiments`
+(transfer, modes, search), :mod:`~research.benchmark.stats` (IQM, bootstrap, tables, plots),
+:mod:`~research.benchmark.findings` (findings and the paper's claims), :mod:`~research.benchmark.ship`
+(the shipped policy) and :mod:`~research.benchmark.cli` (the command).
 """
 
-from memrl.benchmark.cli import main
-from memrl.benchmark.experiments import in_parallel, modes, search_curves, transfer
-from memrl.benchmark.findings import claims, findings
-from memrl.benchmark.ship import ship, transfer_numbers
-from memrl.benchmark.stats import bootstrap, iqm, summarise, write_rows
-from memrl.benchmark.table import BUDGETS, PREFERENCES, TERMS, BenchTable, folds, load_table, mask_index
+from memrl.reward import TERMS
+from research.benchmark.cli import main
+from research.benchmark.experiments import in_parallel, modes, search_curves, transfer
+from research.benchmark.findings import claims, findings
+from research.benchmark.folds import BUDGETS, PREFERENCES, BenchTable, folds, load_table, mask_index
+from research.benchmark.ship import ship, transfer_numbers
+from research.benchmark.stats import bootstrap, iqm, summarise, write_rows
 
 __all__ = [
     "BUDGETS",

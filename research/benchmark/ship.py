@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from memrl.benchmark.stats import iqm
-from memrl.benchmark.table import SPLITS, split_of
 from memrl.config import Config, load_config
+from research.benchmark.folds import SPLITS, split_of
+from research.benchmark.stats import iqm
 
 
 def ship(cfg: Config, out: Path, results: Path) -> Path:
@@ -24,6 +24,7 @@ def ship(cfg: Config, out: Path, results: Path) -> Path:
     import tempfile
 
     from memrl.agents.policy import card_path, prior_path, read_card
+
     from memrl.errors import MemrlError
     from memrl.train_agent import train
     from memrl.utils import atomic_path, atomic_write_text

@@ -3,9 +3,7 @@ mode, and searching one task from scratch; run fold by fold in single-threaded p
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import importlib
 import itertools
 import json
 import logging
@@ -15,26 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from memrl.benchmark.methods import (
-    ONE_SHOT_PPO,
-    gradient_top_g,
-    knn_tasks,
-    nearest_task,
-    optuna_search,
-    policy_masks,
-    portfolio,
-    ppo_search,
-    presets,
-    prior_gp_search,
-    random_search,
-    regression,
-    regression_model,
-    search_policy_masks,
-    single_best,
-    single_best_reward,
-    train_policies,
-)
-from memrl.benchmark.table import (
+from memrl.config import Config, load_config
+from memrl.errors import ConfigError
+from memrl.searchers.basic import hand_presets
+from memrl.searchers.transfer import regression_model
+from memrl.utils import stable_hash
+from research.benchmark.folds import (
     BUDGETS,
     PREFERENCES,
     BenchTable,
@@ -44,11 +28,17 @@ from memrl.benchmark.table import (
     mask_index,
     split_folds,
 )
-from memrl.config import Config, load_config
-from memrl.errors import ConfigError
-from memrl.utils import stable_hash
+from research.benchmark.methods import (
+    ONE_SHOT_PPO,
+    policy_masks,
+    ppo_search,
+    prior_of,
+    search_policy_masks,
+    searched,
+    train_policies,
+)
 
-log = logging.getLogger("memrl.benchmark")
+log = logging.getLogger("research.benchmark")
 
 
 def search_curves(
@@ -76,6 +66,10 @@ def sampler_seed(seed: int, table: BenchTable, test: int) -> int:
     return int(stable_hash([seed, table.names[test]], 8), 16)
 
 
+FROM_SCRATCH = ("random", "tpe", "nsga2", "gp")
+"""The searchers that search one task from scratch (beside PPO) in ``search``."""
+
+
 def search_one(
     cfg: Config, table: BenchTable, seed: int, test: int, w: float, budget: int, ppo_steps: int
 ) -> list[dict[str, Any]]:
@@ -83,8 +77,10 @@ def search_one(
     draws = sampler_seed(seed, table, test)
     tried = {
         "ppo": ppo_search(cfg, table.names[test], w, seed, budget, ppo_steps),
-        "random": random_search(table, test, budget, np.random.default_rng(draws)),
-        **{name: optuna_search(table, test, w, budget, draws, name) for name in ("tpe", "nsga2", "gp")},
+        **{
+            name: searched(name, table, [], test, w, budget, draws)
+            for name in ("random", "tpe", "nsga2", "gp")
+        },
     }
     rows = []
     for method, masks in tried.items():
@@ -155,7 +151,7 @@ def transfer(
     search_episodes: int | None = None,
 ) -> list[dict[str, Any]]:
     """Regret of every method on every test task, preference, seed and number of fine-tunes (one
-    row each), on each of :data:`~memrl.benchmark.table.SPLITS` (a row's ``split``). Folds with the
+    row each), on each of :data:`~research.benchmark.folds.SPLITS` (a row's ``split``). Folds with the
     same training tasks are fitted once (the held-out tasks; the tasks of one source left out
     together; a task alone in its source, whose two training-task folds are one).
     ``search_episodes`` (not None) also runs the search policy (and its two ablations) trained for
@@ -225,7 +221,7 @@ def transfer_fold(
             )
     group_names = architecture_space(cfg).names
     top, longest = ZERO_SHOT_TOP, max(budgets)
-    fitted = regression_model(table, train, seed)
+    fitted = {"regression": regression_model(prior_of(table, train), seed, table.param_weight)}
     rows = []
     splits: dict[int, list[str]] = {}
     for test, split in tests:
@@ -233,26 +229,22 @@ def transfer_fold(
     for test, w in itertools.product(splits, PREFERENCES):
         regret = table.regret(w)[test]
         floor = float(table.noise_floor(w)[test])
-        nearest = nearest_task(table, train, test, w, top)
+        draws = sampler_seed(seed, table, test)
+
+        def by_name(name: str, budget: int, test: int = test, w: float = w, seed: int = draws) -> list[int]:
+            return searched(name, table, train, test, w, budget, seed, fitted=fitted)
+
         lists: dict[str, list[int]] = {
             "ppo": policy_masks(nets[False], table, test, w, top),
             "ppo-no-descriptor": policy_masks(nets[True], table, test, w, 1, zero=True),
-            "nearest-task": nearest,
-            "knn-tasks": knn_tasks(table, train, test, w, top),
-            "portfolio": portfolio(table, train, w, top),
-            "regression": regression(table, fitted, test, w, top),
-            "gradient-top-g": [gradient_top_g(table, train, test, w)],
-            "single-best": [single_best(table, train, w)],
-            "single-best (mean reward)": [single_best_reward(table, train, w)],
-            **{f"preset: {label}": [mask_index(m)] for label, m in presets(group_names).items()},
+            **{name: by_name(name, top) for name in ("nearest-task", "knn-tasks", "portfolio", "regression")},
+            "gradient-top-g": by_name("gradient-top-g", 1),
+            "single-best": by_name("single-best", 1),
+            "single-best (mean reward)": by_name("single-best-reward", 1),
+            **{f"preset: {label}": [mask_index(m)] for label, m in hand_presets(group_names).items()},
         }
-        draws = sampler_seed(seed, table, test)
         searches = {
-            "random": random_search(table, test, longest, np.random.default_rng(draws)),
-            "tpe": optuna_search(table, test, w, longest, draws, "tpe"),
-            "tpe-warm": optuna_search(table, test, w, longest, draws, "tpe", warm=nearest),
-            "gp": optuna_search(table, test, w, longest, draws, "gp"),
-            "gp-prior": prior_gp_search(table, train, test, w, longest),
+            **{name: by_name(name, longest) for name in ("random", "tpe", "tpe-warm", "gp", "gp-prior")},
             **{
                 label: search_policy_masks(policy, table, test, w, longest, zero_d, zero_h)
                 for label, (policy, zero_d, zero_h) in searchers.items()
@@ -349,7 +341,8 @@ def tune_fold(
     top = max(budgets)
     fitted: dict[int, Any]  # per length: a regression model or a policy
     if method == "regression":
-        fitted = {n: regression_model(table, train, seed, n, lr) for n in lengths}
+        prior = prior_of(table, train)
+        fitted = {n: regression_model(prior, seed, table.param_weight, n, lr) for n in lengths}
     else:
         mode = "search" if method == "ppo-search" else "mask"
         lr_cfg = load_config(cfg, {"ppo.learning_rate": lr})
@@ -358,7 +351,7 @@ def tune_fold(
 
     def masks_of(length: int, test: int, w: float) -> list[int]:
         if method == "regression":
-            return regression(table, fitted[length], test, w, top)
+            return searched("regression", table, train, test, w, top, fitted={"regression": fitted[length]})
         if method == "ppo-search":
             return search_policy_masks(fitted[length], table, test, w, top)
         return policy_masks(fitted[length], table, test, w, top)
@@ -432,41 +425,18 @@ def nested_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in leave_one_out(rows) if setting_of(r) == chosen[r["task"]]]
 
 
-REPORT_ONLY = ("stats.py", "findings.py", "cli.py")
-"""Benchmark modules no fold calls: reports, and the command line, which turns flags into an
-experiment's arguments (fold keys carry those). Editing one reruns no fold."""
-
-
-def digest_files() -> list[Path]:
-    """The code behind an experiment's results: the benchmark modules less :data:`REPORT_ONLY`,
-    the agents, env, reward, task, table, episode, context and prior modules."""
-    import memrl
-
-    root = Path(memrl.__file__).parent
-    files = [f for f in (root / "benchmark").glob("*.py") if f.name not in REPORT_ONLY]
-    files += [
-        root / name for name in ("reward.py", "task.py", "tables.py", "episode.py", "context.py", "prior.py")
-    ]
-    for package in ("memrl.agents", "memrl.envs"):
-        files += Path(str(importlib.import_module(package).__file__)).parent.glob("*.py")
-    return sorted(files)
-
-
-@functools.lru_cache(maxsize=1)
-def code_digest() -> str:
-    """A hash of :func:`digest_files`: a change to any of them reruns every fold."""
-    digest = hashlib.sha256()
-    for f in digest_files():
-        digest.update(f.name.encode() + f.read_bytes())
-    return digest.hexdigest()[:16]
+RESULTS_VERSION = "2026-12-07"
+"""What the folds compute, as a version: part of every fold key, so a change that alters any
+method's picks, PPO's training or a result row must set it anew (stored folds are then rerun),
+and a change that moves or tidies code keeps every stored fold. The searchers' picks are pinned
+by the hand-computed tests in tests/test_searchers.py, which fail before a silent change could."""
 
 
 def fold_key(fn: Callable[..., Any], cfg: Config, table: BenchTable, tasks: list[int], *args: Any) -> str:
     """What one unit of an experiment depends on: the experiment, the config, the table rows of
-    its tasks (test task first), its other arguments and the code (:func:`code_digest`)."""
-    return stable_hash(
-        [fn.__name__, cfg.hash(), [table.names[t] for t in tasks], table.digest(tasks), args, code_digest()]
-    )
+    its tasks (test task first), its other arguments and :data:`RESULTS_VERSION`."""
+    names = [table.names[t] for t in tasks]
+    return stable_hash([fn.__name__, cfg.hash(), names, table.digest(tasks), args, RESULTS_VERSION])
 
 
 def in_parallel(

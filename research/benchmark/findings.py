@@ -8,10 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from memrl.benchmark.methods import presets, single_best
-from memrl.benchmark.table import PREFERENCES, load_table, mask_index
 from memrl.config import Config
 from memrl.errors import MemrlError
+from memrl.searchers.basic import hand_presets
+from research.benchmark.folds import PREFERENCES, load_table, mask_index
+from research.benchmark.methods import searched
 
 NOISE_METRICS = (
     "canary_log_loss_ratio",
@@ -41,7 +42,7 @@ def findings(cfg: Config) -> str:
     out = [f"Complete tasks: {len(done)} of {len(table.names)}.", ""]
     for w in PREFERENCES:
         regret = table.regret(w)
-        single = single_best(table, done, w)
+        single = searched("single-best", table, done, done[0], w, 1)[0]  # the test task is not read
         out += [
             f"**Memorization weight {w}** (regret: 0 = the task's best mask, 1 = its worst). "
             f"Single best mask across these tasks: `{key(map(str, table.masks[single]))}`.",
@@ -174,9 +175,8 @@ def descriptor_ablation(table: Any) -> list[str]:
     """Markdown lines: how well each descriptor family predicts the best mask: the regret of the
     nearest training task's best mask (on each split; mean over preferences) with every family,
     and with each family removed."""
-    from memrl.benchmark.methods import nearest_task
-    from memrl.benchmark.table import SPLITS, split_folds
     from memrl.descriptor import family_slices
+    from research.benchmark.folds import SPLITS, split_folds
 
     k = table.masks.shape[1]
     variants = {"all families": None, **{f"without {f}": s for f, s in family_slices(k).items()}}
@@ -198,7 +198,7 @@ def descriptor_ablation(table: Any) -> list[str]:
         cells = []
         for pairs in splits.values():
             v = [
-                table.regret(w)[test, nearest_task(table, train, test, w, 1)[0]]
+                table.regret(w)[test, searched("nearest-task", table, train, test, w, 1)[0]]
                 for test, train in pairs
                 for w in PREFERENCES
             ]
@@ -241,7 +241,7 @@ def claims(cfg: Config, path: Path) -> tuple[list[dict[str, Any]], str]:
         if len(found) < len(looked_up):
             continue
         points = np.array([[ev.metrics[mem], ev.metrics[qual]] for ev in found])
-        named = {"no fine-tune": 0, **{n: mask_index(m) for n, m in presets(task.space.names).items()}}
+        named = {"no fine-tune": 0, **{n: mask_index(m) for n, m in hand_presets(task.space.names).items()}}
         best = int(np.nanargmin(table.regret(0.5)[t]))
         named["searched (best at w=0.5)"] = best
         front = pareto_front(points)

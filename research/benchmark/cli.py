@@ -1,4 +1,4 @@
-"""The ``python -m memrl.benchmark`` command (its help is :mod:`memrl.benchmark`'s docstring)."""
+"""The ``python -m research.benchmark`` command (its help is :mod:`research.benchmark`'s docstring)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from memrl.benchmark.experiments import (
+from memrl.config import Config
+from memrl.errors import ConfigError
+from research.benchmark.experiments import (
+    RESULTS_VERSION,
     TUNE_GRIDS,
     chosen_setting,
-    code_digest,
     leave_one_out,
     modes,
     nested_rows,
@@ -22,9 +24,9 @@ from memrl.benchmark.experiments import (
     transfer,
     tune,
 )
-from memrl.benchmark.findings import claims, findings
-from memrl.benchmark.ship import ship
-from memrl.benchmark.stats import (
+from research.benchmark.findings import claims, findings
+from research.benchmark.ship import ship
+from research.benchmark.stats import (
     plot_curves,
     plot_transfer,
     summarise,
@@ -32,17 +34,15 @@ from memrl.benchmark.stats import (
     summarise_tuning,
     write_rows,
 )
-from memrl.config import Config
-from memrl.errors import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
-    from memrl import benchmark
     from memrl.cli import add_config_args, config_from_args, run_main
     from memrl.utils import atomic_write_text, cache_dir, setup_logging
+    from research import benchmark
 
     parser = argparse.ArgumentParser(
-        prog="python -m memrl.benchmark",
+        prog="python -m research.benchmark",
         description=benchmark.__doc__.split("\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=benchmark.__doc__,
@@ -182,17 +182,17 @@ def run_record(cfg: Config, argv: list[str], seeds: int, seconds: float) -> dict
     """What a result depends on, written beside it as ``NAME.json``: the command, its seeds, the
     config and its hash, the table's fingerprint (every task's stored terms, noise sample and
     descriptor), the digest of the code behind the rows and the package versions."""
-    from memrl.benchmark.table import load_table
     from memrl.utils import package_versions
+    from research.benchmark.folds import load_table
 
     table = load_table(cfg)
     return {
-        "command": " ".join(["python -m memrl.benchmark", *argv]),
+        "command": " ".join(["python -m research.benchmark", *argv]),
         "seeds": list(range(seeds)),
         "config": cfg.to_dict(),
         "config_hash": cfg.hash(),
         "table": {"tasks": table.names, "digest": table.digest(list(range(len(table.names))))},
-        "code_digest": code_digest(),
+        "results_version": RESULTS_VERSION,
         "versions": package_versions(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "seconds": round(seconds, 1),

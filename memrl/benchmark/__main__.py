@@ -1,5 +1,0 @@
-import sys
-
-from memrl.benchmark.cli import main
-
-sys.exit(main())

@@ -1,0 +1,104 @@
+"""The two oracles: a :class:`~memrl.task.Task` (live fine-tunes, or replay of stored ones) and a
+row of a suite's tables (no fine-tune at all)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from memrl.config import load_config
+from memrl.errors import ConfigError
+from memrl.reward import RewardConfig
+from memrl.searchers.base import Result, Trial
+from memrl.table import BenchTable, mask_index
+
+__all__ = ["TableOracle", "TaskOracle"]
+
+
+class TaskOracle:
+    """Evaluates trials on a task: each one a fine-tune (or a stored evaluation, free), scored
+    with ``reward`` (default the task's config's). A trial naming a PEFT method runs on a copy of
+    the task with ``search.method`` set to it. ``workers`` > 1: batches are evaluated at once
+    (concurrently with ``env.backend=ray``)."""
+
+    def __init__(self, task: Any, reward: RewardConfig | None = None, workers: int = 1) -> None:
+        self.task, self.reward, self.workers = task, reward or task.cfg.reward, workers
+        self._tasks: dict[str | None, Any] = {None: task}
+
+    @property
+    def k(self) -> int:
+        return int(self.task.space.k)
+
+    def _task_for(self, peft: str | None) -> Any:
+        if peft not in self._tasks:
+            from memrl.task import Task
+
+            cfg = load_config(self.task.cfg, {"search.method": peft})
+            self._tasks[peft] = Task(cfg, self.task.evaluator, self.task.name, self.task.heldout)
+        return self._tasks[peft]
+
+    def evaluate(self, trial: Trial) -> Result:
+        outcome = self._task_for(trial.peft).score(np.asarray(trial.mask, dtype=np.int8), self.reward)
+        ev = outcome.evaluation
+        return Result(
+            reward=float(outcome.reward) if outcome.ok else float("-inf"),
+            memorization=float(outcome.terms.get("memorization_term", float("nan"))),
+            quality=float(outcome.terms.get("quality_term", float("nan"))),
+            ok=bool(outcome.ok),
+            metrics=dict(ev.metrics),
+            seconds=0.0 if ev.cache_hit else float(ev.timings.get("total", 0.0)),
+            cache_hit=bool(ev.cache_hit),
+        )
+
+    def references(self) -> tuple[float, float]:
+        none, ones = self.task.reference_rewards(self.reward)
+        return float(none), float(ones)
+
+    def prefetch(self, trials: list[Trial]) -> None:
+        if self.workers <= 1:
+            return
+        for peft in dict.fromkeys(t.peft for t in trials):
+            masks = [np.asarray(t.mask, dtype=np.int8) for t in trials if t.peft == peft]
+            self._task_for(peft).prefetch(masks)
+
+
+class TableOracle:
+    """Reads trials off task ``test`` of a suite's tables at memorization weight ``w`` (quality
+    weight 1 - w); a mask the table lacks is a failed trial."""
+
+    def __init__(self, table: BenchTable, test: int, w: float) -> None:
+        self.table, self.test, self.w = table, test, w
+        self.rewards = table.rewards(w)[test]
+        self.terms = table.terms[test]
+
+    @property
+    def k(self) -> int:
+        return int(self.table.masks.shape[1])
+
+    def available(self) -> np.ndarray:
+        """Indices of the masks this task's table holds."""
+        return np.flatnonzero(np.isfinite(self.terms[:, 0]))
+
+    def evaluate(self, trial: Trial) -> Result:
+        if trial.peft is not None:
+            raise ConfigError(
+                f"trial {trial.label or trial.peft!r} asks for PEFT method {trial.peft!r}; a table holds "
+                "one method's fine-tunes: search it live (python -m memrl.search)"
+            )
+        i = mask_index(trial.mask)
+        reward = float(self.rewards[i])
+        ok = bool(np.isfinite(reward))
+        return Result(
+            reward if ok else float("-inf"),
+            float(self.terms[i, 0]),
+            float(self.terms[i, 1]),
+            ok,
+            cache_hit=True,
+        )
+
+    def references(self) -> tuple[float, float]:
+        return float(self.rewards[0]), float(self.rewards[-1])
+
+    def prefetch(self, trials: list[Trial]) -> None:
+        """Nothing to do: every row is stored."""

@@ -1,0 +1,5 @@
+import sys
+
+from research.benchmark.cli import main
+
+sys.exit(main())
