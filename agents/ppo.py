@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -204,6 +205,45 @@ def load_checkpoint(model: PPO, path: Path) -> None:
             "resume with the run's own config.yaml"
         ) from None
     model.num_timesteps, model._n_updates = state["num_timesteps"], state["n_updates"]
+
+
+class ProgressLog(BaseCallback):
+    """Logs PPO's progress (timesteps, share done, time left) through ``logging`` every
+    ``every_s`` seconds and at the end: the progress bar draws nothing when the output is a file,
+    and the run's log file (``train.log``) gets these lines."""
+
+    def __init__(self, total: int, every_s: float = 30.0) -> None:
+        super().__init__()
+        self.total, self.every_s = total, every_s
+        self.start = self.last = 0.0
+        self.first = 0
+
+    def _on_training_start(self) -> None:
+        self.start = self.last = time.monotonic()
+        self.first = int(self.num_timesteps)
+
+    def _on_step(self) -> bool:
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            self.last = now
+            self.report(now)
+        return True
+
+    def _on_training_end(self) -> None:
+        self.report(time.monotonic())
+
+    def report(self, now: float) -> None:
+        done = int(self.num_timesteps) - self.first
+        elapsed = now - self.start
+        left = elapsed / done * (self.total - done) if done else float("nan")
+        log.info(
+            "PPO: %d of %d timesteps (%.0f%%), %.0f s so far, about %.0f s left",
+            done,
+            self.total,
+            100 * done / max(self.total, 1),
+            elapsed,
+            left,
+        )
 
 
 class AtomicCheckpoint(BaseCallback):

@@ -16,11 +16,15 @@ import cProfile
 import hashlib
 import json
 import pstats
+import sys
 import time
+from pathlib import Path
 
-from memrl.config import load_config
-from research.benchmark.experiments import BUDGETS, transfer_fold
-from research.benchmark.folds import load_table, split_folds
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: research/ is not installed
+
+from memrl.config import load_config  # noqa: E402
+from research.benchmark.experiments import BUDGETS, transfer_fold  # noqa: E402
+from research.benchmark.folds import load_table, split_folds  # noqa: E402
 
 
 def main() -> None:

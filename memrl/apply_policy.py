@@ -440,6 +440,7 @@ def _apply(args: argparse.Namespace, stack: contextlib.ExitStack) -> Path:
     policy.check_space(task.space)
     preference = user_preference(args, policy)
     stack.enter_context(folder_lock(args.out))
+    setup_logging(log_file=args.out / "apply.log")
     mask, tried = choose_mask(policy, task, args.candidates, args.budget, preference, args.searcher)
     searched = searches(policy, args.budget, args.searcher)
     if searched:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ from memrl.searchers import (
 from memrl.utils import atomic_path, setup_logging
 
 __all__ = ["main", "run_search"]
+
+log = logging.getLogger("memrl.search")
 
 COLUMNS = (
     "label",
@@ -91,7 +94,21 @@ def run_search(
     )
     searcher = make_searcher(method, knowledge)
     with tqdm(total=budget, desc=f"{method} search") as bar:
-        history = run(searcher, TaskOracle(target, workers=workers), budget, workers, lambda _: bar.update())
+
+        def progress(history: History) -> None:
+            bar.update()
+            result = history.results[-1]
+            log.info(
+                "%s: fine-tune %d of %d, mask %s, reward %+.3f (%.0f s)",
+                method,
+                len(history),
+                budget,
+                "".join(map(str, history.trials[-1].mask)),
+                result.reward,
+                result.seconds,
+            )
+
+        history = run(searcher, TaskOracle(target, workers=workers), budget, workers, progress)
     return rows_of(history, cfg.search.method)
 
 
@@ -150,6 +167,7 @@ def _search(args: argparse.Namespace) -> int:
     task = int(args.task) if args.task.isdigit() else args.task
     policy = load_policy(args.policy) if args.policy is not None else None
     args.out.mkdir(parents=True, exist_ok=True)
+    setup_logging(log_file=args.out / "search.log")
     cfg.env.store = str(command_store(cfg, args.out))
     dump_config(cfg, args.out / "config.yaml")
     rows = run_search(cfg, args.method, args.budget, cfg.seed, task, args.workers, policy)

@@ -29,6 +29,10 @@ from memrl.utils import atomic_write_text, package_versions, setup_logging
 log = logging.getLogger("memrl.train_agent")
 
 
+LOG_FILE = "train.log"
+"""The run's log, progress included, in its run folder."""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m memrl.train_agent",
@@ -88,6 +92,7 @@ def _learn(cfg: Config, run_dir: Path, resume: bool) -> tuple[Any, Any, Any]:
         CHECKPOINT,
         AtomicCheckpoint,
         EvaluationLogger,
+        ProgressLog,
         build_ppo,
         load_checkpoint,
         make_env,
@@ -106,7 +111,7 @@ def _learn(cfg: Config, run_dir: Path, resume: bool) -> tuple[Any, Any, Any]:
         if remaining > 0:
             model.learn(
                 remaining,
-                callback=[logger, saver],
+                callback=[logger, saver, ProgressLog(remaining)],
                 progress_bar=True,
                 reset_num_timesteps=not resume,
                 tb_log_name="ppo",
@@ -160,6 +165,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, report: bool = True)
     if Path(store).is_absolute():  # a store outside the run is opened (and refused) first
         EvaluationStore(store)
     run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(log_file=run_dir / LOG_FILE)
+    log.info("log: %s (every line of this run, with its time)", run_dir / LOG_FILE)
     dump_config(load_config(cfg, {"env.store": store}), run_dir / "config.yaml")
     record_run(cfg, run_dir, "running")
     try:

@@ -132,10 +132,20 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def setup_logging(level: int = 20) -> None:
-    """Logging for the command-line tools: memrl at INFO, chatty dependencies at WARNING."""
+def setup_logging(level: int = 20, log_file: Path | None = None) -> None:
+    """Logging for the command-line tools: memrl at INFO, chatty dependencies at WARNING;
+    ``log_file``: also append every record, with its time, to that file (progress included), so
+    a run whose terminal output goes nowhere can be followed with ``tail -f``."""
     import logging
 
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for name in ("faiss", "faiss.loader", "httpx", "matplotlib"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    if log_file is not None:
+        root = logging.getLogger()
+        target = str(Path(log_file).resolve())
+        if not any(getattr(h, "baseFilename", None) == target for h in root.handlers):
+            Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(log_file)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            root.addHandler(handler)
