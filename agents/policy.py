@@ -8,6 +8,7 @@ the card and reads only the weights (``torch.load(weights_only=True)``): nothing
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import json
@@ -15,13 +16,16 @@ import pickle
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from memrl.agents.search_net import CandidatePolicy
 
 from memrl.config import Config, load_config
+from memrl.data import fit_sizes, usable_count
 from memrl.descriptor import DESCRIPTOR_VERSION, descriptor_fields
 from memrl.episode import (
     SearchHistory,
@@ -34,6 +38,8 @@ from memrl.episode import (
 from memrl.errors import ConfigError, PolicyError
 from memrl.prior import TransferPrior
 from memrl.reward import PREFERENCE_FIELDS, preference_of, reward_version, with_preference
+from memrl.searchers import Knowledge, SearchPolicySearcher, run
+from memrl.task import Task, architecture_space, make_evaluator, task_config
 from memrl.utils import atomic_write_text, package_versions
 
 CARD_SUFFIX = ".card.json"
@@ -132,7 +138,6 @@ def read_card(card_file: Path) -> dict[str, Any]:
 
 def shipped_policy() -> Path:
     """The policy that ships with memrl (trained on the MemControl-Bench training tasks)."""
-    from importlib import resources
 
     return Path(str(resources.files("memrl") / "assets" / "policy" / "policy.zip"))
 
@@ -198,7 +203,6 @@ class Policy:
     @classmethod
     def of_model(cls, model: Any, cfg: Config, prior: TransferPrior | None = None) -> Policy:
         """The policy of an SB3 model just trained on ``cfg`` (nothing is written)."""
-        from memrl.task import architecture_space
 
         card = make_card(architecture_space(cfg), cfg, model.observation_space.shape[0])
         return cls(card=card, network=model.policy, config=cfg, prior=prior)
@@ -283,7 +287,6 @@ class Policy:
         :class:`memrl.searchers.TaskOracle` or :class:`~memrl.searchers.TableOracle`): each mask
         the most probable one not tried yet after every result so far. Returns the
         :class:`~memrl.searchers.History`."""
-        from memrl.searchers import Knowledge, SearchPolicySearcher, run
 
         knowledge = Knowledge(self.k, self.preference(preference), budget=budget, descriptor=descriptor)
         return run(SearchPolicySearcher(self, knowledge), oracle, budget, on_result=on_result)
@@ -308,10 +311,6 @@ class Policy:
         ``data`` overrides, for a preference (None: the training config's weights). Computes the
         dataset's descriptor; fine-tunes nothing. Splits are sized from the data, as
         ``apply_policy`` sizes them (16 images: 12 and 4 held out)."""
-        import dataclasses
-
-        from memrl.data import fit_sizes, usable_count
-        from memrl.task import Task, make_evaluator, task_config
 
         base = load_config(
             self.config, {"env.tasks": [], "env.store": None, "env.table": None, "env.backend": "inprocess"}
@@ -349,8 +348,6 @@ def load_policy(path: str | Path) -> Policy:
     network_cls: Any = ActorCriticPolicy
     prior = None
     if card["action_mode"] == "search":
-        from memrl.agents.search_net import CandidatePolicy
-
         if int(card["observation_dim"]) != search_observation_size(k):
             raise PolicyError(
                 f"{card_file}: observation_dim {card['observation_dim']} is not this memrl's search "
@@ -362,7 +359,6 @@ def load_policy(path: str | Path) -> Policy:
         names = card.get("prior", {}).get("tasks")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise PolicyError(f"{card_file}: a search policy's card lists its prior's tasks; retrain it")
-        from memrl.descriptor import descriptor_fields
 
         prior = TransferPrior.load(prior_path(path), names, 2**k, len(descriptor_fields(k)))
     elif card["action_mode"] == "mask":

@@ -25,6 +25,7 @@ from memrl.episode import (
 )
 from memrl.errors import ConfigError, EpisodeOverError, NotInStoreError
 from memrl.prior import PRIOR_FEATURES, TransferPrior
+from memrl.render import sample_grid
 from memrl.reward import PREFERENCE_FIELDS, draw_preference, preference_of, with_preference
 from memrl.spec import Evaluation
 from memrl.task import Outcome, Task, architecture_space, make_evaluator, suite, task_config
@@ -359,7 +360,6 @@ class MemControlEnv(gym.Env):
     def render(self):
         if self.render_mode != "rgb_array":
             return None
-        from memrl.render import sample_grid
 
         last = self._last
         if last is None or last.samples is None or last.nearest is None or self.task is None:

@@ -25,12 +25,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from memrl.agents.policy import load_policy, shipped_policy
 from memrl.cli import run_main
 from memrl.config import Config, dump_config, load_config, parse_overrides
+from memrl.data import fit_sizes, usable_count
+from memrl.data.imageset import first_image, image_digests, resize_images
 from memrl.errors import ConfigError, MemrlError
-from memrl.reward import PREFERENCE_FIELDS
-from memrl.searchers import spec_of
+from memrl.peft_methods import merge_adapters
+from memrl.report import pyplot, save_figure, task_rows
+from memrl.reward import PREFERENCE_FIELDS, Reward, with_preference
+from memrl.scoring import finetune_and_score
+from memrl.searchers import Knowledge, TaskOracle, make_searcher, run, spec_of
+from memrl.store import EvaluationStore
+from memrl.task import Task, TaskContext, architecture_space, full_unet, make_evaluator
 from memrl.utils import atomic_write_text, folder_lock, package_versions, setup_logging
 
 log = logging.getLogger("memrl.apply_policy")
@@ -134,8 +143,6 @@ def live_search(
     """A search run live with registered ``searcher`` (default: the search policy itself): the two
     references first (no fine-tune, mask of ones), then ``budget`` fine-tunes, each printed as it
     finishes. Returns the best mask and the trace."""
-    from memrl.reward import with_preference
-    from memrl.searchers import Knowledge, TaskOracle, make_searcher, run
 
     trace: list[dict[str, Any]] = []
 
@@ -180,12 +187,7 @@ def live_search(
 
 def plot_search(trace: list[dict[str, Any]], baseline_note: str, path: Path) -> None:
     """Each fine-tune's reward and the best so far, in the order the search ran them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from memrl.report import save_figure
+    plt = pyplot()
 
     steps = np.arange(1, len(trace) + 1)
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
@@ -212,7 +214,6 @@ def choose_mask(
     """The best mask for ``preference``: the policy's zero-shot proposal at budget 0; after
     ``budget`` live fine-tunes, the best that ``searcher`` found (a search policy searches itself);
     for another policy, its best-rewarded top candidate."""
-    from memrl.reward import with_preference
 
     if searches(policy, budget, searcher):
         return live_search(policy, task, budget, preference, searcher)
@@ -232,12 +233,7 @@ def preference_sweep(policy: Any, task: Any, points: int, out: Path) -> list[dic
     """The policy's mask for ``points`` memorization weights from 0 to 1 (quality 1 minus it),
     each evaluated on the task (search protocol; a mask shared by several weights is evaluated
     once); writes ``preferences.png``, the masks on the quality/memorization plane."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from memrl.report import save_figure
+    plt = pyplot()
 
     base = policy.preference()
     rows = []
@@ -283,8 +279,6 @@ def preference_sweep(policy: Any, task: Any, points: int, out: Path) -> list[dic
 def stored_terms(task: Any) -> np.ndarray:
     """(N, 2) memorization and quality terms of every stored evaluation of ``task`` (its store and
     tables; nothing is evaluated)."""
-    from memrl.report import task_rows
-    from memrl.reward import Reward
 
     ev = task.evaluator
     rows, _ = task_rows(task.cfg, [ev.store, *ev.tables])
@@ -329,7 +323,6 @@ count as near duplicates."""
 def split_duplicates(splits: Any) -> dict[str, int]:
     """Held-out images that are exact or near duplicates of a fine-tune image: they make the copy
     threshold and membership inference meaningless (a copy looks like a held-out image)."""
-    import torch
 
     held, train = splits.heldout.images.flatten(1), splits.private.images.flatten(1)
     d = torch.cdist(held.float(), train.float()).min(dim=1).values / held.shape[1] ** 0.5
@@ -361,9 +354,6 @@ def delivery_config(cfg: Config, n_images: int, steps: int) -> Config:
 def deliver(cfg: Config, mask: np.ndarray, out: Path | None, store: Any) -> Any:
     """Fine-tune with ``mask`` under ``cfg``, score it, store the evaluation; save the merged model
     to ``out`` when given."""
-    from memrl.peft_methods import merge_adapters
-    from memrl.scoring import finetune_and_score
-    from memrl.task import TaskContext
 
     ctx = TaskContext.get(cfg)
     try:
@@ -384,7 +374,6 @@ SPLIT_FILE = "split.json"
 
 def write_split(path: Path, source: str, splits: Any) -> None:
     """Record the delivered fine-tune's split: each image's file name (folders) and pixel digest."""
-    from memrl.data.imageset import image_digests
 
     record = {
         "source": source,
@@ -404,10 +393,6 @@ def apply(args: argparse.Namespace) -> Path:
 
 
 def _apply(args: argparse.Namespace, stack: contextlib.ExitStack) -> Path:
-    from memrl.agents.policy import load_policy, shipped_policy
-    from memrl.data import fit_sizes, usable_count
-    from memrl.store import EvaluationStore
-    from memrl.task import Task, TaskContext, architecture_space, full_unet, make_evaluator
 
     if args.steps is not None and args.steps < 1:
         raise ConfigError(
@@ -515,14 +500,7 @@ def _apply(args: argparse.Namespace, stack: contextlib.ExitStack) -> Path:
 def resize_figure(source: str, side: int, path: Path) -> str:
     """When the user's images are resized to the model's resolution: the first of them before and
     after (``resized.png``) and the report's paragraph saying so; else nothing."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch
-
-    from memrl.data.imageset import first_image, resize_images
-    from memrl.report import save_figure
+    plt = pyplot()
 
     before = first_image(source)
     if before is None or before.shape[-2:] == (side, side):

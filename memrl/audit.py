@@ -30,9 +30,11 @@ each conditioned on its caption: ``captions.csv`` or ``data.caption_template``; 
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import dataclasses
 import json
+import json as _json
 import logging
 import math
 import sys
@@ -42,11 +44,40 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
 
+import memrl
 from memrl.cli import add_config_args, config_from_args, run_main
 from memrl.config import Config
+from memrl.data.imageset import image_digests
+from memrl.data.splits import DataSplits, base_split, source_set
+from memrl.encoders import embed, get_encoder
 from memrl.errors import ConfigError, DataError, ModelError
-from memrl.metrics.membership import calibrated_losses, membership_auc, tpr_at_fpr
+from memrl.metrics.membership import bootstrap_interval, calibrated_losses, membership_auc, tpr_at_fpr
+from memrl.metrics.memorization import (
+    NearestNeighbourIndex,
+    copy_threshold,
+    denoising_loss,
+    extraction_count,
+    extraction_threshold,
+    noise_norm,
+    pia_error,
+)
+from memrl.metrics.quality import fid_kid
+from memrl.models import load_model
+from memrl.models.stable_diffusion import (
+    TextConditionedModel,
+    captions_of,
+    decode_latents,
+    encode_latents,
+    encode_prompts,
+    is_pipeline_folder,
+    load_components,
+)
+from memrl.render import sample_grid
+from memrl.report import pyplot, save_figure
+from memrl.sampling import sample
 from memrl.utils import atomic_path, atomic_write_text, package_versions, setup_logging
 
 log = logging.getLogger("memrl.audit")
@@ -100,7 +131,6 @@ def parse_gates(items: list[str]) -> dict[str, float]:
 
 def load_images(source: str, cfg: Config, what: str) -> Any:
     """The images of ``source`` (folder, .npz or bundled name) at the model's resolution."""
-    from memrl.data.splits import source_set
 
     try:
         return source_set(dataclasses.replace(cfg.data, source=source))
@@ -112,7 +142,6 @@ def from_record(folder: Path, cfg: Config, train: Any, heldout: Any) -> tuple[An
     """The training and held-out images an ``apply_policy`` results folder recorded (``split.json``):
     they fill in a missing ``--train`` or ``--heldout``; held-out images given by hand that the
     record says were fine-tuned on are refused by name."""
-    from memrl.data.imageset import image_digests
 
     path = folder / "split.json"
     if not path.is_file():
@@ -150,7 +179,6 @@ def from_record(folder: Path, cfg: Config, train: Any, heldout: Any) -> tuple[An
 
 def check_inputs(train: Any, heldout: Any, fpr: float) -> None:
     """Held-out images that are training images, or too few of them for ``fpr``: refused."""
-    import torch
 
     d = torch.cdist(heldout.images.flatten(1).float(), train.images.flatten(1).float())
     shared = int((d.min(dim=1).values == 0).sum())
@@ -186,17 +214,6 @@ def _label_model(model: Any) -> Audited:
 
 
 def _pipeline_model(components: Any, unet: Any, cfg: Config, images: list[Any]) -> Audited:
-    import json as _json
-
-    import torch
-
-    from memrl.models.stable_diffusion import (
-        TextConditionedModel,
-        captions_of,
-        decode_latents,
-        encode_latents,
-        encode_prompts,
-    )
 
     template = cfg.data.caption_template
     prompts = [*dict.fromkeys(c for part in images for c in captions_of(part, template) if c), ""]
@@ -217,10 +234,6 @@ def load_audited(path: Path, cfg: Config, base: Path | None, images: list[Any]) 
     applied to the pipeline ``base``, or a memrl model / diffusers UNet folder whose resolution
     and channels match ``cfg.data``. ``images``: the audited sets (their captions make the prompt
     table of a pipeline)."""
-    import copy
-
-    from memrl.models import load_model
-    from memrl.models.stable_diffusion import is_pipeline_folder, load_components
 
     if (path / "model").is_dir() and (path / "result.json").is_file():
         path = path / "model"  # an apply_policy results folder: its delivered model
@@ -257,20 +270,6 @@ def measure(
     audited: Audited, train: Any, heldout: Any, cfg: Config, encoder: Any, n_samples: int, fpr: float
 ) -> dict[str, Any]:
     """Every figure of one model, with per-image scores (see the module docstring)."""
-    import torch
-
-    from memrl.encoders import embed
-    from memrl.metrics.memorization import (
-        NearestNeighbourIndex,
-        copy_threshold,
-        denoising_loss,
-        extraction_count,
-        extraction_threshold,
-        noise_norm,
-        pia_error,
-    )
-    from memrl.metrics.quality import fid_kid
-    from memrl.sampling import sample
 
     m, s, model = cfg.metrics, cfg.sample, audited.model
     train_inputs, train_labels = audited.to_inputs(train)
@@ -327,7 +326,6 @@ def measure(
 def attack_figures(auc: str, tpr: str, train: np.ndarray, held: np.ndarray, fpr: float) -> dict[str, Any]:
     """An attack's AUC and TPR at ``fpr`` on per-image scores (lower = more member-like), each
     with its 95% bootstrap interval over images (``<name>_ci``)."""
-    from memrl.metrics.membership import bootstrap_interval
 
     def at_fpr(a: np.ndarray, b: np.ndarray) -> float:
         return tpr_at_fpr(a, b, fpr)
@@ -377,13 +375,7 @@ def add_calibrated(results: dict[str, dict[str, Any]], fpr: float) -> None:
 
 def write_outputs(out: Path, results: dict[str, dict[str, Any]], train: Any, meta: dict[str, Any]) -> None:
     """``audit.json``, ``exposure.csv``, the plots and ``report.md``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from memrl.render import sample_grid
-    from memrl.report import save_figure
+    plt = pyplot()
 
     out.mkdir(parents=True, exist_ok=True)
     public = {name: {k: v for k, v in r.items() if not k.startswith("_")} for name, r in results.items()}
@@ -529,8 +521,6 @@ def check_args(args: argparse.Namespace) -> dict[str, float]:
 def check_finite(folder: Path) -> None:
     """Refuse a memrl model or UNet folder whose weights hold NaN or infinity (they crash native
     code later, with no message); pipelines and adapters are checked when loaded."""
-    import torch
-    from safetensors import SafetensorError, safe_open
 
     if (folder / "model_index.json").is_file() or (folder / "adapter_config.json").is_file():
         return
@@ -561,7 +551,6 @@ MODEL_FILES = (
 
 def check_out(out: Path) -> None:
     """``--out`` must be a folder (or not exist yet) outside the installed memrl package."""
-    import memrl
 
     if out.exists() and not out.is_dir() or out.is_symlink() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder; name a new or existing folder")
@@ -573,10 +562,6 @@ def check_out(out: Path) -> None:
 
 def audit(args: argparse.Namespace) -> int:
     """Run the audit; returns 1 when a ``--fail-above`` gate fails, else 0."""
-    import torch
-
-    from memrl.data.splits import DataSplits, base_split
-    from memrl.encoders import get_encoder
 
     gates = check_args(args)
     cfg: Config = config_from_args(args)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -120,7 +121,6 @@ RAY_CONNECT_TIMEOUT = 5.0
 def check_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT) -> None:
     """Raise ConfigError unless ``address`` (``host:port`` or ``ray://host:port``) accepts a TCP
     connection within ``timeout`` seconds (``ray.init`` itself can wait for minutes)."""
-    import socket
 
     hostport = address.split("://", 1)[-1]
     host, _, port = hostport.rpartition(":")

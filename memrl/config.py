@@ -21,7 +21,16 @@ from typing import Any
 import yaml
 
 from memrl.errors import ConfigError
-from memrl.utils import stable_hash
+from memrl.registry import (
+    BACKENDS,
+    ENCODER_KINDS,
+    FAISS_INDEXES,
+    GRANULARITIES,
+    METHODS,
+    METRICS,
+    NN_BACKENDS,
+)
+from memrl.utils import atomic_write_text, stable_hash
 
 __all__ = ["Config", "ConfigError", "config_names", "dump_config", "load_config", "parse_overrides"]
 
@@ -282,7 +291,6 @@ class Config:
 
 def _choices() -> dict[str, tuple[str | None, ...]]:
     """Allowed values of the fields with a fixed vocabulary, from the modules that own them."""
-    from memrl.registry import BACKENDS, ENCODER_KINDS, FAISS_INDEXES, GRANULARITIES, METHODS, NN_BACKENDS
 
     return {
         "search.granularity": GRANULARITIES,
@@ -396,7 +404,6 @@ def _validate_ray(r: RayConfig) -> None:
 
 
 def _validate_reward(r: RewardConfig) -> None:
-    from memrl.registry import METRICS
 
     for name in ("memorization", "quality"):
         value = getattr(r, name)
@@ -729,6 +736,5 @@ def task_overrides(task: dict[str, Any]) -> dict[str, Any]:
 
 def dump_config(cfg: Config, path: Path) -> None:
     """Write ``cfg`` as YAML atomically."""
-    from memrl.utils import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

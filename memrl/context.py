@@ -13,14 +13,32 @@ It knows nothing of where evaluations run (:mod:`memrl.evaluator`) or of rewards
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from memrl.config import Config, load_config, task_overrides
+from memrl.data import ImageSet, load_splits
+from memrl.encoders import embed, get_encoder
 from memrl.errors import ConfigError, ModelError
+from memrl.metrics.memorization import NearestNeighbourIndex, copy_threshold, extraction_threshold
+from memrl.models import build_unet, get_base_model
+from memrl.models.base import shipped_fingerprint
+from memrl.models.stable_diffusion import (
+    TextConditionedModel,
+    captions_of,
+    decode_latents,
+    encode_latents,
+    encode_prompts,
+    is_pipeline_folder,
+    load_components,
+)
 from memrl.search_space import SearchSpace
 from memrl.spec import EvalSpec, spec_settings
 from memrl.utils import stable_hash
@@ -40,14 +58,10 @@ if TYPE_CHECKING:
 def _architecture_space(
     model_path: str | None, model_json: str, resolution: int, channels: int, granularity: str, method: str
 ) -> SearchSpace:
-    import json
 
-    import torch
     from diffusers import UNet2DConditionModel
 
     if model_path is None:
-        from memrl.models import build_unet
-
         cfg = load_config(
             {"model": json.loads(model_json), "data": {"resolution": resolution, "channels": channels}}
         )
@@ -75,7 +89,6 @@ def _architecture_space(
 
 def architecture_space(cfg: Config) -> SearchSpace:
     """The task's search space, read off the base UNet's architecture (no weights, no training)."""
-    import json
 
     return _architecture_space(
         cfg.model.path,
@@ -97,7 +110,6 @@ class TaskContext:
     _cache: dict[str, TaskContext] = {}
 
     def __init__(self, cfg: Config) -> None:
-        from memrl.data import load_splits
 
         self.cfg = cfg
         self.settings = spec_settings(cfg)
@@ -116,7 +128,6 @@ class TaskContext:
     @functools.cached_property
     def sd(self) -> Components | None:
         """The Stable Diffusion components when ``model.path`` is a pipeline folder, else None."""
-        from memrl.models.stable_diffusion import is_pipeline_folder, load_components
 
         if not is_pipeline_folder(self.cfg.model.path):
             return None
@@ -125,7 +136,6 @@ class TaskContext:
     @functools.cached_property
     def prompts(self) -> list[str]:
         """Stable Diffusion path: the task's distinct captions, then the empty prompt (null label)."""
-        from memrl.models.stable_diffusion import captions_of
 
         template = self.cfg.data.caption_template
         seen = [
@@ -139,12 +149,6 @@ class TaskContext:
     def model_splits(self) -> DataSplits:
         """The splits the model trains and is scored on: the images themselves, or on the Stable
         Diffusion path their VAE latents, labelled by caption (an index into :attr:`prompts`)."""
-        import dataclasses
-
-        import torch
-
-        from memrl.data import ImageSet
-        from memrl.models.stable_diffusion import captions_of, encode_latents
 
         sd = self.sd
         if sd is None:
@@ -172,7 +176,6 @@ class TaskContext:
         """Model outputs as images in [-1, 1] (decoded through the VAE on the Stable Diffusion path)."""
         if self.sd is None:
             return samples
-        from memrl.models.stable_diffusion import decode_latents
 
         return decode_latents(self.sd, samples)
 
@@ -180,13 +183,8 @@ class TaskContext:
     def base(self) -> DiffusionModel:
         """The base model (shipped, cached, pretrained once, or a pipeline's UNet conditioned on
         the task's prompts); checked against the search space."""
-        from memrl.models import get_base_model
 
         if self.sd is not None:
-            import json
-
-            from memrl.models.stable_diffusion import TextConditionedModel, encode_prompts
-
             model: Any = TextConditionedModel(
                 self.sd.unet, encode_prompts(self.sd, self.prompts), self.sd.path
             )
@@ -205,7 +203,6 @@ class TaskContext:
     @functools.cached_property
     def fingerprints(self) -> dict[str, str]:
         """Fingerprints of the inputs that are not settings: data, base-model weights, search space."""
-        from memrl.models.base import shipped_fingerprint
 
         base = shipped_fingerprint(self.cfg, self.splits) if self.cfg.model.path is None else None
         if self.sd is not None:
@@ -226,32 +223,27 @@ class TaskContext:
 
     @functools.cached_property
     def encoder(self) -> nn.Module:
-        from memrl.encoders import get_encoder
 
         return get_encoder(self.cfg, self.splits)
 
     @functools.cached_property
     def train_embeddings(self) -> torch.Tensor:
-        from memrl.encoders import embed
 
         return embed(self.encoder, self.splits.private)
 
     @functools.cached_property
     def heldout_embeddings(self) -> torch.Tensor:
-        from memrl.encoders import embed
 
         return embed(self.encoder, self.splits.heldout)
 
     @functools.cached_property
     def index(self) -> NearestNeighbourIndex:
-        from memrl.metrics.memorization import NearestNeighbourIndex
 
         m = self.cfg.metrics
         return NearestNeighbourIndex(self.train_embeddings, m.index, m.faiss_index)
 
     @functools.cached_property
     def threshold(self) -> float:
-        from memrl.metrics.memorization import copy_threshold
 
         return copy_threshold(self.index, self.heldout_embeddings, self.cfg.metrics.copy_quantile)
 
@@ -259,7 +251,6 @@ class TaskContext:
     def extraction_threshold(self) -> float:
         """The tiled-L2 extraction threshold: fixed, or calibrated on held-out images
         (``metrics.extraction_quantile``)."""
-        from memrl.metrics.memorization import extraction_threshold
 
         m = self.cfg.metrics
         if m.extraction_quantile is None:

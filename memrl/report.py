@@ -14,11 +14,27 @@ from typing import Any
 
 import numpy as np
 
+from memrl.agents.policy import load_policy
+from memrl.cli import run_main
 from memrl.config import Config, load_config
-from memrl.evaluator import command_store
+from memrl.errors import ConfigError
+from memrl.evaluator import command_store, table_path
 from memrl.render import sample_grid
 from memrl.reward import References, Reward, pareto_front
+from memrl.store import EvaluationStore
+from memrl.task import TaskContext, suite
 from memrl.utils import atomic_path, atomic_write_text
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (writes files, opens no window), imported on first
+    use: memrl's one lazy import of matplotlib, so commands that plot nothing never load it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def save_figure(fig, path: Path) -> None:
@@ -29,7 +45,6 @@ def save_figure(fig, path: Path) -> None:
 def task_rows(task_cfg: Config, stores: list[Any]) -> tuple[list[dict[str, Any]], Any]:
     """Evaluations of one task (its data, fine-tune seed and search space) in the stores, the
     first store's row winning a repeated spec, and that task's context."""
-    from memrl.task import TaskContext
 
     ctx = TaskContext.get(task_cfg)
     fp, seed = ctx.fingerprints["data"], task_cfg.finetune.seed
@@ -48,7 +63,7 @@ def task_rows(task_cfg: Config, stores: list[Any]) -> tuple[list[dict[str, Any]]
 
 def _plot_rewards(run_dir: Path) -> None:
     """reward.png: episode rewards over training with a running mean (from episodes.jsonl)."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     episodes_file = run_dir / "episodes.jsonl"
     if not episodes_file.is_file():
@@ -75,7 +90,7 @@ def _plot_rewards(run_dir: Path) -> None:
 
 def _plot_samples(run_dir: Path, store, rows, ctx, masks: tuple[str, str]) -> bool:
     """samples.png: generated samples beside their nearest training images, full vs chosen."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     grids = []
     for label, key in zip(("all groups", "chosen mask"), masks):
@@ -105,14 +120,7 @@ def write_report(
     """Write ``report.md`` and PNG plots into ``run_dir`` from its store, the config's table and the
     episode log, for ``task_cfg`` (default: the config's first training task); ``sections`` are
     Markdown appended at the end."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from memrl.evaluator import table_path
-    from memrl.store import EvaluationStore
-    from memrl.task import suite
+    plt = pyplot()
 
     run_dir = Path(run_dir)
     cfg = config or load_config(run_dir / "config.yaml")
@@ -138,8 +146,6 @@ def write_report(
         r["reward"] = reward(r)
     card_file = run_dir / "policy.card.json"
     if chosen is None and (run_dir / "policy.zip").is_file() and card_file.is_file():
-        from memrl.agents.policy import load_policy
-
         chosen = [int(v) for v in load_policy(run_dir / "policy.zip").propose(task_cfg)[0]]
     chosen_key = (
         "".join(map(str, chosen)) if chosen is not None else max(rows, key=lambda r: r["reward"])["mask"]
@@ -217,8 +223,6 @@ def write_report(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from memrl.cli import run_main
-    from memrl.errors import ConfigError
 
     parser = argparse.ArgumentParser(prog="python -m memrl.report", description="Write a run's report.")
     parser.add_argument("run_dir", type=Path)

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from memrl.models.unet import DiffusionModel
+from memrl.training import noise_scheduler
 
 
 @torch.no_grad()
@@ -26,7 +27,6 @@ def sample(
     is the unconditional prediction. On the CPU kernels the result is bit for bit the doubled
     batch's (``tests/test_models.py`` checks it; ``bench/bench_sampling.py`` measures the time and
     re-evaluates stored rows); other devices may pick other kernels for the other batch size."""
-    from memrl.training import noise_scheduler
 
     labels = model.labels_or_null(labels, len(labels))
     sched: Any = noise_scheduler(model, "ddim")

@@ -9,6 +9,7 @@ KID/FID and Wen's noise norm. ``evaluate_spec(spec)`` is the same as a pure func
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,13 @@ import numpy as np
 import torch
 
 from memrl.context import TaskContext
+from memrl.encoders import embed
 from memrl.errors import SpecError
+from memrl.finetune import finetune
+from memrl.metrics.membership import membership_auc, membership_metrics, tpr_at_fpr
+from memrl.metrics.memorization import copy_scores, denoising_loss, extraction_count, noise_norm
+from memrl.metrics.quality import fid_kid
+from memrl.sampling import sample
 from memrl.spec import EvalSpec, Evaluation
 from memrl.training import FinetuneResult
 from memrl.utils import package_versions
@@ -61,10 +68,6 @@ def loss_metrics(model: DiffusionModel, ctx: TaskContext) -> dict[str, float]:
     of the canaries, the whole private set and its non-canary images against held-out images) and
     the low tail (log ratio of the held-out to the training losses' 10% quantiles). What every
     checkpoint of a curve measures."""
-    import math
-
-    from memrl.metrics.membership import membership_auc, membership_metrics, tpr_at_fpr
-    from memrl.metrics.memorization import denoising_loss
 
     splits, m = ctx.splits, ctx.cfg.metrics
     trained = ctx.model_splits  # the images themselves, or their latents on the Stable Diffusion path
@@ -95,10 +98,6 @@ def loss_metrics(model: DiffusionModel, ctx: TaskContext) -> dict[str, float]:
 
 def score_model(model: DiffusionModel, ctx: TaskContext, mask: np.ndarray, ft: FinetuneResult) -> Evaluation:
     """Every metric of a fine-tuned ``model`` on ``ctx``'s task (``ft``: how it was fine-tuned)."""
-    from memrl.encoders import embed
-    from memrl.metrics.memorization import copy_scores, extraction_count, noise_norm
-    from memrl.metrics.quality import fid_kid
-    from memrl.sampling import sample
 
     splits, m, s = ctx.splits, ctx.cfg.metrics, ctx.cfg.sample
     trained = ctx.model_splits
@@ -209,7 +208,6 @@ def finetune_and_score(ctx: TaskContext, mask: np.ndarray) -> tuple[DiffusionMod
 
     Raises FloatingPointError when the fine-tune diverges. Returns the model and its Evaluation.
     """
-    from memrl.finetune import finetune
 
     mask = ctx.space.validate(mask)
     start = time.perf_counter()

@@ -24,10 +24,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from memrl.agents.policy import load_policy
 from memrl.cli import add_config_args, config_from_args, run_main
 from memrl.config import Config, dump_config
 from memrl.errors import ConfigError, MemrlError
 from memrl.evaluator import command_store
+from memrl.report import write_report
 from memrl.reward import preference_of
 from memrl.searchers import (
     ALIASES,
@@ -40,6 +42,7 @@ from memrl.searchers import (
     run,
     spec_of,
 )
+from memrl.task import Task, make_evaluator, resolve_task
 from memrl.utils import atomic_path, setup_logging
 
 __all__ = ["main", "run_search"]
@@ -71,7 +74,6 @@ def run_search(
     """Search task ``task`` of ``cfg`` with registered searcher ``method`` for ``budget``
     fine-tunes, ``workers`` at a time (concurrent with ``env.backend=ray``); ``policy``: a loaded
     policy (its prior serves the transfer searchers). Returns one row per evaluation."""
-    from memrl.task import Task, make_evaluator, resolve_task
 
     if workers < 1:
         raise ConfigError(f"--workers {workers} must be at least 1")
@@ -159,9 +161,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from memrl.agents.policy import load_policy
-    from memrl.report import write_report
-    from memrl.task import resolve_task
 
     cfg = config_from_args(args)
     task = int(args.task) if args.task.isdigit() else args.task

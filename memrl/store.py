@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from memrl.cli import run_main
 from memrl.errors import StoreError
 from memrl.spec import EvalSpec, Evaluation, with_derived_metrics
 from memrl.utils import atomic_path, cache_dir
@@ -342,7 +343,6 @@ def summary(store: EvaluationStore) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from memrl.cli import run_main
 
     parser = argparse.ArgumentParser(prog="python -m memrl.store", description=summary.__doc__)
     parser.add_argument("path", type=Path, help="the sqlite store (opened read-only)")

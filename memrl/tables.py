@@ -32,15 +32,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from memrl.cli import add_config_args, config_from_args, run_main
 from memrl.config import Config, load_config
 from memrl.context import TaskContext, full_unet, suite
+from memrl.data import load_splits
+from memrl.descriptor import descriptor_key
 from memrl.errors import StoreError
 from memrl.evaluator import SHIPPED, make_evaluator, shipped_dir, table_path  # noqa: F401  (re-exported)
 from memrl.spec import SPEC_VERSION, EvalSpec
 from memrl.store import EvaluationStore
 from memrl.task import NOISE_SEEDS, Task, noise_masks  # noqa: F401  (re-exported)
-from memrl.utils import atomic_path, cache_dir, package_versions
+from memrl.utils import atomic_path, cache_dir, package_versions, setup_logging
 
 log = logging.getLogger("memrl.tables")
 
@@ -161,8 +165,6 @@ def rekey(store_path: Path) -> int:
     (memrl before the source digest hashed resized pixels, which differ between CPUs) are found
     again; a row whose key is already current is left alone. Atomic: the store is rewritten in one
     transaction. Returns the rows re-keyed."""
-    from memrl.data import load_splits
-    from memrl.descriptor import descriptor_key
 
     EvaluationStore(store_path)  # checks it is a sound, writable store
     new_data: dict[str, str] = {}
@@ -205,7 +207,6 @@ def build(
     table built earlier): ``workers`` single-threaded local processes (``pool``), or Ray tasks
     (``ray``: ``workers`` at a time, on the cluster of ``ray.address``). Returns how many were
     evaluated."""
-    from tqdm.auto import tqdm
 
     if seed_from is not None and seed_from.is_file():
         log.info("imported %d rows from %s", import_rows(store_path, seed_from), seed_from)
@@ -359,8 +360,6 @@ def status(cfg: Config, store_path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from memrl.cli import add_config_args, config_from_args, run_main
-    from memrl.utils import setup_logging
 
     parser = argparse.ArgumentParser(
         prog="python -m memrl.tables",

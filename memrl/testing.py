@@ -12,13 +12,17 @@ working folder, exit code, stdout and stderr, and an interpreter exit without th
 
 from __future__ import annotations
 
+import atexit
+import importlib
 import json
 import os
+import runpy
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,7 +84,6 @@ def zygote() -> None:
     """The zygote's loop: import :data:`PRELOAD`, then per request line (JSON: args, cwd, env, and
     the files for stdout and stderr) fork a child that runs ``python -m args`` and answer with its
     exit code; ends when stdin closes."""
-    import importlib
 
     for name in PRELOAD:
         importlib.import_module(name)
@@ -111,9 +114,6 @@ def _run_as_main(module: str) -> int:
     """Run ``module`` as ``__main__`` and end as the interpreter would, minus the module teardown
     (seconds with torch loaded; objects are not promised a finaliser at exit anyway): non-daemon
     threads joined, ``atexit`` handlers run, output flushed. Returns the exit code."""
-    import atexit
-    import runpy
-    import traceback
 
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)

@@ -20,10 +20,27 @@ import time
 from pathlib import Path
 from typing import Any
 
+from memrl.agents.policy import load_policy, prior_path, write_card
+from memrl.agents.ppo import (
+    CHECKPOINT,
+    AtomicCheckpoint,
+    EvaluationLogger,
+    ProgressLog,
+    build_ppo,
+    load_checkpoint,
+    make_env,
+)
+from memrl.apply_policy import preference_sweep, sweep_section
+from memrl.backends import run_inprocess
 from memrl.cli import add_config_args, config_from_args, run_main
 from memrl.config import Config, dump_config, load_config
 from memrl.errors import ConfigError, MemrlError
 from memrl.evaluator import STORE_FILE, command_store
+from memrl.report import write_report
+from memrl.searchers import TaskOracle
+from memrl.store import EvaluationStore
+from memrl.tables import complete_tasks
+from memrl.task import Task, TaskContext, architecture_space, make_evaluator, suite
 from memrl.utils import atomic_write_text, package_versions, setup_logging
 
 log = logging.getLogger("memrl.train_agent")
@@ -69,7 +86,6 @@ def resolve_run(args: argparse.Namespace) -> tuple[Config, Path]:
 
 def record_run(cfg: Config, run_dir: Path, status: str, extra: dict[str, Any] | None = None) -> None:
     """``run.json``: seed, config hash, versions, task fingerprints and the run's status."""
-    from memrl.task import TaskContext, suite
 
     tasks = [
         {"name": e.name, "heldout": e.heldout, **TaskContext.get(e.cfg).fingerprints} for e in suite(cfg)
@@ -88,15 +104,6 @@ def record_run(cfg: Config, run_dir: Path, status: str, extra: dict[str, Any] | 
 def _learn(cfg: Config, run_dir: Path, resume: bool) -> tuple[Any, Any, Any]:
     """Build the env and PPO (resuming a checkpoint), learn, and check that some evaluation
     succeeded. Returns the model, the episode logger and the env."""
-    from memrl.agents.ppo import (
-        CHECKPOINT,
-        AtomicCheckpoint,
-        EvaluationLogger,
-        ProgressLog,
-        build_ppo,
-        load_checkpoint,
-        make_env,
-    )
 
     env = make_env(cfg, cfg.ppo.n_envs, cfg.seed)
     model = build_ppo(cfg, env, run_dir)
@@ -136,14 +143,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, report: bool = True)
     Everything that can fail on bad input is built before the run directory is written; the
     directory's ``run.json`` says whether the run completed.
     """
-    from memrl.agents.policy import prior_path, write_card
-    from memrl.store import EvaluationStore
-    from memrl.task import TaskContext, architecture_space, suite
 
     left_out: list[str] = []
     if cfg.env.backend == "replay" and cfg.env.table and not cfg.env.replay_fallback:
-        from memrl.tables import complete_tasks
-
         tasks, left_out = complete_tasks(cfg)
         if not any(not t.get("heldout") for t in tasks):
             raise MemrlError(
@@ -195,10 +197,6 @@ def report_task(cfg: Config, policy_path: Path, run_dir: Path) -> None:
     mask on the Pareto plot of every stored mask, its masks across preferences when it was trained
     on a range of them, and, when the evaluations came from a table, one live fine-tune of its mask
     printed beside the table's row for the same spec (``check.json``)."""
-    from memrl.agents.policy import load_policy
-    from memrl.apply_policy import preference_sweep, sweep_section
-    from memrl.report import write_report
-    from memrl.task import Task, make_evaluator, suite
 
     entries = suite(cfg)
     target = next((e for e in entries if e.heldout), None) or entries[0]
@@ -231,7 +229,6 @@ def report_task(cfg: Config, policy_path: Path, run_dir: Path) -> None:
 def replayed_search(policy: Any, task: Any) -> tuple[Any, str]:
     """A search policy's search of ``policy.budget`` masks on ``task`` (stored evaluations where
     the table has them, live fine-tunes otherwise); returns its best mask and a Markdown section."""
-    from memrl.searchers import TaskOracle
 
     history = policy.search(task.descriptor(), TaskOracle(task), policy.budget)
     best = history.best_index()
@@ -257,7 +254,6 @@ def live_check(task: Any, mask: Any, run_dir: Path) -> str:
     """Fine-tune ``mask`` on ``task`` live and compare with the table's row for the same spec;
     the live evaluation goes to the run's store (its samples feed the report's grid). Returns the
     Markdown section and writes ``check.json``."""
-    from memrl.backends import run_inprocess
 
     spec = task.context.spec(mask)
     stored = next((row for t in task.evaluator.tables if (row := t.get(spec.hash)) is not None), None)

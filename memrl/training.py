@@ -3,6 +3,7 @@ deterministic on CPU, DDPM epsilon loss, stops (does not raise) on a non-finite 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -284,7 +285,6 @@ def _train_graphed(run: _Run, warmup: int = 3, chunk: int = 50) -> list[float]:
 
 
 def _autocast(device: torch.device, mixed_precision: str | None, cache_enabled: bool = True) -> Any:
-    import contextlib
 
     if mixed_precision in (None, "no"):
         return contextlib.nullcontext()

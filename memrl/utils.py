@@ -5,12 +5,15 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from memrl.errors import MemrlError
 
 _PACKAGES = (
     "memrl",
@@ -50,7 +53,6 @@ def folder_lock(folder: Path, what: str = "--out") -> Iterator[None]:
     """Hold ``folder`` for this process (a ``.memrl-lock`` file with its pid): a second memrl
     process writing the same folder is refused with one line, not left to overwrite its results.
     A lock left by a process that no longer runs is taken over."""
-    from memrl.errors import MemrlError
 
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / ".memrl-lock"
@@ -92,7 +94,6 @@ def _alive(pid: int) -> bool:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
     Raises :class:`~memrl.errors.MemrlError` when ``path`` is a directory."""
-    from memrl.errors import MemrlError
 
     path = Path(path)
     if path.is_dir():
@@ -136,7 +137,6 @@ def setup_logging(level: int = 20, log_file: Path | None = None) -> None:
     """Logging for the command-line tools: memrl at INFO, chatty dependencies at WARNING;
     ``log_file``: also append every record, with its time, to that file (progress included), so
     a run whose terminal output goes nowhere can be followed with ``tail -f``."""
-    import logging
 
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for name in ("faiss", "faiss.loader", "httpx", "matplotlib"):

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 
 from memrl.errors import DataError
 
@@ -197,7 +198,6 @@ _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
 def _read_image(path: Path, channels: int) -> np.ndarray:
     """One image as float32 (C, H, W) in [0, 1], scaled by its bit depth (16-bit stays 16-bit)."""
-    from PIL import Image, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from memrl.registry import FAISS_INDEXES, NN_BACKENDS  # noqa: F401  (re-exported)
+from memrl.training import noise_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,6 @@ def extraction_count(
 
 
 def _noised(model, images: torch.Tensor, timesteps: list[int], seed: int):
-    from memrl.training import noise_scheduler
 
     sched = noise_scheduler(model)
     g = torch.Generator().manual_seed(seed)
@@ -242,7 +242,6 @@ def pia_error(model, images: torch.Tensor, labels: torch.Tensor | None, timestep
     each of ``timesteps``, and the error of the prediction there against it is averaged. Training
     images, whose denoising trajectory the model has learned, give lower errors. No random noise:
     the same image always gets the same score."""
-    from memrl.training import noise_scheduler
 
     model.eval()
     sched = noise_scheduler(model)

@@ -28,9 +28,17 @@ from pathlib import Path
 import torch
 
 from memrl.config import Config, load_config
-from memrl.data import DataSplits
+from memrl.data import DataSplits, load_splits
 from memrl.models.unet import META_FILE, DiffusionModel, build_unet, load_model
-from memrl.utils import atomic_write_text, cache_dir, package_versions, stable_hash, without_none
+from memrl.training import resolve_device, train_denoiser
+from memrl.utils import (
+    atomic_write_text,
+    cache_dir,
+    package_versions,
+    setup_logging,
+    stable_hash,
+    without_none,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +117,6 @@ def pretrain_base_model(cfg: Config, splits: DataSplits) -> tuple[DiffusionModel
 
     Returns the model (on the CPU) and the seconds it took.
     """
-    from memrl.training import resolve_device, train_denoiser
 
     m = cfg.model
     with torch.random.fork_rng():
@@ -157,8 +164,6 @@ def write_shipped(
 def main(argv: list[str] | None = None) -> int:
     """Regenerate a shipped base model: v2 from the default config (memrl/assets/base_model_v2),
     or v1 with ``--config bench --out memrl/assets/base_model``."""
-    from memrl.data import load_splits
-    from memrl.utils import setup_logging
 
     setup_logging()
     parser = argparse.ArgumentParser(prog="python -m memrl.models.base", description=main.__doc__)

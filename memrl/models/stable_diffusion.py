@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from memrl.errors import ModelError
@@ -147,8 +148,6 @@ def encode_prompts(components: Components, prompts: list[str]) -> torch.Tensor:
     key = stable_hash([prompts, components.fingerprint, "prompts"])
     path = cache_dir() / "sd" / f"{key}.safetensors"
     if path.is_file():
-        from safetensors.torch import load_file
-
         return load_file(path)["prompts"]
     tok = components.tokenizer
     ids = tok(
@@ -167,8 +166,6 @@ def encode_latents(components: Components, images: torch.Tensor, batch_size: int
     key = stable_hash([digest, components.vae_fingerprint, "latents"])
     path = cache_dir() / "sd" / f"{key}.safetensors"
     if path.is_file():
-        from safetensors.torch import load_file
-
         return load_file(path)["latents"]
     vae = components.vae
     device = next(vae.parameters()).device
@@ -197,7 +194,6 @@ def decode_latents(components: Components, latents: torch.Tensor, batch_size: in
 
 
 def _save_tensor(path: Path, name: str, tensor: torch.Tensor) -> None:
-    from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
         save_file({name: tensor.contiguous()}, tmp)

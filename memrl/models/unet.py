@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from memrl.config import Config
@@ -110,7 +111,6 @@ class DiffusionModel(nn.Module):
 
         A model with non-finite weights is refused (it must never reach a cache).
         """
-        from safetensors.torch import save_file
 
         if not self.is_finite():
             raise ModelError(f"{folder}: refusing to save a model with NaN or infinite weights")
@@ -156,7 +156,6 @@ def load_model(path: str | Path, num_classes: int = 10) -> DiffusionModel:
     A plain UNet folder gets a seeded random label embedding (it is part of the fingerprint).
     """
     from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
 
     path = Path(path)
     candidates = [path / "unet", path]

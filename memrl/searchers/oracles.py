@@ -12,6 +12,7 @@ from memrl.errors import ConfigError
 from memrl.reward import RewardConfig
 from memrl.searchers.base import Result, Trial
 from memrl.table import BenchTable, mask_index
+from memrl.task import Task
 
 __all__ = ["TableOracle", "TaskOracle"]
 
@@ -32,8 +33,6 @@ class TaskOracle:
 
     def _task_for(self, peft: str | None) -> Any:
         if peft not in self._tasks:
-            from memrl.task import Task
-
             cfg = load_config(self.task.cfg, {"search.method": peft})
             self._tasks[peft] = Task(cfg, self.task.evaluator, self.task.name, self.task.heldout)
         return self._tasks[peft]

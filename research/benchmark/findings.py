@@ -10,6 +10,7 @@ import numpy as np
 
 from memrl.config import Config
 from memrl.errors import MemrlError
+from memrl.report import pyplot, save_figure
 from memrl.searchers.basic import hand_presets
 from research.benchmark.folds import PREFERENCES, load_table, mask_index
 from research.benchmark.methods import searched
@@ -215,12 +216,8 @@ def claims(cfg: Config, path: Path) -> tuple[list[dict[str, Any]], str]:
     """Per complete task: memorization and quality of no fine-tune, full fine-tuning of every UNet
     parameter, the presets and the searched masks; which of them lie on the Pareto front
     (memorization metric and quality metric, both minimised). Writes the planes to ``path``."""
-    import matplotlib
+    plt = pyplot()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from memrl.report import save_figure
     from memrl.reward import pareto_front
     from memrl.task import Task, TaskContext, full_unet, make_evaluator, suite
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from memrl.report import pyplot, save_figure
 from research.benchmark.folds import SPLITS, split_of
 
 
@@ -379,12 +380,7 @@ def plot_transfer(rows: list[dict[str, Any]], path: Path) -> None:
     """Top: bars of mean zero-shot regret (1 fine-tune) with task-level 95% intervals per method,
     the splits side by side. Below, one panel per split: mean regret against the number of
     fine-tunes for every method judged at more than one, the search policy with its interval."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from memrl.report import save_figure
+    plt = pyplot()
 
     first = [r for r in rows if r["fine_tunes"] == 1]
     methods = list(dict.fromkeys(r["method"] for r in first))
@@ -450,12 +446,7 @@ def plot_curves(
 ) -> str:
     """Regret (IQM over tasks, preferences, seeds) of each method against ``x``; returns the
     Markdown table at powers of two (or at every value of ``x`` when there are few)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from memrl.report import save_figure
+    plt = pyplot()
 
     methods = list(dict.fromkeys(r["method"] for r in rows))
     xs = sorted({r[x] for r in rows})
