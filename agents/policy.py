@@ -42,6 +42,22 @@ from memrl.searchers import Knowledge, SearchPolicySearcher, run
 from memrl.task import Task, architecture_space, make_evaluator, task_config
 from memrl.utils import atomic_write_text, package_versions
 
+__all__ = [
+    "CARD_SUFFIX",
+    "MAX_CARD_BYTES",
+    "MAX_MEMBER_BYTES",
+    "PRIOR_SUFFIX",
+    "Policy",
+    "card_path",
+    "load_policy",
+    "make_card",
+    "prior_path",
+    "read_card",
+    "read_weights",
+    "shipped_policy",
+    "write_card",
+]
+
 CARD_SUFFIX = ".card.json"
 PRIOR_SUFFIX = ".prior.safetensors"
 MAX_MEMBER_BYTES = 64 * 2**20
@@ -312,13 +328,13 @@ class Policy:
         dataset's descriptor; fine-tunes nothing. Splits are sized from the data, as
         ``apply_policy`` sizes them (16 images: 12 and 4 held out)."""
 
-        base = load_config(
-            self.config, {"env.tasks": [], "env.store": None, "env.table": None, "env.backend": "inprocess"}
+        base = self.config.with_changes(
+            {"env.tasks": [], "env.store": None, "env.table": None, "env.backend": "inprocess"}
         )
         cfg = source if isinstance(source, Config) else task_config(base, source)
         if not isinstance(source, Config):
             sized = fit_sizes(cfg.data, usable_count(cfg.data))
-            cfg = load_config(cfg, {"data": dataclasses.asdict(sized)})
+            cfg = cfg.with_changes({"data": dataclasses.asdict(sized)})
         task = Task(cfg, make_evaluator(base))
         self.check_space(task.space)
         return self.candidates(task.descriptor(), n, preference)

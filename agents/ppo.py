@@ -26,11 +26,22 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
 from memrl.config import Config
 from memrl.errors import PolicyError
+from memrl.runs import RunFolder
 from memrl.utils import atomic_path
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "AtomicCheckpoint",
+    "EvaluationLogger",
+    "MAX_STEPS",
+    "PrefetchVecEnv",
+    "ProgressLog",
+    "build_ppo",
+    "load_checkpoint",
+    "make_env",
+    "save_checkpoint",
+]
 
-CHECKPOINT = "checkpoints/last.zip"
+log = logging.getLogger(__name__)
 
 
 class PrefetchVecEnv(DummyVecEnv):
@@ -87,7 +98,7 @@ def build_ppo(cfg: Config, env, run_dir: Path | None = None) -> PPO:
         gamma=p.gamma,
         ent_coef=p.ent_coef,
         policy_kwargs={"net_arch": list(p.net_arch)},
-        tensorboard_log=str(run_dir / "tb") if run_dir is not None else None,
+        tensorboard_log=str(RunFolder(run_dir).tensorboard) if run_dir is not None else None,
         seed=cfg.seed,
         device="cpu",
         verbose=0,
@@ -104,7 +115,7 @@ class EvaluationLogger(BaseCallback):
 
     def __init__(self, run_dir: Path) -> None:
         super().__init__()
-        self.path = run_dir / "episodes.jsonl"
+        self.path = RunFolder(run_dir).episodes
         self.best_reward = -np.inf
         self.best_mask: list[int] | None = None
         self.episodes = 0
@@ -251,7 +262,7 @@ class AtomicCheckpoint(BaseCallback):
 
     def __init__(self, run_dir: Path) -> None:
         super().__init__()
-        self.path = run_dir / CHECKPOINT
+        self.path = RunFolder(run_dir).checkpoint
 
     def save(self) -> None:
         assert isinstance(self.model, PPO)

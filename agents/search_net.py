@@ -21,6 +21,22 @@ from torch import nn
 
 from memrl.episode import CANDIDATE_FEATURES, SEARCH_GLOBALS, TRIED
 
+__all__ = [
+    "CALIBRATED_EI",
+    "CALIBRATED_MEAN",
+    "CandidatePolicy",
+    "CandidateScorer",
+    "EI_FLOOR",
+    "HAS_TRIED",
+    "PORTFOLIO_SCORE",
+    "PORTFOLIO_STEP",
+    "PRIOR_TEMPERATURE",
+    "TIE_BREAK",
+    "TRANSFER_REGRET",
+    "TRIED_PENALTY",
+    "baseline_acquisition",
+]
+
 TRIED_PENALTY = 1e4
 """Subtracted from a tried mask's logit: its probability is 0 to float precision."""
 CALIBRATED_MEAN = CANDIDATE_FEATURES.index("calibrated_mean")

@@ -30,6 +30,8 @@ from memrl.reward import PREFERENCE_FIELDS, draw_preference, preference_of, with
 from memrl.spec import Evaluation
 from memrl.task import Outcome, Task, architecture_space, make_evaluator, suite, task_config
 
+__all__ = ["MemControlEnv", "outcome_info"]
+
 log = logging.getLogger(__name__)
 
 

@@ -8,6 +8,7 @@ Gymnasium environment ``MemControl-v0``.
 from __future__ import annotations
 
 __version__ = "0.1.0"
+__all__ = ["__version__"]
 
 
 def _register() -> None:

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from memrl.agents.policy import load_policy, shipped_policy
-from memrl.cli import run_main
-from memrl.config import Config, dump_config, load_config, parse_overrides
+from memrl.cli import add_config_args, config_from_args, run_main
+from memrl.config import Config, dump_config
 from memrl.data import fit_sizes, usable_count
 from memrl.data.imageset import first_image, image_digests, resize_images
 from memrl.errors import ConfigError, MemrlError
@@ -41,6 +41,30 @@ from memrl.searchers import Knowledge, TaskOracle, make_searcher, run, spec_of
 from memrl.store import EvaluationStore
 from memrl.task import Task, TaskContext, architecture_space, full_unet, make_evaluator
 from memrl.utils import atomic_write_text, folder_lock, package_versions, setup_logging
+
+__all__ = [
+    "NEAR_DUPLICATE_RMS",
+    "REPORT_METRICS",
+    "SPLIT_FILE",
+    "apply",
+    "choose_mask",
+    "deliver",
+    "delivery_config",
+    "duplicate_note",
+    "live_search",
+    "main",
+    "parse_args",
+    "plot_search",
+    "preference_sweep",
+    "resize_figure",
+    "search_section",
+    "searches",
+    "split_duplicates",
+    "stored_terms",
+    "sweep_section",
+    "user_preference",
+    "write_split",
+]
 
 log = logging.getLogger("memrl.apply_policy")
 
@@ -109,13 +133,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also evaluate the policy's masks for this many memorization weights from 0 to 1 and "
         "plot them on the task's quality/memorization plane (0: skip)",
     )
-    parser.add_argument(
-        "--config",
+    add_config_args(
+        parser,
         default=None,
-        help="a config name or YAML path to use instead of the policy's training config (its base model "
-        "and search space must be the policy's)",
+        config_help="a config name or YAML path to use instead of the policy's training config (its base "
+        "model and search space must be the policy's)",
     )
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     return parser.parse_args(argv)
 
 
@@ -348,7 +371,7 @@ def delivery_config(cfg: Config, n_images: int, steps: int) -> Config:
     data = dataclasses.replace(
         cfg.data, private_size=n_images - heldout, heldout_size=heldout, canaries=0, duplication=1
     )
-    return load_config(cfg, {"data": dataclasses.asdict(data), "finetune.steps": steps})
+    return cfg.with_changes({"data": dataclasses.asdict(data), "finetune.steps": steps})
 
 
 def deliver(cfg: Config, mask: np.ndarray, out: Path | None, store: Any) -> Any:
@@ -408,8 +431,7 @@ def _apply(args: argparse.Namespace, stack: contextlib.ExitStack) -> Path:
     if args.policy is None:
         args.policy = shipped_policy()
     policy = load_policy(args.policy)
-    overrides: dict[str, Any] = parse_overrides(args.set)  # config, then --set, then flags
-    overrides.update(
+    cfg = config_from_args(args, base=policy.config).with_changes(  # config, then --set, then flags
         {
             "data.source": args.data,
             "env.tasks": [],
@@ -418,9 +440,8 @@ def _apply(args: argparse.Namespace, stack: contextlib.ExitStack) -> Path:
             "env.store": str((args.out / "evaluations.sqlite").resolve()),
         }
     )
-    cfg = load_config(policy.config if args.config is None else args.config, overrides)
     n_images = usable_count(cfg.data)
-    search_cfg = load_config(cfg, {"data": dataclasses.asdict(fit_sizes(cfg.data, n_images))})
+    search_cfg = cfg.with_changes({"data": dataclasses.asdict(fit_sizes(cfg.data, n_images))})
     task = Task(search_cfg, make_evaluator(search_cfg), name=str(args.data))
     policy.check_space(task.space)
     preference = user_preference(args, policy)

@@ -80,6 +80,39 @@ from memrl.report import pyplot, save_figure
 from memrl.sampling import sample
 from memrl.utils import atomic_path, atomic_write_text, package_versions, setup_logging
 
+__all__ = [
+    "ATTACKS",
+    "Audited",
+    "CALIBRATED",
+    "GATE_METRICS",
+    "GATE_ON",
+    "MEMBERSHIP",
+    "MODEL_FILES",
+    "PIA_TIMESTEPS",
+    "WORST_CASE",
+    "add_calibrated",
+    "attack_figures",
+    "audit",
+    "check_args",
+    "check_finite",
+    "check_inputs",
+    "check_out",
+    "from_record",
+    "gate_verdicts",
+    "gated_value",
+    "image_name",
+    "load_audited",
+    "load_images",
+    "main",
+    "measure",
+    "membership_score",
+    "parse_gates",
+    "strongest_attack",
+    "summary_line",
+    "why_passed",
+    "write_outputs",
+]
+
 log = logging.getLogger("memrl.audit")
 
 CALIBRATED = ("mia_auc_calibrated", "mia_tpr_calibrated", "mia_auc_pia_calibrated", "mia_tpr_pia_calibrated")

@@ -33,6 +33,16 @@ from memrl.registry import BACKENDS  # noqa: F401  (re-exported)
 from memrl.spec import EvalSpec, Evaluation
 from memrl.utils import package_versions
 
+__all__ = [
+    "RAY_CONNECT_TIMEOUT",
+    "check_reachable",
+    "ensure_ray",
+    "failure",
+    "run_inprocess",
+    "run_ray",
+    "run_subprocess",
+]
+
 log = logging.getLogger(__name__)
 
 _SPEC_ERROR_EXIT = 3

@@ -18,14 +18,20 @@ from typing import Any
 from memrl.config import Config, load_config, parse_overrides
 from memrl.errors import ConfigError, MemrlError
 
+__all__ = ["add_config_args", "check_device", "config_from_args", "run_main"]
+
 log = logging.getLogger(__name__)
 
 
-def add_config_args(parser: argparse.ArgumentParser, seed: bool = True) -> None:
-    """Add ``--config``, ``--set`` and (optionally) ``--seed`` to ``parser``."""
-    parser.add_argument(
-        "--config", default="default", help="a shipped config name (default, test, bench) or a YAML path"
-    )
+def add_config_args(
+    parser: argparse.ArgumentParser,
+    seed: bool = True,
+    default: str | None = "default",
+    config_help: str = "a shipped config name (default, test, bench) or a YAML path",
+) -> None:
+    """Add ``--config`` (``default``: None lets the command supply its own base config to
+    :func:`config_from_args`), ``--set`` and (optionally) ``--seed`` to ``parser``."""
+    parser.add_argument("--config", default=default, help=config_help)
     parser.add_argument(
         "--set",
         nargs="*",
@@ -37,14 +43,15 @@ def add_config_args(parser: argparse.ArgumentParser, seed: bool = True) -> None:
         parser.add_argument("--seed", type=int, default=None, help="the run's seed (config field seed)")
 
 
-def config_from_args(args: argparse.Namespace, **flags: Any) -> Config:
-    """The config from ``--config``, then ``--set``, then ``flags`` (dotted keys; None = unset);
-    ``--seed`` counts as the flag ``seed``."""
+def config_from_args(args: argparse.Namespace, base: Config | None = None, **flags: Any) -> Config:
+    """The config from ``--config`` (or ``base`` when it is not given), then ``--set``, then
+    ``flags`` (dotted keys; None = unset); ``--seed`` counts as the flag ``seed``. Refuses a CUDA
+    device this machine lacks."""
     overrides = parse_overrides(args.set)
     if getattr(args, "seed", None) is not None:
         overrides["seed"] = args.seed
     overrides.update({k: v for k, v in flags.items() if v is not None})
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(base if args.config is None and base is not None else args.config, overrides)
     check_device(cfg)
     return cfg
 

@@ -284,6 +284,11 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def with_changes(self, changes: dict[str, Any]) -> Config:
+        """A validated copy with dotted-key ``changes`` (``{"finetune.steps": 3}``, or a whole
+        section as a dict); this config is unchanged. Bad keys or values raise ConfigError."""
+        return load_config(self, changes)
+
     def hash(self) -> str:
         """Stable hash of the whole config."""
         return stable_hash(self.to_dict())

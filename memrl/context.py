@@ -43,6 +43,16 @@ from memrl.search_space import SearchSpace
 from memrl.spec import EvalSpec, spec_settings
 from memrl.utils import stable_hash
 
+__all__ = [
+    "TaskContext",
+    "TaskEntry",
+    "architecture_space",
+    "full_unet",
+    "resolve_task",
+    "suite",
+    "task_config",
+]
+
 if TYPE_CHECKING:
     import numpy as np
     import torch
@@ -271,13 +281,13 @@ class TaskEntry:
 def full_unet(cfg: Config) -> Config:
     """``cfg`` fine-tuning every parameter of the UNet (mask of ones at block granularity): the
     MemControl paper's full fine-tuning, which memrl compares masks against."""
-    return load_config(cfg, {"search.granularity": "block", "search.method": "full"})
+    return cfg.with_changes({"search.granularity": "block", "search.method": "full"})
 
 
 def task_config(cfg: Config, task: dict[str, Any] | str) -> Config:
     """``cfg`` with ``data`` set to ``task``: an ``env.tasks`` entry or a data source."""
     overrides = {"source": task} if isinstance(task, str) else task
-    return load_config(cfg, task_overrides(overrides))
+    return cfg.with_changes(task_overrides(overrides))
 
 
 def resolve_task(cfg: Config, task: int | str | dict[str, Any]) -> Config:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from memrl.config import Config, RewardConfig, load_config
+from memrl.config import Config, RewardConfig
 from memrl.context import TaskContext, full_unet, suite
 from memrl.errors import StoreError
 from memrl.evaluator import make_evaluator
@@ -147,7 +147,7 @@ def load_curves(cfg: Config, metrics: tuple[str, ...] | None = None) -> CurveTab
     noise_column = int(at_reference[0]) if len(at_reference) else len(steps) - 1
     for t, entry in enumerate(entries):
         for s, seed in enumerate(seeds):
-            task_cfg = entry.cfg if seed == 0 else load_config(entry.cfg, {"finetune.seed": seed})
+            task_cfg = entry.cfg if seed == 0 else entry.cfg.with_changes({"finetune.seed": seed})
             ctx, whole = TaskContext.get(task_cfg), TaskContext.get(full_unet(task_cfg))
             specs = [ctx.spec([int(c) for c in m]) for m in masks[:-1]] + [whole.spec((1,) * whole.space.k)]
             for m, found in enumerate(evaluator.lookup_many([spec.hash for spec in specs])):

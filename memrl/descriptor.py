@@ -31,6 +31,20 @@ from memrl.metrics.memorization import denoising_loss
 from memrl.training import noise_scheduler
 from memrl.utils import stable_hash
 
+__all__ = [
+    "DESCRIPTOR_VERSION",
+    "FAMILIES",
+    "LOSS_BANDS",
+    "describe",
+    "descriptor_fields",
+    "descriptor_key",
+    "edge_density",
+    "family_slices",
+    "gradient_sensitivity",
+    "pixel_features",
+    "spectral_slope",
+]
+
 if TYPE_CHECKING:
     from memrl.context import TaskContext
 

@@ -47,6 +47,25 @@ from memrl.utils import (
     stable_hash,
 )
 
+__all__ = [
+    "ContrastiveEncoder",
+    "PixelEncoder",
+    "SHIPPED_ENCODER",
+    "SHIPPED_PER_SOURCE",
+    "SHIPPED_RESOLUTION",
+    "TorchScriptEncoder",
+    "augment",
+    "embed",
+    "encoder_key",
+    "get_encoder",
+    "inception_path",
+    "main",
+    "nt_xent",
+    "shipped_encoder_path",
+    "shipped_training_images",
+    "train_contrastive",
+]
+
 log = logging.getLogger(__name__)
 
 

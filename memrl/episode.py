@@ -19,6 +19,21 @@ from memrl.gp import calibrated_posterior, expected_improvement, posterior
 from memrl.prior import PRIOR_FEATURES, agreement_regret, all_masks, portfolio_regret
 from memrl.reward import PREFERENCE_FIELDS
 
+__all__ = [
+    "CANDIDATE_FEATURES",
+    "CLIP",
+    "MAX_SEARCH_GROUPS",
+    "PORTFOLIO_STEPS",
+    "SEARCH_GLOBALS",
+    "SearchHistory",
+    "TRIED",
+    "head",
+    "portfolio_step",
+    "search_observation_size",
+    "sequential_finished",
+    "sequential_observation",
+]
+
 
 def head(descriptor: np.ndarray, preference: np.ndarray) -> np.ndarray:
     """The part every observation starts with: the dataset descriptor, then the preference."""

@@ -3,6 +3,18 @@ field or value and the fix, and the command-line tools print it as one line and 
 
 from __future__ import annotations
 
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "EpisodeOverError",
+    "MemrlError",
+    "ModelError",
+    "NotInStoreError",
+    "PolicyError",
+    "SpecError",
+    "StoreError",
+]
+
 
 class MemrlError(ValueError):
     """Base class: a problem the user can fix, described in the message."""

@@ -25,8 +25,11 @@ import numpy as np
 from memrl.backends import BACKENDS, run_inprocess, run_ray, run_subprocess
 from memrl.config import Config
 from memrl.errors import NotInStoreError, StoreError
+from memrl.runs import STORE_FILE
 from memrl.spec import EvalSpec, Evaluation
 from memrl.store import EvaluationStore
+
+__all__ = ["Evaluator", "SHIPPED", "command_store", "make_evaluator", "shipped_dir", "table_path"]
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +39,6 @@ SHIPPED = ("bench",)
 
 def shipped_dir() -> Path:
     return Path(str(resources.files("memrl") / "assets" / "tables"))
-
-
-STORE_FILE = "evaluations.sqlite"
 
 
 def command_store(cfg: Config, folder: Path) -> Path:

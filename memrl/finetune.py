@@ -12,6 +12,8 @@ from memrl.models import DiffusionModel
 from memrl.peft_methods import apply_method
 from memrl.training import FinetuneResult, resolve_device, train_denoiser
 
+__all__ = ["finetune"]
+
 
 def finetune(
     base: DiffusionModel,

@@ -25,6 +25,8 @@ from torch.nn.utils import parametrize
 
 from memrl.registry import METHODS  # noqa: F401  (re-exported)
 
+__all__ = ["SpectralShift", "apply_method", "merge_adapters"]
+
 _NORMS = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d)
 _WEIGHTED = (nn.Linear, nn.Conv2d)
 

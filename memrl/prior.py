@@ -22,6 +22,20 @@ import numpy as np
 from memrl.errors import PolicyError
 from memrl.utils import atomic_path
 
+__all__ = [
+    "AGREEMENT_SHARPNESS",
+    "KERNEL_FLOOR",
+    "KERNEL_WIDTH",
+    "KNN",
+    "MAX_PRIOR_VALUE",
+    "PRIOR_FEATURES",
+    "TransferPrior",
+    "agreement_regret",
+    "agreement_weights",
+    "all_masks",
+    "portfolio_regret",
+]
+
 MAX_PRIOR_VALUE = 1e6
 """Descriptors and reward terms are of order 1; a prior beyond this was not written by memrl."""
 PRIOR_FEATURES = ("transfer_regret", "transfer_rank", "nearest_regret", "mean_regret")

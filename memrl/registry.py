@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+__all__ = ["BACKENDS", "ENCODER_KINDS", "FAISS_INDEXES", "GRANULARITIES", "METHODS", "METRICS", "NN_BACKENDS"]
+
 BACKENDS = ("inprocess", "subprocess", "ray", "replay")
 """``env.backend``: where evaluations run (``memrl.backends``)."""
 ENCODER_KINDS = ("contrastive", "shipped", "inception", "torchscript", "pixel")

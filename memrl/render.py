@@ -6,6 +6,8 @@ import numpy as np
 
 from memrl.data import ImageSet
 
+__all__ = ["sample_grid"]
+
 
 def _to_rgb(images: np.ndarray) -> np.ndarray:
     """(N, C, H, W) uint8 -> (N, H, W, 3) uint8."""

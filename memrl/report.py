@@ -21,9 +21,12 @@ from memrl.errors import ConfigError
 from memrl.evaluator import command_store, table_path
 from memrl.render import sample_grid
 from memrl.reward import References, Reward, pareto_front
+from memrl.runs import RunFolder
 from memrl.store import EvaluationStore
 from memrl.task import TaskContext, suite
 from memrl.utils import atomic_path, atomic_write_text
+
+__all__ = ["main", "pyplot", "save_figure", "task_rows", "write_report"]
 
 
 def pyplot() -> Any:
@@ -65,7 +68,7 @@ def _plot_rewards(run_dir: Path) -> None:
     """reward.png: episode rewards over training with a running mean (from episodes.jsonl)."""
     plt = pyplot()
 
-    episodes_file = run_dir / "episodes.jsonl"
+    episodes_file = RunFolder(run_dir).episodes
     if not episodes_file.is_file():
         return
     rewards = []
@@ -84,7 +87,7 @@ def _plot_rewards(run_dir: Path) -> None:
     ax.set_xlabel("episode (= evaluation)")
     ax.set_ylabel("reward")
     ax.legend(fontsize=8)
-    save_figure(fig, run_dir / "reward.png")
+    save_figure(fig, RunFolder(run_dir).figure("reward"))
     plt.close(fig)
 
 
@@ -104,7 +107,7 @@ def _plot_samples(run_dir: Path, store, rows, ctx, masks: tuple[str, str]) -> bo
         ax.imshow(grid, interpolation="nearest")
         ax.set_title(f"{label}\nsample | nearest train", fontsize=8)
         ax.axis("off")
-    save_figure(fig, run_dir / "samples.png")
+    save_figure(fig, RunFolder(run_dir).figure("samples"))
     plt.close(fig)
     return True
 
@@ -123,7 +126,7 @@ def write_report(
     plt = pyplot()
 
     run_dir = Path(run_dir)
-    cfg = config or load_config(run_dir / "config.yaml")
+    cfg = config or load_config(RunFolder(run_dir).config)
     if task_cfg is None:
         entries = suite(cfg)
         task_cfg = next((e for e in entries if not e.heldout), entries[0]).cfg
@@ -138,15 +141,15 @@ def write_report(
     lines = [f"# memrl report: {run_dir.name}", ""]
     if not rows or refs_none is None or refs_full is None:
         lines.append("No evaluations with both references (no fine-tune, full) for the first task yet.")
-        out = run_dir / "report.md"
+        out = RunFolder(run_dir).report
         atomic_write_text(out, "\n".join(lines) + "\n")
         return out
     reward = Reward(cfg.reward, References(refs_none, refs_full))
     for r in rows:
         r["reward"] = reward(r)
     card_file = run_dir / "policy.card.json"
-    if chosen is None and (run_dir / "policy.zip").is_file() and card_file.is_file():
-        chosen = [int(v) for v in load_policy(run_dir / "policy.zip").propose(task_cfg)[0]]
+    if chosen is None and (RunFolder(run_dir).policy).is_file() and card_file.is_file():
+        chosen = [int(v) for v in load_policy(RunFolder(run_dir).policy).propose(task_cfg)[0]]
     chosen_key = (
         "".join(map(str, chosen)) if chosen is not None else max(rows, key=lambda r: r["reward"])["mask"]
     )
@@ -169,7 +172,7 @@ def write_report(
     ax.set_ylabel(f"quality: {q_key} (lower is better)")
     ax.legend(fontsize=8)
     ax.set_title("every evaluated mask (colour: reward)")
-    save_figure(fig, run_dir / "pareto.png")
+    save_figure(fig, RunFolder(run_dir).figure("pareto"))
     plt.close(fig)
 
     _plot_rewards(run_dir)
@@ -212,12 +215,12 @@ def write_report(
         "",
         "![Pareto](pareto.png)",
     ]
-    if (run_dir / "reward.png").is_file():
+    if (RunFolder(run_dir).figure("reward")).is_file():
         lines.append("![reward](reward.png)")
     if grids:
         lines.append("![samples](samples.png)")
     lines += sections or []
-    out = run_dir / "report.md"
+    out = RunFolder(run_dir).report
     atomic_write_text(out, "\n".join(lines) + "\n")
     return out
 
@@ -229,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        if not (args.run_dir / "config.yaml").is_file():
+        if not RunFolder(args.run_dir).config.is_file():
             raise ConfigError(f"{args.run_dir}: no config.yaml here; give a run directory")
         print(write_report(args.run_dir))
         return 0

@@ -37,6 +37,19 @@ import numpy as np
 
 from memrl.config import RewardConfig
 
+__all__ = [
+    "PREFERENCE_FIELDS",
+    "REWARD_VERSION",
+    "References",
+    "Reward",
+    "TERMS",
+    "draw_preference",
+    "pareto_front",
+    "preference_of",
+    "reward_version",
+    "with_preference",
+]
+
 PREFERENCE_FIELDS = ("memorization_weight", "quality_weight", "param_weight")
 TERMS = ("memorization_term", "quality_term", "param_term")
 """The normalised terms of :meth:`Reward.terms`, in the order of :data:`PREFERENCE_FIELDS`."""

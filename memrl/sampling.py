@@ -9,6 +9,8 @@ import torch
 from memrl.models.unet import DiffusionModel
 from memrl.training import noise_scheduler
 
+__all__ = ["sample"]
+
 
 @torch.no_grad()
 def sample(

@@ -28,6 +28,15 @@ from memrl.spec import EvalSpec, Evaluation
 from memrl.training import FinetuneResult
 from memrl.utils import package_versions
 
+__all__ = [
+    "CurveRecorder",
+    "evaluate_spec",
+    "finetune_and_score",
+    "loss_metrics",
+    "sample_labels",
+    "score_model",
+]
+
 if TYPE_CHECKING:
     from memrl.models import DiffusionModel
 

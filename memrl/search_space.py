@@ -21,6 +21,8 @@ from torch import nn
 from memrl.registry import GRANULARITIES  # noqa: F401  (re-exported)
 from memrl.utils import stable_hash
 
+__all__ = ["SearchSpace", "enumerate_groups"]
+
 _STAGE = {"conv_in": 0, "time_embedding": 1, "down_blocks": 2, "mid_block": 3, "up_blocks": 4, "conv_out": 5}
 _TRANSFORMER = re.compile(r"^(down_blocks\.\d+|up_blocks\.\d+|mid_block)\.attentions\.\d+$")
 _LAYER = re.compile(r"^(down_blocks\.\d+|up_blocks\.\d+|mid_block)\.(attentions|resnets)\.\d+$")

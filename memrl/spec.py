@@ -26,6 +26,8 @@ import numpy as np
 from memrl.config import Config, load_config
 from memrl.utils import stable_hash, without_none
 
+__all__ = ["EvalSpec", "Evaluation", "SPEC_SECTIONS", "SPEC_VERSION", "spec_settings", "with_derived_metrics"]
+
 SPEC_VERSION = 2
 SPEC_SECTIONS = ("data", "model", "search", "finetune", "sample", "encoder", "metrics")
 

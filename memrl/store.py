@@ -30,6 +30,8 @@ from memrl.errors import StoreError
 from memrl.spec import EvalSpec, Evaluation, with_derived_metrics
 from memrl.utils import atomic_path, cache_dir
 
+__all__ = ["EvaluationStore", "from_row", "main", "summary", "to_row"]
+
 _COLUMNS = {
     "spec_hash": "TEXT PRIMARY KEY",
     "mask": "TEXT NOT NULL",

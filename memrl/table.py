@@ -15,6 +15,8 @@ import numpy as np
 from memrl.config import Config
 from memrl.reward import TERMS
 
+__all__ = ["BenchTable", "best_regret", "load_table", "mask_index"]
+
 
 @dataclass
 class BenchTable:

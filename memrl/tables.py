@@ -46,6 +46,25 @@ from memrl.store import EvaluationStore
 from memrl.task import NOISE_SEEDS, Task, noise_masks  # noqa: F401  (re-exported)
 from memrl.utils import atomic_path, cache_dir, package_versions, setup_logging
 
+__all__ = [
+    "CURVE_MASKS",
+    "CURVE_NOISE_MASKS",
+    "Job",
+    "REFERENCE_STEPS",
+    "build",
+    "complete_tasks",
+    "curve_jobs",
+    "curve_masks",
+    "curve_noise_masks",
+    "export",
+    "import_rows",
+    "jobs",
+    "main",
+    "reference_config",
+    "rekey",
+    "status",
+]
+
 log = logging.getLogger("memrl.tables")
 
 
@@ -91,8 +110,7 @@ def curve_noise_masks(k: int) -> tuple[str, ...]:
 
 def reference_config(cfg: Config) -> Config:
     """A curve task's config for its reference evaluations: plain, :data:`REFERENCE_STEPS` steps."""
-    return load_config(
-        cfg,
+    return cfg.with_changes(
         {"finetune.steps": REFERENCE_STEPS, "finetune.checkpoint_every": None, "finetune.sample_at": None},
     )
 
@@ -111,7 +129,7 @@ def curve_jobs(cfg: Config) -> list[Job]:
         whole = TaskContext.get(full_unet(e.cfg))
         out.append(Job(e.name, "full", whole.spec((1,) * whole.space.k)))
         for seed in NOISE_SEEDS:
-            noisy = TaskContext.get(load_config(e.cfg, {"finetune.seed": seed}))
+            noisy = TaskContext.get(e.cfg.with_changes({"finetune.seed": seed}))
             out += [Job(e.name, "noise", noisy.spec([int(c) for c in m])) for m in curve_noise_masks(k)]
             noisy_whole = TaskContext.get(full_unet(noisy.cfg))
             out.append(Job(e.name, "noise", noisy_whole.spec((1,) * noisy_whole.space.k)))
@@ -138,7 +156,7 @@ def jobs(cfg: Config) -> list[Job]:
         order = np.random.default_rng(0).permutation(len(every))
         out += [Job(e.name, "main", ctx.spec(every[i])) for i in order]
         for seed in NOISE_SEEDS if noise_size.get(e.name) else ():
-            noisy = TaskContext.get(load_config(e.cfg, {"finetune.seed": seed}))
+            noisy = TaskContext.get(e.cfg.with_changes({"finetune.seed": seed}))
             out += [Job(e.name, "noise", noisy.spec(m)) for m in noise_masks(k, noise_size[e.name])]
     seen: set[str] = set()
     return [j for j in out if not (j.spec.hash in seen or seen.add(j.spec.hash))]  # type: ignore[func-returns-value]
@@ -222,7 +240,7 @@ def build(
         workers,
         threads,
     )
-    live = load_config(cfg, {"env.backend": "inprocess", "env.store": str(store_path), "env.table": None})
+    live = cfg.with_changes({"env.backend": "inprocess", "env.store": str(store_path), "env.table": None})
     evaluator = make_evaluator(live)
     pending = {j.task for j in todo}
     for e in suite(live):  # each task's descriptor; an unfinished task's encoder, cached for the workers

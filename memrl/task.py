@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from memrl.config import Config, RewardConfig, load_config
+from memrl.config import Config, RewardConfig
 from memrl.context import (  # noqa: F401  (re-exported: memrl.task was their home)
     TaskContext,
     TaskEntry,
@@ -32,6 +32,8 @@ from memrl.evaluator import Evaluator, make_evaluator  # noqa: F401  (re-exporte
 from memrl.reward import TERMS, References, Reward
 from memrl.search_space import SearchSpace
 from memrl.spec import EvalSpec, Evaluation, spec_settings
+
+__all__ = ["Mask", "NOISE_SEEDS", "Outcome", "Task", "noise_masks"]
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +131,7 @@ class Task:
         """Each mask of the tables' noise sample with its stored evaluations, fine-tune seed 0 then
         :data:`NOISE_SEEDS` (None where not stored; looked up, never evaluated)."""
         k, fingerprints = self.space.k, self.context.fingerprints
-        settings = [spec_settings(load_config(self.cfg, {"finetune.seed": s})) for s in NOISE_SEEDS]
+        settings = [spec_settings(self.cfg.with_changes({"finetune.seed": s})) for s in NOISE_SEEDS]
         masks = noise_masks(k, min(2**k, 64))
         specs = [
             spec

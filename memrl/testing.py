@@ -26,6 +26,8 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+__all__ = ["HANG", "IMPORT_TIME", "PRELOAD", "run_module", "wait_until", "zygote"]
+
 HANG = 1800.0
 """Seconds after which a wait counts as a hang: far beyond any slow machine, so a test waits on
 events, not on a clock, and still fails instead of stalling CI."""

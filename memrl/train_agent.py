@@ -22,7 +22,6 @@ from typing import Any
 
 from memrl.agents.policy import load_policy, prior_path, write_card
 from memrl.agents.ppo import (
-    CHECKPOINT,
     AtomicCheckpoint,
     EvaluationLogger,
     ProgressLog,
@@ -33,21 +32,29 @@ from memrl.agents.ppo import (
 from memrl.apply_policy import preference_sweep, sweep_section
 from memrl.backends import run_inprocess
 from memrl.cli import add_config_args, config_from_args, run_main
-from memrl.config import Config, dump_config, load_config
+from memrl.config import Config, dump_config
 from memrl.errors import ConfigError, MemrlError
-from memrl.evaluator import STORE_FILE, command_store
+from memrl.evaluator import command_store
 from memrl.report import write_report
+from memrl.runs import STORE_FILE, RunFolder
 from memrl.searchers import TaskOracle
 from memrl.store import EvaluationStore
 from memrl.tables import complete_tasks
 from memrl.task import Task, TaskContext, architecture_space, make_evaluator, suite
 from memrl.utils import atomic_write_text, package_versions, setup_logging
 
+__all__ = [
+    "live_check",
+    "main",
+    "parse_args",
+    "record_run",
+    "replayed_search",
+    "report_task",
+    "resolve_run",
+    "train",
+]
+
 log = logging.getLogger("memrl.train_agent")
-
-
-LOG_FILE = "train.log"
-"""The run's log, progress included, in its run folder."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,9 +80,9 @@ def resolve_run(args: argparse.Namespace) -> tuple[Config, Path]:
     """The config and run directory: fresh from the arguments, or read back for ``--resume``."""
     if args.resume is not None:
         run_dir = args.resume
-        if not (run_dir / "config.yaml").is_file():
+        if not RunFolder(run_dir).config.is_file():
             raise ConfigError(f"{run_dir}: no config.yaml here; --resume takes a run directory")
-        args.config = run_dir / "config.yaml"
+        args.config = RunFolder(run_dir).config
         return config_from_args(args, **{"ppo.total_timesteps": args.timesteps}), run_dir
     cfg = config_from_args(args, **{"ppo.total_timesteps": args.timesteps})
     if cfg.env.store is None:
@@ -98,7 +105,7 @@ def record_run(cfg: Config, run_dir: Path, status: str, extra: dict[str, Any] | 
         "tasks": tasks,
         **(extra or {}),
     }
-    atomic_write_text(run_dir / "run.json", json.dumps(meta, indent=2))
+    atomic_write_text(RunFolder(run_dir).record, json.dumps(meta, indent=2))
 
 
 def _learn(cfg: Config, run_dir: Path, resume: bool) -> tuple[Any, Any, Any]:
@@ -107,7 +114,7 @@ def _learn(cfg: Config, run_dir: Path, resume: bool) -> tuple[Any, Any, Any]:
 
     env = make_env(cfg, cfg.ppo.n_envs, cfg.seed)
     model = build_ppo(cfg, env, run_dir)
-    checkpoint = run_dir / CHECKPOINT
+    checkpoint = RunFolder(run_dir).checkpoint
     if resume and checkpoint.is_file():
         load_checkpoint(model, checkpoint)
         log.info("resumed from %s at %d timesteps", checkpoint, model.num_timesteps)
@@ -158,18 +165,18 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, report: bool = True)
                 "status; env.replay_fallback=true fine-tunes them)",
                 ", ".join(left_out),
             )
-            cfg = load_config(cfg, {"env.tasks": tasks})
+            cfg = cfg.with_changes({"env.tasks": tasks})
     store = cfg.env.store or STORE_FILE  # kept as given in the run's config.yaml
-    cfg = load_config(cfg, {"env.store": str(command_store(cfg, run_dir))})
+    cfg = cfg.with_changes({"env.store": str(command_store(cfg, run_dir))})
     entries = suite(cfg)
     for e in entries:  # every task's data, base model and space load before anything is written
         _ = TaskContext.get(e.cfg).fingerprints
     if Path(store).is_absolute():  # a store outside the run is opened (and refused) first
         EvaluationStore(store)
     run_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(log_file=run_dir / LOG_FILE)
-    log.info("log: %s (every line of this run, with its time)", run_dir / LOG_FILE)
-    dump_config(load_config(cfg, {"env.store": store}), run_dir / "config.yaml")
+    setup_logging(log_file=RunFolder(run_dir).log)
+    log.info("log: %s (every line of this run, with its time)", RunFolder(run_dir).log)
+    dump_config(cfg.with_changes({"env.store": store}), RunFolder(run_dir).config)
     record_run(cfg, run_dir, "running")
     try:
         model, logger, env = _learn(cfg, run_dir, resume)
@@ -178,7 +185,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, report: bool = True)
     except Exception as exc:
         record_run(cfg, run_dir, f"failed: {type(exc).__name__}: {str(exc)[:300]}")
         raise
-    policy_path = run_dir / "policy.zip"
+    policy_path = RunFolder(run_dir).policy
     model.save(policy_path)
     extra: dict[str, Any] = {"num_timesteps": int(model.num_timesteps), "tasks_left_out": left_out}
     if cfg.env.mode == "search":  # the search policy scores masks with its training tasks' tables
@@ -201,7 +208,7 @@ def report_task(cfg: Config, policy_path: Path, run_dir: Path) -> None:
     entries = suite(cfg)
     target = next((e for e in entries if e.heldout), None) or entries[0]
     # A replayed run falls back to live fine-tunes for masks its table lacks.
-    evaluator = make_evaluator(load_config(cfg, {"env.replay_fallback": True}))
+    evaluator = make_evaluator(cfg.with_changes({"env.replay_fallback": True}))
     task = Task(target.cfg, evaluator, target.name, target.heldout)
     policy = load_policy(policy_path)
     sections = []
@@ -271,7 +278,7 @@ def live_check(task: Any, mask: Any, run_dir: Path) -> str:
         "table": {k: stored.metrics.get(k) if stored else None for k in keys},
         "live_seconds": live.timings.get("total"),
     }
-    atomic_write_text(run_dir / "check.json", json.dumps(check, indent=2))
+    atomic_write_text(RunFolder(run_dir).check, json.dumps(check, indent=2))
 
     def value(v: float | None) -> str:
         return "not in the table" if v is None else f"{v:.4f}"

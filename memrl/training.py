@@ -17,6 +17,8 @@ from tqdm.auto import tqdm
 from memrl.data import ImageSet
 from memrl.errors import ConfigError
 
+__all__ = ["FinetuneResult", "noise_scheduler", "resolve_device", "train_denoiser"]
+
 if TYPE_CHECKING:
     from memrl.models.unet import DiffusionModel
 

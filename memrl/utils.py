@@ -15,6 +15,17 @@ from typing import Any
 
 from memrl.errors import MemrlError
 
+__all__ = [
+    "atomic_path",
+    "atomic_write_text",
+    "cache_dir",
+    "folder_lock",
+    "package_versions",
+    "setup_logging",
+    "stable_hash",
+    "without_none",
+]
+
 _PACKAGES = (
     "memrl",
     "torch",

@@ -56,6 +56,13 @@ def test_train_writes_a_complete_run(run_dir):
     ):
         assert (run_dir / name).exists(), name
     assert any((run_dir / "tb").rglob("events.out.tfevents.*"))
+    from memrl.runs import RunFolder
+
+    folder = RunFolder(run_dir)  # the one place that names a run's files names these
+    for path in (folder.config, folder.record, folder.store, folder.episodes, folder.checkpoint, folder.log):
+        assert path.is_file(), path
+    assert folder.policy.is_file() and folder.report.is_file() and folder.figure("pareto").is_file()
+    assert "PPO: 8 of 8 timesteps (100%)" in folder.log.read_text()  # progress reaches the log file
     episodes = [json.loads(x) for x in (run_dir / "episodes.jsonl").read_text().splitlines()]
     assert len(episodes) == 8 and all(len(e["mask"]) == 4 for e in episodes)
     card = json.loads((run_dir / "policy.card.json").read_text())

@@ -42,6 +42,19 @@ import torch
 from memrl.data.imageset import ImageSet, pixel_digest, resize_images, to_unit_range
 from memrl.errors import DataError
 
+__all__ = [
+    "BASE_MIX",
+    "BUNDLED",
+    "HELDOUT_SOURCES",
+    "LABEL_OFFSET",
+    "SOURCES",
+    "SourceInfo",
+    "base_count",
+    "bundled",
+    "reserved_order",
+    "suite_source",
+]
+
 
 def _image_set(
     images: np.ndarray,

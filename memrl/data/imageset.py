@@ -22,6 +22,22 @@ from PIL import Image, UnidentifiedImageError
 
 from memrl.errors import DataError
 
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "ImageSet",
+    "MAX_IMAGE_PIXELS",
+    "RESIZE_METHOD",
+    "first_image",
+    "image_digests",
+    "load_folder",
+    "load_npz",
+    "pixel_digest",
+    "report_resize",
+    "resize_images",
+    "scale_pixels",
+    "to_unit_range",
+]
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}

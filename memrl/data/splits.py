@@ -15,6 +15,18 @@ from memrl.data.imageset import ImageSet, load_folder, load_npz
 from memrl.errors import DataError
 from memrl.utils import stable_hash
 
+__all__ = [
+    "BASE_VERSIONS",
+    "DataSplits",
+    "MIN_IMAGES",
+    "base_split",
+    "fit_sizes",
+    "load_splits",
+    "source_set",
+    "task_pool",
+    "usable_count",
+]
+
 MIN_IMAGES = 8
 """The fewest images a dataset may have: at least 4 to fine-tune on and 4 held out."""
 

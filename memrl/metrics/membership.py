@@ -24,6 +24,15 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+__all__ = [
+    "MIA_FPR",
+    "bootstrap_interval",
+    "calibrated_losses",
+    "membership_auc",
+    "membership_metrics",
+    "tpr_at_fpr",
+]
+
 MIA_FPR = 0.01
 """The false-positive rate at which the true-positive rate is reported (Carlini et al.'s 1%)."""
 

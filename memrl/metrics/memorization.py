@@ -17,6 +17,20 @@ import torch.nn.functional as F
 from memrl.registry import FAISS_INDEXES, NN_BACKENDS  # noqa: F401  (re-exported)
 from memrl.training import noise_scheduler
 
+__all__ = [
+    "CopyScores",
+    "NearestNeighbourIndex",
+    "copy_scores",
+    "copy_threshold",
+    "denoising_loss",
+    "extraction_count",
+    "extraction_threshold",
+    "faiss_available",
+    "noise_norm",
+    "pia_error",
+    "tiled_l2_distance",
+]
+
 log = logging.getLogger(__name__)
 
 

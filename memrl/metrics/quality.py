@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+__all__ = ["fid_kid", "quality_controls"]
+
 
 class _Features(nn.Module):
     """Adapter giving torchmetrics a feature extractor with ``num_features``."""

@@ -40,6 +40,18 @@ from memrl.utils import (
     without_none,
 )
 
+__all__ = [
+    "PROVENANCE_FILE",
+    "SHIPPED",
+    "base_model_key",
+    "get_base_model",
+    "main",
+    "pretrain_base_model",
+    "shipped_fingerprint",
+    "shipped_folder",
+    "write_shipped",
+]
+
 log = logging.getLogger(__name__)
 
 PROVENANCE_FILE = "provenance.json"

@@ -28,6 +28,20 @@ from memrl.errors import ModelError
 from memrl.models.unet import DiffusionModel, install_groupnorm_guard
 from memrl.utils import atomic_path, cache_dir, stable_hash
 
+__all__ = [
+    "Components",
+    "DEFAULT_TEMPLATE",
+    "PARTS",
+    "TextConditionedModel",
+    "build_random_pipeline",
+    "captions_of",
+    "decode_latents",
+    "encode_latents",
+    "encode_prompts",
+    "is_pipeline_folder",
+    "load_components",
+]
+
 log = logging.getLogger(__name__)
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")

@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 
-from memrl.config import load_config
 from memrl.errors import ConfigError
 from memrl.reward import RewardConfig
 from memrl.searchers.base import Result, Trial
@@ -33,7 +32,7 @@ class TaskOracle:
 
     def _task_for(self, peft: str | None) -> Any:
         if peft not in self._tasks:
-            cfg = load_config(self.task.cfg, {"search.method": peft})
+            cfg = self.task.cfg.with_changes({"search.method": peft})
             self._tasks[peft] = Task(cfg, self.task.evaluator, self.task.name, self.task.heldout)
         return self._tasks[peft]
 

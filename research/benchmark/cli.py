@@ -35,6 +35,8 @@ from research.benchmark.stats import (
     write_rows,
 )
 
+__all__ = ["main", "run_record", "tuning_report"]
+
 
 def main(argv: list[str] | None = None) -> int:
     from memrl.cli import add_config_args, config_from_args, run_main

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from memrl.config import Config, load_config
+from memrl.config import Config
 from memrl.errors import ConfigError
 from memrl.searchers.basic import hand_presets
 from memrl.searchers.transfer import regression_model
@@ -37,6 +37,34 @@ from research.benchmark.methods import (
     searched,
     train_policies,
 )
+
+__all__ = [
+    "FROM_SCRATCH",
+    "LEFT_OUT_SEPARATOR",
+    "PART_FORMAT",
+    "RESULTS_VERSION",
+    "SEARCH_VARIANTS",
+    "TUNE_BUDGETS",
+    "TUNE_GRIDS",
+    "ZERO_SHOT_TOP",
+    "chosen_setting",
+    "fold_key",
+    "in_parallel",
+    "leave_one_out",
+    "modes",
+    "modes_fold",
+    "nested_rows",
+    "nested_settings",
+    "read_part",
+    "sampler_seed",
+    "search_curves",
+    "search_one",
+    "setting_of",
+    "transfer",
+    "transfer_fold",
+    "tune",
+    "tune_fold",
+]
 
 log = logging.getLogger("research.benchmark")
 
@@ -123,7 +151,7 @@ def modes_fold(
     names = [table.names[u] for u in train]
     rows = []
     for mode in ("mask", "sequential"):
-        policies = train_policies(load_config(cfg, ONE_SHOT_PPO), names, seed, list(episodes), mode=mode)
+        policies = train_policies(cfg.with_changes(ONE_SHOT_PPO), names, seed, list(episodes), mode=mode)
         for n, policy in zip(sorted(episodes), policies):
             for w in PREFERENCES:
                 rows.append(
@@ -209,7 +237,7 @@ def transfer_fold(
     from memrl.task import architecture_space
 
     names = [table.names[u] for u in train]
-    one_shot = load_config(cfg, ONE_SHOT_PPO)
+    one_shot = cfg.with_changes(ONE_SHOT_PPO)
     nets = {zero: train_policies(one_shot, names, seed, [episodes], zero)[0] for zero in (False, True)}
     searchers = {}
     if search_episodes is not None:
@@ -345,7 +373,7 @@ def tune_fold(
         fitted = {n: regression_model(prior, seed, table.param_weight, n, lr) for n in lengths}
     else:
         mode = "search" if method == "ppo-search" else "mask"
-        lr_cfg = load_config(cfg, {"ppo.learning_rate": lr})
+        lr_cfg = cfg.with_changes({"ppo.learning_rate": lr})
         policies = train_policies(lr_cfg, [table.names[u] for u in train], seed, list(lengths), mode=mode)
         fitted = dict(zip(sorted(lengths), policies))
 

@@ -15,6 +15,18 @@ from memrl.searchers.basic import hand_presets
 from research.benchmark.folds import PREFERENCES, load_table, mask_index
 from research.benchmark.methods import searched
 
+__all__ = [
+    "CLAIM_METRICS",
+    "MEMORIZATION_CANDIDATES",
+    "NOISE_METRICS",
+    "claims",
+    "claims_text",
+    "descriptor_ablation",
+    "findings",
+    "memorization_metrics",
+    "ranking_clusters",
+]
+
 NOISE_METRICS = (
     "canary_log_loss_ratio",
     "canary_loss_gap",

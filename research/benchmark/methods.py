@@ -10,11 +10,23 @@ from typing import Any
 
 import numpy as np
 
-from memrl.config import Config, load_config
+from memrl.config import Config
 from memrl.descriptor import descriptor_fields
 from memrl.prior import TransferPrior
 from memrl.searchers import Knowledge, SearchPolicySearcher, TableOracle, make_searcher, run
 from memrl.table import BenchTable, mask_index
+
+__all__ = [
+    "ONE_SHOT_PPO",
+    "SEARCH_PPO",
+    "knowledge",
+    "policy_masks",
+    "ppo_search",
+    "prior_of",
+    "search_policy_masks",
+    "searched",
+    "train_policies",
+]
 
 
 def prior_of(table: BenchTable, train: list[int]) -> TransferPrior:
@@ -114,8 +126,7 @@ def ppo_search(cfg: Config, task: str, w: float, seed: int, budget: int, max_ste
     from memrl.envs.memcontrol import MemControlEnv
     from stable_baselines3.common.callbacks import BaseCallback
 
-    one = load_config(
-        cfg,
+    one = cfg.with_changes(
         {
             **SEARCH_PPO,
             "env.tasks": [t for t in cfg.env.tasks if t.get("name") == task],
@@ -162,8 +173,7 @@ def train_policies(
     from memrl.envs.memcontrol import MemControlEnv
     from stable_baselines3.common.callbacks import BaseCallback
 
-    train_cfg = load_config(
-        cfg,
+    train_cfg = cfg.with_changes(
         {
             "env.tasks": [t for t in cfg.env.tasks if t.get("name") in tasks],
             "env.preferences": "uniform",
@@ -174,7 +184,7 @@ def train_policies(
     )
     env: Any = MemControlEnv(train_cfg)
     steps_per_episode = {"mask": 1, "search": train_cfg.env.budget}.get(mode, env.k + 1)
-    train_cfg = load_config(train_cfg, {"ppo.total_timesteps": steps_per_episode * max(episodes)})
+    train_cfg = train_cfg.with_changes({"ppo.total_timesteps": steps_per_episode * max(episodes)})
     env.zero_history, env.zero_descriptor = zero_history, zero_descriptor
     if zero_descriptor and mode != "search":  # search mode sees the descriptor through its prior
         width = len(descriptor_fields(env.k))

@@ -12,6 +12,8 @@ from memrl.config import Config, load_config
 from research.benchmark.folds import SPLITS, split_of
 from research.benchmark.stats import iqm
 
+__all__ = ["ship", "transfer_numbers"]
+
 
 def ship(cfg: Config, out: Path, results: Path) -> Path:
     """Train the policy that ships with memrl: PPO by replay on every training task of the suite
@@ -37,7 +39,7 @@ def ship(cfg: Config, out: Path, results: Path) -> Path:
     if out.exists() and not out.is_dir():
         raise MemrlError(f"--ship-to {out}: exists and is not a folder; name the folder the policy goes to")
 
-    ship_cfg = load_config(cfg, {"env.preferences": "uniform", "env.store": None})
+    ship_cfg = cfg.with_changes({"env.preferences": "uniform", "env.store": None})
     with tempfile.TemporaryDirectory() as tmp:
         policy = train(ship_cfg, Path(tmp) / "run", report=False)
         card = read_card(card_path(policy))

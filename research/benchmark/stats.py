@@ -19,6 +19,30 @@ import numpy as np
 from memrl.report import pyplot, save_figure
 from research.benchmark.folds import SPLITS, split_of
 
+__all__ = [
+    "HEADLINE_BUDGETS",
+    "SEARCHER",
+    "STARTING_POINT",
+    "against_the_best",
+    "bootstrap",
+    "describe",
+    "first_picks",
+    "grouped",
+    "headline",
+    "iqm",
+    "mean_regret",
+    "paired_differences",
+    "per_task",
+    "plot_budgets",
+    "plot_curves",
+    "plot_transfer",
+    "summarise",
+    "summarise_nested",
+    "summarise_tuning",
+    "task_bootstrap",
+    "write_rows",
+]
+
 
 def iqm(values: np.ndarray) -> float:
     """Interquartile mean: the mean of the middle 50%."""
