@@ -10,6 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ((ROOT / "memrl", "memrl"), (ROOT / "agents", "memrl.agents"), (ROOT / "envs", "memrl.envs"))
+RESEARCH = ((ROOT / "research", "research"),)
 LAZY_OK = {
     *("ray", "optuna", "transformers", "faiss"),  # optional: extras, or a CPU/GPU variant
     *("matplotlib", "diffusers", "peft", "torchmetrics", "gymnasium", "stable_baselines3"),  # 0.5-3 s each
@@ -21,9 +22,9 @@ LAZY_OK = {
 module defers so that ``import memrl`` and the config stay cheap."""
 
 
-def modules() -> dict[str, Path]:
+def modules(packages: tuple[tuple[Path, str], ...] = PACKAGES) -> dict[str, Path]:
     out = {}
-    for base, package in PACKAGES:
+    for base, package in packages:
         for path in base.rglob("*.py"):
             parts = [p for p in path.relative_to(base).with_suffix("").parts if p != "__init__"]
             out[".".join([package, *parts])] = path
@@ -49,7 +50,7 @@ def imports(path: Path) -> tuple[set[str], list[str]]:
 
 
 def test_no_two_modules_import_each_other_even_through_function_level_imports():
-    mods = modules()
+    mods = modules(PACKAGES + RESEARCH)
 
     def owner(name: str) -> str | None:
         while name and name not in mods:

@@ -12,7 +12,7 @@ from memrl.config import Config
 from memrl.errors import MemrlError
 from memrl.report import pyplot, save_figure
 from memrl.searchers.basic import hand_presets
-from research.benchmark.folds import PREFERENCES, load_table, mask_index
+from research.benchmark.folds import PREFERENCES, SPLITS, load_table, mask_index, split_folds
 from research.benchmark.methods import searched
 
 __all__ = [
@@ -189,7 +189,6 @@ def descriptor_ablation(table: Any) -> list[str]:
     nearest training task's best mask (on each split; mean over preferences) with every family,
     and with each family removed."""
     from memrl.descriptor import family_slices
-    from research.benchmark.folds import SPLITS, split_folds
 
     k = table.masks.shape[1]
     variants = {"all families": None, **{f"without {f}": s for f, s in family_slices(k).items()}}
