@@ -244,14 +244,14 @@ def test_the_transfer_benchmark_runs_every_method_on_the_tables(table, tmp_path)
     for r in rows:
         counts.setdefault(r["method"], set()).add(r["fine_tunes"])
     assert counts == {
-        **{m: {1, 2, 3, 4} for m in ("ppo", "nearest-task", "knn-tasks", "portfolio", "regression")},
+        **{m: {1, 2, 3, 4} for m in ("ppo", "nearest-task", "knn-tasks", "regression")},
         **{m: {1} for m in ("ppo-no-descriptor", "gradient-top-g", "single-best")},
         "single-best (mean reward)": {1},
         **{
             f"preset: {p}": {1}
             for p in ("down-blocks attention", "mid-block attention", "up-blocks attention", "all attention")
         },
-        **{m: {4, 16} for m in ("random", "tpe", "tpe-warm", "gp", "gp-prior")},
+        **{m: {4, 16} for m in ("portfolio", "random", "tpe", "tpe-warm", "gp", "gp-prior")},  # every budget
         **{m: {4, 16} for m in ("ppo-search", "ppo-search-no-descriptor", "ppo-search-no-history")},
     }
     assert {r["task"] for r in rows} == {"faces"}  # the only task with another one to train on

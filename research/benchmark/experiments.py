@@ -233,7 +233,8 @@ def transfer_fold(
 ) -> list[dict[str, Any]]:
     """Every method's rows for the (test task, split) pairs of one training set and seed (the
     policies trained once, on ``train``): zero-shot lists judged at 1..:data:`ZERO_SHOT_TOP`
-    fine-tunes, searches at each of ``budgets``; a task in two splits gets its rows twice."""
+    fine-tunes, searches and the greedy portfolio (the hardest simple comparator) at each of
+    ``budgets``; a task in two splits gets its rows twice."""
     from memrl.task import architecture_space
 
     names = [table.names[u] for u in train]
@@ -265,14 +266,17 @@ def transfer_fold(
         lists: dict[str, list[int]] = {
             "ppo": policy_masks(nets[False], table, test, w, top),
             "ppo-no-descriptor": policy_masks(nets[True], table, test, w, 1, zero=True),
-            **{name: by_name(name, top) for name in ("nearest-task", "knn-tasks", "portfolio", "regression")},
+            **{name: by_name(name, top) for name in ("nearest-task", "knn-tasks", "regression")},
             "gradient-top-g": by_name("gradient-top-g", 1),
             "single-best": by_name("single-best", 1),
             "single-best (mean reward)": by_name("single-best-reward", 1),
             **{f"preset: {label}": [mask_index(m)] for label, m in hand_presets(group_names).items()},
         }
         searches = {
-            **{name: by_name(name, longest) for name in ("random", "tpe", "tpe-warm", "gp", "gp-prior")},
+            **{
+                name: by_name(name, longest)
+                for name in ("portfolio", "random", "tpe", "tpe-warm", "gp", "gp-prior")
+            },
             **{
                 label: search_policy_masks(policy, table, test, w, longest, zero_d, zero_h)
                 for label, (policy, zero_d, zero_h) in searchers.items()
@@ -453,7 +457,7 @@ def nested_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in leave_one_out(rows) if setting_of(r) == chosen[r["task"]]]
 
 
-RESULTS_VERSION = "2026-12-07"
+RESULTS_VERSION = "2026-12-07b"  # b: the greedy portfolio is judged at every budget, as searches are
 """What the folds compute, as a version: part of every fold key, so a change that alters any
 method's picks, PPO's training or a result row must set it anew (stored folds are then rerun),
 and a change that moves or tidies code keeps every stored fold. The searchers' picks are pinned
