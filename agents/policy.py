@@ -136,9 +136,9 @@ def read_card(card_file: Path) -> dict[str, Any]:
     space = card["search_space"]
     if not isinstance(space, dict) or not isinstance(space.get("groups"), list) or "signature" not in space:
         raise PolicyError(f"{card_file}: search_space must hold signature and groups")
-    if card["action_mode"] not in ("mask", "sequential", "search"):
+    if card["action_mode"] not in ("mask", "sequential", "search", "control"):
         raise PolicyError(
-            f"{card_file}: action_mode {card['action_mode']!r} is not mask, sequential or search"
+            f"{card_file}: action_mode {card['action_mode']!r} is not mask, sequential, search or control"
         )
     dim = card["observation_dim"]
     if isinstance(dim, bool) or not isinstance(dim, int) or not 0 < dim <= 100_000:
@@ -274,6 +274,11 @@ class Policy:
         """The ``n`` most probable masks for a dataset with this descriptor and a preference
         (memorization, quality, parameter weights; None: the training config's), best first. For a
         search policy: its first step, before any result (the zero-shot proposal)."""
+        if self.card["action_mode"] == "control":
+            raise PolicyError(
+                "this policy is a controller (env.mode=control): it acts during a fine-tune and proposes "
+                "no mask up front; use a mask or search policy here"
+            )
         if self.card["action_mode"] == "search":
             observation = SearchHistory(self.k, self.budget).observation(
                 self.preference(preference), self.prior_features(descriptor, preference)
@@ -379,6 +384,8 @@ def load_policy(path: str | Path) -> Policy:
         prior = TransferPrior.load(prior_path(path), names, 2**k, len(descriptor_fields(k)))
     elif card["action_mode"] == "mask":
         act_space = spaces.MultiBinary(k)
+    elif card["action_mode"] == "control":
+        act_space = spaces.MultiBinary(k + 1)  # the groups of the next chunk, then stop
     else:
         act_space = spaces.Discrete(3 if card.get("stop_action") else 2)
     try:

@@ -15,7 +15,7 @@ def _register() -> None:
     from gymnasium.envs.registration import register, registry
 
     if "MemControl-v0" not in registry:
-        register(id="MemControl-v0", entry_point="memrl.envs.memcontrol:MemControlEnv")
+        register(id="MemControl-v0", entry_point="memrl.envs:make_memcontrol")
 
 
 _register()

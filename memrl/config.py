@@ -199,7 +199,12 @@ class RewardConfig:
 class EnvConfig:
     mode: str = "mask"
     """``mask``: the whole mask in one step. ``sequential``: one group per step. ``search``: a
-    search of ``env.budget`` masks on one task, each step a mask, seeing every result so far."""
+    search of ``env.budget`` masks on one task, each step a mask, seeing every result so far.
+    ``control``: one fine-tune per episode, each step trains ``env.chunk`` steps and may stop it
+    (replayed from a curve suite's tables: ``memrl.envs.control``)."""
+    chunk: int | None = None
+    """Control mode: fine-tune steps per env step (None: ``finetune.checkpoint_every``); a multiple
+    of the curve's spacing that divides ``finetune.steps``."""
     budget: int = 8
     """Search mode: masks evaluated per episode (fine-tunes a search may spend)."""
     max_groups: int | None = None
@@ -303,7 +308,7 @@ def _choices() -> dict[str, tuple[str | None, ...]]:
         "encoder.kind": ENCODER_KINDS,
         "metrics.index": NN_BACKENDS,
         "metrics.faiss_index": FAISS_INDEXES,
-        "env.mode": ("mask", "sequential", "search"),
+        "env.mode": ("mask", "sequential", "search", "control"),
         "env.preferences": ("fixed", "uniform"),
         "data.base": (None, "mix"),
         "finetune.mixed_precision": (None, "no", "fp16", "bf16"),
@@ -458,6 +463,27 @@ def _validate_curve(f: FinetuneConfig) -> None:
         )
 
 
+def _validate_control(cfg: Config) -> None:
+    """Control mode needs a curve suite and a chunk that fits it."""
+    f, e = cfg.finetune, cfg.env
+    if e.chunk is not None and e.mode != "control":
+        raise ConfigError(f"env.chunk={e.chunk} is for env.mode=control (env.mode={e.mode!r}); unset it")
+    if e.mode != "control":
+        return
+    every = f.checkpoint_every
+    if every is None:
+        raise ConfigError(
+            "env.mode=control replays curves, and this config records none (finetune.checkpoint_every is "
+            "unset); use a curve suite such as --config bench3"
+        )
+    chunk = e.chunk if e.chunk is not None else every
+    if chunk < 1 or chunk % every or f.steps % chunk:
+        raise ConfigError(
+            f"env.chunk={chunk} must be a multiple of finetune.checkpoint_every={every} that divides "
+            f"finetune.steps={f.steps} (e.g. env.chunk={every})"
+        )
+
+
 def _validate_metrics(m: MetricConfig) -> None:
     if not 0.5 <= m.copy_quantile < 1:
         raise ConfigError(f"metrics.copy_quantile={m.copy_quantile} must be in [0.5, 1)")
@@ -591,6 +617,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"finetune.device={cfg.finetune.device!r} must be cpu, cuda, cuda:N or auto")
     _validate_metrics(cfg.metrics)
     _validate_curve(cfg.finetune)
+    _validate_control(cfg)
     _validate_encoder(cfg)
     rollout = p.n_steps * p.n_envs
     if not 1 < p.batch_size <= rollout:

@@ -22,7 +22,7 @@ from memrl.context import TaskContext, full_unet, suite
 from memrl.errors import StoreError
 from memrl.evaluator import make_evaluator
 from memrl.reward import References, Reward
-from memrl.spec import SPEC_VERSION
+from memrl.spec import SPEC_VERSION, with_derived_metrics
 from memrl.tables import REFERENCE_STEPS, curve_masks, reference_config
 from memrl.task import NOISE_SEEDS
 
@@ -151,7 +151,8 @@ def load_curves(cfg: Config, metrics: tuple[str, ...] | None = None) -> CurveTab
             ctx, whole = TaskContext.get(task_cfg), TaskContext.get(full_unet(task_cfg))
             specs = [ctx.spec([int(c) for c in m]) for m in masks[:-1]] + [whole.spec((1,) * whole.space.k)]
             for m, found in enumerate(evaluator.lookup_many([spec.hash for spec in specs])):
-                for point in (found.curve or []) if found is not None else []:
+                for stored in (found.curve or []) if found is not None else []:
+                    point = with_derived_metrics(stored)  # the reward's ratio at every checkpoint
                     c = int(point["step"]) // every - 1
                     for name in keep:
                         values[name][t, m, s, c] = point.get(name, math.nan)

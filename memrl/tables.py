@@ -109,10 +109,15 @@ def curve_noise_masks(k: int) -> tuple[str, ...]:
 
 
 def reference_config(cfg: Config) -> Config:
-    """A curve task's config for its reference evaluations: plain, :data:`REFERENCE_STEPS` steps."""
-    return cfg.with_changes(
-        {"finetune.steps": REFERENCE_STEPS, "finetune.checkpoint_every": None, "finetune.sample_at": None},
-    )
+    """A curve task's config for its reference evaluations: plain, :data:`REFERENCE_STEPS` steps
+    (outside control mode, which needs curves; the env section is not part of an evaluation)."""
+    plain = {
+        "finetune.checkpoint_every": None,
+        "finetune.sample_at": None,
+        "env.mode": "mask",
+        "env.chunk": None,
+    }
+    return cfg.with_changes({"finetune.steps": REFERENCE_STEPS, **plain})
 
 
 def curve_jobs(cfg: Config) -> list[Job]:

@@ -194,7 +194,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, report: bool = True)
         extra["prior"] = {"tasks": prior.names, "file": prior_path(policy_path).name}
     write_card(policy_path, architecture_space(cfg), cfg, env.observation_space.shape[0], extra)
     record_run(cfg, run_dir, "complete", {"num_timesteps": int(model.num_timesteps)})
-    if report:
+    if report and cfg.env.mode == "control":
+        log.info("a controller's run: its episodes are in %s and TensorBoard (no task report yet)", run_dir)
+    elif report:
         report_task(cfg, policy_path, run_dir)
     return policy_path
 
@@ -303,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg, run_dir = resolve_run(args)
         where[0] = run_dir
         policy = train(cfg, run_dir, resume=args.resume is not None, report=not args.no_report)
-        print(f"policy: {policy}\nreport: {run_dir / 'report.md'}")
+        report = RunFolder(run_dir).report
+        print(f"policy: {policy}" + (f"\nreport: {report}" if report.is_file() else ""))
         return 0
 
     code = run_main(body, interrupted="")

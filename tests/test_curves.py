@@ -138,6 +138,8 @@ def test_a_curve_table_replays_every_stored_point_on_fixed_references(tmp_path):
     assert got[0] == pytest.approx(expected["memorization_term"]) and got[1] == pytest.approx(
         expected["quality_term"]
     )
+    # the reward's ratio is derived at every checkpoint, sampled or not (step 1 is not)
+    assert np.isfinite(table.rewards(cfg.reward, 0, 0.5)[:, 0, :]).all()
     shares = table.grad_share[0, table.masks.index("1000"), 0, 0]
     assert shares[0] == pytest.approx(1.0) and shares[1:].sum() == 0
     premise = _bench_module("premise")

@@ -1,0 +1,146 @@
+"""Control mode: MemControl-v0 acting during one fine-tune, replayed from a tiny curve suite."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import memrl  # noqa: F401  (registers MemControl-v0)
+from memrl.config import load_config
+from memrl.errors import ConfigError, EpisodeOverError
+
+
+@pytest.fixture(scope="module")
+def curve_cfg(tmp_path_factory):
+    """A tiny curve suite (test config, 3 steps, a checkpoint every step), built in process."""
+    from memrl.evaluator import make_evaluator
+    from memrl.tables import curve_jobs
+
+    store = tmp_path_factory.mktemp("control") / "curves.sqlite"
+    cfg = load_config(
+        "test",
+        {
+            "finetune.checkpoint_every": 1,
+            "finetune.sample_at": [2],
+            "env.tasks": [{"name": "tiny", "seed": 3}],
+            "env.store": str(store),
+            "env.mode": "control",
+            "env.preferences": "uniform",
+        },
+    )
+    make_evaluator(cfg).evaluate_many([j.spec for j in curve_jobs(cfg)])
+    return cfg
+
+
+def test_control_mode_passes_gymnasiums_and_sb3s_checkers(curve_cfg):
+    from gymnasium.utils.env_checker import check_env
+    from stable_baselines3.common.env_checker import check_env as sb3_check
+
+    env = gym.make("MemControl-v0", config=curve_cfg, mode="control")
+    assert env.action_space == gym.spaces.MultiBinary(5)  # K = 4 groups + stop
+    check_env(env.unwrapped, skip_render_check=True)
+    sb3_check(env.unwrapped)
+
+
+def test_stopping_replays_the_stored_checkpoint_exactly(curve_cfg):
+    from memrl.curves import load_curves
+
+    table = load_curves(curve_cfg)
+    env = gym.make("MemControl-v0", config=curve_cfg, mode="control").unwrapped
+    preference = [0.5, 0.5, 0.0]
+    obs, info = env.reset(seed=0, options={"dataset": "tiny", "preference": preference})
+    assert info["task"] == "tiny" and obs.shape == env.observation_space.shape
+    obs, reward, done, truncated, info = env.step([1, 1, 1, 1, 0])  # train every group, go on
+    assert not done and reward == 0.0 and info["steps"] == 1 and info["mask"] == [1, 1, 1, 1]
+    _, reward, done, _, info = env.step([1, 1, 1, 1, 1])  # stop after the second chunk
+    assert info["ok"] and np.isfinite(reward)
+    expected = table.rewards(curve_cfg.reward, 0, 0.5)[table.masks.index("1111"), 0, 1]
+    assert done and info["delivered_steps"] == 2 and reward == pytest.approx(float(expected))
+    with pytest.raises(EpisodeOverError):
+        env.step([1, 1, 1, 1, 1])
+
+
+def test_a_mask_change_is_not_replayed_and_is_counted(curve_cfg):
+    env = gym.make("MemControl-v0", config=curve_cfg, mode="control").unwrapped
+    env.reset(seed=1, options={"dataset": 0})
+    _, _, _, _, info = env.step([1, 0, 0, 0, 0])
+    assert info["mask"] == [1, 0, 0, 0] and info["mask_changes_ignored"] == 0
+    _, _, _, _, info = env.step([0, 1, 0, 0, 0])
+    assert info["mask"] == [1, 0, 0, 0] and info["mask_changes_ignored"] == 1
+    _, _, done, _, info = env.step([0, 1, 0, 0, 0])
+    assert done and info["delivered_steps"] == 3  # the fine-tune's last step ends the episode
+    env.reset(seed=2, options={"dataset": 0})
+    _, reward, done, _, info = env.step([0, 0, 1, 0, 1])  # stop after one chunk: step 1, not sampled
+    assert done and info["ok"] and np.isfinite(reward)
+
+
+def test_a_mask_without_a_curve_snaps_to_the_nearest_stored_one(curve_cfg):
+    env = gym.make("MemControl-v0", config=curve_cfg, mode="control").unwrapped
+    stored = {"".join(map(str, m)) for m in env.masks}
+    env.reset(seed=0, options={"dataset": 0})
+    asked = next(
+        m for m in ("0110", "0101", "1010", "1100", "0011") if m not in stored
+    )  # some two-group mask without a curve
+    _, _, _, _, info = env.step([*map(int, asked), 0])
+    got = "".join(map(str, info["mask"]))
+    assert got in stored and sum(a != b for a, b in zip(got, asked)) == min(
+        sum(a != b for a, b in zip(m, asked)) for m in stored
+    )
+
+
+def test_ppo_learns_on_replayed_control(curve_cfg):
+    from memrl.agents.ppo import build_ppo
+
+    cfg = curve_cfg.with_changes({"ppo.n_steps": 8, "ppo.batch_size": 4, "ppo.total_timesteps": 16})
+    env = gym.make("MemControl-v0", config=cfg).unwrapped
+    model = build_ppo(cfg, env)
+    model.learn(16)
+    assert model.num_timesteps >= 16
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"env.mode": "control"}, "records none .*finetune.checkpoint_every is unset"),
+        (
+            {"env.mode": "control", "finetune.checkpoint_every": 1, "env.chunk": 2},
+            "env.chunk=2 must be a multiple of finetune.checkpoint_every=1 that divides finetune.steps=3",
+        ),
+        ({"env.chunk": 1}, "env.chunk=1 is for env.mode=control"),
+    ],
+)
+def test_a_bad_control_setting_is_named_with_its_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("test", overrides)
+
+
+def test_control_on_a_suite_without_complete_curves_says_how_to_build_them(tmp_path):
+    cfg = load_config(
+        "test",
+        {
+            "env.mode": "control",
+            "finetune.checkpoint_every": 1,
+            "env.store": str(tmp_path / "empty.sqlite"),
+        },
+    )
+    with pytest.raises(ConfigError, match="no training task of this suite has complete curves"):
+        gym.make("MemControl-v0", config=cfg)
+
+
+def test_train_agent_trains_a_controller_that_loads_and_refuses_to_propose_a_mask(curve_cfg, tmp_path):
+    from memrl.agents import PolicyError, load_policy
+
+    from memrl.config import dump_config
+    from memrl.runs import RunFolder
+    from memrl.testing import run_module
+
+    cfg = curve_cfg.with_changes({"ppo.n_steps": 8, "ppo.batch_size": 4, "ppo.total_timesteps": 16})
+    dump_config(cfg, tmp_path / "control.yaml")
+    proc = run_module(
+        "memrl.train_agent", "--config", str(tmp_path / "control.yaml"), "--run-dir", str(tmp_path / "r")
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = RunFolder(tmp_path / "r")
+    policy = load_policy(folder.policy)
+    assert policy.card["action_mode"] == "control" and folder.episodes.read_text().count("\n") >= 4
+    with pytest.raises(PolicyError, match="is a controller"):
+        policy.candidates(np.zeros(10))
