@@ -21,7 +21,7 @@ def curve_cfg(tmp_path_factory):
         {
             "finetune.checkpoint_every": 1,
             "finetune.sample_at": [2],
-            "env.tasks": [{"name": "tiny", "seed": 3}],
+            "env.tasks": [{"name": "tiny", "seed": 3}, {"name": "other", "seed": 4}],
             "env.store": str(store),
             "env.mode": "control",
             "env.preferences": "uniform",
@@ -144,3 +144,39 @@ def test_train_agent_trains_a_controller_that_loads_and_refuses_to_propose_a_mas
     assert policy.card["action_mode"] == "control" and folder.episodes.read_text().count("\n") >= 4
     with pytest.raises(PolicyError, match="is a controller"):
         policy.candidates(np.zeros(10))
+
+
+def test_stopping_rules_are_fixed_on_training_tasks_and_judged_on_the_test_task(curve_cfg):
+    from memrl.curves import load_curves
+    from research.benchmark.recipes import _stop_early, _stop_membership, recipe_regret, recipe_rows
+
+    assert _stop_early(np.array([3.0, 2.0, 2.5, 2.4, 1.0]), 2) == 1  # no gain for 2 checkpoints after 1
+    assert _stop_early(np.array([3.0, 2.0, 1.0]), 2) == 2  # still improving at the end
+    assert _stop_membership(np.array([0.5, 0.56, 0.7]), 0.6) == 1  # the checkpoint before crossing
+    assert _stop_membership(np.array([0.5, 0.5]), 0.6) == 1  # never crossed: the last
+    table = load_curves(curve_cfg)
+    rows = recipe_rows(table, curve_cfg.reward)
+    methods = {r["method"] for r in rows}
+    assert {"single-best-recipe", "ones@tuned-steps", "early-stop", "membership-stop", "portfolio"} <= methods
+    assert all(0 <= r["regret"] <= 1 for r in rows) and {r["task"] for r in rows} == {"tiny", "other"}
+    for r in rows:
+        if r["method"] == "single-best-recipe" and r["task"] == "tiny" and r["memorization_weight"] == 0.5:
+            other = table.names.index(
+                "other"
+            )  # the recipe is the training task's best, read on the test task
+            regret = recipe_regret(table, curve_cfg.reward, other, 0.5)
+            regret[table.masks.index("full")] = np.nan
+            m, c = np.unravel_index(int(np.nanargmin(regret)), regret.shape)
+            assert r["recipe"] == f"{table.masks[m]}@{int(table.steps[c])}"
+    portfolio = [r["regret"] for r in rows if r["method"] == "portfolio" and r["task"] == "tiny"]
+    assert portfolio[:4] == sorted(portfolio[:4], reverse=True)  # more fine-tunes never hurt
+
+
+def test_the_recipes_command_writes_its_table_and_record(curve_cfg, tmp_path):
+    from memrl.config import dump_config
+    from research.benchmark.cli import main
+
+    dump_config(curve_cfg, tmp_path / "curves.yaml")
+    assert main(["recipes", "--config", str(tmp_path / "curves.yaml"), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "recipes.md").read_text()
+    assert "| leave one task out | early-stop | 1 |" in text and (tmp_path / "out" / "recipes.csv").is_file()

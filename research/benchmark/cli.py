@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any
 
 from memrl.config import Config
+from memrl.curves import load_curves
 from memrl.errors import ConfigError
 from research.benchmark.experiments import (
     RESULTS_VERSION,
@@ -82,6 +83,7 @@ from research.benchmark.experiments import (
 )
 from research.benchmark.findings import claims, findings
 from research.benchmark.folds import load_table
+from research.benchmark.recipes import recipe_rows, recipes_report
 from research.benchmark.ship import ship
 from research.benchmark.stats import (
     plot_curves,
@@ -92,7 +94,20 @@ from research.benchmark.stats import (
     write_rows,
 )
 
-__all__ = ["main", "run_record", "tuning_report"]
+__all__ = ["REPORTS", "main", "run_record", "tuning_report"]
+
+
+def _recipes(cfg: Config, out: Path) -> tuple[list[dict[str, Any]], str]:
+    rows = recipe_rows(load_curves(cfg), cfg.reward)  # a curve suite: --config bench3
+    return rows, recipes_report(rows)
+
+
+REPORTS: dict[str, Any] = {
+    "findings": lambda cfg, out: ([], findings(cfg)),
+    "claims": lambda cfg, out: claims(cfg, out / "claims.png"),
+    "recipes": _recipes,
+}
+"""Commands that read the tables and train nothing: (config, out folder) -> (rows, Markdown)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "command",
-        choices=("transfer", "tune", "search", "modes", "claims", "findings", "ship"),
+        choices=("transfer", "tune", "search", "modes", "claims", "findings", "ship", "recipes"),
         nargs="?",
         default="transfer",
     )
@@ -210,10 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             rows = tune(cfg, args.n_seeds, args.method, workers=args.workers, parts=parts, nested=args.nested)
             text = tuning_report(rows, args.nested)
             name = f"tune-{args.method}"
-        elif args.command == "findings":
-            rows, text = [], findings(cfg)
-        elif args.command == "claims":
-            rows, text = claims(cfg, args.out / "claims.png")
+        elif args.command in REPORTS:
+            rows, text = REPORTS[args.command](cfg, args.out)
         elif args.command == "modes":
             rows = modes(cfg, args.n_seeds, workers=args.workers, parts=parts)
             text = plot_curves(rows, args.out / "modes.png", "episodes", "training episodes")
