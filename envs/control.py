@@ -5,15 +5,19 @@ and observes what a user's own run can also see; the action picks the groups to 
 whether to stop (deliver the model as it is now). The reward, at the end, is the delivered
 checkpoint's reward on the task's fixed references (:class:`memrl.curves.CurveTable`).
 
-Replay (this module) reads every point from the curve tables, so it holds what the tables hold:
+With ``env.backend=replay`` every point is read from the curve tables, so it holds what they hold:
 the first step's mask is snapped to the nearest mask with a stored curve (Hamming distance, ties
 to fewer groups; ``info["mask"]``), and a later change of mask is *not* replayed: the run keeps
 its first mask and ``info["mask_changes_ignored"]`` counts the changes asked for. Stopping is
-replayed exactly. Mask changes mid-run need live fine-tunes (not built yet).
+replayed exactly. With any other backend the fine-tune runs live (:class:`LiveRun`: one run in a
+worker thread, paused at every chunk boundary); a mask change mid-run is not built there either
+(counted, not applied), so replay and live deliver the same runs.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +26,19 @@ import numpy as np
 from gymnasium import spaces
 
 from memrl.config import Config, load_config
-from memrl.context import architecture_space, suite
+from memrl.context import TaskContext, architecture_space, suite
 from memrl.curves import FULL, CurveTable, load_curves
 from memrl.descriptor import descriptor_fields
 from memrl.errors import ConfigError, EpisodeOverError
 from memrl.evaluator import make_evaluator
-from memrl.reward import PREFERENCE_FIELDS, draw_preference, preference_of
+from memrl.finetune import finetune
+from memrl.reward import PREFERENCE_FIELDS, References, Reward, draw_preference, preference_of
+from memrl.scoring import loss_metrics, score_model
+from memrl.tables import reference_config
 from memrl.task import Task
+from memrl.training import FinetuneResult
 
-__all__ = ["SIGNALS", "ControlEnv"]
+__all__ = ["SIGNALS", "ControlEnv", "LiveRun"]
 
 SIGNALS = ("heldout_loss_ratio", "train_loss_ratio", "mia_auc_private", "mia_tpr_private", "loss_low_tail")
 """The run's own signals a control observation shows (besides the gradient shares per group):
@@ -41,6 +49,78 @@ CURVE_METRICS = ("heldout_loss", "train_loss", "mia_auc_private", "mia_tpr_priva
 """What the replay reads from the curves for :data:`SIGNALS`."""
 
 
+class _Stop(Exception):
+    """Raised inside the training loop to end a live run where the controller stopped it."""
+
+
+class LiveRun:
+    """One fine-tune of ``mask`` on ``ctx`` in a worker thread, paused every ``chunk`` steps: at
+    each pause it reports the run's signals (:func:`memrl.scoring.loss_metrics` and each group's
+    gradient-norm share since the last pause) and waits for :meth:`proceed` or :meth:`stop`."""
+
+    def __init__(self, ctx: TaskContext, mask: np.ndarray, chunk: int) -> None:
+        self.ctx, self.mask, self.chunk = ctx, mask, chunk
+        self.steps = ctx.cfg.finetune.steps
+        self.model: Any = None
+        self.reached = 0
+        self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._orders: queue.Queue[str] = queue.Queue()
+        self._sums = np.zeros(ctx.space.k)
+        self._params: list[list[Any]] | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _hook(self, model: Any, n: int) -> None:
+        self.model, self.reached = model, n
+        if self._params is None:
+            named = [(name, p) for name, p in model.unet.named_parameters() if p.requires_grad]
+            self._params = [
+                [p for name, p in named if any(name == q or name.startswith(q + ".") for q in prefixes)]
+                for prefixes in self.ctx.space.groups.values()
+            ]
+        for i, params in enumerate(self._params):
+            self._sums[i] += sum(float(p.grad.square().sum()) for p in params if p.grad is not None)
+        if n % self.chunk or n >= self.steps:
+            return
+        total = float(self._sums.sum())
+        shares = self._sums / total if total > 0 else np.zeros_like(self._sums)
+        self._sums = np.zeros_like(self._sums)
+        self._events.put(("pause", (loss_metrics(model, self.ctx), shares)))
+        if self._orders.get() == "stop":
+            raise _Stop
+
+    def _run(self) -> None:
+        try:
+            base, data = self.ctx.base, self.ctx.model_splits.finetune_set()
+            self.model, _ = finetune(base, data, self.ctx.space.prefixes(self.mask), self.ctx.cfg, self._hook)
+            self.reached = self.steps
+            self._events.put(("end", None))
+        except _Stop:
+            self._events.put(("end", None))
+        except Exception as exc:  # surfaced in the env's step
+            self._events.put(("error", exc))
+
+    def next(self) -> tuple[str, Any]:
+        """The run's next event: ``("pause", (metrics, shares))`` or ``("end", None)``."""
+        kind, payload = self._events.get()
+        if kind == "error":
+            raise payload
+        return kind, payload
+
+    def proceed(self) -> None:
+        self._orders.put("go")
+
+    def stop(self) -> None:
+        """End the run at the current pause (the model stays as it is now)."""
+        if self._thread.is_alive():
+            self._orders.put("stop")
+            self._thread.join()
+
+    def deliver(self) -> dict[str, float]:
+        """Every metric of the model as it is now (samples included)."""
+        return score_model(self.model, self.ctx, self.mask, FinetuneResult()).metrics
+
+
 class ControlEnv(gym.Env):
     """``gym.make("MemControl-v0", config="bench3", mode="control")``.
 
@@ -48,9 +128,10 @@ class ControlEnv(gym.Env):
     after this chunk). Observation: the dataset descriptor, the preference, the share of
     ``finetune.steps`` done, the current mask, :data:`SIGNALS` and the gradient-norm share of each
     group (the base model's values before the first chunk). Reward: 0 until the episode ends
-    (a stop, or ``finetune.steps``), then the delivered checkpoint's reward. ``reset`` draws a
-    training task whose curves and references are complete (``options={"dataset": name or index,
-    "preference": [...]}`` force them)."""
+    (a stop, or ``finetune.steps``), then the delivered checkpoint's reward on the task's plain
+    150-step references. ``reset`` draws a training task (on replay, one whose curves and
+    references are complete; ``options={"dataset": name or index, "preference": [...]}`` force
+    them). ``env.backend=replay`` reads the curve tables; any other backend fine-tunes live."""
 
     metadata = {"render_modes": []}
 
@@ -69,22 +150,34 @@ class ControlEnv(gym.Env):
         every = int(cfg.finetune.checkpoint_every or 0)
         self.chunk = cfg.env.chunk or every
         self.per_step = self.chunk // every  # checkpoints per env step
-        self.curves = curves or load_curves(
-            cfg, (cfg.reward.memorization, cfg.reward.quality, *CURVE_METRICS)
-        )
+        self.points = cfg.finetune.steps // every  # checkpoints of a whole run
+        self.live = cfg.env.backend != "replay"
         self.k = architecture_space(cfg).k
-        complete = self.curves.complete()
-        self.tasks = [t for t in range(len(self.curves.names)) if complete[t] and not self.curves.heldout[t]]
+        self.entries = suite(cfg)
+        self.evaluator = make_evaluator(cfg)
+        self.curves: CurveTable | None = None
+        self.masks: np.ndarray | None = None
+        if self.live:
+            self.tasks = [t for t, e in enumerate(self.entries) if not e.heldout] or list(
+                range(len(self.entries))
+            )
+        else:
+            metrics = (cfg.reward.memorization, cfg.reward.quality, *CURVE_METRICS)
+            self.curves = curves or load_curves(cfg, metrics)
+            complete = self.curves.complete()
+            self.tasks = [t for t in range(len(self.entries)) if complete[t] and not self.curves.heldout[t]]
+            self.masks = np.array(
+                [[int(c) for c in m] for m in self.curves.masks if m != FULL], dtype=np.int8
+            )
+            # the masks with curves, in table order (FULL, every parameter, is not a mask of groups)
         if not self.tasks:
             raise ConfigError(
                 "env.mode=control replays curves and no training task of this suite has complete curves "
-                "yet; continue them with python -m memrl.tables build --config ..."
+                "yet; continue them with python -m memrl.tables build --config ..., or run it live "
+                "(env.backend=inprocess)"
             )
-        self.entries = suite(cfg)
-        self.masks = np.array(
-            [[int(c) for c in m] for m in self.curves.masks if m != FULL], dtype=np.int8
-        )  # the masks with curves, in table order (FULL, every parameter, is not a mask of groups)
         self._descriptors: dict[int, np.ndarray] = {}
+        self._references: dict[int, References] = {}
         n_obs = len(descriptor_fields(self.k)) + len(PREFERENCE_FIELDS) + 1 + self.k + len(SIGNALS) + self.k
         self.action_space = spaces.MultiBinary(self.k + 1)
         self.observation_space = spaces.Box(-10.0, 10.0, shape=(n_obs,), dtype=np.float32)
@@ -93,41 +186,60 @@ class ControlEnv(gym.Env):
         """An ablation: observe no run signals (does the controller use them?)."""
         self._done = True
         self.task, self.mask_row, self.checkpoint = 0, 0, -1
+        self.mask = np.zeros(self.k, dtype=np.int8)
         self.preference = preference_of(cfg.reward)
         self.changes = 0
-        self.diagnostics: dict[str, Any] = {"cache_hit": True, "timings": {}}
-        """Replay: every point is a stored evaluation."""
+        self.run: LiveRun | None = None
+        self._pause: tuple[dict[str, float], np.ndarray] | None = None
+        self.diagnostics: dict[str, Any] = {"cache_hit": not self.live, "timings": {}}
 
     def descriptor(self, t: int) -> np.ndarray:
         """Task ``t``'s dataset descriptor (computed once)."""
         if t not in self._descriptors:
             entry = self.entries[t]
-            task = Task(entry.cfg, make_evaluator(self.cfg), entry.name, entry.heldout)
+            task = Task(entry.cfg, self.evaluator, entry.name, entry.heldout)
             self._descriptors[t] = np.asarray(task.descriptor(), dtype=np.float32)
         return self._descriptors[t]
 
+    def references(self, t: int) -> References:
+        """Task ``t``'s references: plain evaluations of no fine-tune and the mask of ones at 150
+        steps (read from the curve tables on replay, evaluated once live)."""
+        if self.curves is not None:
+            found = self.curves.references[t]
+            assert found is not None  # only tasks with references are drawn
+            return found
+        if t not in self._references:
+            entry = self.entries[t]
+            task = Task(reference_config(entry.cfg), self.evaluator, entry.name, entry.heldout)
+            self._references[t] = task.references()
+        return self._references[t]
+
     def _signals(self) -> tuple[np.ndarray, np.ndarray]:
-        refs = self.curves.references[self.task]
-        assert refs is not None  # only tasks with references are drawn
         if self.checkpoint < 0 or self.zero_signals:
-            base = [1.0, 1.0, 0.5, 0.0, 0.0]
-            return np.array(base, dtype=np.float32), np.zeros(self.k, dtype=np.float32)
-        at = (self.task, self.mask_row, 0, self.checkpoint)
-        value = {name: float(self.curves.values[name][at]) for name in CURVE_METRICS}
+            return np.array([1.0, 1.0, 0.5, 0.0, 0.0], dtype=np.float32), np.zeros(self.k, dtype=np.float32)
+        if self.curves is not None:
+            at = (self.task, self.mask_row, 0, self.checkpoint)
+            value = {name: float(self.curves.values[name][at]) for name in CURVE_METRICS}
+            shares = np.nan_to_num(self.curves.grad_share[at], nan=0.0)
+        else:
+            assert self._pause is not None
+            value, shares = self._pause
+        base = self.references(self.task).none
         signals = [
-            value["heldout_loss"] / max(float(refs.none["heldout_loss"]), 1e-9),
-            value["train_loss"] / max(float(refs.none["train_loss"]), 1e-9),
+            value["heldout_loss"] / max(float(base["heldout_loss"]), 1e-9),
+            value["train_loss"] / max(float(base["train_loss"]), 1e-9),
             value["mia_auc_private"],
             value["mia_tpr_private"],
             value["loss_low_tail"],
         ]
-        shares = np.nan_to_num(self.curves.grad_share[at], nan=0.0)
-        return np.nan_to_num(np.array(signals, dtype=np.float32), nan=0.0), shares.astype(np.float32)
+        return np.nan_to_num(np.array(signals, dtype=np.float32), nan=0.0), np.asarray(
+            shares, dtype=np.float32
+        )
 
-    def _observation(self, mask: np.ndarray) -> np.ndarray:
+    def _observation(self) -> np.ndarray:
         signals, shares = self._signals()
-        done = (self.checkpoint + 1) / len(self.curves.steps)
-        parts = [self.descriptor(self.task), self.preference, [done], mask, signals, shares]
+        done = (self.checkpoint + 1) / self.points
+        parts = [self.descriptor(self.task), self.preference, [done], self.mask, signals, shares]
         obs = np.concatenate([np.asarray(p, dtype=np.float32) for p in parts])
         return np.clip(obs, -10.0, 10.0)
 
@@ -135,12 +247,16 @@ class ControlEnv(gym.Env):
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
+        self.close()
         options = options or {}
         if "dataset" in options:
             d = options["dataset"]
-            self.task = self.curves.names.index(d) if isinstance(d, str) else int(d)
-            if self.curves.references[self.task] is None or not self.curves.complete()[self.task]:
-                raise ValueError(f"task {self.curves.names[self.task]!r} has no complete curves to replay")
+            names = [e.name for e in self.entries]
+            self.task = names.index(d) if isinstance(d, str) else int(d)
+            if self.curves is not None and (
+                self.curves.references[self.task] is None or not self.curves.complete()[self.task]
+            ):
+                raise ValueError(f"task {names[self.task]!r} has no complete curves to replay")
         else:
             self.task = int(self.np_random.choice(self.tasks))
         if "preference" in options:
@@ -148,14 +264,43 @@ class ControlEnv(gym.Env):
         else:
             self.preference = draw_preference(self.cfg.reward, self.cfg.env.preferences, self.np_random)
         self.checkpoint, self.mask_row, self.changes, self._done = -1, 0, 0, False
+        self.mask = np.zeros(self.k, dtype=np.int8)
         self._first: np.ndarray | None = None
-        return self._observation(np.zeros(self.k, dtype=np.float32)), {"task": self.curves.names[self.task]}
+        return self._observation(), {"task": self.entries[self.task].name}
 
     def _snap(self, mask: np.ndarray) -> int:
         """The row of the stored curve mask nearest to ``mask`` (Hamming; ties to fewer groups)."""
+        assert self.masks is not None
         distance = np.abs(self.masks - mask[None]).sum(axis=1)
         order = np.lexsort((self.masks.sum(axis=1), distance))
         return int(order[0])
+
+    def _weight(self) -> float:
+        return float(self.preference[0]) / max(float(self.preference[0] + self.preference[1]), 1e-9)
+
+    def _advance(self, first: bool) -> bool:
+        """Train one chunk; whether the run reached ``finetune.steps``."""
+        self.checkpoint = min(self.checkpoint + self.per_step, self.points - 1)
+        if self.run is None:
+            return self.checkpoint == self.points - 1
+        if not first:
+            self.run.proceed()
+        kind, payload = self.run.next()
+        self._pause = payload if kind == "pause" else self._pause
+        return kind == "end"
+
+    def _delivered(self) -> tuple[float, dict[str, float]]:
+        """The reward and metrics of the run as it is now."""
+        w = self._weight()
+        if self.curves is not None:
+            at = (self.task, self.mask_row, 0, self.checkpoint)
+            value = self.curves.rewards(self.cfg.reward, self.task, w)[self.mask_row, 0, self.checkpoint]
+            return float(value), {name: float(v[at]) for name, v in self.curves.values.items()}
+        assert self.run is not None
+        self.run.stop()
+        metrics = self.run.deliver()
+        terms = Reward(self.cfg.reward, self.references(self.task)).terms(metrics)
+        return -(w * terms["memorization_term"] + (1 - w) * terms["quality_term"]), metrics
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
         if self._done:
@@ -163,32 +308,44 @@ class ControlEnv(gym.Env):
         action = np.asarray(action, dtype=np.int8).reshape(-1)
         if action.shape != (self.k + 1,):
             raise ValueError(f"action of shape {action.shape}; control mode takes K + 1 = {self.k + 1} bits")
-        mask, stop = action[: self.k], bool(action[self.k])
-        if self._first is None:
-            self._first = mask.copy()
-            self.mask_row = self._snap(mask)
-        elif not np.array_equal(mask, self._first):
+        asked, stop = action[: self.k], bool(action[self.k])
+        first = self._first is None
+        if first:
+            self._first = asked.copy()
+            if self.masks is not None:
+                self.mask_row = self._snap(asked)
+                self.mask = self.masks[self.mask_row].copy()
+            else:
+                ctx = TaskContext.get(self.entries[self.task].cfg)
+                self.mask = ctx.space.validate(asked.copy())
+                self.run = LiveRun(ctx, self.mask, self.chunk)
+        elif not np.array_equal(asked, self._first):
             self.changes += 1
-        self.checkpoint = min(self.checkpoint + self.per_step, len(self.curves.steps) - 1)
-        last = self.checkpoint == len(self.curves.steps) - 1
-        self._done = stop or last
+        ended = self._advance(first)
+        self._done = stop or ended
         reward, info = (
             0.0,
             {
-                "task": self.curves.names[self.task],
-                "mask": self.masks[self.mask_row].tolist(),
-                "steps": int(self.curves.steps[self.checkpoint]),
+                "task": self.entries[self.task].name,
+                "mask": self.mask.tolist(),
+                "steps": int(self.chunk // self.per_step * (self.checkpoint + 1)),
                 "mask_changes_ignored": self.changes,
             },
         )
         if self._done:
-            w = float(self.preference[0]) / max(float(self.preference[0] + self.preference[1]), 1e-9)
-            value = self.curves.rewards(self.cfg.reward, self.task, w)[self.mask_row, 0, self.checkpoint]
-            reward = float(value) if np.isfinite(value) else float(self.cfg.reward.failure_penalty)
-            at = (self.task, self.mask_row, 0, self.checkpoint)
-            info["delivered_steps"] = info["steps"]
-            info["ok"] = bool(np.isfinite(value))
-            info["error"] = None if info["ok"] else "no stored point at the delivered checkpoint"
-            info["metrics"] = {name: float(v[at]) for name, v in self.curves.values.items()}
-        obs = self._observation(self.masks[self.mask_row].astype(np.float32))
-        return obs, reward, self._done, False, info
+            value, metrics = self._delivered()
+            ok = bool(np.isfinite(value))
+            reward = value if ok else float(self.cfg.reward.failure_penalty)
+            info.update(
+                delivered_steps=info["steps"],
+                ok=ok,
+                error=None if ok else "no stored point at the delivered checkpoint",
+                metrics={k: (float(v) if np.isfinite(v) else None) for k, v in metrics.items()},
+            )
+        return self._observation(), float(reward), self._done, False, info
+
+    def close(self) -> None:
+        """Stop a live run still paused in its thread."""
+        if self.run is not None:
+            self.run.stop()
+            self.run = None

@@ -28,7 +28,7 @@ def curve_cfg(tmp_path_factory):
         },
     )
     make_evaluator(cfg).evaluate_many([j.spec for j in curve_jobs(cfg)])
-    return cfg
+    return cfg.with_changes({"env.backend": "replay"})  # control replays the curves it built
 
 
 def test_control_mode_passes_gymnasiums_and_sb3s_checkers(curve_cfg):
@@ -118,6 +118,7 @@ def test_control_on_a_suite_without_complete_curves_says_how_to_build_them(tmp_p
         "test",
         {
             "env.mode": "control",
+            "env.backend": "replay",
             "finetune.checkpoint_every": 1,
             "env.store": str(tmp_path / "empty.sqlite"),
         },
@@ -180,3 +181,30 @@ def test_the_recipes_command_writes_its_table_and_record(curve_cfg, tmp_path):
     assert main(["recipes", "--config", str(tmp_path / "curves.yaml"), "--out", str(tmp_path / "out")]) == 0
     text = (tmp_path / "out" / "recipes.md").read_text()
     assert "| leave one task out | early-stop | 1 |" in text and (tmp_path / "out" / "recipes.csv").is_file()
+
+
+def test_live_control_pauses_a_real_fine_tune_and_delivers_what_the_curve_recorded(curve_cfg):
+    """Live (any backend but replay): each step trains one chunk of a real fine-tune in a worker
+    thread; stopping after two chunks delivers the model the curve measured at step 2."""
+    from gymnasium.utils.env_checker import check_env
+
+    from memrl.curves import load_curves
+
+    live_cfg = curve_cfg.with_changes({"env.backend": "inprocess"})
+    env = gym.make("MemControl-v0", config=live_cfg).unwrapped
+    assert env.live
+    env.reset(seed=0, options={"dataset": "tiny", "preference": [0.5, 0.5, 0.0]})
+    _, reward, done, _, info = env.step([1, 1, 1, 1, 0])
+    assert not done and info["steps"] == 1 and env.run is not None
+    _, reward, done, _, info = env.step([1, 1, 1, 1, 1])
+    assert done and info["delivered_steps"] == 2 and np.isfinite(reward)
+    table = load_curves(curve_cfg)
+    stored = table.metric("heldout_loss", "tiny", "1111", 2)
+    assert info["metrics"]["heldout_loss"] == pytest.approx(stored, rel=1e-5)
+    expected = table.rewards(curve_cfg.reward, 0, 0.5)[table.masks.index("1111"), 0, 1]
+    assert reward == pytest.approx(float(expected), rel=1e-4, abs=1e-6)
+    env.reset(seed=1)
+    env.step([0, 1, 0, 0, 0])  # a paused run in its thread ...
+    env.close()  # ... ends cleanly
+    assert env.run is None
+    check_env(env, skip_render_check=True)
