@@ -71,6 +71,8 @@ class MemControlEnv(gym.Env):
     * ``env.mode=search``: ``Discrete(2**K)`` each step (a mask's index in counting order,
       ``memrl.episode.all_masks``), ``env.budget`` steps per episode: a search of one task and
       preference that sees every result so far (``memrl.episode``; K at most 10).
+    * ``env.mode=control``: acting during one fine-tune (``MultiBinary(K + 1)``, groups and stop):
+      :class:`memrl.envs.control.ControlEnv`, which ``gym.make`` returns for that mode.
     K is the number of groups of the base UNet at ``search.granularity`` (4 on the test config,
     7 on the default, 16 on Stable Diffusion 1.5 at ``transformer``).
 
