@@ -159,7 +159,9 @@ def test_stopping_rules_are_fixed_on_training_tasks_and_judged_on_the_test_task(
     rows = recipe_rows(table, curve_cfg.reward)
     methods = {r["method"] for r in rows}
     assert {"single-best-recipe", "ones@tuned-steps", "early-stop", "membership-stop", "portfolio"} <= methods
-    assert all(0 <= r["regret"] <= 1 for r in rows) and {r["task"] for r in rows} == {"tiny", "other"}
+    masks_only = [r for r in rows if r["method"] != "full@tuned-steps"]  # full may beat every mask
+    assert all(0 <= r["regret"] <= 1 for r in masks_only) and {r["task"] for r in rows} == {"tiny", "other"}
+    assert "full@tuned-steps" in methods
     for r in rows:
         if r["method"] == "single-best-recipe" and r["task"] == "tiny" and r["memorization_weight"] == 0.5:
             other = table.names.index(

@@ -8,6 +8,8 @@ seed 0, 1 = its worst, per preference. Rules:
 * ``single-best-recipe``: the (mask, steps) with the lowest mean regret over the training tasks;
 * ``best-mask@150``: the best mask at the fixed 150-step length (today's recipe);
 * ``ones@tuned-steps``: every attention group, for the length best on the training tasks;
+* ``full@tuned-steps``: every parameter (MemControl's baseline), likewise (its regret may be below
+  0: the scale is the masks of groups a controller can deliver);
 * ``early-stop``: the single best recipe's mask, stopped once the held-out loss has not improved
   for ``patience`` checkpoints (the checkpoint of its minimum delivered; patience tuned);
 * ``membership-stop``: the same mask, stopped at the last checkpoint before the training images'
@@ -38,9 +40,12 @@ PREFERENCES = (0.25, 0.5, 0.75)
 
 
 def recipe_regret(table: CurveTable, reward: RewardConfig, t: int, w: float) -> np.ndarray:
-    """(masks, checkpoints) regret of every stored recipe of task ``t`` at seed 0."""
+    """(masks, checkpoints) regret of every stored recipe of task ``t`` at seed 0, scaled over
+    the recipes a controller can deliver (masks of groups): full fine-tuning (every parameter)
+    is on the same scale and may score below 0 (better than every mask)."""
     r = table.rewards(reward, t, w)[:, 0, :]
-    best, worst = np.nanmax(r), np.nanmin(r)
+    groups = r[[i for i, m in enumerate(table.masks) if m != FULL]]
+    best, worst = np.nanmax(groups), np.nanmin(groups)
     return (best - r) / max(best - worst, 1e-9)
 
 
@@ -98,6 +103,9 @@ def recipe_rows(table: CurveTable, reward: RewardConfig) -> list[dict[str, Any]]
             best150 = int(np.nanargmin(mean[:, int(at150[0])]))
             picks["best-mask@150"] = [(best150, int(at150[0]))]
         picks["ones@tuned-steps"] = [(ones, int(np.nanargmin(mean[ones])))]
+        full = table.masks.index(FULL)
+        full_mean = np.nanmean([regret[t][full] for t in train], axis=0)
+        picks["full@tuned-steps"] = [(full, int(np.nanargmin(full_mean)))]
         patience = _tuned({p: [regret[t][m, _stop_early(loss[t, m], p)] for t in train] for p in PATIENCES})
         picks["early-stop"] = [(int(m), _stop_early(loss[test, m], patience))]
         threshold = _tuned(
