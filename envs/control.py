@@ -38,7 +38,7 @@ from memrl.tables import reference_config
 from memrl.task import Task
 from memrl.training import FinetuneResult
 
-__all__ = ["SIGNALS", "ControlEnv", "LiveRun"]
+__all__ = ["SIGNALS", "ControlEnv", "LiveRun", "control_observation", "guarded_run", "run_signals"]
 
 SIGNALS = ("heldout_loss_ratio", "train_loss_ratio", "mia_auc_private", "mia_tpr_private", "loss_low_tail")
 """The run's own signals a control observation shows (besides the gradient shares per group):
@@ -47,6 +47,69 @@ at low FPR of the training images against held-out ones, and the low tail of tra
 Never which images are canaries."""
 CURVE_METRICS = ("heldout_loss", "train_loss", "mia_auc_private", "mia_tpr_private", "loss_low_tail")
 """What the replay reads from the curves for :data:`SIGNALS`."""
+
+
+BASE_SIGNALS = (1.0, 1.0, 0.5, 0.0, 0.0)
+""":data:`SIGNALS` before the first chunk: the base model's own losses, chance membership."""
+
+
+def run_signals(metrics: dict[str, float], base: dict[str, float]) -> np.ndarray:
+    """:data:`SIGNALS` from a checkpoint's loss metrics and the base model's (NaN as 0)."""
+    signals = [
+        metrics["heldout_loss"] / max(float(base["heldout_loss"]), 1e-9),
+        metrics["train_loss"] / max(float(base["train_loss"]), 1e-9),
+        metrics["mia_auc_private"],
+        metrics["mia_tpr_private"],
+        metrics["loss_low_tail"],
+    ]
+    return np.nan_to_num(np.array(signals, dtype=np.float32), nan=0.0)
+
+
+def control_observation(
+    descriptor: np.ndarray,
+    preference: np.ndarray,
+    progress: float,
+    mask: np.ndarray,
+    signals: np.ndarray,
+    shares: np.ndarray,
+) -> np.ndarray:
+    """A control observation: descriptor, preference, share of the steps done, mask, signals and
+    gradient shares, clipped to the observation space's bounds."""
+    parts = [descriptor, preference, [progress], mask, signals, shares]
+    return np.clip(np.concatenate([np.asarray(p, dtype=np.float32) for p in parts]), -10.0, 10.0)
+
+
+def guarded_run(
+    policy: Any, ctx: TaskContext, descriptor: np.ndarray, preference: np.ndarray, chunk: int
+) -> tuple[Any, np.ndarray, list[dict[str, Any]]]:
+    """A trained controller's live fine-tune on ``ctx`` (a user's data, say): it picks the mask,
+    watches the run's signals every ``chunk`` steps and stops it. Returns the delivered model, its
+    mask and the trace (steps, signals and the stop decision at every pause)."""
+    k, steps = ctx.space.k, ctx.cfg.finetune.steps
+    base = loss_metrics(ctx.base, ctx)
+    zeros = np.zeros(k, dtype=np.float32)
+
+    def decide(obs: np.ndarray) -> np.ndarray:
+        return (policy.probabilities(obs) > 0.5).astype(np.int8)
+
+    action = decide(control_observation(descriptor, preference, 0.0, zeros, np.array(BASE_SIGNALS), zeros))
+    mask = ctx.space.validate(action[:k].copy())
+    run, done, trace = LiveRun(ctx, mask, chunk), 0, []
+    while True:
+        kind, payload = run.next()
+        done = min(done + chunk, steps)
+        if kind == "end":
+            trace.append({"steps": done, "stop": True, "end": True})
+            break
+        metrics, shares = payload
+        signals = run_signals(metrics, base)
+        trace.append({"steps": done, **dict(zip(SIGNALS, signals.tolist())), "stop": bool(action[k])})
+        if action[k]:
+            run.stop()
+            break
+        action = decide(control_observation(descriptor, preference, done / steps, mask, signals, shares))
+        run.proceed()
+    return run.model, mask, trace
 
 
 class _Stop(Exception):
@@ -216,7 +279,7 @@ class ControlEnv(gym.Env):
 
     def _signals(self) -> tuple[np.ndarray, np.ndarray]:
         if self.checkpoint < 0 or self.zero_signals:
-            return np.array([1.0, 1.0, 0.5, 0.0, 0.0], dtype=np.float32), np.zeros(self.k, dtype=np.float32)
+            return np.array(BASE_SIGNALS, dtype=np.float32), np.zeros(self.k, dtype=np.float32)
         if self.curves is not None:
             at = (self.task, self.mask_row, 0, self.checkpoint)
             value = {name: float(self.curves.values[name][at]) for name in CURVE_METRICS}
@@ -224,24 +287,15 @@ class ControlEnv(gym.Env):
         else:
             assert self._pause is not None
             value, shares = self._pause
-        base = self.references(self.task).none
-        signals = [
-            value["heldout_loss"] / max(float(base["heldout_loss"]), 1e-9),
-            value["train_loss"] / max(float(base["train_loss"]), 1e-9),
-            value["mia_auc_private"],
-            value["mia_tpr_private"],
-            value["loss_low_tail"],
-        ]
-        return np.nan_to_num(np.array(signals, dtype=np.float32), nan=0.0), np.asarray(
-            shares, dtype=np.float32
-        )
+        signals = run_signals(value, self.references(self.task).none)
+        return signals, np.asarray(shares, dtype=np.float32)
 
     def _observation(self) -> np.ndarray:
         signals, shares = self._signals()
         done = (self.checkpoint + 1) / self.points
-        parts = [self.descriptor(self.task), self.preference, [done], self.mask, signals, shares]
-        obs = np.concatenate([np.asarray(p, dtype=np.float32) for p in parts])
-        return np.clip(obs, -10.0, 10.0)
+        return control_observation(
+            self.descriptor(self.task), self.preference, done, self.mask, signals, shares
+        )
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None

@@ -32,14 +32,16 @@ from memrl.cli import add_config_args, config_from_args, run_main
 from memrl.config import Config, dump_config
 from memrl.data import fit_sizes, usable_count
 from memrl.data.imageset import first_image, image_digests, resize_images
+from memrl.envs.control import guarded_run
 from memrl.errors import ConfigError, MemrlError
 from memrl.peft_methods import merge_adapters
 from memrl.report import pyplot, save_figure, task_rows
 from memrl.reward import PREFERENCE_FIELDS, Reward, with_preference
-from memrl.scoring import finetune_and_score
+from memrl.scoring import finetune_and_score, score_model
 from memrl.searchers import Knowledge, TaskOracle, make_searcher, run, spec_of
 from memrl.store import EvaluationStore
 from memrl.task import Task, TaskContext, architecture_space, full_unet, make_evaluator
+from memrl.training import FinetuneResult
 from memrl.utils import atomic_write_text, folder_lock, package_versions, setup_logging
 
 __all__ = [
@@ -390,6 +392,52 @@ def deliver(cfg: Config, mask: np.ndarray, out: Path | None, store: Any) -> Any:
     return result
 
 
+def guard(
+    policy: Any, task: Any, final_cfg: Config, preference: np.ndarray, chunk: int, out: Path
+) -> tuple[np.ndarray, list[dict[str, Any]], Any]:
+    """A controller's guarded fine-tune of the delivered protocol: it picks the mask and stops the
+    run on its signals (measured on the held-out fifth). Saves the model to ``out/model`` and the
+    run's signals with the stop marked to ``out/control.png``; returns the mask, the trace and the
+    delivered model's evaluation."""
+    ctx = TaskContext.get(final_cfg)
+    model, mask, trace = guarded_run(policy, ctx, task.descriptor(), policy.preference(preference), chunk)
+    evaluation = score_model(model, ctx, mask, FinetuneResult())
+    merge_adapters(model.unet)
+    model.save(out / "model")
+    plot_control(trace, out / "control.png")
+    log.info("the controller stopped at step %d of %d", trace[-1]["steps"], final_cfg.finetune.steps)
+    return mask, trace, evaluation
+
+
+def plot_control(trace: list[dict[str, Any]], path: Path) -> None:
+    """The run's signals at every pause, the stop marked."""
+    plt = pyplot()
+    points = [t for t in trace if "heldout_loss_ratio" in t]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for name in ("heldout_loss_ratio", "train_loss_ratio", "mia_auc_private"):
+        ax.plot([t["steps"] for t in points], [t[name] for t in points], "o-", label=name)
+    ax.axvline(trace[-1]["steps"], color="k", linestyle="--", label="delivered")
+    ax.set_xlabel("fine-tune step")
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def control_section(trace: list[dict[str, Any]]) -> str:
+    """The report's account of the controller's run."""
+    rows = "\n".join(
+        f"| {t['steps']} | {t.get('heldout_loss_ratio', float('nan')):.3f} | "
+        f"{t.get('mia_auc_private', float('nan')):.3f} | {'stop' if t['stop'] else 'go on'} |"
+        for t in trace
+    )
+    return (
+        f"\n## The controller's run\n\nStopped at step {trace[-1]['steps']}. Signals on the held-out images "
+        "at every pause (held-out loss relative to the base model's; membership AUC of the training "
+        "images):\n\n| step | held-out loss ratio | membership AUC | decision |\n|---|---|---|---|\n"
+        f"{rows}\n\n![signals](control.png)\n"
+    )
+
+
 SPLIT_FILE = "split.json"
 """Which of the user's images the delivered model was fine-tuned on and which it never saw
 (``python -m memrl.audit --from`` reads it)."""
@@ -447,13 +495,29 @@ def _apply(args: argparse.Namespace, stack: contextlib.ExitStack) -> Path:
     preference = user_preference(args, policy)
     stack.enter_context(folder_lock(args.out))
     setup_logging(log_file=args.out / "apply.log")
-    mask, tried = choose_mask(policy, task, args.candidates, args.budget, preference, args.searcher)
-    searched = searches(policy, args.budget, args.searcher)
-    if searched:
-        plot_search(tried, f"search on {args.data}: {args.budget} fine-tunes", args.out / "search.png")
-    sweep = preference_sweep(policy, task, args.sweep, args.out) if args.sweep > 0 else []
-    steps = args.steps if args.steps is not None else 2 * cfg.finetune.steps
-    final_cfg = delivery_config(cfg, n_images, steps)
+    controller = policy.card["action_mode"] == "control"
+    store = EvaluationStore(cfg.env.store)
+    if controller:  # it decides during one fine-tune: the mask and when to stop
+        if args.budget:
+            raise ConfigError(
+                f"--budget {args.budget} searches masks with fine-tunes, and this policy is a controller, "
+                "which decides during one fine-tune; leave --budget out"
+            )
+        steps = args.steps if args.steps is not None else cfg.finetune.steps  # the controller's horizon
+        final_cfg = delivery_config(cfg, n_images, steps)
+        chunk = int(policy.config.env.chunk or policy.config.finetune.checkpoint_every or steps)
+        if steps % chunk:
+            raise ConfigError(f"--steps {steps} must be a multiple of the controller's chunk ({chunk} steps)")
+        mask, tried, delivered = guard(policy, task, final_cfg, preference, chunk, args.out)
+        searched, sweep = False, []
+    else:
+        mask, tried = choose_mask(policy, task, args.candidates, args.budget, preference, args.searcher)
+        searched = searches(policy, args.budget, args.searcher)
+        if searched:
+            plot_search(tried, f"search on {args.data}: {args.budget} fine-tunes", args.out / "search.png")
+        sweep = preference_sweep(policy, task, args.sweep, args.out) if args.sweep > 0 else []
+        steps = args.steps if args.steps is not None else 2 * cfg.finetune.steps
+        final_cfg = delivery_config(cfg, n_images, steps)
     dump_config(final_cfg, args.out / "config.yaml")
     log.info("mask %s: %s", "".join(map(str, mask)), task.space.selected(mask))
     empty = (
@@ -468,8 +532,10 @@ def _apply(args: argparse.Namespace, stack: contextlib.ExitStack) -> Path:
     duplicates = split_duplicates(TaskContext.get(final_cfg).splits)
     if duplicates["exact"] or duplicates["near"]:
         log.warning(duplicate_note(duplicates).strip())
-    store = EvaluationStore(cfg.env.store)
-    chosen = deliver(final_cfg, mask, args.out / "model", store)
+    if controller:
+        chosen = delivered
+    else:
+        chosen = deliver(final_cfg, mask, args.out / "model", store)
     # The comparison is true full fine-tuning: every group at block granularity = every parameter.
     whole = full_unet(final_cfg)
     full = deliver(whole, np.ones(architecture_space(whole).k, dtype=np.int8), None, store)
@@ -478,7 +544,7 @@ def _apply(args: argparse.Namespace, stack: contextlib.ExitStack) -> Path:
         "mask": mask.tolist(),
         "groups": task.space.selected(mask),
         "preference": dict(zip(PREFERENCE_FIELDS, preference.tolist())),
-        "candidates_tried" if not searched else "search_trace": tried,
+        ("control_trace" if controller else "search_trace" if searched else "candidates_tried"): tried,
         "split_duplicates": duplicates,
         "sweep": sweep,
         "descriptor": task.descriptor().tolist(),
@@ -511,6 +577,7 @@ def _apply(args: argparse.Namespace, stack: contextlib.ExitStack) -> Path:
         "membership inference from each image's denoising loss (ROC AUC, 0.5 = chance; true-positive "
         "rate at a 1% false-positive rate), training images against held-out ones.\n"
         + (search_section(tried) if searched else "")
+        + (control_section(tried) if controller else "")
         + (sweep_section(sweep) if sweep else "")
     )
     resized = resize_figure(str(args.data), final_cfg.data.resolution, args.out / "resized.png")

@@ -1,5 +1,7 @@
 """Control mode: MemControl-v0 acting during one fine-tune, replayed from a tiny curve suite."""
 
+import json
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -145,6 +147,17 @@ def test_train_agent_trains_a_controller_that_loads_and_refuses_to_propose_a_mas
     assert policy.card["action_mode"] == "control" and folder.episodes.read_text().count("\n") >= 4
     with pytest.raises(PolicyError, match="is a controller"):
         policy.candidates(np.zeros(10))
+    out = tmp_path / "applied"  # the controller's guarded fine-tune of a user's images
+    args = ["--policy", str(folder.policy), "--data", "digits", "--out", str(out), "--sweep", "0"]
+    proc = run_module("memrl.apply_policy", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    trace = result["control_trace"]
+    assert trace and trace[-1]["stop"] and 1 <= trace[-1]["steps"] <= 3 and result["final_steps"] == 3
+    assert (out / "model").is_dir() and (out / "control.png").read_bytes()[:4] == b"\x89PNG"
+    assert "## The controller's run" in (out / "report.md").read_text()
+    proc = run_module("memrl.apply_policy", *args[:-4], "--out", str(tmp_path / "bad"), "--budget", "2")
+    assert proc.returncode == 2 and "this policy is a controller" in proc.stderr
 
 
 def test_stopping_rules_are_fixed_on_training_tasks_and_judged_on_the_test_task(curve_cfg):
