@@ -364,7 +364,7 @@ class ControlEnv(gym.Env):
             raise ValueError(f"action of shape {action.shape}; control mode takes K + 1 = {self.k + 1} bits")
         asked, stop = action[: self.k], bool(action[self.k])
         first = self._first is None
-        if first:
+        if self._first is None:
             self._first = asked.copy()
             if self.masks is not None:
                 self.mask_row = self._snap(asked)
