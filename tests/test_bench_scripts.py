@@ -40,3 +40,10 @@ def test_the_installed_package_never_imports_the_research_harness():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
     assert out.stdout.strip() == "False"
+
+
+def test_the_release_command_checks_its_inputs_before_any_training(tmp_path):
+    from research.release import main
+
+    assert main(["--config", "test", "--results", str(tmp_path), "--to", str(tmp_path / "p")]) == 2
+    assert not (tmp_path / "p").exists()

@@ -24,7 +24,6 @@ searching the test task; judged at 1..4 or 1..16 fine-tunes):
     python -m research.benchmark modes --n-seeds 3
     python -m research.benchmark claims
     python -m research.benchmark findings              # best masks per task, seed noise (no method runs)
-    python -m research.benchmark ship                  # trains the shipped policy (memrl/assets/policy)
     python -m research.benchmark search --n-seeds 10 --budget 64
 
 ``transfer`` writes ``transfer.csv`` (one row per method, task, split, preference, seed and number
@@ -51,7 +50,8 @@ The package: :mod:`~research.benchmark.folds` (the tables as arrays, folds),
 :mod:`~research.benchmark.methods` (what each method tries), :mod:`~research.benchmark.experiments`
 (transfer, modes, search), :mod:`~research.benchmark.stats` (IQM, bootstrap, tables, plots),
 :mod:`~research.benchmark.findings` (findings and the paper's claims), :mod:`~research.benchmark.ship`
-(the shipped policy) and :mod:`~research.benchmark.cli` (the command).
+(the shipped policy, released with ``python -m research.release``) and :mod:`~research.benchmark.cli`
+(the command).
 
 The ``python -m research.benchmark`` command (its help is :mod:`research.benchmark`'s docstring).
 """
@@ -84,7 +84,6 @@ from research.benchmark.experiments import (
 from research.benchmark.findings import claims, findings
 from research.benchmark.folds import load_table
 from research.benchmark.recipes import recipe_rows, recipes_report
-from research.benchmark.ship import ship
 from research.benchmark.stats import (
     plot_curves,
     plot_transfer,
@@ -122,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "command",
-        choices=("transfer", "tune", "search", "modes", "claims", "findings", "ship", "recipes"),
+        choices=("transfer", "tune", "search", "modes", "claims", "findings", "recipes"),
         nargs="?",
         default="transfer",
     )
@@ -160,9 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-search-policy", action="store_true", help="transfer: leave the search policy out"
     )
-    parser.add_argument(
-        "--out", type=Path, default=Path("bench/results/benchmark"), help="results (and ship's transfer.csv)"
-    )
+    parser.add_argument("--out", type=Path, default=Path("bench/results/benchmark"), help="results folder")
     parser.add_argument(
         "--workers", type=int, default=2, help="single-threaded processes side by side (2 cores: 2)"
     )
@@ -172,12 +169,6 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="where each finished fold is kept, so a rerun resumes (default: "
         "$MEMRL_CACHE/benchmark/COMMAND; name a folder that outlives the machine for a long run)",
-    )
-    parser.add_argument(
-        "--ship-to",
-        type=Path,
-        default=None,
-        help="ship: where the policy goes (default: memrl/assets/policy)",
     )
     args = parser.parse_args(argv)
     setup_logging()
@@ -215,12 +206,6 @@ def main(argv: list[str] | None = None) -> int:
             )
             text = summarise(rows)
             plot_transfer(rows, args.out / "transfer.png")
-        elif args.command == "ship":
-            from memrl.agents.policy import shipped_policy
-
-            path = ship(cfg, args.ship_to or shipped_policy().parent, args.out)
-            print(f"policy: {path}")
-            return 0
         elif args.command == "tune":
             rows = tune(cfg, args.n_seeds, args.method, workers=args.workers, parts=parts, nested=args.nested)
             text = tuning_report(rows, args.nested)

@@ -33,11 +33,11 @@ def ship(cfg: Config, out: Path, results: Path) -> Path:
 
     if not (results / "transfer.csv").is_file():
         raise MemrlError(
-            f"--out {results}: no transfer.csv here, so the policy card would ship without its benchmark "
-            "numbers; point --out at the transfer run's results (bench/results/benchmark)"
+            f"--results {results}: no transfer.csv here, so the policy card would ship without its "
+            "benchmark numbers; point --results at the transfer run's results (bench/results/benchmark)"
         )
     if out.exists() and not out.is_dir():
-        raise MemrlError(f"--ship-to {out}: exists and is not a folder; name the folder the policy goes to")
+        raise MemrlError(f"--to {out}: exists and is not a folder; name the folder the policy goes to")
 
     ship_cfg = cfg.with_changes({"env.preferences": "uniform", "env.store": None})
     with tempfile.TemporaryDirectory() as tmp:
