@@ -247,6 +247,8 @@ class ControlEnv(gym.Env):
         self.render_mode = render_mode
         self.zero_signals = False
         """An ablation: observe no run signals (does the controller use them?)."""
+        self.zero_descriptor = False
+        """An ablation: observe a zero descriptor (does the controller use the data's description?)."""
         self._done = True
         self.task, self.mask_row, self.checkpoint = 0, 0, -1
         self.mask = np.zeros(self.k, dtype=np.int8)
@@ -293,9 +295,10 @@ class ControlEnv(gym.Env):
     def _observation(self) -> np.ndarray:
         signals, shares = self._signals()
         done = (self.checkpoint + 1) / self.points
-        return control_observation(
-            self.descriptor(self.task), self.preference, done, self.mask, signals, shares
-        )
+        descriptor = self.descriptor(self.task)
+        if self.zero_descriptor:
+            descriptor = np.zeros_like(descriptor)
+        return control_observation(descriptor, self.preference, done, self.mask, signals, shares)
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None

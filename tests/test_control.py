@@ -59,6 +59,12 @@ def test_stopping_replays_the_stored_checkpoint_exactly(curve_cfg):
     assert done and info["delivered_steps"] == 2 and reward == pytest.approx(float(expected))
     with pytest.raises(EpisodeOverError):
         env.step([1, 1, 1, 1, 1])
+    env.zero_signals = env.zero_descriptor = True  # the ablations: the run's signals and the data hidden
+    obs, _ = env.reset(seed=0, options={"dataset": "tiny", "preference": preference})
+    obs, *_ = env.step([1, 1, 1, 1, 0])
+    width = len(env.descriptor(0))
+    assert not obs[:width].any() and obs[width + 3] > 0  # no descriptor; progress still shown
+    assert np.allclose(obs[-9:-4], [1, 1, 0.5, 0, 0]) and not obs[-4:].any()  # the base model's signals
 
 
 def test_a_mask_change_is_not_replayed_and_is_counted(curve_cfg):
