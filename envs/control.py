@@ -38,7 +38,15 @@ from memrl.tables import reference_config
 from memrl.task import Task
 from memrl.training import FinetuneResult
 
-__all__ = ["SIGNALS", "ControlEnv", "LiveRun", "control_observation", "guarded_run", "run_signals"]
+__all__ = [
+    "SIGNALS",
+    "ControlEnv",
+    "LiveRun",
+    "control_observation",
+    "guarded_run",
+    "control_metrics",
+    "run_signals",
+]
 
 SIGNALS = ("heldout_loss_ratio", "train_loss_ratio", "mia_auc_private", "mia_tpr_private", "loss_low_tail")
 """The run's own signals a control observation shows (besides the gradient shares per group):
@@ -47,6 +55,11 @@ at low FPR of the training images against held-out ones, and the low tail of tra
 Never which images are canaries."""
 CURVE_METRICS = ("heldout_loss", "train_loss", "mia_auc_private", "mia_tpr_private", "loss_low_tail")
 """What the replay reads from the curves for :data:`SIGNALS`."""
+
+
+def control_metrics(cfg: Config) -> tuple[str, ...]:
+    """The curve metrics control mode replays: the reward's two and :data:`CURVE_METRICS`."""
+    return tuple(dict.fromkeys((cfg.reward.memorization, cfg.reward.quality, *CURVE_METRICS)))
 
 
 BASE_SIGNALS = (1.0, 1.0, 0.5, 0.0, 0.0)
@@ -204,7 +217,12 @@ class ControlEnv(gym.Env):
         overrides: dict[str, Any] | list[str] | None = None,
         render_mode: str | None = None,
         curves: CurveTable | None = None,
+        tasks: list[int] | None = None,
+        descriptors: dict[int, np.ndarray] | None = None,
     ) -> None:
+        """``curves``: a loaded curve table to replay (else read from the config's tables);
+        ``tasks``: the task indices ``reset`` draws from (default: every training task it can);
+        ``descriptors``: a cache of task descriptors shared between envs."""
         super().__init__()
         cfg = load_config(config, overrides)
         if cfg.env.mode != "control":
@@ -225,21 +243,22 @@ class ControlEnv(gym.Env):
                 range(len(self.entries))
             )
         else:
-            metrics = (cfg.reward.memorization, cfg.reward.quality, *CURVE_METRICS)
-            self.curves = curves or load_curves(cfg, metrics)
+            self.curves = curves or load_curves(cfg, control_metrics(cfg))
             complete = self.curves.complete()
             self.tasks = [t for t in range(len(self.entries)) if complete[t] and not self.curves.heldout[t]]
             self.masks = np.array(
                 [[int(c) for c in m] for m in self.curves.masks if m != FULL], dtype=np.int8
             )
             # the masks with curves, in table order (FULL, every parameter, is not a mask of groups)
+        if tasks is not None:
+            self.tasks = [t for t in tasks if t in self.tasks]
         if not self.tasks:
             raise ConfigError(
                 "env.mode=control replays curves and no training task of this suite has complete curves "
                 "yet; continue them with python -m memrl.tables build --config ..., or run it live "
                 "(env.backend=inprocess)"
             )
-        self._descriptors: dict[int, np.ndarray] = {}
+        self._descriptors: dict[int, np.ndarray] = descriptors if descriptors is not None else {}
         self._references: dict[int, References] = {}
         n_obs = len(descriptor_fields(self.k)) + len(PREFERENCE_FIELDS) + 1 + self.k + len(SIGNALS) + self.k
         self.action_space = spaces.MultiBinary(self.k + 1)

@@ -199,9 +199,12 @@ def test_the_recipes_command_writes_its_table_and_record(curve_cfg, tmp_path):
     from research.benchmark.cli import main
 
     dump_config(curve_cfg, tmp_path / "curves.yaml")
-    assert main(["recipes", "--config", str(tmp_path / "curves.yaml"), "--out", str(tmp_path / "out")]) == 0
+    argv = ["recipes", "--config", str(tmp_path / "curves.yaml"), "--out", str(tmp_path / "out")]
+    assert main([*argv, "--episodes", "64", "--n-seeds", "1"]) == 0  # with a controller, trained per fold
     text = (tmp_path / "out" / "recipes.md").read_text()
     assert "| leave one task out | early-stop | 1 |" in text and (tmp_path / "out" / "recipes.csv").is_file()
+    for label in ("controller", "controller-no-signals", "controller-no-descriptor"):
+        assert f"| leave one task out | {label} | 1 |" in text
 
 
 def test_live_control_pauses_a_real_fine_tune_and_delivers_what_the_curve_recorded(curve_cfg):

@@ -65,6 +65,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from memrl.envs.control import control_metrics
+
 from memrl.config import Config
 from memrl.curves import load_curves
 from memrl.errors import ConfigError
@@ -83,7 +85,7 @@ from research.benchmark.experiments import (
 )
 from research.benchmark.findings import claims, findings
 from research.benchmark.folds import load_table
-from research.benchmark.recipes import recipe_rows, recipes_report
+from research.benchmark.recipes import controller_rows, recipe_rows, recipes_report
 from research.benchmark.stats import (
     plot_curves,
     plot_transfer,
@@ -96,17 +98,22 @@ from research.benchmark.stats import (
 __all__ = ["REPORTS", "main", "run_record", "tuning_report"]
 
 
-def _recipes(cfg: Config, out: Path) -> tuple[list[dict[str, Any]], str]:
-    rows = recipe_rows(load_curves(cfg), cfg.reward)  # a curve suite: --config bench3
+def _recipes(cfg: Config, args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
+    """The rules on a curve suite (``--config bench3``), and with ``--episodes N`` a controller
+    trained for N PPO steps per fold and seed, with its ablations."""
+    table = load_curves(cfg, control_metrics(cfg))
+    rows = recipe_rows(table, cfg.reward)
+    if args.episodes:
+        rows += [r for seed in range(args.n_seeds) for r in controller_rows(cfg, table, args.episodes, seed)]
     return rows, recipes_report(rows)
 
 
 REPORTS: dict[str, Any] = {
-    "findings": lambda cfg, out: ([], findings(cfg)),
-    "claims": lambda cfg, out: claims(cfg, out / "claims.png"),
+    "findings": lambda cfg, args: ([], findings(cfg)),
+    "claims": lambda cfg, args: claims(cfg, args.out / "claims.png"),
     "recipes": _recipes,
 }
-"""Commands that read the tables and train nothing: (config, out folder) -> (rows, Markdown)."""
+"""Commands that read the tables and run no fold cache: (config, arguments) -> (rows, Markdown)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         "--episodes",
         type=int,
         default=None,
-        help="transfer: training episodes of the one-shot PPO policy (default 10,000)",
+        help="transfer: training episodes of the one-shot PPO policy (default 10,000); recipes: PPO steps "
+        "of the controller per fold (default: the rules only)",
     )
     parser.add_argument("--budget", type=int, default=64, help="search: distinct fine-tunes per search")
     parser.add_argument(
@@ -211,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             text = tuning_report(rows, args.nested)
             name = f"tune-{args.method}"
         elif args.command in REPORTS:
-            rows, text = REPORTS[args.command](cfg, args.out)
+            rows, text = REPORTS[args.command](cfg, args)
         elif args.command == "modes":
             rows = modes(cfg, args.n_seeds, workers=args.workers, parts=parts)
             text = plot_curves(rows, args.out / "modes.png", "episodes", "training episodes")

@@ -24,13 +24,24 @@ import warnings
 from typing import Any
 
 import numpy as np
+from memrl.agents.ppo import build_ppo
+from memrl.envs.control import ControlEnv
 
-from memrl.config import RewardConfig
+from memrl.config import Config, RewardConfig
 from memrl.curves import FULL, CurveTable
 from memrl.errors import MemrlError
 from memrl.tables import REFERENCE_STEPS
 
-__all__ = ["PATIENCES", "THRESHOLDS", "curve_folds", "recipe_regret", "recipe_rows", "recipes_report"]
+__all__ = [
+    "CONTROLLER_VARIANTS",
+    "PATIENCES",
+    "THRESHOLDS",
+    "controller_rows",
+    "curve_folds",
+    "recipe_regret",
+    "recipe_rows",
+    "recipes_report",
+]
 
 PATIENCES = (1, 2, 3, 4)
 """Early stopping's patience grid (checkpoints without a held-out loss improvement)."""
@@ -138,6 +149,7 @@ def recipe_rows(table: CurveTable, reward: RewardConfig) -> list[dict[str, Any]]
                         "fine_tunes": n,
                         "regret": float(np.nanmin(values)),
                         "recipe": f"{table.masks[recipes[0][0]]}@{int(table.steps[recipes[0][1]])}",
+                        "seed": 0,  # the rules are deterministic
                     }
                 )
     return rows
@@ -164,3 +176,51 @@ def recipes_report(rows: list[dict[str, Any]]) -> str:
             f"{max(by_task.values()):.3f} | {len(by_task)} |"
         )
     return "\n".join(out) + "\n"
+
+
+CONTROLLER_VARIANTS = (("controller", False, False), ("controller-no-signals", True, False))
+CONTROLLER_VARIANTS += (("controller-no-descriptor", False, True),)
+"""The controller and its two ablations: (label, signals zeroed, descriptor zeroed), each trained
+with what it observes."""
+
+
+def controller_rows(cfg: Config, table: CurveTable, timesteps: int, seed: int = 0) -> list[dict[str, Any]]:
+    """A controller trained by replay (PPO, ``timesteps`` steps, uniform preferences) on each fold's
+    training tasks, run deterministically on its test task at every preference: the regret of the
+    recipe it delivers, on the scale of :func:`recipe_regret`, with its two ablations."""
+    train_cfg = cfg.with_changes(
+        {"env.mode": "control", "env.backend": "replay", "env.preferences": "uniform", "seed": seed}
+    )
+    descriptors: dict[int, np.ndarray] = {}
+    shared: dict[tuple[int, ...], list[tuple[int, str]]] = {}
+    for test, train, split in curve_folds(table):
+        shared.setdefault(tuple(train), []).append((test, split))
+    rows = []
+    for train, tests in shared.items():
+        for label, no_signals, no_descriptor in CONTROLLER_VARIANTS:
+            env = ControlEnv(train_cfg, curves=table, tasks=list(train), descriptors=descriptors)
+            env.zero_signals, env.zero_descriptor = no_signals, no_descriptor
+            model = build_ppo(train_cfg, env)
+            model.learn(timesteps)
+            judge = ControlEnv(train_cfg, curves=table, tasks=[t for t, _ in tests], descriptors=descriptors)
+            judge.zero_signals, judge.zero_descriptor = no_signals, no_descriptor
+            for (test, split), w in itertools.product(tests, PREFERENCES):
+                obs, _ = judge.reset(seed=seed, options={"dataset": test, "preference": [w, 1.0 - w, 0.0]})
+                done = False
+                while not done:
+                    action, _ = model.predict(obs, deterministic=True)
+                    obs, _, done, _, info = judge.step(action)
+                regret = recipe_regret(table, cfg.reward, test, w)[judge.mask_row, judge.checkpoint]
+                rows.append(
+                    {
+                        "method": label,
+                        "task": table.names[test],
+                        "split": split,
+                        "memorization_weight": w,
+                        "fine_tunes": 1,
+                        "regret": float(regret),
+                        "recipe": f"{''.join(map(str, info['mask']))}@{info['delivered_steps']}",
+                        "seed": seed,
+                    }
+                )
+    return rows
