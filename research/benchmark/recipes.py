@@ -178,8 +178,11 @@ def recipes_report(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out) + "\n"
 
 
-CONTROLLER_VARIANTS = (("controller", False, False), ("controller-no-signals", True, False))
-CONTROLLER_VARIANTS += (("controller-no-descriptor", False, True),)
+CONTROLLER_VARIANTS: tuple[tuple[str, bool, bool], ...] = (
+    ("controller", False, False),
+    ("controller-no-signals", True, False),
+    ("controller-no-descriptor", False, True),
+)
 """The controller and its two ablations: (label, signals zeroed, descriptor zeroed), each trained
 with what it observes."""
 
@@ -196,9 +199,9 @@ def controller_rows(cfg: Config, table: CurveTable, timesteps: int, seed: int = 
     for test, train, split in curve_folds(table):
         shared.setdefault(tuple(train), []).append((test, split))
     rows = []
-    for train, tests in shared.items():
+    for training, tests in shared.items():
         for label, no_signals, no_descriptor in CONTROLLER_VARIANTS:
-            env = ControlEnv(train_cfg, curves=table, tasks=list(train), descriptors=descriptors)
+            env = ControlEnv(train_cfg, curves=table, tasks=list(training), descriptors=descriptors)
             env.zero_signals, env.zero_descriptor = no_signals, no_descriptor
             model = build_ppo(train_cfg, env)
             model.learn(timesteps)
