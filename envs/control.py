@@ -33,7 +33,7 @@ from memrl.errors import ConfigError, EpisodeOverError
 from memrl.evaluator import make_evaluator
 from memrl.finetune import finetune
 from memrl.reward import PREFERENCE_FIELDS, References, Reward, draw_preference, preference_of
-from memrl.scoring import loss_metrics, score_model
+from memrl.scoring import CurveRecorder, loss_metrics, score_model
 from memrl.tables import reference_config
 from memrl.task import Task
 from memrl.training import FinetuneResult
@@ -141,26 +141,16 @@ class LiveRun:
         self.reached = 0
         self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._orders: queue.Queue[str] = queue.Queue()
-        self._sums = np.zeros(ctx.space.k)
-        self._params: list[list[Any]] | None = None
+        self._gradients = CurveRecorder(ctx, mask)  # its per-group gradient-norm accounting
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _hook(self, model: Any, n: int) -> None:
         self.model, self.reached = model, n
-        if self._params is None:
-            named = [(name, p) for name, p in model.unet.named_parameters() if p.requires_grad]
-            self._params = [
-                [p for name, p in named if any(name == q or name.startswith(q + ".") for q in prefixes)]
-                for prefixes in self.ctx.space.groups.values()
-            ]
-        for i, params in enumerate(self._params):
-            self._sums[i] += sum(float(p.grad.square().sum()) for p in params if p.grad is not None)
+        self._gradients.add_gradients(model)
         if n % self.chunk or n >= self.steps:
             return
-        total = float(self._sums.sum())
-        shares = self._sums / total if total > 0 else np.zeros_like(self._sums)
-        self._sums = np.zeros_like(self._sums)
+        shares = np.array(self._gradients.grad_share())
         self._events.put(("pause", (loss_metrics(model, self.ctx), shares)))
         if self._orders.get() == "stop":
             raise _Stop

@@ -191,13 +191,17 @@ class CurveRecorder:
         self._sums.zero_()
         return [round(v, 6) for v in shares]
 
-    def __call__(self, model: DiffusionModel, n: int) -> None:
-        start = time.perf_counter()
+    def add_gradients(self, model: DiffusionModel) -> None:
+        """Add this update's squared gradient norm per group (read by :meth:`grad_share`)."""
         if self._params is None:
             self._params = self._group_params(model)
         with torch.no_grad():
             for i, params in enumerate(self._params):
                 self._sums[i] += sum(float(p.grad.square().sum()) for p in params if p.grad is not None)
+
+    def __call__(self, model: DiffusionModel, n: int) -> None:
+        start = time.perf_counter()
+        self.add_gradients(model)
         if n % self.every == 0 and n < self.steps:
             if n in self.sample_at:
                 metrics = score_model(model, self.ctx, self.mask, FinetuneResult()).metrics

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from memrl.errors import ConfigError
-from memrl.searchers.base import History, Knowledge, Result, Trial, mask_key
+from memrl.searchers.base import History, Knowledge, Result, Trial
 
 __all__ = ["ListSearcher", "PEFT_PRESETS", "exhaustive", "fixed_presets", "hand_presets", "random_masks"]
 
@@ -98,8 +98,3 @@ def hand_picked(knowledge: Knowledge) -> ListSearcher:
         raise ConfigError("the presets searcher needs the search space's group names")
     presets = hand_presets(knowledge.group_names)
     return ListSearcher(Trial(mask, None, label) for label, mask in presets.items())
-
-
-def distinct(masks: Iterable[np.ndarray]) -> list[np.ndarray]:
-    """``masks`` without repeats, in order."""
-    return list({mask_key(m): np.asarray(m, dtype=np.int8) for m in masks}.values())
