@@ -50,6 +50,8 @@ class CurveTable:
     """Each task's references (None where they are not stored yet)."""
     grad_share: np.ndarray = field(default_factory=lambda: np.zeros(0))
     """(tasks, masks, seeds, checkpoints, groups) gradient-norm shares (NaN where not stored)."""
+    sources: list[str] = field(default_factory=list)
+    """Each task's data source (``data.source``): leave-one-source-out folds group by it."""
 
     def index(self, task: str | int, mask: str, steps: int, seed: int = 0) -> tuple[int, int, int, int]:
         """Array indices of a (task, mask, steps, seed); a StoreError names what is not in the table."""
@@ -174,6 +176,7 @@ def load_curves(cfg: Config, metrics: tuple[str, ...] | None = None) -> CurveTab
         values=values,
         references=references,
         grad_share=shares,
+        sources=[e.cfg.data.source for e in entries],
     )
 
 

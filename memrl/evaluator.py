@@ -33,7 +33,7 @@ __all__ = ["Evaluator", "SHIPPED", "command_store", "make_evaluator", "shipped_d
 
 log = logging.getLogger(__name__)
 
-SHIPPED = ("bench",)
+SHIPPED = ("bench", "bench3")
 """The tables that ship with memrl (``memrl/assets/tables/<name>.sqlite``)."""
 
 

@@ -194,13 +194,55 @@ def test_stopping_rules_are_fixed_on_training_tasks_and_judged_on_the_test_task(
     assert portfolio[:4] == sorted(portfolio[:4], reverse=True)  # more fine-tunes never hurt
 
 
+def test_folds_leave_one_source_out_only_across_sources(curve_cfg):
+    from memrl.curves import load_curves
+    from research.benchmark.recipes import curve_folds
+
+    table = load_curves(curve_cfg)
+    assert table.sources == ["digits", "digits"]
+    splits = {split for _, _, split in curve_folds(table)}
+    assert splits == {"leave one task out"}  # one source: nothing left to train on without it
+    table.sources = ["digits", "faces"]
+    loso = [(t, train) for t, train, split in curve_folds(table) if split == "leave one source out"]
+    assert loso == [(0, [1]), (1, [0])]
+
+
+def test_intervals_resample_fine_tune_noise_and_pair_identical_recipes(curve_cfg):
+    from memrl.curves import load_curves
+    from research.benchmark.recipes import bootstrap_means, recipe_rows
+
+    table = load_curves(curve_cfg)
+    rows = [r for r in recipe_rows(table, curve_cfg.reward) if r["fine_tunes"] == 1]
+    same = [{**r, "method": "copy"} for r in rows if r["method"] == "single-best-recipe"]
+    draws = bootstrap_means(rows + same, table, curve_cfg.reward, n_boot=200)
+    split = "leave one task out"
+    assert np.array_equal(draws[(split, "copy", 1)], draws[(split, "single-best-recipe", 1)])
+    one_task = [r for r in rows if r["task"] == "tiny"]  # no task to resample: what varies is noise
+    noise = bootstrap_means(one_task, table, curve_cfg.reward, n_boot=200)
+    assert np.std(noise[(split, "single-best-recipe", 1)]) > 0
+
+
+def test_steps_regression_and_gp_prior_rules():
+    from research.benchmark.recipes import _gp_prior, _steps_regression
+
+    steps = np.arange(25, 401, 25)
+    size = np.array([1.0, 2.0, 3.0, 4.0])
+    best = 25 * np.exp(0.5 * size)  # longer for larger data
+    features = size[:, None]
+    assert steps[_steps_regression(features, best, np.array([5.0]), steps)] == 300  # 25 e^2.5 = 305
+    bits = np.array([[0, 1], [1, 0], [1, 1]], dtype=float)
+    tried = _gp_prior(np.array([0.3, 0.1, 0.5]), np.array([0.0, 0.9, 0.8]), bits, 3)
+    assert tried[0] == 1 and sorted(tried) == [0, 1, 2]  # the prior's best first, never twice
+
+
 def test_the_recipes_command_writes_its_table_and_record(curve_cfg, tmp_path):
     from memrl.config import dump_config
     from research.benchmark.cli import main
 
     dump_config(curve_cfg, tmp_path / "curves.yaml")
     argv = ["recipes", "--config", str(tmp_path / "curves.yaml"), "--out", str(tmp_path / "out")]
-    assert main([*argv, "--episodes", "64", "--n-seeds", "1"]) == 0  # with a controller, trained per fold
+    controlled = ["--episodes", "64", "--n-seeds", "1", "--control-splits", "leave one task out"]
+    assert main([*argv, *controlled]) == 0  # with a controller, trained per fold
     text = (tmp_path / "out" / "recipes.md").read_text()
     assert "| leave one task out | early-stop | 1 |" in text and (tmp_path / "out" / "recipes.csv").is_file()
     for label in ("controller", "controller-no-signals", "controller-no-descriptor"):

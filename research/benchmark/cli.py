@@ -85,7 +85,13 @@ from research.benchmark.experiments import (
 )
 from research.benchmark.findings import claims, findings
 from research.benchmark.folds import load_table
-from research.benchmark.recipes import controller_rows, recipe_rows, recipes_report
+from research.benchmark.recipes import (
+    CONTROLLER_SPLITS,
+    controller_rows,
+    recipe_rows,
+    recipes_report,
+    table_descriptors,
+)
 from research.benchmark.stats import (
     plot_curves,
     plot_transfer,
@@ -102,10 +108,15 @@ def _recipes(cfg: Config, args: argparse.Namespace) -> tuple[list[dict[str, Any]
     """The rules on a curve suite (``--config bench3``), and with ``--episodes N`` a controller
     trained for N PPO steps per fold and seed, with its ablations."""
     table = load_curves(cfg, control_metrics(cfg))
-    rows = recipe_rows(table, cfg.reward)
+    rows = recipe_rows(table, cfg.reward, table_descriptors(cfg, table))
     if args.episodes:
-        rows += [r for seed in range(args.n_seeds) for r in controller_rows(cfg, table, args.episodes, seed)]
-    return rows, recipes_report(rows)
+        splits = tuple(s.strip() for s in args.control_splits.split(","))
+        rows += [
+            r
+            for seed in range(args.n_seeds)
+            for r in controller_rows(cfg, table, args.episodes, seed, splits)
+        ]
+    return rows, recipes_report(rows, table, cfg.reward)
 
 
 REPORTS: dict[str, Any] = {
@@ -145,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         "of the controller per fold (default: the rules only)",
     )
     parser.add_argument("--budget", type=int, default=64, help="search: distinct fine-tunes per search")
+    parser.add_argument(
+        "--control-splits",
+        default=",".join(CONTROLLER_SPLITS),
+        help="recipes: the splits a controller is trained and judged on, comma-separated (one PPO run per "
+        "fold's training set; 'leave one task out' trains one per training task)",
+    )
     parser.add_argument(
         "--search-episodes",
         type=int,

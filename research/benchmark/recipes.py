@@ -10,11 +10,19 @@ seed 0, 1 = its worst, per preference. Rules:
 * ``ones@tuned-steps``: every attention group, for the length best on the training tasks;
 * ``full@tuned-steps``: every parameter (MemControl's baseline), likewise (its regret may be below
   0: the scale is the masks of groups a controller can deliver);
-* ``early-stop``: the single best recipe's mask, stopped once the held-out loss has not improved
-  for ``patience`` checkpoints (the checkpoint of its minimum delivered; patience tuned);
-* ``membership-stop``: the same mask, stopped at the last checkpoint before the training images'
-  membership AUC reaches a threshold (tuned);
-* ``portfolio``: a greedy portfolio of recipes, judged by its best of the first n (n fine-tunes).
+* ``steps-regression``: the single best recipe's mask, for a length predicted from the dataset's
+  size and duplication (descriptor) and the preference, fitted on the training tasks' best lengths;
+* ``early-stop``, ``early-stop-ones``: the single best recipe's mask (or every group), stopped once
+  the held-out loss has not improved for ``patience`` checkpoints (its minimum delivered; tuned);
+* ``membership-stop``, ``membership-stop-ones``: likewise, stopped at the last checkpoint before
+  the training images' membership AUC reaches a threshold (tuned);
+* ``portfolio``: a greedy portfolio of recipes, judged by its best of the first n (n fine-tunes);
+* ``gp-prior``: Bayesian optimisation over masks whose prior mean is the training tasks' regret;
+  each fine-tune reveals the mask's whole curve and the best checkpoint seen is delivered.
+
+Intervals (:func:`bootstrap_means`) resample the tasks and the fine-tune noise together: every
+delivered curve is replaced by another seed's (the masks stored with seeds 1 and 2 use their own;
+the others take a deviation drawn from those masks' seed-to-seed differences on the same task).
 """
 
 from __future__ import annotations
@@ -29,18 +37,26 @@ from memrl.envs.control import ControlEnv
 
 from memrl.config import Config, RewardConfig
 from memrl.curves import FULL, CurveTable
+from memrl.descriptor import FAMILIES
 from memrl.errors import MemrlError
+from memrl.gp import calibrated_posterior, expected_improvement
 from memrl.tables import REFERENCE_STEPS
+from research.benchmark.stats import grouped, iqm
 
 __all__ = [
+    "CONTROLLER_SPLITS",
     "CONTROLLER_VARIANTS",
+    "SPLITS",
     "PATIENCES",
     "THRESHOLDS",
+    "bootstrap_means",
     "controller_rows",
     "curve_folds",
     "recipe_regret",
     "recipe_rows",
     "recipes_report",
+    "regret_array",
+    "table_descriptors",
 ]
 
 PATIENCES = (1, 2, 3, 4)
@@ -48,26 +64,55 @@ PATIENCES = (1, 2, 3, 4)
 THRESHOLDS = (0.52, 0.55, 0.6, 0.65, 0.7, 0.8)
 """The membership-AUC thresholds the membership stop is tuned over."""
 PREFERENCES = (0.25, 0.5, 0.75)
+SPLITS = ("leave one task out", "leave one source out", "held out")
+"""The splits of :func:`curve_folds`."""
+BUDGET = 4
+"""Fine-tunes of the searching rules (portfolio, gp-prior)."""
+PROTOCOL = [FAMILIES["protocol"].index(name) for name in ("log_size", "log_duplication")]
+"""The descriptor entries ``steps-regression`` reads (what a user knows of the data)."""
 
 
-def recipe_regret(table: CurveTable, reward: RewardConfig, t: int, w: float) -> np.ndarray:
-    """(masks, checkpoints) regret of every stored recipe of task ``t`` at seed 0, scaled over
-    the recipes a controller can deliver (masks of groups): full fine-tuning (every parameter)
-    is on the same scale and may score below 0 (better than every mask)."""
-    r = table.rewards(reward, t, w)[:, 0, :]
-    groups = r[[i for i, m in enumerate(table.masks) if m != FULL]]
+def regret_array(table: CurveTable, reward: RewardConfig, t: int, w: float) -> np.ndarray:
+    """(masks, seeds, checkpoints) regret of every stored recipe of task ``t``, scaled over the
+    recipes a controller can deliver at seed 0 (masks of groups): full fine-tuning (every
+    parameter) is on the same scale and may score below 0 (better than every mask)."""
+    r = table.rewards(reward, t, w)
+    groups = r[[i for i, m in enumerate(table.masks) if m != FULL], 0, :]
     best, worst = np.nanmax(groups), np.nanmin(groups)
     return (best - r) / max(best - worst, 1e-9)
 
 
+def recipe_regret(table: CurveTable, reward: RewardConfig, t: int, w: float) -> np.ndarray:
+    """(masks, checkpoints) regret of every stored recipe of task ``t`` at seed 0
+    (:func:`regret_array`)."""
+    return regret_array(table, reward, t, w)[:, 0, :]
+
+
 def curve_folds(table: CurveTable) -> list[tuple[int, list[int], str]]:
     """(test task, training tasks, split) over the tasks with complete curves: leave one training
-    task out, and each held-out task against every training task."""
+    task out, leave one training source out (every task of the source), and each held-out task
+    against every training task."""
     done = np.flatnonzero(table.complete())
     train = [int(t) for t in done if not table.heldout[t]]
-    out = [(t, [u for u in train if u != t], "leave one task out") for t in train]
-    out += [(int(t), train, "held out") for t in done if table.heldout[t]]
+    sources = table.sources or table.names
+    loto, loso, heldout = SPLITS
+    out = [(t, [u for u in train if u != t], loto) for t in train]
+    for source in dict.fromkeys(sources[t] for t in train):
+        rest = [u for u in train if sources[u] != source]
+        out += [(t, rest, loso) for t in train if sources[t] == source]
+    out += [(int(t), train, heldout) for t in done if table.heldout[t]]
     return [(t, tr, split) for t, tr, split in out if tr]
+
+
+def table_descriptors(cfg: Config, table: CurveTable) -> np.ndarray:
+    """(tasks, descriptor) of every task with complete curves (NaN rows for the others): what the
+    controller observes and ``steps-regression`` reads."""
+    env = ControlEnv(cfg.with_changes({"env.mode": "control", "env.backend": "replay"}), curves=table)
+    complete = table.complete()
+    width = len(env.descriptor(int(np.flatnonzero(complete)[0])))
+    return np.stack(
+        [env.descriptor(t) if complete[t] else np.full(width, np.nan) for t in range(len(table.names))]
+    )
 
 
 def _stop_early(loss: np.ndarray, patience: int) -> int:
@@ -90,10 +135,43 @@ def _tuned(values: dict[Any, list[float]]) -> Any:
     return min(values, key=lambda k: (float(np.mean(values[k])), list(values).index(k)))
 
 
-def recipe_rows(table: CurveTable, reward: RewardConfig) -> list[dict[str, Any]]:
-    """Every rule's regret on every fold, preference and number of fine-tunes (portfolio: 1-4)."""
+def _steps_regression(
+    features: np.ndarray, best_steps: np.ndarray, query: np.ndarray, steps: np.ndarray
+) -> int:
+    """The checkpoint nearest the length a ridge regression of log(steps) on ``features`` (rows:
+    training task x preference) predicts for ``query``."""
+    design = np.column_stack([np.ones(len(features)), features])
+    ridge = 1e-2 * np.eye(design.shape[1])
+    ridge[0, 0] = 0.0
+    coef = np.linalg.solve(design.T @ design + ridge, design.T @ np.log(best_steps))
+    predicted = float(np.exp(np.concatenate([[1.0], query]) @ coef))
+    return int(np.argmin(np.abs(np.log(steps) - np.log(predicted))))
+
+
+def _gp_prior(prior: np.ndarray, test: np.ndarray, bits: np.ndarray, budget: int) -> list[int]:
+    """Masks tried in order by Bayesian optimisation: the lowest ``prior`` regret first, then the
+    largest expected improvement of :func:`memrl.gp.calibrated_posterior` given ``test`` regrets
+    seen so far (each fine-tune reveals its mask's best checkpoint)."""
+    tried = [int(np.argmin(prior))]
+    while len(tried) < min(budget, len(prior)):
+        values = -test[tried]
+        mean, std, _ = calibrated_posterior(prior, tried, values, bits)
+        score = expected_improvement(mean, std, float(values.max()))
+        score[tried] = -np.inf
+        tried.append(int(np.argmax(score)))
+    return tried
+
+
+def recipe_rows(
+    table: CurveTable, reward: RewardConfig, descriptors: np.ndarray | None = None
+) -> list[dict[str, Any]]:
+    """Every rule's regret on every fold, preference and number of fine-tunes (portfolio and
+    gp-prior: 1 to :data:`BUDGET`). ``descriptors`` (:func:`table_descriptors`) enable
+    ``steps-regression``."""
     masks = [i for i, m in enumerate(table.masks) if m != FULL]
+    bits = np.array([[int(c) for c in table.masks[i]] for i in masks], dtype=float)
     ones = table.masks.index("1" * len(table.masks[0]))
+    full = table.masks.index(FULL)
     at150 = np.flatnonzero(table.steps == REFERENCE_STEPS)
     loss, auc = table.values["heldout_loss"][:, :, 0, :], table.values["mia_auc_private"][:, :, 0, :]
     folds = curve_folds(table)
@@ -106,37 +184,51 @@ def recipe_rows(table: CurveTable, reward: RewardConfig) -> list[dict[str, Any]]
     rows = []
     for (test, train, split), w in itertools.product(folds, PREFERENCES):
         regret = {t: recipe_regret(table, reward, t, w) for t in [test, *train]}
-        mean = np.nanmean([regret[t] for t in train], axis=0)  # (masks, checkpoints)
-        mean[[i for i in range(len(table.masks)) if i not in masks]] = np.nan  # FULL is not a mask
-        m, c = np.unravel_index(int(np.nanargmin(mean)), mean.shape)
-        picks: dict[str, list[tuple[int, int]]] = {"single-best-recipe": [(int(m), int(c))]}
+        stacked = np.stack([regret[t] for t in train])  # (train, masks, checkpoints)
+        stacked[:, full] = np.nan  # FULL is not a mask of groups
+        with warnings.catch_warnings():  # FULL's rows are all NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(stacked, axis=0)
+        m, c = (int(i) for i in np.unravel_index(int(np.nanargmin(mean)), mean.shape))
+        picks: dict[str, list[tuple[int, int]]] = {"single-best-recipe": [(m, c)]}
         if len(at150):
-            best150 = int(np.nanargmin(mean[:, int(at150[0])]))
-            picks["best-mask@150"] = [(best150, int(at150[0]))]
+            picks["best-mask@150"] = [(int(np.nanargmin(mean[:, int(at150[0])])), int(at150[0]))]
         picks["ones@tuned-steps"] = [(ones, int(np.nanargmin(mean[ones])))]
-        full = table.masks.index(FULL)
         full_mean = np.nanmean([regret[t][full] for t in train], axis=0)
         picks["full@tuned-steps"] = [(full, int(np.nanargmin(full_mean)))]
-        patience = _tuned({p: [regret[t][m, _stop_early(loss[t, m], p)] for t in train] for p in PATIENCES})
-        picks["early-stop"] = [(int(m), _stop_early(loss[test, m], patience))]
-        threshold = _tuned(
-            {th: [regret[t][m, _stop_membership(auc[t, m], th)] for t in train] for th in THRESHOLDS}
-        )
-        picks["membership-stop"] = [(int(m), _stop_membership(auc[test, m], threshold))]
+        if descriptors is not None:
+            best = np.array([table.steps[int(np.nanargmin(regret[t][m]))] for t in train], dtype=float)
+            features = np.column_stack([descriptors[train][:, PROTOCOL], np.full(len(train), w)])
+            query = np.concatenate([descriptors[test, PROTOCOL], [w]])
+            picks["steps-regression"] = [(m, _steps_regression(features, best, query, table.steps))]
+        for label, mask in (("", m), ("-ones", ones)):
+            patience = _tuned(
+                {p: [regret[t][mask, _stop_early(loss[t, mask], p)] for t in train] for p in PATIENCES}
+            )
+            picks[f"early-stop{label}"] = [(mask, _stop_early(loss[test, mask], patience))]
+            threshold = _tuned(
+                {
+                    th: [regret[t][mask, _stop_membership(auc[t, mask], th)] for t in train]
+                    for th in THRESHOLDS
+                }
+            )
+            picks[f"membership-stop{label}"] = [(mask, _stop_membership(auc[test, mask], threshold))]
         chosen: list[tuple[int, int]] = []
-        best = np.full(len(train), np.inf)
-        stacked = np.stack([regret[t] for t in train])  # (train, masks, checkpoints)
-        stacked[:, [i for i in range(len(table.masks)) if i not in masks]] = np.nan
-        for _ in range(4):
-            with warnings.catch_warnings():  # FULL's rows are all NaN
+        best_so_far = np.full(len(train), np.inf)
+        for _ in range(BUDGET):
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                gain = np.nanmean(np.minimum(best[:, None, None], stacked), axis=0)
+                gain = np.nanmean(np.minimum(best_so_far[:, None, None], stacked), axis=0)
             for mc in chosen:
                 gain[mc] = np.nan
-            pick = np.unravel_index(int(np.nanargmin(gain)), gain.shape)
-            chosen.append((int(pick[0]), int(pick[1])))
-            best = np.minimum(best, stacked[:, pick[0], pick[1]])
+            pick = tuple(int(i) for i in np.unravel_index(int(np.nanargmin(gain)), gain.shape))
+            chosen.append((pick[0], pick[1]))
+            best_so_far = np.minimum(best_so_far, stacked[:, pick[0], pick[1]])
         picks["portfolio"] = chosen
+        curve_best = np.nanmin(stacked[:, masks], axis=2)  # (train, masks): each curve's best point
+        test_best = np.nanmin(regret[test][masks], axis=1)
+        tried = _gp_prior(np.nanmean(curve_best, axis=0), test_best, bits, BUDGET)
+        picks["gp-prior"] = [(masks[i], int(np.nanargmin(regret[test][masks[i]]))) for i in tried]
         for method, recipes in picks.items():
             for n in range(1, len(recipes) + 1):
                 values = [regret[test][mc] for mc in recipes[:n]]
@@ -149,32 +241,104 @@ def recipe_rows(table: CurveTable, reward: RewardConfig) -> list[dict[str, Any]]
                         "fine_tunes": n,
                         "regret": float(np.nanmin(values)),
                         "recipe": f"{table.masks[recipes[0][0]]}@{int(table.steps[recipes[0][1]])}",
+                        "picks": " ".join(f"{mm}:{cc}" for mm, cc in recipes[:n]),
                         "seed": 0,  # the rules are deterministic
                     }
                 )
     return rows
 
 
-def recipes_report(rows: list[dict[str, Any]]) -> str:
-    """Markdown: per split, each rule's mean, IQM and worst-task regret (over tasks and the three
-    preferences) at each number of fine-tunes."""
-    from research.benchmark.stats import iqm
+def _picks(row: dict[str, Any]) -> list[tuple[int, int]]:
+    return [(int(a), int(b)) for a, b in (p.split(":") for p in str(row["picks"]).split())]
 
+
+def bootstrap_means(
+    rows: list[dict[str, Any]], table: CurveTable, reward: RewardConfig, n_boot: int = 1000, seed: int = 0
+) -> dict[tuple[str, str, int], np.ndarray]:
+    """(split, method, fine-tunes) -> ``n_boot`` draws of the mean regret, resampling the split's
+    tasks (the same draw for every method: differences are paired) and the fine-tune noise (each
+    delivered curve replaced by another seed's: a mask stored with every seed draws one of its own,
+    any other adds a deviation drawn from those masks' seed-to-seed differences on the task; one
+    draw per (task, preference, recipe), shared by the methods that deliver the same recipe).
+    A row's value is the best of its picks; rows of several seeds (a controller's) are averaged."""
+    rng = np.random.default_rng(seed)
+    noisy: dict[tuple[int, float], np.ndarray] = {}
+    for t, w in sorted({(table.names.index(r["task"]), r["memorization_weight"]) for r in rows}):
+        full = regret_array(table, reward, t, w)  # (masks, seeds, checkpoints)
+        seeded = [m for m in range(len(table.masks)) if not np.isnan(full[m]).any()]
+        draws = np.repeat(full[None, :, 0, :], n_boot, axis=0)  # (boot, masks, checkpoints)
+        if seeded:
+            own = rng.integers(len(table.seeds), size=(n_boot, len(seeded)))
+            draws[:, seeded] = full[seeded][np.arange(len(seeded))[None, :], own]
+            deviations = (full[seeded] - full[seeded, :1]).reshape(-1, len(table.steps))
+            others = [m for m in range(len(table.masks)) if m not in seeded]
+            drawn = deviations[rng.integers(len(deviations), size=(n_boot, len(others)))]
+            draws[:, others] += drawn
+        noisy[(t, w)] = draws
+    out: dict[tuple[str, str, int], np.ndarray] = {}
+    for split, in_split in grouped(rows, lambda r: r["split"]).items():
+        tasks = sorted({r["task"] for r in in_split})
+        sample = rng.integers(len(tasks), size=(n_boot, len(tasks)))
+        for (method, n), group in grouped(in_split, lambda r: (r["method"], r["fine_tunes"])).items():
+            per_task = np.full((n_boot, len(tasks)), np.nan)
+            for i, task in enumerate(tasks):
+                mine = [r for r in group if r["task"] == task]
+                if not mine:
+                    continue
+                t = table.names.index(task)
+                values = [
+                    np.min([noisy[(t, r["memorization_weight"])][:, m, c] for m, c in _picks(r)], axis=0)
+                    for r in mine
+                ]
+                per_task[:, i] = np.mean(values, axis=0)
+            out[(split, method, n)] = np.nanmean(np.take_along_axis(per_task, sample, axis=1), axis=1)
+    return out
+
+
+def recipes_report(rows: list[dict[str, Any]], table: CurveTable, reward: RewardConfig) -> str:
+    """Markdown: per split, each rule's mean regret with a 95% interval over tasks and fine-tune
+    noise (:func:`bootstrap_means`), IQM, worst task and the mean per preference; then every rule's
+    paired difference from the controller (or, without one, from the single best recipe)."""
+    draws = bootstrap_means(rows, table, reward)
     out = [
-        "| split | rule | fine-tunes | mean regret | IQM | worst task | tasks |",
-        "|---|---|---|---|---|---|---|",
+        "| split | rule | fine-tunes | mean regret [95% interval] | IQM | worst task | "
+        + " | ".join(f"w={w}" for w in PREFERENCES)
+        + " | tasks |",
+        "|---|---|---|---|---|---|" + "---|" * len(PREFERENCES) + "---|",
     ]
-    keys = sorted({(r["split"], r["method"], r["fine_tunes"]) for r in rows})
-    for split, method, n in keys:
-        picked = [r for r in rows if (r["split"], r["method"], r["fine_tunes"]) == (split, method, n)]
+    for (split, method, n), picked in sorted(
+        grouped(rows, lambda r: (r["split"], r["method"], r["fine_tunes"])).items()
+    ):
         values = np.array([r["regret"] for r in picked])
         by_task = {
-            t: np.mean([r["regret"] for r in picked if r["task"] == t]) for t in {r["task"] for r in picked}
+            t: np.mean([r["regret"] for r in g]) for t, g in grouped(picked, lambda r: r["task"]).items()
         }
+        lo, hi = np.percentile(draws[(split, method, n)], [2.5, 97.5])
+        by_w = [np.mean([r["regret"] for r in picked if r["memorization_weight"] == w]) for w in PREFERENCES]
         out.append(
-            f"| {split} | {method} | {n} | {values.mean():.3f} | {iqm(values):.3f} | "
-            f"{max(by_task.values()):.3f} | {len(by_task)} |"
+            f"| {split} | {method} | {n} | {values.mean():.3f} [{lo:.3f}, {hi:.3f}] | {iqm(values):.3f} | "
+            f"{max(by_task.values()):.3f} | " + " | ".join(f"{v:.3f}" for v in by_w) + f" | {len(by_task)} |"
         )
+    reference = "controller" if any(r["method"] == "controller" for r in rows) else "single-best-recipe"
+    out += [
+        "",
+        f"Paired differences, {reference} minus each rule (negative: {reference} is better); 95% "
+        "intervals over tasks and fine-tune noise.",
+        "",
+        "| split | rule | fine-tunes | difference [95% interval] |",
+        "|---|---|---|---|",
+    ]
+    for split, method, n in sorted(draws):
+        if method == reference or (split, reference, 1) not in draws:
+            continue
+        diff = draws[(split, reference, 1)] - draws[(split, method, n)]
+        lo, hi = np.percentile(diff, [2.5, 97.5])
+        observed = np.mean(
+            [r["regret"] for r in rows if (r["split"], r["method"], r["fine_tunes"]) == (split, reference, 1)]
+        ) - np.mean(
+            [r["regret"] for r in rows if (r["split"], r["method"], r["fine_tunes"]) == (split, method, n)]
+        )
+        out.append(f"| {split} | {method} | {n} | {observed:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
     return "\n".join(out) + "\n"
 
 
@@ -187,16 +351,31 @@ CONTROLLER_VARIANTS: tuple[tuple[str, bool, bool], ...] = (
 with what it observes."""
 
 
-def controller_rows(cfg: Config, table: CurveTable, timesteps: int, seed: int = 0) -> list[dict[str, Any]]:
+CONTROLLER_SPLITS = ("held out", "leave one source out")
+"""The splits a controller is trained for by default (leave one task out trains one per training
+task: pass it to ``splits`` when the time is there)."""
+
+
+def controller_rows(
+    cfg: Config,
+    table: CurveTable,
+    timesteps: int,
+    seed: int = 0,
+    splits: tuple[str, ...] = CONTROLLER_SPLITS,
+) -> list[dict[str, Any]]:
     """A controller trained by replay (PPO, ``timesteps`` steps, uniform preferences) on each fold's
-    training tasks, run deterministically on its test task at every preference: the regret of the
-    recipe it delivers, on the scale of :func:`recipe_regret`, with its two ablations."""
+    training tasks (folds of ``splits``), run deterministically on its test task at every
+    preference: the regret of the recipe it delivers, on the scale of :func:`recipe_regret`, with
+    its two ablations."""
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown:
+        raise MemrlError(f"--control-splits: unknown split(s) {unknown}; choose from {', '.join(SPLITS)}")
     train_cfg = cfg.with_changes(
         {"env.mode": "control", "env.backend": "replay", "env.preferences": "uniform", "seed": seed}
     )
     descriptors: dict[int, np.ndarray] = {}
     shared: dict[tuple[int, ...], list[tuple[int, str]]] = {}
-    for test, train, split in curve_folds(table):
+    for test, train, split in (f for f in curve_folds(table) if f[2] in splits):
         shared.setdefault(tuple(train), []).append((test, split))
     rows = []
     for training, tests in shared.items():
@@ -223,6 +402,7 @@ def controller_rows(cfg: Config, table: CurveTable, timesteps: int, seed: int = 
                         "fine_tunes": 1,
                         "regret": float(regret),
                         "recipe": f"{''.join(map(str, info['mask']))}@{info['delivered_steps']}",
+                        "picks": f"{judge.mask_row}:{judge.checkpoint}",
                         "seed": seed,
                     }
                 )
