@@ -1,17 +1,21 @@
 """MemControl's premise on the curve tables: does choosing modules beat simply training less?
 
 For every complete task of a curve suite and each preference (memorization weight 0.25 / 0.5 /
-0.75), on rewards with the task's fixed 150-step references (:mod:`memrl.curves`), the best of
+0.75), on the task's fixed 150-step references (:mod:`memrl.curves`), the best recipe of each
+family in hindsight (an oracle per family, chosen on fine-tune seed 0):
 
 * (a) ``masks@150``: the curve table's masks at 150 steps (the fixed-length search of today),
 * (b) ``ones@any``: the mask of ones (every attention group) stopped at any checkpoint,
-* (c) ``full@any``: full fine-tuning (every parameter) stopped at any checkpoint,
-* (d) ``any``: any (mask, steps) of the table,
+* (c) ``full@any``: full fine-tuning (every parameter, MemControl's baseline) stopped at any checkpoint,
+* (d) ``any``: any (mask of groups, steps) of the table.
 
-their paired differences over tasks per split (95% intervals that resample tasks and, for the
-methods stored with the noise seeds, the fine-tune seed of each task), and each task's Pareto front
-of (memorization term, quality term) for (a), (b) and (d) with its hypervolume (reference point
-(1.5, 1.5), both terms clipped to [0, 1.5]).
+Regret on the recipes benchmark's scale (:func:`research.benchmark.recipes.regret_array`: 0 = the
+task's best mask-of-groups point at seed 0, 1 = its worst; full fine-tuning may go below 0), means
+per split with 95% intervals and paired differences that resample tasks and fine-tune noise
+(:func:`research.benchmark.recipes.bootstrap_means`: the oracle's pick is re-run with another seed,
+so a pick that won by luck on seed 0 pays for it). Each task's Pareto front of (memorization term,
+quality term) for (a)-(d) with its hypervolume (reference point (1.5, 1.5), terms clipped to
+[0, 1.5]). Plots: the fronts and the curves of a few tasks.
 
     python bench/premise.py --config bench3 --out docs/premise
 """
@@ -19,40 +23,69 @@ of (memorization term, quality term) for (a), (b) and (d) with its hypervolume (
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from memrl.config import load_config
+from memrl.cli import add_config_args, config_from_args
+from memrl.config import dump_config
 from memrl.curves import FULL, CurveTable, load_curves
+from memrl.report import pyplot, save_figure
 from memrl.reward import pareto_front
 from memrl.tables import REFERENCE_STEPS
+from memrl.utils import atomic_write_text, package_versions
 
-PREFERENCES = (0.25, 0.5, 0.75)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: research/ is not installed
+from research.benchmark.recipes import PREFERENCES, bootstrap_means, recipe_regret, rerun  # noqa: E402
+from research.benchmark.stats import grouped, iqm  # noqa: E402
+
 METHODS = ("masks@150", "ones@any", "full@any", "any")
 REF_POINT = 1.5
+SPLITS = {False: "training", True: "held out"}
 
 
-def best_rewards(
-    table: CurveTable, reward, t: int, w: float, seed: int, at: int = REFERENCE_STEPS
-) -> dict[str, float]:
-    """The best reward each method reaches on task ``t`` (NaN where the method has no stored
-    point); the fixed-length search stops at ``at`` steps."""
-    r = table.rewards(reward, t, w)[:, seed, :]  # (masks, checkpoints)
-    c150 = int(np.flatnonzero(table.steps == at)[0])
+def family_points(table: CurveTable) -> dict[str, list[tuple[int, int]]]:
+    """Every (mask row, checkpoint) of each family."""
     masks = [i for i, m in enumerate(table.masks) if m != FULL]
+    c150 = int(np.flatnonzero(table.steps == REFERENCE_STEPS)[0])
     ones = table.masks.index("1" * len(table.masks[0]))
     full = table.masks.index(FULL)
-
-    def best(values: np.ndarray) -> float:
-        return float(np.nanmax(values)) if np.isfinite(values).any() else np.nan
-
+    every = range(len(table.steps))
     return {
-        "masks@150": best(r[masks, c150]),
-        "ones@any": best(r[ones]),
-        "full@any": best(r[full]),
-        "any": best(r),
+        "masks@150": [(m, c150) for m in masks],
+        "ones@any": [(ones, c) for c in every],
+        "full@any": [(full, c) for c in every],
+        "any": [(m, c) for m in masks for c in every],
     }
+
+
+def premise_rows(table: CurveTable, reward: Any) -> list[dict[str, Any]]:
+    """Each family's best recipe (lowest seed-0 regret) per complete task and preference."""
+    families = family_points(table)
+    rows = []
+    for t in np.flatnonzero(table.complete()):
+        for w in PREFERENCES:
+            regret = recipe_regret(table, reward, int(t), w)
+            for method, points in families.items():
+                m, c = min(points, key=lambda p: regret[p])
+                rows.append(
+                    {
+                        "method": method,
+                        "task": table.names[t],
+                        "split": SPLITS[bool(table.heldout[t])],
+                        "memorization_weight": w,
+                        "fine_tunes": 1,
+                        "regret": float(regret[m, c]),
+                        "recipe": f"{table.masks[m]}@{int(table.steps[c])}",
+                        "picks": f"{m}:{c}",
+                        "seed": 0,
+                    }
+                )
+    return rows
 
 
 def hypervolume(points: np.ndarray) -> float:
@@ -69,73 +102,134 @@ def hypervolume(points: np.ndarray) -> float:
     return float(area)
 
 
-def paired_interval(diffs: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of ``diffs`` (tasks, seeds; NaN where a seed is missing) and its 95% interval, resampling
-    tasks and, within each task, one of its stored seeds."""
-    rng = np.random.default_rng(seed)
-    tasks = np.flatnonzero(np.isfinite(diffs).any(axis=1))
-    if not len(tasks):
-        return np.nan, np.nan, np.nan
-    means = []
-    for _ in range(n_boot):
-        draw = rng.choice(tasks, len(tasks))
-        values = [rng.choice(diffs[t][np.isfinite(diffs[t])]) for t in draw]
-        means.append(np.mean(values))
-    point = float(np.mean([np.nanmean(diffs[t]) for t in tasks]))
-    return point, float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+def family_terms(table: CurveTable, reward: Any, t: int) -> dict[str, np.ndarray]:
+    """(points, 2) memorization and quality terms of each family's recipes on task ``t`` (seed 0)."""
+    terms = table.terms(reward, t)[:, 0]  # (masks, checkpoints, 2)
+    return {method: np.array([terms[p] for p in points]) for method, points in family_points(table).items()}
+
+
+def report(table: CurveTable, reward: Any, rows: list[dict[str, Any]]) -> str:
+    draws = bootstrap_means(rows, table, reward)
+    out = [
+        "| split | family | mean regret | re-run [95% interval] | IQM | worst task | "
+        + " | ".join(f"w={w}" for w in PREFERENCES)
+        + " | tasks |",
+        "|---|---|---|---|---|---|" + "---|" * len(PREFERENCES) + "---|",
+    ]
+    for (split, method), picked in grouped(rows, lambda r: (r["split"], r["method"])).items():
+        values = np.array([r["regret"] for r in picked])
+        by_task = {
+            t: np.mean([r["regret"] for r in g]) for t, g in grouped(picked, lambda r: r["task"]).items()
+        }
+        by_w = [np.mean([r["regret"] for r in picked if r["memorization_weight"] == w]) for w in PREFERENCES]
+        again = rerun(draws[(split, method, 1)])
+        out.append(
+            f"| {split} | {method} | {values.mean():.3f} | {again} | {iqm(values):.3f} | "
+            f"{max(by_task.values()):.3f} | " + " | ".join(f"{v:.3f}" for v in by_w) + f" | {len(by_task)} |"
+        )
+    out += [
+        "",
+        "Paired differences (first minus second; negative: the first is better), at seed 0 and re-run "
+        "(each family's seed-0 pick fine-tuned again: mean and 95% interval over tasks and seeds).",
+        "",
+    ]
+    out += ["| split | comparison | difference | re-run [95% interval] |", "|---|---|---|---|"]
+    pairs = [("ones@any", "masks@150"), ("full@any", "masks@150"), ("any", "masks@150"), ("any", "ones@any")]
+    for split in dict.fromkeys(r["split"] for r in rows):
+        for a, b in pairs:
+            diff = draws[(split, a, 1)] - draws[(split, b, 1)]
+            observed = np.mean(
+                [r["regret"] for r in rows if (r["split"], r["method"]) == (split, a)]
+            ) - np.mean([r["regret"] for r in rows if (r["split"], r["method"]) == (split, b)])
+            out.append(f"| {split} | {a} - {b} | {observed:+.3f} | {rerun(diff, signed=True)} |")
+    out += ["", "Hypervolume of each family's (memorization, quality) front per task (larger: better).", ""]
+    out += ["| task | split | " + " | ".join(METHODS) + " |", "|---|---|" + "---|" * len(METHODS)]
+    for t in np.flatnonzero(table.complete()):
+        hv = {m: hypervolume(p) for m, p in family_terms(table, reward, int(t)).items()}
+        out.append(
+            f"| {table.names[t]} | {SPLITS[bool(table.heldout[t])]} | "
+            + " | ".join(f"{hv[m]:.3f}" for m in METHODS)
+            + " |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def plot(table: CurveTable, reward: Any, out: Path, n_tasks: int = 6) -> list[Path]:
+    """fronts.png (each family's points and front, per task) and curves.png (both terms against
+    steps for the mask of ones, full fine-tuning and the best mask at 150 steps)."""
+    plt = pyplot()
+    tasks = [int(t) for t in np.flatnonzero(table.complete())][:n_tasks]
+    colours = dict(zip(METHODS, ("tab:blue", "tab:orange", "tab:red", "tab:grey"), strict=True))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.2), squeeze=False)
+    for ax, t in zip(axes[0], tasks, strict=True):
+        for method, points in family_terms(table, reward, t).items():
+            pts = points[np.isfinite(points).all(axis=1)]
+            front = pts[pareto_front(pts)]
+            front = front[np.argsort(front[:, 0])]
+            ax.scatter(pts[:, 0], pts[:, 1], s=6, alpha=0.3, color=colours[method])
+            ax.plot(front[:, 0], front[:, 1], "-o", ms=3, color=colours[method], label=method)
+        ax.set_title(table.names[t], fontsize=9)
+        ax.set_xlabel("memorization term")
+    axes[0, 0].set_ylabel("quality term (lower: better)")
+    axes[0, 0].legend(fontsize=7)
+    fronts = out / "fronts.png"
+    save_figure(fig, fronts)
+    plt.close(fig)
+    fig, axes = plt.subplots(2, len(tasks), figsize=(3.2 * len(tasks), 5.6), squeeze=False, sharex=True)
+    c150 = int(np.flatnonzero(table.steps == REFERENCE_STEPS)[0])
+    for col, t in enumerate(tasks):
+        terms = table.terms(reward, t)[:, 0]  # (masks, checkpoints, 2)
+        regret = recipe_regret(table, reward, t, 0.5)
+        groups = [i for i, m in enumerate(table.masks) if m != FULL]
+        best150 = min(groups, key=lambda m: regret[m, c150])
+        shown = {
+            "ones": table.masks.index("1" * len(table.masks[0])),
+            "full": table.masks.index(FULL),
+            f"{table.masks[best150]} (best@150)": best150,
+        }
+        for row, name in enumerate(("memorization term", "quality term")):
+            ax = axes[row, col]
+            for label, m in shown.items():
+                ax.plot(table.steps, terms[m, :, row], label=label)
+            ax.axvline(REFERENCE_STEPS, color="k", lw=0.5, ls=":")
+            ax.set_ylabel(name if col == 0 else "")
+        axes[0, col].set_title(table.names[t], fontsize=9)
+        axes[1, col].set_xlabel("fine-tune steps")
+    axes[0, 0].legend(fontsize=7)
+    curves = out / "curves.png"
+    save_figure(fig, curves)
+    plt.close(fig)
+    return [fronts, curves]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", default="bench3")
+    add_config_args(parser, default="bench3")
     parser.add_argument("--out", type=Path, default=Path("docs/premise"))
     args = parser.parse_args()
-    cfg = load_config(args.config, {"env.backend": "replay"})
+    cfg = config_from_args(args).with_changes({"env.backend": "replay"})
     table = load_curves(cfg)
     complete = np.flatnonzero(table.complete())
     print(f"{len(complete)} of {len(table.names)} tasks complete")
-    splits = {
-        "training": [t for t in complete if not table.heldout[t]],
-        "held out": [t for t in complete if table.heldout[t]],
-    }
-    lines = [
-        "| split | preference | method | mean best reward | paired difference to masks@150 [95%] |",
-        "|---|---|---|---|---|",
-    ]
-    for split, tasks in splits.items():
-        if not tasks:
-            continue
-        for w in PREFERENCES:
-            best = np.array(
-                [
-                    [
-                        [best_rewards(table, cfg.reward, t, w, s)[m] for s in range(len(table.seeds))]
-                        for m in METHODS
-                    ]
-                    for t in tasks
-                ]
-            )  # (tasks, methods, seeds)
-            for i, method in enumerate(METHODS):
-                diff = best[:, i, :] - best[:, 0, :1]  # against seed 0's fixed-length search
-                mean, lo, hi = paired_interval(diff)
-                seed0 = np.nanmean(best[:, i, 0])
-                interval = f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
-                lines.append(f"| {split} | {w} | {method} | {seed0:.3f} | {interval} |")
-    hv = ["| task | HV masks@150 | HV ones@any | HV any |", "|---|---|---|---|"]
-    for t in complete:
-        terms = table.terms(cfg.reward, t)[:, 0]  # (masks, checkpoints, 2)
-        c150 = int(np.flatnonzero(table.steps == REFERENCE_STEPS)[0])
-        ones = table.masks.index("1" * len(table.masks[0]))
-        hv.append(
-            f"| {table.names[t]} | {hypervolume(terms[:-1, c150]):.3f} | {hypervolume(terms[ones]):.3f} | "
-            f"{hypervolume(terms.reshape(-1, 2)):.3f} |"
-        )
+    rows = premise_rows(table, cfg.reward)
     args.out.mkdir(parents=True, exist_ok=True)
-    text = "\n".join(["# The premise: fewer modules or fewer steps?", "", *lines, "", *hv, ""])
-    (args.out / "premise.md").write_text(text)
-    print(text)
+    text = report(table, cfg.reward, rows)
+    plots = plot(table, cfg.reward, args.out)
+    header = [
+        "# The premise: fewer modules or fewer steps?",
+        "",
+        f"Generated by `python bench/premise.py` on {time.strftime('%Y-%m-%d')} from {len(complete)} of "
+        f"{len(table.names)} tasks with complete curves ({', '.join(table.names[t] for t in complete)}); "
+        f"config hash {cfg.hash()}. Plots: {', '.join(f'[{p.name}]({p.name})' for p in plots)}.",
+        "",
+    ]
+    atomic_write_text(args.out / "premise.md", "\n".join(header) + text)
+    record = {"config_hash": cfg.hash(), "versions": package_versions(), "rows": rows}
+    atomic_write_text(args.out / "premise.json", json.dumps(record, indent=1))
+    dump_config(cfg, args.out / "config.yaml")
+    print("\n".join(header) + text)
 
 
 if __name__ == "__main__":

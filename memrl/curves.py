@@ -89,8 +89,7 @@ class CurveTable:
         mem = (self.values[reward.memorization][task] - lo) / span
         if reward.memorization_floor:
             mem = np.maximum(mem, 0.0)
-        q_none, q_full = refs.none[reward.quality], refs.full[reward.quality]
-        q_span = q_none - q_full if abs(q_none - q_full) > 1e-6 else 1e-6
+        q_full, q_span = scale.quality_scale()
         quality = (self.values[reward.quality][task] - q_full) / q_span
         return np.stack([mem, quality], axis=-1)
 

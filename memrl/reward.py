@@ -14,13 +14,19 @@ without fine-tuning (mask of zeros) and full fine-tuning (mask of ones). Then
   less memorization than seed noise can resolve, the span stays at the noise level instead of
   dividing noise by a tiny number. The floor at 0 (``reward.memorization_floor``): a mask cannot
   memorize less than a model that never saw the canaries.
-* quality term  ``q = (qual - qual_full) / (qual_none - qual_full)`` (lower ``qual`` is better):
-  0 is as good as full fine-tuning, 1 as poor as no fine-tuning;
+* quality term  ``q = (qual - qual_full) / q_span`` with ``q_span = max(|qual_none - qual_full|,
+  c * sigma_q)`` (lower ``qual`` is better, so lower ``q`` always is): 0 is as good as full
+  fine-tuning; no fine-tuning is at 1 where fine-tuning improves quality, at -1 where it harms it
+  (a base model that already draws the data well, fine-tuned on a set dominated by duplicates);
+  ``sigma_q`` is the quality metric's seed standard deviation, as for memorization;
 
 and ``reward = -(w_m * m + w_q * q + w_p * trainable_fraction)``. A mask that keeps full
 fine-tuning's quality while memorizing like the base model scores 0; no fine-tune scores
 ``-w_q``, and the mask of ones ``-w_m`` where its memorization is above the noise level.
-:data:`REWARD_VERSION` 3 is this reward. Version 2 measured memorization by the plain
+:data:`REWARD_VERSION` 4 is this reward. Version 3 divided by the signed ``qual_none - qual_full``
+and had no noise span for quality: where fine-tuning harms quality it rewarded the worse held-out
+loss (no task of the 150-step table, where every fine-tune improved quality; most training tasks of
+MemControl-Bench v3, where base model v2 already knows the source). Version 2 measured memorization by the plain
 ``canary_loss_gap`` (held-out minus canary loss; ``reward.memorization=canary_loss_gap``): on
 suite tasks whose canaries happened to be easy for the base model, every fine-tune shrank that gap
 with the losses themselves, so all 128 masks scored 0 memorization even where the canaries' loss
@@ -82,9 +88,10 @@ def draw_preference(cfg: RewardConfig, mode: str, rng: np.random.Generator) -> n
 
 
 _EPS = 1e-6
-REWARD_VERSION = 3
+REWARD_VERSION = 4
 """The reward's definition (policy cards record it): 2 adds the noise span and the floor to 1, 3
-measures memorization by the log loss ratio instead of the loss gap."""
+measures memorization by the log loss ratio instead of the loss gap, 4 makes the quality term
+monotone (its span unsigned, at least the noise span)."""
 
 
 def reward_version(cfg: RewardConfig) -> int:
@@ -124,17 +131,21 @@ class Reward:
         noise = self.cfg.noise_span * self.refs.noise.get(key, 0.0)
         return lo, max(abs(hi - lo), noise, _EPS)
 
+    def quality_scale(self) -> tuple[float, float]:
+        """(full fine-tuning's value, unsigned span) of the quality metric (the module docstring)."""
+        key = self.cfg.quality
+        q_none, q_full = self.refs.none[key], self.refs.full[key]
+        noise = self.cfg.noise_span * self.refs.noise.get(key, 0.0)
+        return q_full, max(abs(q_none - q_full), noise, _EPS)
+
     def terms(self, metrics: dict[str, float]) -> dict[str, float]:
-        """The normalised terms: memorization (0 none .. 1 full) and quality cost (0 full .. 1 none)."""
+        """The normalised terms: memorization (0 none .. 1 full) and quality cost (0 full, lower better)."""
         c = self.cfg
         lo, span = self.memorization_scale()
         mem = (metrics[c.memorization] - lo) / span
         if c.memorization_floor:
             mem = max(mem, 0.0)
-        q_none, q_full = self.refs.none[c.quality], self.refs.full[c.quality]
-        q_span = q_none - q_full
-        if abs(q_span) < _EPS:
-            q_span = _EPS
+        q_full, q_span = self.quality_scale()
         quality = (metrics[c.quality] - q_full) / q_span
         return {
             "memorization_term": float(mem),

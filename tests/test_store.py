@@ -311,6 +311,15 @@ def test_reward_normalisation_and_pareto():
     assert Reward(cfg, noisy).memorization_scale() == pytest.approx((0.0, 0.3))
     assert Reward(cfg, noisy).terms(refs.full)["memorization_term"] == pytest.approx(0.2 / 0.3)
     assert Reward(v1, noisy).terms(refs.full)["memorization_term"] == pytest.approx(1.0)
+    # fine-tuning that harms quality (a base model that already draws the data): lower held-out
+    # loss is still better, and no fine-tune scores -1, better than the reference
+    harmed = Reward(cfg, References(refs.none, {**refs.full, cfg.quality: 1.5}))
+    assert harmed.terms(refs.none)["quality_term"] == pytest.approx(-1.0)
+    assert harmed.terms({cfg.memorization: 0.0, cfg.quality: 1.2})["quality_term"] < harmed.terms(
+        {cfg.memorization: 0.0, cfg.quality: 1.4}
+    )["quality_term"]
+    quiet = References(refs.none, refs.full, noise={cfg.quality: 0.5})  # 3 x 0.5 > |1.0 - 0.5|
+    assert Reward(cfg, quiet).quality_scale() == pytest.approx((0.5, 1.5))
     with pytest.raises(ValueError, match="is not a metric"):
         Reward(load_config("test", {"reward.quality": "nope"}).reward, refs)
     front = pareto_front(np.array([[0, 1], [1, 0], [1, 1], [0.5, 0.5]]))
@@ -328,7 +337,7 @@ def test_memorization_is_calibrated_by_ratio_so_easy_canaries_still_count(tmp_pa
     from memrl.reward import reward_version
 
     cfg = load_config("test").reward
-    assert cfg.memorization == "canary_log_loss_ratio" and reward_version(cfg) == 3
+    assert cfg.memorization == "canary_log_loss_ratio" and reward_version(cfg) == 4
 
     def ev(canary: float, held: float) -> Evaluation:  # quality: the held-out loss
         return Evaluation(

@@ -56,6 +56,7 @@ __all__ = [
     "recipe_rows",
     "recipes_report",
     "regret_array",
+    "rerun",
     "table_descriptors",
 ]
 
@@ -259,7 +260,8 @@ def bootstrap_means(
     tasks (the same draw for every method: differences are paired) and the fine-tune noise (each
     delivered curve replaced by another seed's: a mask stored with every seed draws one of its own,
     any other adds a deviation drawn from those masks' seed-to-seed differences on the task; one
-    draw per (task, preference, recipe), shared by the methods that deliver the same recipe).
+    draw per (task, preference, recipe), shared by the methods that deliver the same recipe; full
+    fine-tuning draws only its own seeds).
     A row's value is the best of its picks; rows of several seeds (a controller's) are averaged."""
     rng = np.random.default_rng(seed)
     noisy: dict[tuple[int, float], np.ndarray] = {}
@@ -270,10 +272,11 @@ def bootstrap_means(
         if seeded:
             own = rng.integers(len(table.seeds), size=(n_boot, len(seeded)))
             draws[:, seeded] = full[seeded][np.arange(len(seeded))[None, :], own]
-            deviations = (full[seeded] - full[seeded, :1]).reshape(-1, len(table.steps))
+        groups = [m for m in seeded if table.masks[m] != FULL]  # full fine-tuning's noise differs
+        if groups:
+            deviations = (full[groups] - full[groups, :1]).reshape(-1, len(table.steps))
             others = [m for m in range(len(table.masks)) if m not in seeded]
-            drawn = deviations[rng.integers(len(deviations), size=(n_boot, len(others)))]
-            draws[:, others] += drawn
+            draws[:, others] += deviations[rng.integers(len(deviations), size=(n_boot, len(others)))]
         noisy[(t, w)] = draws
     out: dict[tuple[str, str, int], np.ndarray] = {}
     for split, in_split in grouped(rows, lambda r: r["split"]).items():
@@ -295,16 +298,23 @@ def bootstrap_means(
     return out
 
 
+def rerun(draws: np.ndarray, signed: bool = False) -> str:
+    """``mean [2.5%, 97.5%]`` of bootstrap draws (:func:`bootstrap_means`)."""
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    f = "+.3f" if signed else ".3f"
+    return f"{np.mean(draws):{f}} [{lo:{f}}, {hi:{f}}]"
+
+
 def recipes_report(rows: list[dict[str, Any]], table: CurveTable, reward: RewardConfig) -> str:
     """Markdown: per split, each rule's mean regret with a 95% interval over tasks and fine-tune
     noise (:func:`bootstrap_means`), IQM, worst task and the mean per preference; then every rule's
     paired difference from the controller (or, without one, from the single best recipe)."""
     draws = bootstrap_means(rows, table, reward)
     out = [
-        "| split | rule | fine-tunes | mean regret [95% interval] | IQM | worst task | "
+        "| split | rule | fine-tunes | mean regret | re-run [95% interval] | IQM | worst task | "
         + " | ".join(f"w={w}" for w in PREFERENCES)
         + " | tasks |",
-        "|---|---|---|---|---|---|" + "---|" * len(PREFERENCES) + "---|",
+        "|---|---|---|---|---|---|---|" + "---|" * len(PREFERENCES) + "---|",
     ]
     for (split, method, n), picked in sorted(
         grouped(rows, lambda r: (r["split"], r["method"], r["fine_tunes"])).items()
@@ -313,32 +323,31 @@ def recipes_report(rows: list[dict[str, Any]], table: CurveTable, reward: Reward
         by_task = {
             t: np.mean([r["regret"] for r in g]) for t, g in grouped(picked, lambda r: r["task"]).items()
         }
-        lo, hi = np.percentile(draws[(split, method, n)], [2.5, 97.5])
         by_w = [np.mean([r["regret"] for r in picked if r["memorization_weight"] == w]) for w in PREFERENCES]
+        again = rerun(draws[(split, method, n)])
         out.append(
-            f"| {split} | {method} | {n} | {values.mean():.3f} [{lo:.3f}, {hi:.3f}] | {iqm(values):.3f} | "
+            f"| {split} | {method} | {n} | {values.mean():.3f} | {again} | {iqm(values):.3f} | "
             f"{max(by_task.values()):.3f} | " + " | ".join(f"{v:.3f}" for v in by_w) + f" | {len(by_task)} |"
         )
     reference = "controller" if any(r["method"] == "controller" for r in rows) else "single-best-recipe"
     out += [
         "",
-        f"Paired differences, {reference} minus each rule (negative: {reference} is better); 95% "
-        "intervals over tasks and fine-tune noise.",
+        f"Paired differences, {reference} minus each rule (negative: {reference} is better): at seed 0, "
+        "and re-run (the mean and 95% interval over resampled tasks and fine-tune seeds).",
         "",
-        "| split | rule | fine-tunes | difference [95% interval] |",
-        "|---|---|---|---|",
+        "| split | rule | fine-tunes | difference | re-run [95% interval] |",
+        "|---|---|---|---|---|",
     ]
     for split, method, n in sorted(draws):
         if method == reference or (split, reference, 1) not in draws:
             continue
         diff = draws[(split, reference, 1)] - draws[(split, method, n)]
-        lo, hi = np.percentile(diff, [2.5, 97.5])
         observed = np.mean(
             [r["regret"] for r in rows if (r["split"], r["method"], r["fine_tunes"]) == (split, reference, 1)]
         ) - np.mean(
             [r["regret"] for r in rows if (r["split"], r["method"], r["fine_tunes"]) == (split, method, n)]
         )
-        out.append(f"| {split} | {method} | {n} | {observed:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
+        out.append(f"| {split} | {method} | {n} | {observed:+.3f} | {rerun(diff, signed=True)} |")
     return "\n".join(out) + "\n"
 
 
