@@ -22,15 +22,17 @@ without fine-tuning (mask of zeros) and full fine-tuning (mask of ones). Then
 
 and ``reward = -(w_m * m + w_q * q + w_p * trainable_fraction)``. A mask that keeps full
 fine-tuning's quality while memorizing like the base model scores 0; no fine-tune scores
-``-w_q``, and the mask of ones ``-w_m`` where its memorization is above the noise level.
+``-w_q`` where fine-tuning improves quality, and the mask of ones ``-w_m`` where its memorization
+is above the noise level.
 :data:`REWARD_VERSION` 4 is this reward. Version 3 divided by the signed ``qual_none - qual_full``
 and had no noise span for quality: where fine-tuning harms quality it rewarded the worse held-out
 loss (no task of the 150-step table, where every fine-tune improved quality; most training tasks of
-MemControl-Bench v3, where base model v2 already knows the source). Version 2 measured memorization by the plain
-``canary_loss_gap`` (held-out minus canary loss; ``reward.memorization=canary_loss_gap``): on
-suite tasks whose canaries happened to be easy for the base model, every fine-tune shrank that gap
-with the losses themselves, so all 128 masks scored 0 memorization even where the canaries' loss
-fell relatively more than held-out images' (bench/README.md). Version 1 is version 2 without the
+MemControl-Bench v3, where base model v2 already knows the source). Version 2 measured
+memorization by the plain ``canary_loss_gap`` (held-out minus canary loss;
+``reward.memorization=canary_loss_gap``): on suite tasks whose canaries happened to be easy for
+the base model, every fine-tune shrank that gap with the losses themselves, so all 128 masks scored
+0 memorization even where the canaries' loss fell relatively more than held-out images'
+(bench/README.md). Version 1 is version 2 without the
 floor and the noise span (``reward.memorization_floor=false reward.noise_span=0``).
 """
 
