@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from memrl.config import load_config
-from memrl.context import TaskContext, suite
+from memrl.context import TaskContext, full_unet, suite
 from memrl.data.bundled import SOURCES, suite_source
 from memrl.utils import atomic_write_text, package_versions, setup_logging
 
@@ -59,8 +59,11 @@ def _kept(metrics: dict[str, float]) -> dict[str, float]:
     return {k: float(metrics[k]) for k in KEEP if k in metrics}
 
 
-def measure_task(name: str, cfg: Any, heldout: bool, steps: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Every figure of one task, and the samples for its sheet."""
+def measure_task(
+    name: str, cfg: Any, heldout: bool, steps: int, full: bool = False
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every figure of one task, and the samples for its sheet: the mask of ones (every attention
+    group), or with ``full`` full fine-tuning of every UNet parameter (MemControl's baseline)."""
     import torch
 
     from memrl.finetune import finetune
@@ -69,7 +72,7 @@ def measure_task(name: str, cfg: Any, heldout: bool, steps: int) -> tuple[dict[s
     from memrl.training import FinetuneResult
 
     cfg = load_config(cfg, {"finetune.steps": steps})
-    ctx = TaskContext.get(cfg)
+    ctx = TaskContext.get(full_unet(cfg) if full else cfg)
     start = time.perf_counter()
     zeros = np.zeros(ctx.space.k, dtype=np.int64)
     ones = np.ones(ctx.space.k, dtype=np.int64)
@@ -114,7 +117,7 @@ def measure_task(name: str, cfg: Any, heldout: bool, steps: int) -> tuple[dict[s
         "private": len(splits.private),
         "canaries": len(splits.canary_index),
         "duplication": splits.duplication,
-        "mask": "".join(map(str, ones)),
+        "mask": "full" if full else "".join(map(str, ones)),
         "base": _kept(base_eval.metrics),
         "controls": controls,
         "curve": sorted(curve, key=lambda r: r["step"]),
@@ -143,6 +146,7 @@ def write_sheet(name: str, record: dict[str, Any], sheets: dict[Any, Any], ctx: 
     curve = record["curve"]
     peak = max(curve, key=lambda r: (r["canary_copy_fraction"], -r["step"]))["step"]
     stages = ["base", *dict.fromkeys([peak, curve[-1]["step"]])]
+    label = "full fine-tuning" if record["mask"] == "full" else "ones"
     fig, axes = plt.subplots(1, len(stages), figsize=(2.2 * len(stages), 6.5))
     for ax, stage in zip(np.atleast_1d(axes), stages):
         samples, nearest = sheets[stage]
@@ -151,15 +155,16 @@ def write_sheet(name: str, record: dict[str, Any], sheets: dict[Any, Any], ctx: 
             sample_grid(samples[order], nearest[order], ctx.splits.private, n=12), interpolation="nearest"
         )
         row = record["base"] if stage == "base" else next(r for r in curve if r["step"] == stage)
-        title = "base" if stage == "base" else f"ones, {stage} steps"
+        title = "base" if stage == "base" else f"{label}, {stage} steps"
         ax.set_title(
             f"{title}\ncanary copies {row['canary_copy_fraction']:.2f}\nextracted {row['extracted']:.0f}",
             fontsize=8,
         )
         ax.axis("off")
     fig.suptitle(f"{name}: sample | nearest training image", fontsize=9)
-    DOCS.mkdir(parents=True, exist_ok=True)
-    path = DOCS / f"{name}.png"
+    folder = DOCS / "full" if record["mask"] == "full" else DOCS
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -169,16 +174,20 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     entries = suite(cfg)
     index, count = (int(v) for v in args.shard.split("/"))
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = RESULTS / "full" if args.full else RESULTS
+    results.mkdir(parents=True, exist_ok=True)
+    if args.full:  # full fine-tuning: the first task of each source
+        firsts = {e.cfg.data.source: e for e in reversed(entries)}
+        entries = [e for e in entries if firsts[e.cfg.data.source] is e]
     for i, entry in enumerate(entries):
         if i % count != index or (args.tasks and entry.name not in args.tasks):
             continue
-        path = RESULTS / f"{entry.name}.json"
+        path = results / f"{entry.name}.json"
         if path.is_file():
             log.info("%s: done already (%s)", entry.name, path)
             continue
         log.info("%s: measuring (%d/%d)", entry.name, i + 1, len(entries))
-        record, sheets = measure_task(entry.name, entry.cfg, entry.heldout, args.steps)
+        record, sheets = measure_task(entry.name, entry.cfg, entry.heldout, args.steps, args.full)
         ctx = TaskContext.get(load_config(entry.cfg, {"finetune.steps": args.steps}))
         write_sheet(entry.name, record, sheets, ctx)
         atomic_write_text(path, json.dumps(record, indent=1) + "\n")
@@ -225,6 +234,29 @@ def report(args: argparse.Namespace) -> int:
             f"{_fmt(c['real'], 4)} / {_fmt(c['noise'], 4)} / {_fmt(c['constant'], 4)} "
             f"| {'yes' if ok else 'no'} |"
         )
+    fulls = [json.loads(p.read_text()) for p in sorted((RESULTS / "full").glob("*.json"))]
+    fulls.sort(key=lambda r: order.index(r["task"]) if r["task"] in order else len(order))
+    if fulls:
+        lines += [
+            "",
+            "Full fine-tuning (every UNet parameter, the first task of each source, 400 steps): "
+            "[sheets](world/full/).",
+            "",
+            "| source | task | KID base / best (step) / 400 | KID noise / constant | resembles the domain "
+            "| peak canary copies (step) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in fulls:
+            best = min(r["curve"], key=lambda c: c["kid"])
+            top = max(r["curve"], key=lambda c: (c["canary_copy_fraction"], -c["step"]))
+            c = r["controls"]
+            lines.append(
+                f"| {r['source']} | [{r['task']}](world/full/{r['task']}.png) | "
+                f"{_fmt(r['base']['kid'], 4)} / "
+                f"{_fmt(best['kid'], 4)} ({best['step']}) / {_fmt(r['curve'][-1]['kid'], 4)} | "
+                f"{_fmt(c['noise'], 4)} / {_fmt(c['constant'], 4)} | {'yes' if resembles(r) else 'no'} | "
+                f"{_fmt(top['canary_copy_fraction'])} ({top['step']}) |"
+            )
     head = [
         "# The world of base model v2: does memorization happen, and can the metrics tell?",
         "",
@@ -232,6 +264,14 @@ def report(args: argparse.Namespace) -> int:
         "`bench/results/world/` (each names its config hash, fingerprints, seed and versions).",
         "",
         *acceptance(records),
+        *(
+            [
+                f"- Full fine-tuning's samples resemble the domain at some checkpoint: "
+                f"{sum(resembles(r) for r in fulls)} of {len(fulls)} sources."
+            ]
+            if fulls
+            else []
+        ),
         "",
     ]
     text = "\n".join(head + lines) + "\n"
@@ -249,6 +289,13 @@ def report(args: argparse.Namespace) -> int:
 RESEMBLES = 3.0
 """Samples resemble the domain when their KID is below 1/RESEMBLES of the better control's
 (noise or a constant image) on the same task."""
+
+
+def resembles(r: dict[str, Any]) -> bool:
+    """Whether some checkpoint's samples resemble the domain (:data:`RESEMBLES`)."""
+    return (
+        min(c["kid"] for c in r["curve"]) < min(r["controls"]["noise"], r["controls"]["constant"]) / RESEMBLES
+    )
 
 
 def acceptance(records: list[dict[str, Any]]) -> list[str]:
@@ -271,16 +318,13 @@ def acceptance(records: list[dict[str, Any]]) -> list[str]:
         min(r["controls"]["noise"], r["controls"]["constant"]) > 5 * abs(r["controls"]["real"])
         for r in records
     )
-    resembles = sum(
-        min(c["kid"] for c in r["curve"]) < min(r["controls"]["noise"], r["controls"]["constant"]) / RESEMBLES
-        for r in records
-    )
+    resembling = sum(resembles(r) for r in records)
     base_clean = sum(r["base"]["near_copy_fraction"] == 0 and r["base"]["extracted"] == 0 for r in records)
     return [
         f"- **Canary copy fraction above {COPY_BAR} at some checkpoint up to 400 steps, mask of ones: "
         f"{count(records)} tasks** ({'; '.join(f'{k} {count(v)}' for k, v in groups.items() if v)}).",
         f"- Samples resemble the domain at some checkpoint (KID below 1/{RESEMBLES:g} of the better of "
-        f"the noise and constant controls' on the task): {resembles} of {len(records)} tasks.",
+        f"the noise and constant controls' on the task): {resembling} of {len(records)} tasks.",
         f"- KID rates pure noise and a constant image at least 5x worse than other real images of the "
         f"source: {controls_ok} of {len(records)} tasks.",
         f"- The base model alone: no near copy and nothing extracted on {base_clean} of "
@@ -299,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--steps", type=int, default=400)
     p_run.add_argument("--shard", default="0/1", help="i/n: this worker's share of the tasks")
     p_run.add_argument("--tasks", nargs="*", help="only these tasks")
+    p_run.add_argument(
+        "--full",
+        action="store_true",
+        help="full fine-tuning (every parameter), the first task of each source",
+    )
     p_report = sub.add_parser("report", help="write docs/world.md")
     p_report.add_argument("--config", default="bench3")
     p_report.add_argument("--keep-prose", action="store_true", help="keep the '## Reading' section")
