@@ -48,10 +48,10 @@ REF_POINT = 1.5
 SPLITS = {False: "training", True: "held out"}
 
 
-def family_points(table: CurveTable) -> dict[str, list[tuple[int, int]]]:
-    """Every (mask row, checkpoint) of each family."""
+def family_points(table: CurveTable, at: int = REFERENCE_STEPS) -> dict[str, list[tuple[int, int]]]:
+    """Every (mask row, checkpoint) of each family (the fixed-length one stops at ``at`` steps)."""
     masks = [i for i, m in enumerate(table.masks) if m != FULL]
-    c150 = int(np.flatnonzero(table.steps == REFERENCE_STEPS)[0])
+    c150 = int(np.flatnonzero(table.steps == at)[0])
     ones = table.masks.index("1" * len(table.masks[0]))
     full = table.masks.index(FULL)
     every = range(len(table.steps))
@@ -63,9 +63,9 @@ def family_points(table: CurveTable) -> dict[str, list[tuple[int, int]]]:
     }
 
 
-def premise_rows(table: CurveTable, reward: Any) -> list[dict[str, Any]]:
+def premise_rows(table: CurveTable, reward: Any, at: int = REFERENCE_STEPS) -> list[dict[str, Any]]:
     """Each family's best recipe (lowest seed-0 regret) per complete task and preference."""
-    families = family_points(table)
+    families = family_points(table, at)
     rows = []
     for t in np.flatnonzero(table.complete()):
         for w in PREFERENCES:

@@ -121,10 +121,13 @@ def reference_config(cfg: Config) -> Config:
 
 
 def curve_jobs(cfg: Config) -> list[Job]:
-    """Every evaluation of a curve table (``finetune.checkpoint_every`` set), task by task: the
+    """Every evaluation of a curve table (``finetune.checkpoint_every`` set): task by task, the
     references (:func:`reference_config`), the curves of :data:`CURVE_MASKS` and of full
-    fine-tuning of every UNet parameter, then :data:`CURVE_NOISE_MASKS` with the other seeds."""
+    fine-tuning of every UNet parameter; then, task by task, :data:`CURVE_NOISE_MASKS` and full
+    fine-tuning with the other seeds. Every task's curves at seed 0 (what replay, the controller
+    and the premise need) exist before the noise rows (what their intervals need)."""
     out: list[Job] = []
+    noise: list[Job] = []
     for e in suite(cfg):
         ctx = TaskContext.get(e.cfg)
         k = ctx.space.k
@@ -135,10 +138,10 @@ def curve_jobs(cfg: Config) -> list[Job]:
         out.append(Job(e.name, "full", whole.spec((1,) * whole.space.k)))
         for seed in NOISE_SEEDS:
             noisy = TaskContext.get(e.cfg.with_changes({"finetune.seed": seed}))
-            out += [Job(e.name, "noise", noisy.spec([int(c) for c in m])) for m in curve_noise_masks(k)]
+            noise += [Job(e.name, "noise", noisy.spec([int(c) for c in m])) for m in curve_noise_masks(k)]
             noisy_whole = TaskContext.get(full_unet(noisy.cfg))
-            out.append(Job(e.name, "noise", noisy_whole.spec((1,) * noisy_whole.space.k)))
-    return out
+            noise.append(Job(e.name, "noise", noisy_whole.spec((1,) * noisy_whole.space.k)))
+    return out + noise
 
 
 def jobs(cfg: Config) -> list[Job]:

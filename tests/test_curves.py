@@ -143,9 +143,11 @@ def test_a_curve_table_replays_every_stored_point_on_fixed_references(tmp_path):
     shares = table.grad_share[0, table.masks.index("1000"), 0, 0]
     assert shares[0] == pytest.approx(1.0) and shares[1:].sum() == 0
     premise = _bench_module("premise")
-    best = premise.best_rewards(table, cfg.reward, 0, 0.5, 0, at=2)
-    assert best["any"] >= max(best["masks@150"], best["ones@any"], best["full@any"])
-    assert best["ones@any"] == pytest.approx(float(np.nanmax(table.rewards(cfg.reward, 0, 0.5)[0, 0])))
+    rows = premise.premise_rows(table, cfg.reward, at=2)
+    best = {r["method"]: r["regret"] for r in rows if r["memorization_weight"] == 0.5}
+    assert best["any"] == 0.0 and best["any"] <= min(best["masks@150"], best["ones@any"])
+    regret = premise.recipe_regret(table, cfg.reward, 0, 0.5)
+    assert best["ones@any"] == pytest.approx(float(np.min(regret[table.masks.index("1111")])))
     square = np.array([[0.5, 0.5], [1.0, 0.0], [2.0, 2.0]])
     assert premise.hypervolume(square) == pytest.approx(1.0 * 1.0 + 0.5 * 0.5)
     with pytest.raises(StoreError, match="steps=5 is not a checkpoint"):
@@ -206,3 +208,19 @@ def test_the_shipped_curve_table_rows_rehash_and_read_back():
         if spec.settings["finetune"].get("checkpoint_every"):
             points = _json.loads(curve)
             assert [p["step"] for p in points] == list(range(25, 401, 25))
+
+
+def test_every_tasks_seed_0_curves_are_built_before_any_noise_row():
+    from memrl.tables import curve_jobs
+
+    cfg = load_config(
+        "test",
+        {
+            "finetune.checkpoint_every": 1,
+            "env.tasks": [{"name": "tiny", "seed": 3}, {"name": "other", "seed": 4}],
+        },
+    )
+    kinds = [(j.task, j.kind) for j in curve_jobs(cfg)]
+    last_main = max(i for i, (_, kind) in enumerate(kinds) if kind != "noise")
+    first_noise = min(i for i, (_, kind) in enumerate(kinds) if kind == "noise")
+    assert last_main < first_noise and kinds[last_main][0] == "other" and kinds[first_noise][0] == "tiny"
