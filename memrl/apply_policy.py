@@ -38,7 +38,7 @@ from memrl.peft_methods import merge_adapters
 from memrl.report import pyplot, save_figure, task_rows
 from memrl.reward import PREFERENCE_FIELDS, Reward, with_preference
 from memrl.scoring import finetune_and_score, score_model
-from memrl.searchers import Knowledge, TaskOracle, make_searcher, run, spec_of
+from memrl.searchers import CurveOracle, Knowledge, TaskOracle, make_searcher, run, spec_of
 from memrl.store import EvaluationStore
 from memrl.task import Task, TaskContext, architecture_space, full_unet, make_evaluator
 from memrl.training import FinetuneResult
@@ -107,8 +107,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=0,
         help="fine-tunes to search with: a search policy chooses each after seeing the results so far "
-        "(after evaluating the two references); another policy evaluates its top candidates. 0: the "
-        "policy's zero-shot proposal",
+        "(after evaluating the two references); another policy evaluates its top candidates; with a "
+        "controller, --searcher (default presets) chooses masks, each fine-tune is measured at every "
+        "chunk and the best (mask, steps) is delivered. 0: the policy's zero-shot proposal or the "
+        "controller's guarded fine-tune",
     )
     parser.add_argument(
         "--searcher",
@@ -163,11 +165,17 @@ def user_preference(args: argparse.Namespace, policy: Any) -> np.ndarray:
 
 
 def live_search(
-    policy: Any, task: Any, budget: int, preference: np.ndarray, searcher: str = "policy"
+    policy: Any,
+    task: Any,
+    budget: int,
+    preference: np.ndarray,
+    searcher: str = "policy",
+    oracle: Any = None,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """A search run live with registered ``searcher`` (default: the search policy itself): the two
     references first (no fine-tune, mask of ones), then ``budget`` fine-tunes, each printed as it
-    finishes. Returns the best mask and the trace."""
+    finishes; ``oracle``: how a fine-tune is scored (default :class:`TaskOracle`, a fine-tune of the
+    task's length). Returns the best mask and the trace."""
 
     trace: list[dict[str, Any]] = []
 
@@ -176,6 +184,7 @@ def live_search(
         best = max([history.baseline, *(r.reward for r in history.results)])
         trace.append(
             {
+                **({"steps": int(result.metrics["step"])} if "step" in result.metrics else {}),
                 "mask": trial.mask.tolist(),
                 "reward": result.reward,
                 "ok": result.ok,
@@ -184,8 +193,9 @@ def live_search(
                 "quality_term": result.quality,
             }
         )
+        at = f" at {trace[-1]['steps']} steps" if "steps" in trace[-1] else ""
         print(
-            f"fine-tune {len(trace)}/{budget}: mask {''.join(map(str, trial.mask))} "
+            f"fine-tune {len(trace)}/{budget}: mask {''.join(map(str, trial.mask))}{at} "
             f"reward {result.reward:+.3f} (memorization {result.memorization:.3f}, "
             f"quality {result.quality:.3f}); best so far {best:+.3f}",
             flush=True,
@@ -201,7 +211,7 @@ def live_search(
         prior=policy.prior,
         policy=policy,
     )
-    oracle = TaskOracle(task, with_preference(task.cfg.reward, preference))
+    oracle = oracle or TaskOracle(task, with_preference(task.cfg.reward, preference))
     history = run(make_searcher(searcher, knowledge), oracle, budget, on_result=report)
     best = history.best_index()
     if best is None or history.results[best].reward < history.baseline:
@@ -498,18 +508,23 @@ def _apply(args: argparse.Namespace, stack: contextlib.ExitStack) -> Path:
     controller = policy.card["action_mode"] == "control"
     store = EvaluationStore(cfg.env.store)
     if controller:  # it decides during one fine-tune: the mask and when to stop
-        if args.budget:
-            raise ConfigError(
-                f"--budget {args.budget} searches masks with fine-tunes, and this policy is a controller, "
-                "which decides during one fine-tune; leave --budget out"
-            )
         steps = args.steps if args.steps is not None else cfg.finetune.steps  # the controller's horizon
-        final_cfg = delivery_config(cfg, n_images, steps)
         chunk = int(policy.config.env.chunk or policy.config.finetune.checkpoint_every or steps)
         if steps % chunk:
             raise ConfigError(f"--steps {steps} must be a multiple of the controller's chunk ({chunk} steps)")
-        mask, tried, delivered = guard(policy, task, final_cfg, preference, chunk, args.out)
-        searched, sweep = False, []
+        sweep = []
+        if args.budget:  # search (mask, length): checkpointed fine-tunes, the best checkpoint delivered
+            searcher = "presets" if args.searcher == "policy" else args.searcher
+            curves = CurveOracle(task, chunk, steps, with_preference(task.cfg.reward, preference))
+            mask, tried = live_search(policy, task, args.budget, preference, searcher, curves)
+            steps = curves.best_steps.get(tuple(int(v) for v in mask), steps)
+            final_cfg = delivery_config(cfg, n_images, steps)
+            plot_search(tried, f"search on {args.data}: {args.budget} fine-tunes", args.out / "search.png")
+            controller, searched = False, True  # delivered like a searched mask, at the length found
+        else:
+            final_cfg = delivery_config(cfg, n_images, steps)
+            mask, tried, delivered = guard(policy, task, final_cfg, preference, chunk, args.out)
+            searched = False
     else:
         mask, tried = choose_mask(policy, task, args.candidates, args.budget, preference, args.searcher)
         searched = searches(policy, args.budget, args.searcher)

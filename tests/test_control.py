@@ -162,8 +162,15 @@ def test_train_agent_trains_a_controller_that_loads_and_refuses_to_propose_a_mas
     assert trace and trace[-1]["stop"] and 1 <= trace[-1]["steps"] <= 3 and result["final_steps"] == 3
     assert (out / "model").is_dir() and (out / "control.png").read_bytes()[:4] == b"\x89PNG"
     assert "## The controller's run" in (out / "report.md").read_text()
-    proc = run_module("memrl.apply_policy", *args[:-4], "--out", str(tmp_path / "bad"), "--budget", "2")
-    assert proc.returncode == 2 and "this policy is a controller" in proc.stderr
+    searched = tmp_path / "searched"  # --budget: a search over (mask, length), the best checkpoint delivered
+    proc = run_module("memrl.apply_policy", *args[:-4], "--out", str(searched), "--budget", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((searched / "result.json").read_text())
+    trace = result["search_trace"]
+    assert len(trace) == 2 and all(1 <= t["steps"] <= 3 for t in trace)
+    best = max(trace, key=lambda t: t["reward"])
+    assert result["mask"] == best["mask"] and result["final_steps"] == best["steps"]
+    assert (searched / "model").is_dir() and "at " in proc.stdout and " steps reward" in proc.stdout
 
 
 def test_stopping_rules_are_fixed_on_training_tasks_and_judged_on_the_test_task(curve_cfg):

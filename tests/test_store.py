@@ -315,9 +315,10 @@ def test_reward_normalisation_and_pareto():
     # loss is still better, and no fine-tune scores -1, better than the reference
     harmed = Reward(cfg, References(refs.none, {**refs.full, cfg.quality: 1.5}))
     assert harmed.terms(refs.none)["quality_term"] == pytest.approx(-1.0)
-    assert harmed.terms({cfg.memorization: 0.0, cfg.quality: 1.2})["quality_term"] < harmed.terms(
-        {cfg.memorization: 0.0, cfg.quality: 1.4}
-    )["quality_term"]
+    assert (
+        harmed.terms({cfg.memorization: 0.0, cfg.quality: 1.2})["quality_term"]
+        < harmed.terms({cfg.memorization: 0.0, cfg.quality: 1.4})["quality_term"]
+    )
     quiet = References(refs.none, refs.full, noise={cfg.quality: 0.5})  # 3 x 0.5 > |1.0 - 0.5|
     assert Reward(cfg, quiet).quality_scale() == pytest.approx((0.5, 1.5))
     with pytest.raises(ValueError, match="is not a metric"):

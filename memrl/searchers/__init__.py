@@ -8,11 +8,12 @@ Every method is registered once (:data:`SEARCHERS`) and runs live and on tables 
 """
 
 from memrl.searchers.base import History, Knowledge, Oracle, Result, Searcher, Trial, run
-from memrl.searchers.oracles import TableOracle, TaskOracle
+from memrl.searchers.oracles import CurveOracle, TableOracle, TaskOracle
 from memrl.searchers.policy import SearchPolicySearcher
 from memrl.searchers.registry import ALIASES, SEARCHERS, make_searcher, names, spec_of
 
 __all__ = [
+    "CurveOracle",
     "ALIASES",
     "SEARCHERS",
     "History",

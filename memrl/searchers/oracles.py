@@ -1,5 +1,6 @@
-"""The two oracles: a :class:`~memrl.task.Task` (live fine-tunes, or replay of stored ones) and a
-row of a suite's tables (no fine-tune at all)."""
+"""The oracles: a :class:`~memrl.task.Task` (live fine-tunes, or replay of stored ones), the same
+task searched over (mask, length) with checkpointed fine-tunes, and a row of a suite's tables (no
+fine-tune at all)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from typing import Any
 import numpy as np
 
 from memrl.errors import ConfigError
-from memrl.reward import RewardConfig
+from memrl.reward import Reward, RewardConfig
 from memrl.searchers.base import Result, Trial
+from memrl.spec import with_derived_metrics
 from memrl.table import BenchTable, mask_index
 from memrl.task import Task
 
-__all__ = ["TableOracle", "TaskOracle"]
+__all__ = ["CurveOracle", "TableOracle", "TaskOracle"]
 
 
 class TaskOracle:
@@ -59,6 +61,48 @@ class TaskOracle:
         for peft in dict.fromkeys(t.peft for t in trials):
             masks = [np.asarray(t.mask, dtype=np.int8) for t in trials if t.peft == peft]
             self._task_for(peft).prefetch(masks)
+
+
+class CurveOracle(TaskOracle):
+    """Searches (mask, length): each trial is one fine-tune of ``steps`` steps measured every
+    ``every`` steps, scored at its best checkpoint on the task's plain references (the loss-based
+    reward is measured at every checkpoint); :attr:`best_steps` records that checkpoint per mask."""
+
+    def __init__(self, task: Any, every: int, steps: int, reward: RewardConfig | None = None) -> None:
+        super().__init__(task, reward)
+        changes = {"finetune.checkpoint_every": every, "finetune.steps": steps}
+        self.curves = Task(task.cfg.with_changes(changes), task.evaluator, task.name, task.heldout)
+        self.best_steps: dict[tuple[int, ...], int] = {}
+
+    def evaluate(self, trial: Trial) -> Result:
+        if trial.peft is not None:
+            raise ConfigError(
+                f"trial {trial.label or trial.peft!r}: a curve search fine-tunes masks of groups"
+            )
+        mask = self.curves.space.validate(np.asarray(trial.mask, dtype=np.int8))
+        ev = self.curves.evaluate(mask)
+        seconds = 0.0 if ev.cache_hit else float(ev.timings.get("total", 0.0))
+        if not ev.ok or not ev.curve:
+            return Result(
+                float("-inf"), float("nan"), float("nan"), False, dict(ev.metrics), seconds, ev.cache_hit
+            )
+        score = Reward(self.reward, self.task.references())
+        points = [with_derived_metrics(point) for point in ev.curve]
+        best = max(points, key=score)  # the first of equal rewards: the shorter fine-tune
+        terms = score.terms(best)
+        self.best_steps[tuple(int(v) for v in mask)] = int(best["step"])
+        return Result(
+            score(best),
+            terms["memorization_term"],
+            terms["quality_term"],
+            True,
+            dict(best),
+            seconds,
+            ev.cache_hit,
+        )
+
+    def prefetch(self, trials: list[Trial]) -> None:
+        """Nothing ahead: each curve is one fine-tune, run when asked."""
 
 
 class TableOracle:
