@@ -28,6 +28,8 @@ the others take a deviation drawn from those masks' seed-to-seed differences on 
 from __future__ import annotations
 
 import itertools
+import logging
+import time
 import warnings
 from typing import Any
 
@@ -64,6 +66,7 @@ PATIENCES = (1, 2, 3, 4)
 """Early stopping's patience grid (checkpoints without a held-out loss improvement)."""
 THRESHOLDS = (0.52, 0.55, 0.6, 0.65, 0.7, 0.8)
 """The membership-AUC thresholds the membership stop is tuned over."""
+log = logging.getLogger(__name__)
 PREFERENCES = (0.25, 0.5, 0.75)
 SPLITS = ("leave one task out", "leave one source out", "held out")
 """The splits of :func:`curve_folds`."""
@@ -387,32 +390,45 @@ def controller_rows(
     for test, train, split in (f for f in curve_folds(table) if f[2] in splits):
         shared.setdefault(tuple(train), []).append((test, split))
     rows = []
-    for training, tests in shared.items():
-        for label, no_signals, no_descriptor in CONTROLLER_VARIANTS:
-            env = ControlEnv(train_cfg, curves=table, tasks=list(training), descriptors=descriptors)
-            env.zero_signals, env.zero_descriptor = no_signals, no_descriptor
-            model = build_ppo(train_cfg, env)
-            model.learn(timesteps)
-            judge = ControlEnv(train_cfg, curves=table, tasks=[t for t, _ in tests], descriptors=descriptors)
-            judge.zero_signals, judge.zero_descriptor = no_signals, no_descriptor
-            for (test, split), w in itertools.product(tests, PREFERENCES):
-                obs, _ = judge.reset(seed=seed, options={"dataset": test, "preference": [w, 1.0 - w, 0.0]})
-                done = False
-                while not done:
-                    action, _ = model.predict(obs, deterministic=True)
-                    obs, _, done, _, info = judge.step(action)
-                regret = recipe_regret(table, cfg.reward, test, w)[judge.mask_row, judge.checkpoint]
-                rows.append(
-                    {
-                        "method": label,
-                        "task": table.names[test],
-                        "split": split,
-                        "memorization_weight": w,
-                        "fine_tunes": 1,
-                        "regret": float(regret),
-                        "recipe": f"{''.join(map(str, info['mask']))}@{info['delivered_steps']}",
-                        "picks": f"{judge.mask_row}:{judge.checkpoint}",
-                        "seed": seed,
-                    }
-                )
+    runs = len(shared) * len(CONTROLLER_VARIANTS)
+    for i, ((training, tests), (label, no_signals, no_descriptor)) in enumerate(
+        itertools.product(shared.items(), CONTROLLER_VARIANTS)
+    ):
+        start = time.perf_counter()
+        env = ControlEnv(train_cfg, curves=table, tasks=list(training), descriptors=descriptors)
+        env.zero_signals, env.zero_descriptor = no_signals, no_descriptor
+        model = build_ppo(train_cfg, env)
+        model.learn(timesteps)
+        log.info(
+            "%s %d/%d (seed %d): %d PPO steps on %d training tasks in %.0f s",
+            label,
+            i + 1,
+            runs,
+            seed,
+            timesteps,
+            len(training),
+            time.perf_counter() - start,
+        )
+        judge = ControlEnv(train_cfg, curves=table, tasks=[t for t, _ in tests], descriptors=descriptors)
+        judge.zero_signals, judge.zero_descriptor = no_signals, no_descriptor
+        for (test, split), w in itertools.product(tests, PREFERENCES):
+            obs, _ = judge.reset(seed=seed, options={"dataset": test, "preference": [w, 1.0 - w, 0.0]})
+            done = False
+            while not done:
+                action, _ = model.predict(obs, deterministic=True)
+                obs, _, done, _, info = judge.step(action)
+            regret = recipe_regret(table, cfg.reward, test, w)[judge.mask_row, judge.checkpoint]
+            rows.append(
+                {
+                    "method": label,
+                    "task": table.names[test],
+                    "split": split,
+                    "memorization_weight": w,
+                    "fine_tunes": 1,
+                    "regret": float(regret),
+                    "recipe": f"{''.join(map(str, info['mask']))}@{info['delivered_steps']}",
+                    "picks": f"{judge.mask_row}:{judge.checkpoint}",
+                    "seed": seed,
+                }
+            )
     return rows
