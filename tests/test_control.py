@@ -281,3 +281,21 @@ def test_live_control_pauses_a_real_fine_tune_and_delivers_what_the_curve_record
     env.close()  # ... ends cleanly
     assert env.run is None
     check_env(env, skip_render_check=True)
+
+
+def test_the_shipped_curve_table_replays_out_of_the_box():
+    """``configs/bench3.yaml`` names the shipped curve table: a user's gym.make replays it."""
+    env = gym.make(
+        "MemControl-v0", config="bench3", mode="control", overrides=["env.backend=replay"]
+    ).unwrapped
+    table = env.curves
+    assert "digits" in [table.names[t] for t in env.tasks]  # a complete training task
+    env.reset(seed=0, options={"dataset": "digits", "preference": [0.5, 0.5, 0.0]})
+    ones = [1] * env.k
+    for _ in range(5):
+        _, reward, done, _, info = env.step([*ones, 0])
+    _, reward, done, _, info = env.step([*ones, 1])  # deliver after 6 chunks: 150 steps
+    assert done and info["delivered_steps"] == 150
+    t = table.names.index("digits")
+    expected = table.rewards(env.cfg.reward, t, 0.5)[table.masks.index("1" * env.k), 0, 5]
+    assert reward == pytest.approx(float(expected))
