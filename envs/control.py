@@ -211,7 +211,8 @@ class ControlEnv(gym.Env):
         descriptors: dict[int, np.ndarray] | None = None,
     ) -> None:
         """``curves``: a loaded curve table to replay (else read from the config's tables);
-        ``tasks``: the task indices ``reset`` draws from (default: every training task it can);
+        ``tasks``: the task indices ``reset`` draws from (default: every training task it can; named
+        tasks may be held out);
         ``descriptors``: a cache of task descriptors shared between envs."""
         super().__init__()
         cfg = load_config(config, overrides)
@@ -234,14 +235,21 @@ class ControlEnv(gym.Env):
             )
         else:
             self.curves = curves or load_curves(cfg, control_metrics(cfg))
+            missing = sorted(set(control_metrics(cfg)) - set(self.curves.values))
+            if missing:
+                raise ConfigError(
+                    f"the curve table given lacks the metrics control mode replays ({', '.join(missing)}); "
+                    "load it with load_curves(cfg, control_metrics(cfg))"
+                )
             complete = self.curves.complete()
             self.tasks = [t for t in range(len(self.entries)) if complete[t] and not self.curves.heldout[t]]
             self.masks = np.array(
                 [[int(c) for c in m] for m in self.curves.masks if m != FULL], dtype=np.int8
             )
             # the masks with curves, in table order (FULL, every parameter, is not a mask of groups)
-        if tasks is not None:
-            self.tasks = [t for t in tasks if t in self.tasks]
+        if tasks is not None:  # named tasks: held-out ones too (a judge's), where they can be run
+            runnable = self.curves.complete() if self.curves is not None else np.ones(len(self.entries), bool)
+            self.tasks = [t for t in tasks if runnable[t]]
         if not self.tasks:
             raise ConfigError(
                 "env.mode=control replays curves and no training task of this suite has complete curves "

@@ -299,3 +299,19 @@ def test_the_shipped_curve_table_replays_out_of_the_box():
     t = table.names.index("digits")
     expected = table.rewards(env.cfg.reward, t, 0.5)[table.masks.index("1" * env.k), 0, 5]
     assert reward == pytest.approx(float(expected))
+
+
+def test_a_controller_is_judged_on_held_out_tasks(curve_cfg):
+    from memrl.envs.control import ControlEnv, control_metrics
+
+    from memrl.curves import load_curves
+    from research.benchmark.recipes import controller_rows
+
+    with pytest.raises(ConfigError, match="lacks the metrics control mode replays"):
+        ControlEnv(curve_cfg, curves=load_curves(curve_cfg, ("heldout_loss",)))
+    table = load_curves(curve_cfg, control_metrics(curve_cfg))
+    table.heldout[1] = True  # "other" held out: trained on "tiny" alone
+    cfg = curve_cfg.with_changes({"ppo.n_steps": 8, "ppo.batch_size": 4})
+    rows = controller_rows(cfg, table, 16, splits=("held out",))
+    assert {r["task"] for r in rows} == {"other"} and {r["split"] for r in rows} == {"held out"}
+    assert len(rows) == 3 * 3 and all(np.isfinite(r["regret"]) for r in rows)  # 3 variants x 3 preferences
