@@ -4,7 +4,9 @@ For each task: the base model alone (does it copy anything before fine-tuning?),
 metric's controls (KID of other real images, of noise and of a constant image against the
 held-out set), and one fine-tune of the mask of ones to ``--steps`` steps, scored at every
 checkpoint with the same pipeline as every evaluation (``memrl.scoring.score_model``: losses,
-samples, copies, extraction, KID/FID). A sample sheet per task (samples beside their nearest
+samples, copies, extraction, KID/FID); with ``--mask full`` full fine-tuning of every parameter,
+with ``--mask best`` each task's best mask of the curve tables, for the first task of each source.
+A sample sheet per task (samples beside their nearest
 training images) goes to ``docs/world/``; one JSON per task to ``--out`` (a rerun skips tasks
 already there, so a stopped run resumes).
 
@@ -60,10 +62,11 @@ def _kept(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def measure_task(
-    name: str, cfg: Any, heldout: bool, steps: int, full: bool = False
+    name: str, cfg: Any, heldout: bool, steps: int, mask: str = "ones"
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Every figure of one task, and the samples for its sheet: the mask of ones (every attention
-    group), or with ``full`` full fine-tuning of every UNet parameter (MemControl's baseline)."""
+    """Every figure of one task, and the samples for its sheet: ``mask`` is ``ones`` (every
+    attention group), ``full`` (full fine-tuning of every UNet parameter, MemControl's baseline) or
+    a mask of groups (``"0101100"``)."""
     import torch
 
     from memrl.finetune import finetune
@@ -72,10 +75,12 @@ def measure_task(
     from memrl.training import FinetuneResult
 
     cfg = load_config(cfg, {"finetune.steps": steps})
-    ctx = TaskContext.get(full_unet(cfg) if full else cfg)
+    ctx = TaskContext.get(full_unet(cfg) if mask == "full" else cfg)
     start = time.perf_counter()
     zeros = np.zeros(ctx.space.k, dtype=np.int64)
     ones = np.ones(ctx.space.k, dtype=np.int64)
+    if mask not in ("ones", "full"):
+        ones = np.array([int(c) for c in mask], dtype=np.int64)  # the mask fine-tuned
     base_eval = score_model(ctx.base, ctx, zeros, FinetuneResult())
     splits = ctx.splits
     controls = quality_controls(
@@ -117,7 +122,7 @@ def measure_task(
         "private": len(splits.private),
         "canaries": len(splits.canary_index),
         "duplication": splits.duplication,
-        "mask": "full" if full else "".join(map(str, ones)),
+        "mask": "full" if mask == "full" else "".join(map(str, ones)),
         "base": _kept(base_eval.metrics),
         "controls": controls,
         "curve": sorted(curve, key=lambda r: r["step"]),
@@ -146,7 +151,8 @@ def write_sheet(name: str, record: dict[str, Any], sheets: dict[Any, Any], ctx: 
     curve = record["curve"]
     peak = max(curve, key=lambda r: (r["canary_copy_fraction"], -r["step"]))["step"]
     stages = ["base", *dict.fromkeys([peak, curve[-1]["step"]])]
-    label = "full fine-tuning" if record["mask"] == "full" else "ones"
+    kind = "full" if record["mask"] == "full" else "ones" if set(record["mask"]) == {"1"} else "best"
+    label = {"full": "full fine-tuning", "ones": "ones", "best": f"mask {record['mask']}"}[kind]
     fig, axes = plt.subplots(1, len(stages), figsize=(2.2 * len(stages), 6.5))
     for ax, stage in zip(np.atleast_1d(axes), stages):
         samples, nearest = sheets[stage]
@@ -162,7 +168,7 @@ def write_sheet(name: str, record: dict[str, Any], sheets: dict[Any, Any], ctx: 
         )
         ax.axis("off")
     fig.suptitle(f"{name}: sample | nearest training image", fontsize=9)
-    folder = DOCS / "full" if record["mask"] == "full" else DOCS
+    folder = DOCS if kind == "ones" else DOCS / kind
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -174,11 +180,16 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     entries = suite(cfg)
     index, count = (int(v) for v in args.shard.split("/"))
-    results = RESULTS / "full" if args.full else RESULTS
+    results = RESULTS if args.mask == "ones" else RESULTS / args.mask
     results.mkdir(parents=True, exist_ok=True)
-    if args.full:  # full fine-tuning: the first task of each source
+    masks = {e.name: "ones" for e in entries}
+    if args.mask != "ones":  # full fine-tuning or the best mask: the first task of each source
         firsts = {e.cfg.data.source: e for e in reversed(entries)}
         entries = [e for e in entries if firsts[e.cfg.data.source] is e]
+        masks = {e.name: args.mask for e in entries}
+    if args.mask == "best":  # each task's best (mask, steps) at memorization weight 0.5, from its curves
+        masks = best_masks(cfg)
+        entries = [e for e in entries if e.name in masks]
     for i, entry in enumerate(entries):
         if i % count != index or (args.tasks and entry.name not in args.tasks):
             continue
@@ -187,12 +198,29 @@ def run(args: argparse.Namespace) -> int:
             log.info("%s: done already (%s)", entry.name, path)
             continue
         log.info("%s: measuring (%d/%d)", entry.name, i + 1, len(entries))
-        record, sheets = measure_task(entry.name, entry.cfg, entry.heldout, args.steps, args.full)
+        task_cfg = entry.cfg
+        if args.mask == "full":  # can it draw the domain? Canaries once: no collapse onto duplicates
+            task_cfg = entry.cfg.with_changes({"data.duplication": 1})
+        record, sheets = measure_task(entry.name, task_cfg, entry.heldout, args.steps, masks[entry.name])
         ctx = TaskContext.get(load_config(entry.cfg, {"finetune.steps": args.steps}))
         write_sheet(entry.name, record, sheets, ctx)
         atomic_write_text(path, json.dumps(record, indent=1) + "\n")
         log.info("%s: %.0f s", entry.name, record["seconds"])
     return 0
+
+
+def best_masks(cfg: Any) -> dict[str, str]:
+    """Each task with complete curves: its best mask of groups at memorization weight 0.5 (any
+    checkpoint, fine-tune seed 0)."""
+    from memrl.curves import FULL, load_curves
+
+    table = load_curves(cfg)
+    out = {}
+    for t in np.flatnonzero(table.complete()):
+        r = table.rewards(cfg.reward, int(t), 0.5)[:, 0, :]
+        r[table.masks.index(FULL)] = -np.inf
+        out[table.names[t]] = table.masks[int(np.unravel_index(int(np.nanargmax(r)), r.shape)[0])]
+    return out
 
 
 def exposure(r: dict[str, Any], steps: int = 400, batch: int = 32) -> float:
@@ -234,29 +262,40 @@ def report(args: argparse.Namespace) -> int:
             f"{_fmt(c['real'], 4)} / {_fmt(c['noise'], 4)} / {_fmt(c['constant'], 4)} "
             f"| {'yes' if ok else 'no'} |"
         )
-    fulls = [json.loads(p.read_text()) for p in sorted((RESULTS / "full").glob("*.json"))]
-    fulls.sort(key=lambda r: order.index(r["task"]) if r["task"] in order else len(order))
-    if fulls:
+    kinds = {
+        "full": "Full fine-tuning (every UNet parameter, 400 steps) on the private images of the first task "
+        "of each source, canaries not duplicated (whether the base model adapts to draw the domain; "
+        "with the task's duplication, small sets collapse onto their canaries, a memorization effect "
+        "the table above already shows)",
+        "best": "The best mask of the curve tables (memorization weight 0.5, the first task of each source)",
+    }
+    others: dict[str, list[dict[str, Any]]] = {}
+    for kind, title in kinds.items():
+        found = [json.loads(p.read_text()) for p in sorted((RESULTS / kind).glob("*.json"))]
+        found.sort(key=lambda r: order.index(r["task"]) if r["task"] in order else len(order))
+        others[kind] = found
+        if not found:
+            continue
         lines += [
             "",
-            "Full fine-tuning (every UNet parameter, the first task of each source, 400 steps): "
-            "[sheets](world/full/).",
+            f"{title}: [sheets](world/{kind}/).",
             "",
-            "| source | task | KID base / best (step) / 400 | KID noise / constant | resembles the domain "
-            "| peak canary copies (step) |",
-            "|---|---|---|---|---|---|",
+            "| source | task | mask | KID base / best (step) / 400 | KID noise / constant "
+            "| resembles the domain | peak canary copies (step) |",
+            "|---|---|---|---|---|---|---|",
         ]
-        for r in fulls:
+        for r in found:
             best = min(r["curve"], key=lambda c: c["kid"])
             top = max(r["curve"], key=lambda c: (c["canary_copy_fraction"], -c["step"]))
             c = r["controls"]
             lines.append(
-                f"| {r['source']} | [{r['task']}](world/full/{r['task']}.png) | "
+                f"| {r['source']} | [{r['task']}](world/{kind}/{r['task']}.png) | {r['mask']} | "
                 f"{_fmt(r['base']['kid'], 4)} / "
                 f"{_fmt(best['kid'], 4)} ({best['step']}) / {_fmt(r['curve'][-1]['kid'], 4)} | "
                 f"{_fmt(c['noise'], 4)} / {_fmt(c['constant'], 4)} | {'yes' if resembles(r) else 'no'} | "
                 f"{_fmt(top['canary_copy_fraction'])} ({top['step']}) |"
             )
+    fulls = others["full"]
     head = [
         "# The world of base model v2: does memorization happen, and can the metrics tell?",
         "",
@@ -344,9 +383,11 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--shard", default="0/1", help="i/n: this worker's share of the tasks")
     p_run.add_argument("--tasks", nargs="*", help="only these tasks")
     p_run.add_argument(
-        "--full",
-        action="store_true",
-        help="full fine-tuning (every parameter), the first task of each source",
+        "--mask",
+        choices=("ones", "full", "best"),
+        default="ones",
+        help="ones: every attention group, each task; full: every parameter, and best: the best mask of "
+        "the curve tables (memorization weight 0.5), the first task of each source",
     )
     p_report = sub.add_parser("report", help="write docs/world.md")
     p_report.add_argument("--config", default="bench3")
