@@ -241,14 +241,15 @@ def report(args: argparse.Namespace) -> int:
         "| task | split | images | canaries x dup | canary draws by 400 steps "
         "| base: near copies / extracted | peak canary copies (step) | near copies there "
         "| extracted there | KID base / 400 "
-        "| KID real / noise / constant | copies > 0.1 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| KID real / noise / constant | held-out loss base / best (step) | copies > 0.1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     passed = 0
     for r in records:
         curve = r["curve"]
         peak = max(curve, key=lambda c: (c["canary_copy_fraction"], -c["step"]))
         ok = peak["canary_copy_fraction"] > COPY_BAR
+        low = min(curve, key=lambda c: c["heldout_loss"])
         passed += ok
         c = r["controls"]
         kind = f"{r['kind']}{' (patches)' if r['patches'] else ''}"
@@ -260,6 +261,7 @@ def report(args: argparse.Namespace) -> int:
             f"{_fmt(peak['canary_copy_fraction'])} ({peak['step']}) | {_fmt(peak['near_copy_fraction'])} | "
             f"{peak['extracted']:.0f} | {_fmt(r['base']['kid'], 4)} / {_fmt(curve[-1]['kid'], 4)} | "
             f"{_fmt(c['real'], 4)} / {_fmt(c['noise'], 4)} / {_fmt(c['constant'], 4)} "
+            f"| {_fmt(r['base']['heldout_loss'], 4)} / {_fmt(low['heldout_loss'], 4)} ({low['step']}) "
             f"| {'yes' if ok else 'no'} |"
         )
     kinds = {
@@ -368,7 +370,20 @@ def acceptance(records: list[dict[str, Any]]) -> list[str]:
         f"source: {controls_ok} of {len(records)} tasks.",
         f"- The base model alone: no near copy and nothing extracted on {base_clean} of "
         f"{len(records)} tasks.",
+        f"- Fine-tuning improves quality (held-out loss {IMPROVES:.0%} or more below the base model's at "
+        f"some checkpoint, mask of ones): training {sum(improves(r) for r in groups['training'])} of "
+        f"{len(groups['training'])}, held out {sum(improves(r) for r in groups['held out'])} of "
+        f"{len(groups['held out'])}.",
     ]
+
+
+IMPROVES = 0.05
+"""Fine-tuning improves quality when the held-out loss falls this share below the base model's."""
+
+
+def improves(r: dict[str, Any]) -> bool:
+    """Whether some checkpoint's held-out loss is :data:`IMPROVES` below the base model's."""
+    return min(c["heldout_loss"] for c in r["curve"]) < (1 - IMPROVES) * r["base"]["heldout_loss"]
 
 
 def main(argv: list[str] | None = None) -> int:
