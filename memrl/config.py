@@ -65,6 +65,10 @@ class DataConfig:
     """How often each canary appears in the fine-tune set (MemControl's reference uses 50-300)."""
     seed: int = 0
     """Seed of the split; part of the dataset fingerprint."""
+    shift: str | None = None
+    """A controlled domain shift of the private and held-out images (not of the base model's):
+    ``invert`` (negative) or ``rot90`` (a quarter turn); None: the images as they are. Makes a
+    source the base model knows into a domain it does not (``memrl.data.splits.SHIFTS``)."""
     caption_template: str | None = None
     """Stable Diffusion path: the caption of an image without one, from its class name
     (None: ``a photo of a {}``). The tiny default is conditioned on labels and ignores it."""

@@ -43,6 +43,23 @@ def test_private_classes_filter(cfg):
     assert set(s.private.labels.tolist()) <= {3, 7}
 
 
+def test_a_shift_moves_the_task_images_and_leaves_the_base_alone(cfg):
+    plain = load_splits(cfg.data)
+    cfg.data.shift = "invert"
+    inverted = load_splits(cfg.data)
+    assert torch.equal(inverted.private.images, -plain.private.images)
+    assert torch.equal(inverted.heldout.images, -plain.heldout.images)
+    assert torch.equal(inverted.base.images, plain.base.images) and torch.equal(
+        inverted.canary_index, plain.canary_index
+    )
+    assert inverted.fingerprint != plain.fingerprint
+    cfg.data.shift = "rot90"
+    assert torch.equal(load_splits(cfg.data).private.images, torch.rot90(plain.private.images, 1, (2, 3)))
+    cfg.data.shift = "blur"
+    with pytest.raises(DataError, match="data.shift='blur' is not a shift; choose one of invert, rot90"):
+        load_splits(cfg.data)
+
+
 def _png(path, value=128, size=10):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.full((size, size), value, dtype=np.uint8)).save(path)

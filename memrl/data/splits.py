@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,6 +19,7 @@ from memrl.utils import stable_hash
 
 __all__ = [
     "BASE_VERSIONS",
+    "SHIFTS",
     "DataSplits",
     "MIN_IMAGES",
     "base_split",
@@ -64,6 +67,13 @@ class DataSplits:
         extra = self.canary_index.repeat(max(self.duplication - 1, 0))
         index = torch.cat([torch.arange(len(self.private)), extra])
         return self.private.subset(index, name=f"{self.private.name}-finetune")
+
+
+SHIFTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "invert": lambda images: -images,  # in [-1, 1]: the negative
+    "rot90": lambda images: torch.rot90(images, 1, (2, 3)),
+}
+"""``data.shift``: controlled domain shifts of a task's images (the base split is left alone)."""
 
 
 def source_set(cfg: DataConfig) -> ImageSet:
@@ -172,9 +182,21 @@ def load_splits(cfg: DataConfig) -> DataSplits:
         )
     g = torch.Generator().manual_seed(cfg.seed)
     pool = pool[torch.randperm(len(pool), generator=g)]
-    settings = {"seed": cfg.seed, "classes": cfg.private_classes}
+    settings: dict[str, Any] = {"seed": cfg.seed, "classes": cfg.private_classes}
+    if cfg.shift is not None:
+        if cfg.shift not in SHIFTS:
+            raise DataError(
+                f"data.shift={cfg.shift!r} is not a shift; choose one of {', '.join(SHIFTS)} or leave it "
+                "unset"
+            )
+        settings["shift"] = cfg.shift
     private = source.subset(pool[: cfg.private_size], "private", {**settings, "split": "private"})
     heldout = source.subset(pool[cfg.private_size : need], "heldout", {**settings, "split": "heldout"})
+    if cfg.shift is not None:
+        shift = SHIFTS[cfg.shift]
+        private, heldout = (
+            dataclasses.replace(part, images=shift(part.images)) for part in (private, heldout)
+        )
     canary_index = torch.randperm(cfg.private_size, generator=g)[: cfg.canaries].sort().values
     return DataSplits(
         base=base_split(cfg),
