@@ -227,6 +227,10 @@ def test_intervals_resample_fine_tune_noise_and_pair_identical_recipes(curve_cfg
     one_task = [r for r in rows if r["task"] == "tiny"]  # no task to resample: what varies is noise
     noise = bootstrap_means(one_task, table, curve_cfg.reward, n_boot=200)
     assert np.std(noise[(split, "single-best-recipe", 1)]) > 0
+    for values in table.values.values():  # "tiny" without its noise rows: the other task's noise
+        values[table.names.index("tiny"), :, 1:, :] = np.nan
+    pooled = bootstrap_means(one_task, table, curve_cfg.reward, n_boot=200)
+    assert np.std(pooled[(split, "single-best-recipe", 1)]) > 0
 
 
 def test_steps_regression_and_gp_prior_rules():

@@ -262,24 +262,42 @@ def bootstrap_means(
     """(split, method, fine-tunes) -> ``n_boot`` draws of the mean regret, resampling the split's
     tasks (the same draw for every method: differences are paired) and the fine-tune noise (each
     delivered curve replaced by another seed's: a mask stored with every seed draws one of its own,
-    any other adds a deviation drawn from those masks' seed-to-seed differences on the task; one
-    draw per (task, preference, recipe), shared by the methods that deliver the same recipe; full
-    fine-tuning draws only its own seeds).
-    A row's value is the best of its picks; rows of several seeds (a controller's) are averaged."""
+    any other adds a deviation drawn from those masks' seed-to-seed differences on the task, or on
+    every task with noise rows where this one has none yet; full fine-tuning draws from its own
+    seeds' differences likewise; one draw per (task, preference, recipe), shared by the methods that
+    deliver the same recipe). A row's value is the best of its picks; rows of several seeds (a
+    controller's) are averaged."""
     rng = np.random.default_rng(seed)
+    full_row = table.masks.index(FULL) if FULL in table.masks else -1
+    pairs = sorted({(table.names.index(r["task"]), r["memorization_weight"]) for r in rows})
+    arrays = {(t, w): regret_array(table, reward, t, w) for t, w in pairs}  # (masks, seeds, checkpoints)
+
+    def deviations(t: int, w: float, kind: str) -> np.ndarray:
+        """(n, checkpoints) seed-to-seed differences of task ``t``'s masks of groups or full."""
+        full = arrays.get((t, w))
+        if full is None:
+            full = arrays[(t, w)] = regret_array(table, reward, t, w)
+        rows_of = [m for m in range(len(table.masks)) if (m == full_row) == (kind == FULL)]
+        seeded = [m for m in rows_of if not np.isnan(full[m]).any()]
+        return (full[seeded] - full[seeded, :1]).reshape(-1, len(table.steps))
+
+    complete = [int(t) for t in np.flatnonzero(table.complete())]
     noisy: dict[tuple[int, float], np.ndarray] = {}
-    for t, w in sorted({(table.names.index(r["task"]), r["memorization_weight"]) for r in rows}):
-        full = regret_array(table, reward, t, w)  # (masks, seeds, checkpoints)
-        seeded = [m for m in range(len(table.masks)) if not np.isnan(full[m]).any()]
+    for t, w in pairs:
+        full = arrays[(t, w)]
         draws = np.repeat(full[None, :, 0, :], n_boot, axis=0)  # (boot, masks, checkpoints)
-        if seeded:
-            own = rng.integers(len(table.seeds), size=(n_boot, len(seeded)))
-            draws[:, seeded] = full[seeded][np.arange(len(seeded))[None, :], own]
-        groups = [m for m in seeded if table.masks[m] != FULL]  # full fine-tuning's noise differs
-        if groups:
-            deviations = (full[groups] - full[groups, :1]).reshape(-1, len(table.steps))
-            others = [m for m in range(len(table.masks)) if m not in seeded]
-            draws[:, others] += deviations[rng.integers(len(deviations), size=(n_boot, len(others)))]
+        for kind in ("groups", FULL):
+            own = deviations(t, w, kind)
+            pool = own if len(own) else np.concatenate([deviations(u, w, kind) for u in complete] or [own])
+            if not len(pool):
+                continue
+            targets = [m for m in range(len(table.masks)) if (m == full_row) == (kind == FULL)]
+            seeded = [m for m in targets if not np.isnan(full[m]).any()]
+            if seeded:  # their own seeds
+                pick = rng.integers(len(table.seeds), size=(n_boot, len(seeded)))
+                draws[:, seeded] = full[seeded][np.arange(len(seeded))[None, :], pick]
+            others = [m for m in targets if m not in seeded]
+            draws[:, others] += pool[rng.integers(len(pool), size=(n_boot, len(others)))]
         noisy[(t, w)] = draws
     out: dict[tuple[str, str, int], np.ndarray] = {}
     for split, in_split in grouped(rows, lambda r: r["split"]).items():
