@@ -40,8 +40,13 @@ from memrl.tables import REFERENCE_STEPS
 from memrl.utils import atomic_write_text, package_versions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: research/ is not installed
-from research.benchmark.recipes import PREFERENCES, bootstrap_means, recipe_regret, rerun  # noqa: E402
-from research.benchmark.stats import grouped, iqm  # noqa: E402
+from research.benchmark.recipes import (  # noqa: E402
+    PREFERENCES,
+    bootstrap_means,
+    recipe_regret,
+    rerun,
+    summary_lines,
+)
 
 METHODS = ("masks@150", "ones@any", "full@any", "any")
 REF_POINT = 1.5
@@ -110,23 +115,7 @@ def family_terms(table: CurveTable, reward: Any, t: int) -> dict[str, np.ndarray
 
 def report(table: CurveTable, reward: Any, rows: list[dict[str, Any]]) -> str:
     draws = bootstrap_means(rows, table, reward)
-    out = [
-        "| split | family | mean regret | re-run [95% interval] | IQM | worst task | "
-        + " | ".join(f"w={w}" for w in PREFERENCES)
-        + " | tasks |",
-        "|---|---|---|---|---|---|" + "---|" * len(PREFERENCES) + "---|",
-    ]
-    for (split, method), picked in grouped(rows, lambda r: (r["split"], r["method"])).items():
-        values = np.array([r["regret"] for r in picked])
-        by_task = {
-            t: np.mean([r["regret"] for r in g]) for t, g in grouped(picked, lambda r: r["task"]).items()
-        }
-        by_w = [np.mean([r["regret"] for r in picked if r["memorization_weight"] == w]) for w in PREFERENCES]
-        again = rerun(draws[(split, method, 1)])
-        out.append(
-            f"| {split} | {method} | {values.mean():.3f} | {again} | {iqm(values):.3f} | "
-            f"{max(by_task.values()):.3f} | " + " | ".join(f"{v:.3f}" for v in by_w) + f" | {len(by_task)} |"
-        )
+    out = summary_lines(rows, draws, what="family")
     out += [
         "",
         "Paired differences (first minus second; negative: the first is better), at seed 0 and re-run "

@@ -59,6 +59,7 @@ __all__ = [
     "recipes_report",
     "regret_array",
     "rerun",
+    "summary_lines",
     "table_descriptors",
 ]
 
@@ -326,13 +327,14 @@ def rerun(draws: np.ndarray, signed: bool = False) -> str:
     return f"{np.mean(draws):{f}} [{lo:{f}}, {hi:{f}}]"
 
 
-def recipes_report(rows: list[dict[str, Any]], table: CurveTable, reward: RewardConfig) -> str:
-    """Markdown: per split, each rule's mean regret with a 95% interval over tasks and fine-tune
-    noise (:func:`bootstrap_means`), IQM, worst task and the mean per preference; then every rule's
-    paired difference from the controller (or, without one, from the single best recipe)."""
-    draws = bootstrap_means(rows, table, reward)
+def summary_lines(
+    rows: list[dict[str, Any]], draws: dict[tuple[str, str, int], np.ndarray], what: str = "rule"
+) -> list[str]:
+    """A Markdown table: per split, each ``what`` (method) and number of fine-tunes, the mean
+    regret at seed 0 and re-run (:func:`bootstrap_means` draws), IQM, worst task, the mean per
+    preference and the number of tasks."""
     out = [
-        "| split | rule | fine-tunes | mean regret | re-run [95% interval] | IQM | worst task | "
+        f"| split | {what} | fine-tunes | mean regret | re-run [95% interval] | IQM | worst task | "
         + " | ".join(f"w={w}" for w in PREFERENCES)
         + " | tasks |",
         "|---|---|---|---|---|---|---|" + "---|" * len(PREFERENCES) + "---|",
@@ -350,6 +352,15 @@ def recipes_report(rows: list[dict[str, Any]], table: CurveTable, reward: Reward
             f"| {split} | {method} | {n} | {values.mean():.3f} | {again} | {iqm(values):.3f} | "
             f"{max(by_task.values()):.3f} | " + " | ".join(f"{v:.3f}" for v in by_w) + f" | {len(by_task)} |"
         )
+    return out
+
+
+def recipes_report(rows: list[dict[str, Any]], table: CurveTable, reward: RewardConfig) -> str:
+    """Markdown: per split, each rule's mean regret with a 95% interval over tasks and fine-tune
+    noise (:func:`bootstrap_means`), IQM, worst task and the mean per preference; then every rule's
+    paired difference from the controller (or, without one, from the single best recipe)."""
+    draws = bootstrap_means(rows, table, reward)
+    out = summary_lines(rows, draws)
     reference = "controller" if any(r["method"] == "controller" for r in rows) else "single-best-recipe"
     out += [
         "",
