@@ -284,12 +284,15 @@ def bootstrap_means(
 
     complete = [int(t) for t in np.flatnonzero(table.complete())]
     noisy: dict[tuple[int, float], np.ndarray] = {}
+    pooled: dict[tuple[float, str], np.ndarray] = {}
     for t, w in pairs:
         full = arrays[(t, w)]
         draws = np.repeat(full[None, :, 0, :], n_boot, axis=0)  # (boot, masks, checkpoints)
         for kind in ("groups", FULL):
             own = deviations(t, w, kind)
-            pool = own if len(own) else np.concatenate([deviations(u, w, kind) for u in complete] or [own])
+            if not len(own) and (w, kind) not in pooled:  # computed once per preference and kind
+                pooled[(w, kind)] = np.concatenate([deviations(u, w, kind) for u in complete] or [own])
+            pool = own if len(own) else pooled[(w, kind)]
             if not len(pool):
                 continue
             targets = [m for m in range(len(table.masks)) if (m == full_row) == (kind == FULL)]
