@@ -151,7 +151,11 @@ class EvaluationLogger(BaseCallback):
                 "ok": info["ok"],
                 "cache_hit": cache_hit,
                 "error": info["error"],
-                **{k: info[k] for k in ("memorization_term", "quality_term") if k in info},
+                **{
+                    k: info[k]
+                    for k in ("memorization_term", "quality_term", "delivered_steps", "mask_changes")
+                    if k in info
+                },
             }
             self._lines.append(json.dumps(row))
         return True

@@ -10,8 +10,10 @@ the first step's mask is snapped to the nearest mask with a stored curve (Hammin
 to fewer groups; ``info["mask"]``), and a later change of mask is *not* replayed: the run keeps
 its first mask and ``info["mask_changes_ignored"]`` counts the changes asked for. Stopping is
 replayed exactly. With any other backend the fine-tune runs live (:class:`LiveRun`: one run in a
-worker thread, paused at every chunk boundary); a mask change mid-run is not built there either
-(counted, not applied), so replay and live deliver the same runs.
+worker thread, paused at every chunk boundary); there a mask change is ignored the same way by
+default, so replay and live deliver the same runs, and applied with ``env.mask_changes=apply``:
+the next chunk trains the groups asked for, the others frozen with their optimizer state kept
+(:func:`memrl.finetune.set_trainable`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from memrl.curves import FULL, CurveTable, load_curves
 from memrl.descriptor import descriptor_fields
 from memrl.errors import ConfigError, EpisodeOverError
 from memrl.evaluator import make_evaluator
-from memrl.finetune import finetune
+from memrl.finetune import finetune, set_trainable
 from memrl.reward import PREFERENCE_FIELDS, References, Reward, draw_preference, preference_of
 from memrl.scoring import CurveRecorder, loss_metrics, score_model
 from memrl.tables import reference_config
@@ -96,9 +98,12 @@ def guarded_run(
     policy: Any, ctx: TaskContext, descriptor: np.ndarray, preference: np.ndarray, chunk: int
 ) -> tuple[Any, np.ndarray, list[dict[str, Any]]]:
     """A trained controller's live fine-tune on ``ctx`` (a user's data, say): it picks the mask,
-    watches the run's signals every ``chunk`` steps and stops it. Returns the delivered model, its
-    mask and the trace (steps, signals and the stop decision at every pause)."""
+    watches the run's signals every ``chunk`` steps and stops it; a controller trained with
+    ``env.mask_changes=apply`` also changes the groups that train. Returns the delivered model, its
+    mask (every group that trained) and the trace (steps, signals, groups and the stop decision at
+    every pause)."""
     k, steps = ctx.space.k, ctx.cfg.finetune.steps
+    switchable = policy.card.get("config", {}).get("env", {}).get("mask_changes") == "apply"
     base = loss_metrics(ctx.base, ctx)
     zeros = np.zeros(k, dtype=np.float32)
 
@@ -107,22 +112,31 @@ def guarded_run(
 
     action = decide(control_observation(descriptor, preference, 0.0, zeros, np.array(BASE_SIGNALS), zeros))
     mask = ctx.space.validate(action[:k].copy())
-    run, done, trace = LiveRun(ctx, mask, chunk), 0, []
+    run, done, trace = LiveRun(ctx, mask, chunk, switchable), 0, []
     while True:
         kind, payload = run.next()
         done = min(done + chunk, steps)
         if kind == "end":
-            trace.append({"steps": done, "stop": True, "end": True})
+            trace.append({"steps": done, "stop": True, "end": True, "mask": mask.tolist()})
             break
         metrics, shares = payload
         signals = run_signals(metrics, base)
-        trace.append({"steps": done, **dict(zip(SIGNALS, signals.tolist())), "stop": bool(action[k])})
+        trace.append(
+            {
+                "steps": done,
+                **dict(zip(SIGNALS, signals.tolist())),
+                "stop": bool(action[k]),
+                "mask": mask.tolist(),
+            }
+        )
         if action[k]:
             run.stop()
             break
         action = decide(control_observation(descriptor, preference, done / steps, mask, signals, shares))
-        run.proceed()
-    return run.model, mask, trace
+        if switchable:
+            mask = action[:k].copy()
+        run.proceed(mask if switchable else None)
+    return run.model, run.trained, trace
 
 
 class _Stop(Exception):
@@ -132,15 +146,18 @@ class _Stop(Exception):
 class LiveRun:
     """One fine-tune of ``mask`` on ``ctx`` in a worker thread, paused every ``chunk`` steps: at
     each pause it reports the run's signals (:func:`memrl.scoring.loss_metrics` and each group's
-    gradient-norm share since the last pause) and waits for :meth:`proceed` or :meth:`stop`."""
+    gradient-norm share since the last pause) and waits for :meth:`proceed` or :meth:`stop`.
+    ``switchable``: :meth:`proceed` may change the groups that train next."""
 
-    def __init__(self, ctx: TaskContext, mask: np.ndarray, chunk: int) -> None:
-        self.ctx, self.mask, self.chunk = ctx, mask, chunk
+    def __init__(self, ctx: TaskContext, mask: np.ndarray, chunk: int, switchable: bool = False) -> None:
+        self.ctx, self.mask, self.chunk, self.switchable = ctx, mask, chunk, switchable
+        self.trained = mask.copy()
+        """Every group the run has trained (or may train until the next pause)."""
         self.steps = ctx.cfg.finetune.steps
         self.model: Any = None
         self.reached = 0
         self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self._orders: queue.Queue[str] = queue.Queue()
+        self._orders: queue.Queue[tuple[str, np.ndarray | None]] = queue.Queue()
         self._gradients = CurveRecorder(ctx, mask)  # its per-group gradient-norm accounting
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -152,13 +169,18 @@ class LiveRun:
             return
         shares = np.array(self._gradients.grad_share())
         self._events.put(("pause", (loss_metrics(model, self.ctx), shares)))
-        if self._orders.get() == "stop":
+        order, mask = self._orders.get()
+        if order == "stop":
             raise _Stop
+        if mask is not None and not np.array_equal(mask, self.mask):
+            set_trainable(model, self.ctx.space.prefixes(mask))
+            self.mask, self.trained = mask, self.trained | mask
 
     def _run(self) -> None:
         try:
-            base, data = self.ctx.base, self.ctx.model_splits.finetune_set()
-            self.model, _ = finetune(base, data, self.ctx.space.prefixes(self.mask), self.ctx.cfg, self._hook)
+            base, data, space = self.ctx.base, self.ctx.model_splits.finetune_set(), self.ctx.space
+            every = space.prefixes(np.ones(space.k, dtype=np.int8)) if self.switchable else None
+            self.model, _ = finetune(base, data, space.prefixes(self.mask), self.ctx.cfg, self._hook, every)
             self.reached = self.steps
             self._events.put(("end", None))
         except _Stop:
@@ -173,18 +195,21 @@ class LiveRun:
             raise payload
         return kind, payload
 
-    def proceed(self) -> None:
-        self._orders.put("go")
+    def proceed(self, mask: np.ndarray | None = None) -> None:
+        """Train the next chunk; a switchable run trains ``mask``'s groups (None: the same ones)."""
+        if mask is not None and not self.switchable:
+            raise ValueError("this run's groups are fixed; start it with LiveRun(..., switchable=True)")
+        self._orders.put(("go", None if mask is None else np.asarray(mask, dtype=np.int8)))
 
     def stop(self) -> None:
         """End the run at the current pause (the model stays as it is now)."""
         if self._thread.is_alive():
-            self._orders.put("stop")
+            self._orders.put(("stop", None))
             self._thread.join()
 
     def deliver(self) -> dict[str, float]:
-        """Every metric of the model as it is now (samples included)."""
-        return score_model(self.model, self.ctx, self.mask, FinetuneResult()).metrics
+        """Every metric of the model as it is now (samples included; its mask: every group trained)."""
+        return score_model(self.model, self.ctx, self.trained, FinetuneResult()).metrics
 
 
 class ControlEnv(gym.Env):
@@ -224,6 +249,7 @@ class ControlEnv(gym.Env):
         self.per_step = self.chunk // every  # checkpoints per env step
         self.points = cfg.finetune.steps // every  # checkpoints of a whole run
         self.live = cfg.env.backend != "replay"
+        self.applies_changes = self.live and cfg.env.mask_changes == "apply"
         self.k = architecture_space(cfg).k
         self.entries = suite(cfg)
         self.evaluator = make_evaluator(cfg)
@@ -270,7 +296,7 @@ class ControlEnv(gym.Env):
         self.task, self.mask_row, self.checkpoint = 0, 0, -1
         self.mask = np.zeros(self.k, dtype=np.int8)
         self.preference = preference_of(cfg.reward)
-        self.changes = 0
+        self.changes, self.ignored = 0, 0
         self.run: LiveRun | None = None
         self._pause: tuple[dict[str, float], np.ndarray] | None = None
         self.diagnostics: dict[str, Any] = {"cache_hit": not self.live, "timings": {}}
@@ -337,7 +363,7 @@ class ControlEnv(gym.Env):
             self.preference = np.asarray(options["preference"], dtype=np.float32)
         else:
             self.preference = draw_preference(self.cfg.reward, self.cfg.env.preferences, self.np_random)
-        self.checkpoint, self.mask_row, self.changes, self._done = -1, 0, 0, False
+        self.checkpoint, self.mask_row, self.changes, self.ignored, self._done = -1, 0, 0, 0, False
         self.mask = np.zeros(self.k, dtype=np.int8)
         self._first: np.ndarray | None = None
         return self._observation(), {"task": self.entries[self.task].name}
@@ -358,7 +384,7 @@ class ControlEnv(gym.Env):
         if self.run is None:
             return self.checkpoint == self.points - 1
         if not first:
-            self.run.proceed()
+            self.run.proceed(self.mask if self.applies_changes else None)
         kind, payload = self.run.next()
         self._pause = payload if kind == "pause" else self._pause
         return kind == "end"
@@ -392,9 +418,12 @@ class ControlEnv(gym.Env):
             else:
                 ctx = TaskContext.get(self.entries[self.task].cfg)
                 self.mask = ctx.space.validate(asked.copy())
-                self.run = LiveRun(ctx, self.mask, self.chunk)
+                self.run = LiveRun(ctx, self.mask, self.chunk, switchable=self.applies_changes)
+        elif self.applies_changes:
+            if not np.array_equal(asked, self.mask):
+                self.mask, self.changes = asked.copy(), self.changes + 1
         elif not np.array_equal(asked, self._first):
-            self.changes += 1
+            self.ignored += 1
         ended = self._advance(first)
         self._done = stop or ended
         reward, info = (
@@ -403,7 +432,8 @@ class ControlEnv(gym.Env):
                 "task": self.entries[self.task].name,
                 "mask": self.mask.tolist(),
                 "steps": int(self.chunk // self.per_step * (self.checkpoint + 1)),
-                "mask_changes_ignored": self.changes,
+                "mask_changes": self.changes,
+                "mask_changes_ignored": self.ignored,
             },
         )
         if self._done:

@@ -437,13 +437,15 @@ def control_section(trace: list[dict[str, Any]]) -> str:
     """The report's account of the controller's run."""
     rows = "\n".join(
         f"| {t['steps']} | {t.get('heldout_loss_ratio', float('nan')):.3f} | "
-        f"{t.get('mia_auc_private', float('nan')):.3f} | {'stop' if t['stop'] else 'go on'} |"
+        f"{t.get('mia_auc_private', float('nan')):.3f} | `{''.join(map(str, t.get('mask', [])))}` | "
+        f"{'stop' if t['stop'] else 'go on'} |"
         for t in trace
     )
     return (
         f"\n## The controller's run\n\nStopped at step {trace[-1]['steps']}. Signals on the held-out images "
         "at every pause (held-out loss relative to the base model's; membership AUC of the training "
-        "images):\n\n| step | held-out loss ratio | membership AUC | decision |\n|---|---|---|---|\n"
+        "images) and the groups trained up to it:\n\n"
+        "| step | held-out loss ratio | membership AUC | groups | decision |\n|---|---|---|---|---|\n"
         f"{rows}\n\n![signals](control.png)\n"
     )
 

@@ -209,6 +209,11 @@ class EnvConfig:
     chunk: int | None = None
     """Control mode: fine-tune steps per env step (None: ``finetune.checkpoint_every``); a multiple
     of the curve's spacing that divides ``finetune.steps``."""
+    mask_changes: str = "ignore"
+    """Control mode: what a step that asks for other groups than the first step's does. ``ignore``
+    keeps the first mask for the whole run (all replay can do: a curve is one mask's run);
+    ``apply`` (live backends only) trains the asked-for groups from the next chunk on, the groups
+    left out frozen with their optimizer state kept."""
     budget: int = 8
     """Search mode: masks evaluated per episode (fine-tunes a search may spend)."""
     max_groups: int | None = None
@@ -472,8 +477,19 @@ def _validate_control(cfg: Config) -> None:
     f, e = cfg.finetune, cfg.env
     if e.chunk is not None and e.mode != "control":
         raise ConfigError(f"env.chunk={e.chunk} is for env.mode=control (env.mode={e.mode!r}); unset it")
+    if e.mask_changes not in ("ignore", "apply"):
+        raise ConfigError(f"env.mask_changes={e.mask_changes!r} must be 'ignore' or 'apply'")
     if e.mode != "control":
+        if e.mask_changes != "ignore":
+            raise ConfigError(
+                f"env.mask_changes={e.mask_changes!r} is for env.mode=control (env.mode={e.mode!r}); unset it"
+            )
         return
+    if e.mask_changes == "apply" and e.backend == "replay":
+        raise ConfigError(
+            "env.mask_changes=apply cannot be replayed (a curve is one mask's run); fine-tune live with "
+            "env.backend=inprocess, or keep env.mask_changes=ignore"
+        )
     every = f.checkpoint_every
     if every is None:
         raise ConfigError(

@@ -12,7 +12,7 @@ from memrl.models import DiffusionModel
 from memrl.peft_methods import apply_method
 from memrl.training import FinetuneResult, resolve_device, train_denoiser
 
-__all__ = ["finetune"]
+__all__ = ["finetune", "set_trainable"]
 
 
 def finetune(
@@ -21,11 +21,15 @@ def finetune(
     prefixes: list[str],
     cfg: Config,
     on_step: Callable[[DiffusionModel, int], None] | None = None,
+    may_train: list[str] | None = None,
 ) -> tuple[DiffusionModel, FinetuneResult]:
     """Fine-tune a fresh copy of ``base`` with only ``prefixes`` unfrozen under ``cfg.search.method``.
 
-    ``on_step(model, n)`` runs after every update ``n`` (checkpoints). The base model is never
-    modified. Returns the fine-tuned copy and its FinetuneResult.
+    ``on_step(model, n)`` runs after every update ``n`` (checkpoints). ``may_train``: prefixes that
+    ``on_step`` may unfreeze later with :func:`set_trainable` (a run whose mask changes): the
+    optimizer holds their parameters from the start, frozen until then; with the groups held
+    fixed the run is the plain one. The base model is never modified. Returns the fine-tuned copy
+    and its FinetuneResult.
     """
     f = cfg.finetune
     if f.cuda_graph and f.gradient_checkpointing:
@@ -36,7 +40,14 @@ def finetune(
     model = base.copy().to(resolve_device(cfg.finetune.device))
     model.freeze_conditioning()
     total = sum(p.numel() for p in model.unet.parameters())
-    apply_method(model.unet, prefixes, cfg.search.method, cfg.search.lora_rank)
+    held = None
+    if may_train is None:
+        apply_method(model.unet, prefixes, cfg.search.method, cfg.search.lora_rank)
+    else:
+        everything = list(dict.fromkeys([*prefixes, *may_train]))
+        held = apply_method(model.unet, everything, cfg.search.method, cfg.search.lora_rank)
+        model.switchable = {n for n, p in model.unet.named_parameters() if p.requires_grad}
+        set_trainable(model, prefixes)
     if cfg.finetune.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
     result = train_denoiser(
@@ -53,6 +64,19 @@ def finetune(
         mixed_precision=f.mixed_precision,
         cuda_graph=bool(f.cuda_graph),
         on_step=None if on_step is None else lambda n: on_step(model, n),
+        params=held,
     )
     result.total_params = total
     return model, result
+
+
+def set_trainable(model: DiffusionModel, prefixes: list[str]) -> None:
+    """From the next update on, train only the parameters under ``prefixes`` among those a
+    switchable run holds (:func:`finetune` with ``may_train``); the others stay as they are, their
+    optimizer state kept, and get no update (not even weight decay) while frozen."""
+    held = getattr(model, "switchable", None)
+    if held is None:
+        raise ValueError("set_trainable needs a run started with finetune(..., may_train=[...])")
+    for name, p in model.unet.named_parameters():
+        if name in held:
+            p.requires_grad_(any(name == q or name.startswith(q + ".") for q in prefixes))

@@ -116,6 +116,7 @@ def reference_config(cfg: Config) -> Config:
         "finetune.sample_at": None,
         "env.mode": "mask",
         "env.chunk": None,
+        "env.mask_changes": "ignore",
     }
     return cfg.with_changes({"finetune.steps": REFERENCE_STEPS, **plain})
 

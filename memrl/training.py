@@ -75,8 +75,14 @@ def train_denoiser(
     mixed_precision: str | None = None,
     cuda_graph: bool = False,
     on_step: Callable[[int], None] | None = None,
+    params: list[torch.nn.Parameter] | None = None,
 ) -> FinetuneResult:
     """Train the parameters of ``model`` that require grad; seeded and deterministic on CPU.
+
+    ``params``: the parameters the optimizer holds (default: those that require grad now); of
+    these, each update trains the ones that require grad at that step, so ``on_step`` may freeze
+    and unfreeze them between updates (a step with none trainable draws its batch and changes
+    nothing and records no loss).
 
     ``on_step(n)`` runs after the ``n``-th update (1-based) of an eager run: a checkpoint can
     measure the model there (in eval mode, restored to train mode after) without changing the run.
@@ -86,7 +92,8 @@ def train_denoiser(
     replays each step as one CUDA graph: the same batches and updates without a kernel launch
     per operation or a host synchronisation per step.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
     result = FinetuneResult(
         trainable_params=sum(p.numel() for p in params),
         total_params=sum(p.numel() for p in model.unet.parameters()),
@@ -193,6 +200,10 @@ def _train_eager(run: _Run, result: FinetuneResult, started: float) -> None:
     device = params[0].device
     for step in tqdm(range(steps), desc=desc, leave=False, mininterval=2.0):
         x0, labels, noise, t = (v.to(device) for v in batches.draw())
+        if not any(p.requires_grad for p in params):  # every group frozen for now (a switchable run)
+            opt.zero_grad(set_to_none=True)
+            _checkpoint(run, step)
+            continue
         xt = sched.add_noise(x0, noise, t)
         with _autocast(device, run.mixed_precision):
             prediction = model(xt, t, labels)
@@ -211,11 +222,16 @@ def _train_eager(run: _Run, result: FinetuneResult, started: float) -> None:
         result.losses.append(value)
         if step == 0:
             result.first_step_time = time.perf_counter() - started
-        if run.on_step is not None:
-            rng = torch.get_rng_state()  # a checkpoint's measurements must not move the run
-            run.on_step(step + 1)
-            torch.set_rng_state(rng)
-            model.train()
+        _checkpoint(run, step)
+
+
+def _checkpoint(run: _Run, step: int) -> None:
+    """``on_step`` after update ``step``; a checkpoint's measurements must not move the run."""
+    if run.on_step is not None:
+        rng = torch.get_rng_state()
+        run.on_step(step + 1)
+        torch.set_rng_state(rng)
+        run.model.train()
 
 
 def _train_graphed(run: _Run, warmup: int = 3, chunk: int = 50) -> list[float]:

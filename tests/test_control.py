@@ -114,6 +114,20 @@ def test_ppo_learns_on_replayed_control(curve_cfg):
             "env.chunk=2 must be a multiple of finetune.checkpoint_every=1 that divides finetune.steps=3",
         ),
         ({"env.chunk": 1}, "env.chunk=1 is for env.mode=control"),
+        ({"env.mask_changes": "apply"}, "env.mask_changes='apply' is for env.mode=control"),
+        (
+            {
+                "env.mode": "control",
+                "finetune.checkpoint_every": 1,
+                "env.backend": "replay",
+                "env.mask_changes": "apply",
+            },
+            "env.mask_changes=apply cannot be replayed .*env.backend=inprocess",
+        ),
+        (
+            {"env.mode": "control", "finetune.checkpoint_every": 1, "env.mask_changes": "yes"},
+            "'ignore' or 'apply'",
+        ),
     ],
 )
 def test_a_bad_control_setting_is_named_with_its_fix(overrides, message):
@@ -285,6 +299,76 @@ def test_live_control_pauses_a_real_fine_tune_and_delivers_what_the_curve_record
     env.close()  # ... ends cleanly
     assert env.run is None
     check_env(env, skip_render_check=True)
+
+
+def test_live_control_applies_mask_changes_when_asked(curve_cfg):
+    """env.mask_changes=apply (live only): each chunk trains the groups its step asked for; the
+    delivered model's mask is every group that trained."""
+    live_cfg = curve_cfg.with_changes({"env.backend": "inprocess", "env.mask_changes": "apply"})
+    env = gym.make("MemControl-v0", config=live_cfg).unwrapped
+    env.reset(seed=0, options={"dataset": "tiny", "preference": [0.5, 0.5, 0.0]})
+    obs, _, _, _, info = env.step([1, 0, 0, 0, 0])
+    assert info["mask"] == [1, 0, 0, 0] and info["mask_changes"] == 0
+    obs, _, _, _, info = env.step([0, 0, 1, 0, 0])
+    assert info["mask"] == [0, 0, 1, 0] and info["mask_changes"] == 1 and info["mask_changes_ignored"] == 0
+    assert list(obs[-13:-9]) == [0, 0, 1, 0]  # the observation shows the groups training now
+    shares = obs[-4:]
+    assert shares[2] == pytest.approx(1.0) and shares[0] == 0  # the second chunk's gradient: group 3's
+    _, reward, done, _, info = env.step([0, 0, 1, 0, 1])
+    assert done and info["ok"] and np.isfinite(reward)
+    ctx_space = env.run.ctx.space
+    assert info["metrics"]["group_fraction"] == pytest.approx(ctx_space.group_fraction([1, 0, 1, 0]))
+    env.close()
+
+
+def test_a_controller_trained_live_with_mask_changes_applies_them_for_a_user(curve_cfg, tmp_path):
+    """Issue 52's stretch: a controller that may change the groups mid-run, trained live with
+    parallel envs; its guarded fine-tune (apply_policy's) applies its changes."""
+    from memrl.agents import load_policy
+    from memrl.envs.control import guarded_run
+
+    from memrl.apply_policy import control_section
+    from memrl.config import dump_config
+    from memrl.context import TaskContext
+    from memrl.runs import RunFolder
+    from memrl.testing import run_module
+
+    cfg = curve_cfg.with_changes(
+        {
+            "env.backend": "inprocess",
+            "env.mask_changes": "apply",
+            "ppo.n_envs": 2,
+            "ppo.n_steps": 2,
+            "ppo.batch_size": 4,
+            "ppo.total_timesteps": 4,
+        }
+    )
+    dump_config(cfg, tmp_path / "live.yaml")
+    proc = run_module(
+        "memrl.train_agent", "--config", str(tmp_path / "live.yaml"), "--run-dir", str(tmp_path / "r")
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = RunFolder(tmp_path / "r")
+    policy = load_policy(folder.policy)
+    assert policy.card["config"]["env"]["mask_changes"] == "apply"
+    ctx = TaskContext.get(curve_cfg)
+    descriptor = np.zeros(len(policy.card["descriptor"]["fields"]), dtype=np.float32)
+    asked = []
+    probabilities = policy.probabilities
+
+    def alternating(obs):  # the trained network, its groups flipped at every pause: changes to apply
+        p = probabilities(obs)
+        asked.append(p)
+        p[:-1] = p[:-1] if len(asked) % 2 else 1 - p[:-1]
+        p[-1] = 0.0
+        return p
+
+    policy.probabilities = alternating
+    model, trained, trace = guarded_run(policy, ctx, descriptor, np.array([0.5, 0.5, 0.0], np.float32), 1)
+    masks = np.array([t["mask"] for t in trace])
+    assert len(trace) == 3 and trace[-1]["end"] and not np.array_equal(masks[0], masks[1])
+    assert trained.tolist() == np.bitwise_or.reduce(masks, axis=0).tolist()
+    assert f"`{''.join(map(str, masks[1]))}`" in control_section(trace)
 
 
 def test_the_shipped_curve_table_replays_out_of_the_box():

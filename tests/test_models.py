@@ -134,6 +134,49 @@ def test_finetune_leaves_base_untouched_and_is_deterministic(cfg, ctx):
     assert 0 < ra.trainable_fraction < 1
 
 
+def test_a_switchable_run_trains_exactly_the_groups_of_each_moment(cfg, ctx):
+    """A run that may change its groups (finetune's may_train) is the plain run while they stay
+    fixed; after set_trainable, the groups left out do not move and the ones added do."""
+    from memrl.finetune import set_trainable
+
+    data, space = ctx.splits.finetune_set(), ctx.space
+    first, every = space.prefixes([1, 1, 0, 0]), space.prefixes([1, 1, 1, 1])
+    plain, _ = finetune(ctx.base, data, first, cfg)
+    held, _ = finetune(ctx.base, data, first, cfg, may_train=every)
+    assert held.fingerprint() == plain.fingerprint()
+
+    def params(model, prefixes):
+        return {
+            n: p.detach().clone()
+            for n, p in model.unet.named_parameters()
+            if any(n == q or n.startswith(q + ".") for q in prefixes)
+        }
+
+    seen = {}
+
+    def switch(model, n):  # after update 1: train the third group only, then nothing
+        if n == 1:
+            seen["after 1"] = params(model, every)
+            set_trainable(model, space.prefixes([0, 0, 1, 0]))
+        elif n == 2:
+            seen["after 2"] = params(model, every)
+            set_trainable(model, [])
+
+    switched, result = finetune(ctx.base, data, first, cfg.with_changes({"finetune.steps": 3}), switch, every)
+    one, two, three = seen["after 1"], seen["after 2"], params(switched, every)
+
+    def moved(a, b, prefixes):
+        return any(not torch.equal(a[n], b[n]) for n in params(switched, prefixes))
+
+    assert moved(params(ctx.base, every), one, space.prefixes([1, 1, 0, 0]))  # update 1 trained the first two
+    assert not moved(params(ctx.base, every), one, space.prefixes([0, 0, 1, 1]))
+    assert moved(one, two, space.prefixes([0, 0, 1, 0]))  # update 2 trained the third only
+    assert not moved(one, two, space.prefixes([1, 1, 0, 1]))
+    assert not moved(two, three, every) and len(result.losses) == 2  # update 3 trained nothing
+    with pytest.raises(ValueError, match="may_train"):
+        set_trainable(plain, first)
+
+
 def test_nan_guard_stops_and_reports(cfg, ctx):
     data = ctx.splits.finetune_set()
     data.images[:] = float("nan")
