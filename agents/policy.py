@@ -49,11 +49,13 @@ __all__ = [
     "PRIOR_SUFFIX",
     "Policy",
     "card_path",
+    "default_policy",
     "load_policy",
     "make_card",
     "prior_path",
     "read_card",
     "read_weights",
+    "shipped_controller",
     "shipped_policy",
     "write_card",
 ]
@@ -153,9 +155,22 @@ def read_card(card_file: Path) -> dict[str, Any]:
 
 
 def shipped_policy() -> Path:
-    """The policy that ships with memrl (trained on the MemControl-Bench training tasks)."""
+    """The search policy that ships with memrl (trained on the MemControl-Bench training tasks)."""
 
     return Path(str(resources.files("memrl") / "assets" / "policy" / "policy.zip"))
+
+
+def shipped_controller() -> Path:
+    """Where the controller that ships with memrl lies (trained by replay on the curve suite's
+    training tasks; ``python -m research.release --config bench3 ...`` puts it there)."""
+    return Path(str(resources.files("memrl") / "assets" / "controller" / "policy.zip"))
+
+
+def default_policy() -> Path:
+    """``apply_policy``'s policy without ``--policy``: the shipped controller once it is released,
+    else the shipped search policy."""
+    controller = shipped_controller()
+    return controller if controller.is_file() else shipped_policy()
 
 
 def card_path(policy_path: str | Path) -> Path:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from memrl.agents.policy import load_policy, shipped_policy
+from memrl.agents.policy import default_policy, load_policy
 from memrl.cli import add_config_args, config_from_args, run_main
 from memrl.config import Config, dump_config
 from memrl.data import fit_sizes, usable_count
@@ -94,8 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--policy",
         type=Path,
         default=None,
-        help="policy.zip or the run directory (default: the policy shipped with memrl, trained on the "
-        "MemControl-Bench training tasks)",
+        help="policy.zip or the run directory (default: the controller shipped with memrl, else its "
+        "search policy; both trained on the MemControl-Bench training tasks)",
     )
     parser.add_argument(
         "--data", required=True, help="a folder of images (+ captions.csv), an .npz, or a bundled name"
@@ -489,7 +489,7 @@ def _apply(args: argparse.Namespace, stack: contextlib.ExitStack) -> Path:
         )
     spec_of(args.searcher)  # an unknown name fails before any work
     if args.policy is None:
-        args.policy = shipped_policy()
+        args.policy = default_policy()
     policy = load_policy(args.policy)
     cfg = config_from_args(args, base=policy.config).with_changes(  # config, then --set, then flags
         {

@@ -1,7 +1,9 @@
-"""Release the policy that ships with memrl: train it by replay on every complete training task of
-the suite and put the transfer benchmark's numbers on its card (:func:`research.benchmark.ship.ship`).
+"""Release a policy that ships with memrl: train it by replay on every complete training task of
+the suite and put the benchmark's numbers on its card (:func:`research.benchmark.ship.ship`).
 
-    python -m research.release --config bench --results bench/results/benchmark
+    python -m research.release --config bench --results bench/results/benchmark   # the search policy
+    python -m research.release --config bench3 --set env.mode=control env.backend=replay \
+        --results bench/results/benchmark                                         # the controller
     python -m research.release --to /tmp/candidate      # anywhere but the package, to look first
 
 A release step of the project, run from a checkout; nothing in the installed package calls it.
@@ -13,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from memrl.agents.policy import shipped_policy
+from memrl.agents.policy import shipped_controller, shipped_policy
 
 from memrl.cli import add_config_args, config_from_args, run_main
 from memrl.utils import setup_logging
@@ -35,16 +37,22 @@ def main(argv: list[str] | None = None) -> int:
         "--results",
         type=Path,
         default=Path("bench/results/benchmark"),
-        help="the transfer benchmark's results (transfer.csv), whose numbers go on the card",
+        help="the benchmark's results, whose numbers go on the card (transfer.csv for a search "
+        "policy, recipes.csv for a controller)",
     )
     parser.add_argument(
-        "--to", type=Path, default=None, help="where the policy goes (default: the package's)"
+        "--to",
+        type=Path,
+        default=None,
+        help="where the policy goes (default: the package's search policy or controller)",
     )
     args = parser.parse_args(argv)
     setup_logging()
 
     def body() -> int:
-        path = ship(config_from_args(args), args.to or shipped_policy().parent, args.results)
+        cfg = config_from_args(args)
+        shipped = shipped_controller() if cfg.env.mode == "control" else shipped_policy()
+        path = ship(cfg, args.to or shipped.parent, args.results)
         print(f"policy: {path}")
         return 0
 

@@ -272,6 +272,31 @@ def test_the_recipes_command_writes_its_table_and_record(curve_cfg, tmp_path):
     assert "| leave one task out | early-stop | 1 |" in text and (tmp_path / "out" / "recipes.csv").is_file()
     for label in ("controller", "controller-no-signals", "controller-no-descriptor"):
         assert f"| leave one task out | {label} | 1 |" in text
+    from memrl.agents import load_policy
+
+    from research.release import main as release
+
+    shipped = tmp_path / "shipped"  # a controller released with the benchmark's numbers on its card
+    small = ["--set", "ppo.n_steps=8", "ppo.batch_size=4", "ppo.total_timesteps=16"]
+    assert (
+        release(
+            [
+                "--config",
+                str(tmp_path / "curves.yaml"),
+                *small,
+                "--results",
+                str(tmp_path / "out"),
+                "--to",
+                str(shipped),
+            ]
+        )
+        == 0
+    )
+    card = load_policy(shipped / "policy.zip").card
+    assert card["action_mode"] == "control" and card["config"]["env"]["store"] is None
+    numbers = card["benchmark"]["controller"]["leave one task out"]
+    assert numbers["tasks"] == 2 and numbers["worst_regret"] >= numbers["mean_regret"]
+    assert "early-stop" in card["benchmark"] and "per-fold" in card["benchmark"]["note"]
 
 
 def test_live_control_pauses_a_real_fine_tune_and_delivers_what_the_curve_recorded(curve_cfg):
