@@ -8,6 +8,7 @@ import functools
 import io
 import json
 import logging
+import math
 import os
 import time
 import zipfile
@@ -85,17 +86,20 @@ def make_env(cfg: Config, n_envs: int = 1, seed: int = 0):
 
 def build_ppo(cfg: Config, env, run_dir: Path | None = None) -> PPO:
     """PPO with ``cfg.ppo``'s settings and ``cfg.seed`` (search mode: :class:`CandidatePolicy`, which
-    scores every mask); TensorBoard logs under ``run_dir/tb``."""
+    scores every mask); TensorBoard logs under ``run_dir/tb``. A controller's stop bit starts at
+    :func:`stop_prior` instead of 1/2."""
     p = cfg.ppo
+    control = cfg.env.mode == "control"
     policy: Any = CandidatePolicy if cfg.env.mode == "search" else "MlpPolicy"
-    return PPO(
+    gamma = p.gamma if p.gamma is not None else 1.0 if control else 0.99
+    model = PPO(
         policy,
         env,
         n_steps=p.n_steps,
         batch_size=p.batch_size,
         n_epochs=p.n_epochs,
         learning_rate=p.learning_rate,
-        gamma=p.gamma,
+        gamma=gamma,
         ent_coef=p.ent_coef,
         policy_kwargs={"net_arch": list(p.net_arch)},
         tensorboard_log=str(RunFolder(run_dir).tensorboard) if run_dir is not None else None,
@@ -103,6 +107,19 @@ def build_ppo(cfg: Config, env, run_dir: Path | None = None) -> PPO:
         device="cpu",
         verbose=0,
     )
+    if control:
+        with torch.no_grad():
+            model.policy.action_net.bias[-1] = math.log(stop_prior(cfg) / (1 - stop_prior(cfg)))
+    return model
+
+
+def stop_prior(cfg: Config) -> float:
+    """The probability of stopping at each chunk that an untrained controller starts with: 2 over
+    the chunks of a run, so its first episodes stop anywhere from the first chunk to the last (at
+    1/2, the Bernoulli default, they would end within two chunks and the long runs would never be
+    tried). Exploration only: the optimum is unchanged."""
+    chunk = cfg.env.chunk or cfg.finetune.checkpoint_every or cfg.finetune.steps
+    return min(0.5, 2 * chunk / cfg.finetune.steps)
 
 
 class EvaluationLogger(BaseCallback):

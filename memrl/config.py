@@ -259,7 +259,9 @@ class PPOConfig:
     batch_size: int = 8
     n_epochs: int = 10
     learning_rate: float = 3e-3
-    gamma: float = 0.99
+    gamma: float | None = None
+    """None: 1 in control mode (its one reward is the delivered model's: a discount would move the
+    optimum, favouring later deliveries of a negative reward), else 0.99."""
     ent_coef: float = 0.01
     net_arch: list[int] = field(default_factory=lambda: [32, 32])
     n_envs: int = 1
@@ -648,7 +650,7 @@ def _validate(cfg: Config) -> None:
     _validate_reward(cfg.reward)
     _validate_sizes(cfg)
     _validate_env(cfg.env)
-    if not 0 <= p.gamma <= 1 or p.ent_coef < 0:
+    if (p.gamma is not None and not 0 <= p.gamma <= 1) or p.ent_coef < 0:
         raise ConfigError(f"ppo.gamma={p.gamma} must be in [0, 1] and ppo.ent_coef={p.ent_coef} >= 0")
     if not 0 <= cfg.model.cond_dropout < 1 or not 0 <= cfg.sample.canary_fraction <= 1:
         raise ConfigError("model.cond_dropout must be in [0, 1) and sample.canary_fraction in [0, 1]")

@@ -101,8 +101,28 @@ def test_ppo_learns_on_replayed_control(curve_cfg):
     cfg = curve_cfg.with_changes({"ppo.n_steps": 8, "ppo.batch_size": 4, "ppo.total_timesteps": 16})
     env = gym.make("MemControl-v0", config=cfg).unwrapped
     model = build_ppo(cfg, env)
+    assert model.gamma == 1.0  # one reward, the delivered model's: undiscounted
     model.learn(16)
     assert model.num_timesteps >= 16
+
+
+def test_an_untrained_controller_explores_every_length_of_run():
+    """The stop bit starts at 2 / chunks (not 1/2, which ends most episodes within two chunks)."""
+    import torch
+    from memrl.agents.ppo import build_ppo, stop_prior
+
+    cfg = load_config("bench3", {"env.mode": "control"})
+    assert stop_prior(cfg) == pytest.approx(2 * 25 / 400)
+    assert (
+        load_config("bench3").ppo.gamma is None
+        and build_ppo(load_config("test"), gym.make("MemControl-v0", config="test").unwrapped).gamma == 0.99
+    )
+    env = gym.make("MemControl-v0", config="bench3", mode="control").unwrapped  # the shipped curve table
+    model = build_ppo(cfg, env)
+    obs, _ = env.reset(seed=0)
+    with torch.no_grad():
+        probs = model.policy.get_distribution(torch.as_tensor(obs)[None]).distribution.probs[0]
+    assert float(probs[-1]) == pytest.approx(0.125, abs=0.03) and 0.3 < float(probs[:-1].mean()) < 0.7
 
 
 @pytest.mark.parametrize(
