@@ -187,6 +187,29 @@ def test_train_agent_trains_a_controller_that_loads_and_refuses_to_propose_a_mas
     assert policy.card["action_mode"] == "control" and folder.episodes.read_text().count("\n") >= 4
     with pytest.raises(PolicyError, match="is a controller"):
         policy.candidates(np.zeros(10))
+    import csv
+
+    from memrl.envs.control import ControlEnv
+
+    from research.benchmark.cli import main as benchmark
+    from research.benchmark.recipes import regret_array
+
+    live = tmp_path / "live"  # judged by real fine-tunes, it scores what replay gives it
+    argv = ["live", "--config", str(tmp_path / "control.yaml"), "--policy", str(folder.policy)]
+    assert benchmark([*argv, "--tasks", "tiny", "--out", str(live)]) == 0
+    rows = list(csv.DictReader((live / "live.csv").open()))
+    replay = ControlEnv(cfg, tasks=[0])
+    assert len(rows) == 3 and "| tiny |" in (live / "live.md").read_text()
+    for row in rows:
+        w = float(row["memorization_weight"])
+        obs, _ = replay.reset(seed=0, options={"dataset": "tiny", "preference": [w, 1 - w, 0]})
+        done = False
+        while not done:
+            obs, _, done, _, info = replay.step((policy.probabilities(obs) > 0.5).astype(np.int8))
+        expected = regret_array(replay.curves, cfg.reward, 0, w)[replay.mask_row, 0, replay.checkpoint]
+        assert int(row["delivered_steps"]) == info["delivered_steps"]
+        assert float(row["regret"]) == pytest.approx(float(expected), abs=1e-3)
+    assert benchmark([*argv, "--tasks", "nowhere", "--out", str(live)]) == 2  # named with the choices
     out = tmp_path / "applied"  # the controller's guarded fine-tune of a user's images
     args = ["--policy", str(folder.policy), "--data", "digits", "--out", str(out), "--sweep", "0"]
     proc = run_module("memrl.apply_policy", *args)

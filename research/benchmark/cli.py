@@ -25,6 +25,8 @@ searching the test task; judged at 1..4 or 1..16 fine-tunes):
     python -m research.benchmark claims
     python -m research.benchmark findings              # best masks per task, seed noise (no method runs)
     python -m research.benchmark search --n-seeds 10 --budget 64
+    python -m research.benchmark recipes --config bench3 --episodes 50000   # curve suites: rules, controller
+    python -m research.benchmark live --config bench3 --policy A.zip B.zip --tasks animals faces
 
 ``transfer`` writes ``transfer.csv`` (one row per method, task, split, preference, seed and number
 of fine-tunes), ``transfer.md`` (per split and preference: mean with a task-level 95% interval, IQM,
@@ -45,6 +47,9 @@ against the presets on the Pareto front.
 ``search`` is the other question: searching one task from scratch, best-so-far regret against
 the number of distinct fine-tunes (1..64) for PPO, random search, TPE, NSGA-II and GP
 (``search.csv``, ``search.md``, ``search.png``).
+``recipes`` judges fixed recipes, stopping rules and a controller trained by replay on a curve
+suite (:mod:`~research.benchmark.recipes`); ``live`` judges controllers by real fine-tunes of named
+tasks, those that change groups mid-run included (:mod:`~research.benchmark.live`).
 
 The package: :mod:`~research.benchmark.folds` (the tables as arrays, folds),
 :mod:`~research.benchmark.methods` (what each method tries), :mod:`~research.benchmark.experiments`
@@ -85,6 +90,7 @@ from research.benchmark.experiments import (
 )
 from research.benchmark.findings import claims, findings
 from research.benchmark.folds import load_table
+from research.benchmark.live import live_report, live_rows
 from research.benchmark.recipes import (
     CONTROLLER_SPLITS,
     controller_rows,
@@ -119,10 +125,21 @@ def _recipes(cfg: Config, args: argparse.Namespace) -> tuple[list[dict[str, Any]
     return rows, recipes_report(rows, table, cfg.reward)
 
 
+def _live(cfg: Config, args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
+    """Controllers' guarded fine-tunes of named tasks, live (``--policy``, ``--tasks``)."""
+    if not args.policy or not args.tasks:
+        raise ConfigError(
+            "live needs --policy (one or more controllers) and --tasks (tasks with complete curves)"
+        )
+    rows = live_rows(cfg, args.policy, args.tasks)
+    return rows, live_report(rows)
+
+
 REPORTS: dict[str, Any] = {
     "findings": lambda cfg, args: ([], findings(cfg)),
     "claims": lambda cfg, args: claims(cfg, args.out / "claims.png"),
     "recipes": _recipes,
+    "live": _live,
 }
 """Commands that read the tables and run no fold cache: (config, arguments) -> (rows, Markdown)."""
 
@@ -139,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "command",
-        choices=("transfer", "tune", "search", "modes", "claims", "findings", "recipes"),
+        choices=("transfer", "tune", "search", "modes", "claims", "findings", "recipes", "live"),
         nargs="?",
         default="transfer",
     )
@@ -162,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         help="recipes: the splits a controller is trained and judged on, comma-separated (one PPO run per "
         "fold's training set; 'leave one task out' trains one per training task)",
     )
+    parser.add_argument("--policy", type=Path, nargs="+", help="live: the controllers to judge")
+    parser.add_argument("--tasks", nargs="+", help="live: the tasks they fine-tune (complete curves)")
     parser.add_argument(
         "--search-episodes",
         type=int,

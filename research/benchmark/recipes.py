@@ -58,6 +58,7 @@ __all__ = [
     "recipe_rows",
     "recipes_report",
     "regret_array",
+    "regret_scale",
     "rerun",
     "summary_lines",
     "table_descriptors",
@@ -81,10 +82,15 @@ def regret_array(table: CurveTable, reward: RewardConfig, t: int, w: float) -> n
     """(masks, seeds, checkpoints) regret of every stored recipe of task ``t``, scaled over the
     recipes a controller can deliver at seed 0 (masks of groups): full fine-tuning (every
     parameter) is on the same scale and may score below 0 (better than every mask)."""
+    best, worst = regret_scale(table, reward, t, w)
+    return (best - table.rewards(reward, t, w)) / max(best - worst, 1e-9)
+
+
+def regret_scale(table: CurveTable, reward: RewardConfig, t: int, w: float) -> tuple[float, float]:
+    """The best and the worst reward of task ``t``'s masks of groups at seed 0: regret 0 and 1."""
     r = table.rewards(reward, t, w)
     groups = r[[i for i, m in enumerate(table.masks) if m != FULL], 0, :]
-    best, worst = np.nanmax(groups), np.nanmin(groups)
-    return (best - r) / max(best - worst, 1e-9)
+    return float(np.nanmax(groups)), float(np.nanmin(groups))
 
 
 def recipe_regret(table: CurveTable, reward: RewardConfig, t: int, w: float) -> np.ndarray:
