@@ -169,21 +169,29 @@ def test_control_on_a_suite_without_complete_curves_says_how_to_build_them(tmp_p
         gym.make("MemControl-v0", config=cfg)
 
 
-def test_train_agent_trains_a_controller_that_loads_and_refuses_to_propose_a_mask(curve_cfg, tmp_path):
-    from memrl.agents import PolicyError, load_policy
+def train_controller(cfg, config_file):
+    """``python -m memrl.train_agent`` on ``cfg`` (written to ``config_file``): its run folder and policy."""
+    from memrl.agents import load_policy
 
     from memrl.config import dump_config
     from memrl.runs import RunFolder
     from memrl.testing import run_module
 
-    cfg = curve_cfg.with_changes({"ppo.n_steps": 8, "ppo.batch_size": 4, "ppo.total_timesteps": 16})
-    dump_config(cfg, tmp_path / "control.yaml")
-    proc = run_module(
-        "memrl.train_agent", "--config", str(tmp_path / "control.yaml"), "--run-dir", str(tmp_path / "r")
-    )
+    dump_config(cfg, config_file)
+    run_dir = config_file.with_suffix("")
+    proc = run_module("memrl.train_agent", "--config", str(config_file), "--run-dir", str(run_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    folder = RunFolder(tmp_path / "r")
-    policy = load_policy(folder.policy)
+    folder = RunFolder(run_dir)
+    return folder, load_policy(folder.policy)
+
+
+def test_train_agent_trains_a_controller_that_loads_and_refuses_to_propose_a_mask(curve_cfg, tmp_path):
+    from memrl.agents import PolicyError
+
+    from memrl.testing import run_module
+
+    cfg = curve_cfg.with_changes({"ppo.n_steps": 8, "ppo.batch_size": 4, "ppo.total_timesteps": 16})
+    folder, policy = train_controller(cfg, tmp_path / "control.yaml")
     assert policy.card["action_mode"] == "control" and folder.episodes.read_text().count("\n") >= 4
     with pytest.raises(PolicyError, match="is a controller"):
         policy.candidates(np.zeros(10))
@@ -392,14 +400,10 @@ def test_live_control_applies_mask_changes_when_asked(curve_cfg):
 def test_a_controller_trained_live_with_mask_changes_applies_them_for_a_user(curve_cfg, tmp_path):
     """Issue 52's stretch: a controller that may change the groups mid-run, trained live with
     parallel envs; its guarded fine-tune (apply_policy's) applies its changes."""
-    from memrl.agents import load_policy
     from memrl.envs.control import guarded_run
 
     from memrl.apply_policy import control_section
-    from memrl.config import dump_config
     from memrl.context import TaskContext
-    from memrl.runs import RunFolder
-    from memrl.testing import run_module
 
     cfg = curve_cfg.with_changes(
         {
@@ -411,13 +415,7 @@ def test_a_controller_trained_live_with_mask_changes_applies_them_for_a_user(cur
             "ppo.total_timesteps": 4,
         }
     )
-    dump_config(cfg, tmp_path / "live.yaml")
-    proc = run_module(
-        "memrl.train_agent", "--config", str(tmp_path / "live.yaml"), "--run-dir", str(tmp_path / "r")
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    folder = RunFolder(tmp_path / "r")
-    policy = load_policy(folder.policy)
+    _, policy = train_controller(cfg, tmp_path / "live.yaml")
     assert policy.card["config"]["env"]["mask_changes"] == "apply"
     ctx = TaskContext.get(curve_cfg)
     descriptor = np.zeros(len(policy.card["descriptor"]["fields"]), dtype=np.float32)
