@@ -39,7 +39,7 @@ from memrl.config import Config, load_config
 from memrl.context import TaskContext, full_unet, suite
 from memrl.data import load_splits
 from memrl.descriptor import descriptor_key
-from memrl.errors import StoreError
+from memrl.errors import ConfigError, StoreError
 from memrl.evaluator import SHIPPED, make_evaluator, shipped_dir, table_path  # noqa: F401  (re-exported)
 from memrl.spec import SPEC_VERSION, EvalSpec
 from memrl.store import EvaluationStore
@@ -145,6 +145,18 @@ def curve_jobs(cfg: Config) -> list[Job]:
     return out + noise
 
 
+def build_order(todo: list[Job], first: list[str], entries: list[Any]) -> list[Job]:
+    """``todo`` with the rows of the tasks named in ``first`` (noise seeds aside) moved ahead, in
+    their order otherwise; a name that is not one of ``entries``' tasks is refused by name."""
+    names = [e.name for e in entries]
+    unknown = [t for t in first if t not in names]
+    if unknown:
+        raise ConfigError(
+            f"--first {' '.join(unknown)}: no such task in this suite; its tasks: {', '.join(names)}"
+        )
+    return sorted(todo, key=lambda j: not (j.task in first and j.kind != "noise"))
+
+
 def jobs(cfg: Config) -> list[Job]:
     """Every evaluation of the suite's tables, task by task (so the table grows a complete task
     at a time): the references, full fine-tuning of every UNet parameter, every other mask, then
@@ -229,18 +241,20 @@ def build(
     limit: int | None = None,
     seed_from: Path | None = None,
     backend: str = "pool",
+    first: list[str] | None = None,
 ) -> int:
     """Evaluate every missing row into the working store (after importing ``seed_from``, a
     table built earlier): ``workers`` single-threaded local processes (``pool``), or Ray tasks
-    (``ray``: ``workers`` at a time, on the cluster of ``ray.address``). Returns how many were
-    evaluated."""
+    (``ray``: ``workers`` at a time, on the cluster of ``ray.address``); ``first``: these tasks'
+    rows, noise seeds aside, before the rest (in :func:`jobs`' order otherwise). Returns how many
+    were evaluated."""
 
     if seed_from is not None and seed_from.is_file():
         log.info("imported %d rows from %s", import_rows(store_path, seed_from), seed_from)
     store = EvaluationStore(store_path)
     todo_all = jobs(cfg)
     have = store.hashes()
-    todo = [j for j in todo_all if j.spec.hash not in have][:limit]
+    todo = build_order([j for j in todo_all if j.spec.hash not in have], first or [], suite(cfg))[:limit]
     log.info(
         "%d of %d evaluations stored; %d to run with %d workers x %d threads",
         len(todo_all) - len([j for j in todo_all if j.spec.hash not in have]),
@@ -419,6 +433,12 @@ def main(argv: list[str] | None = None) -> int:
         "--force", action="store_true", help="export: replace a table even if it holds rows the store lacks"
     )
     parser.add_argument("--log", type=Path, default=None, help="also log progress to this file")
+    parser.add_argument(
+        "--first",
+        nargs="+",
+        default=None,
+        help="build: these tasks' rows (noise seeds aside) before the rest",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     if args.log:
@@ -451,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.limit,
                 shipped,
                 args.backend,
+                args.first,
             )
             print(f"evaluated {n}; working store {store_path}")
         elif args.command == "status":

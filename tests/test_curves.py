@@ -224,3 +224,15 @@ def test_every_tasks_seed_0_curves_are_built_before_any_noise_row():
     last_main = max(i for i, (_, kind) in enumerate(kinds) if kind != "noise")
     first_noise = min(i for i, (_, kind) in enumerate(kinds) if kind == "noise")
     assert last_main < first_noise and kinds[last_main][0] == "other" and kinds[first_noise][0] == "tiny"
+    from memrl.context import suite
+    from memrl.errors import ConfigError
+    from memrl.tables import build_order
+
+    jobs = build_order(curve_jobs(cfg), ["other"], suite(cfg))  # tables build --first other
+    order = [(j.task, j.kind) for j in jobs]
+    n = sum(1 for t, k in kinds if t == "other" and k != "noise")
+    assert all(t == "other" and k != "noise" for t, k in order[:n]) and order[n:] == [
+        x for x in kinds if not (x[0] == "other" and x[1] != "noise")
+    ]
+    with pytest.raises(ConfigError, match="--first elsewhere: no such task .* tiny, other"):
+        build_order(curve_jobs(cfg), ["elsewhere"], suite(cfg))
