@@ -420,8 +420,9 @@ class ControlEnv(gym.Env):
                 self.mask = ctx.space.validate(asked.copy())
                 self.run = LiveRun(ctx, self.mask, self.chunk, switchable=self.applies_changes)
         elif self.applies_changes:
+            assert self.run is not None
             if not np.array_equal(asked, self.mask):
-                self.mask, self.changes = asked.copy(), self.changes + 1
+                self.mask, self.changes = self.run.ctx.space.validate(asked.copy()), self.changes + 1
         elif not np.array_equal(asked, self._first):
             self.ignored += 1
         ended = self._advance(first)
