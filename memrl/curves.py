@@ -11,6 +11,8 @@ curve is on one scale (:mod:`memrl.reward`).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +27,7 @@ from memrl.reward import References, Reward
 from memrl.spec import SPEC_VERSION, with_derived_metrics
 from memrl.tables import REFERENCE_STEPS, curve_masks, reference_config
 from memrl.task import NOISE_SEEDS
+from memrl.utils import stable_hash
 
 __all__ = ["FULL", "CurveTable", "load_curves"]
 
@@ -52,6 +55,26 @@ class CurveTable:
     """(tasks, masks, seeds, checkpoints, groups) gradient-norm shares (NaN where not stored)."""
     sources: list[str] = field(default_factory=list)
     """Each task's data source (``data.source``): leave-one-source-out folds group by it."""
+
+    def digest(self, tasks: list[int]) -> str:
+        """A hash of everything stored for ``tasks`` (their curves, gradient shares and
+        references): what a result computed from those tasks depends on."""
+        arrays = [self.values[name][tasks] for name in sorted(self.values)]
+        if self.grad_share.size:
+            arrays.append(self.grad_share[tasks])
+        return stable_hash(
+            [
+                [self.names[t] for t in tasks],
+                self.masks,
+                self.steps.tolist(),
+                sorted(self.values),
+                [hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() for a in arrays],
+                [
+                    None if self.references[t] is None else dataclasses.asdict(self.references[t])
+                    for t in tasks
+                ],
+            ]
+        )
 
     def index(self, task: str | int, mask: str, steps: int, seed: int = 0) -> tuple[int, int, int, int]:
         """Array indices of a (task, mask, steps, seed); a StoreError names what is not in the table."""

@@ -317,8 +317,19 @@ def test_the_recipes_command_writes_its_table_and_record(curve_cfg, tmp_path):
 
     dump_config(curve_cfg, tmp_path / "curves.yaml")
     argv = ["recipes", "--config", str(tmp_path / "curves.yaml"), "--out", str(tmp_path / "out")]
-    controlled = ["--episodes", "64", "--n-seeds", "1", "--control-splits", "leave one task out"]
-    assert main([*argv, *controlled]) == 0  # with a controller, trained per fold
+    parts = tmp_path / "parts"
+    controlled = [
+        "--episodes",
+        "64",
+        "--n-seeds",
+        "1",
+        "--control-splits",
+        "leave one task out",
+        "--parts",
+        str(parts),
+    ]
+    assert main([*argv, *controlled]) == 0  # with a controller, trained per fold in 2 processes
+    assert len(list(parts.glob("*.json"))) == 2 * 3  # each fold's 3 variants kept: a rerun resumes
     text = (tmp_path / "out" / "recipes.md").read_text()
     assert "| leave one task out | early-stop | 1 |" in text and (tmp_path / "out" / "recipes.csv").is_file()
     for label in ("controller", "controller-no-signals", "controller-no-descriptor"):

@@ -117,10 +117,13 @@ def _recipes(cfg: Config, args: argparse.Namespace) -> tuple[list[dict[str, Any]
     rows = recipe_rows(table, cfg.reward, table_descriptors(cfg, table))
     if args.episodes:
         splits = tuple(s.strip() for s in args.control_splits.split(","))
+        from memrl.utils import cache_dir
+
+        parts = args.parts or cache_dir() / "benchmark" / "recipes"  # a rerun resumes from these
         rows += [
             r
             for seed in range(args.n_seeds)
-            for r in controller_rows(cfg, table, args.episodes, seed, splits)
+            for r in controller_rows(cfg, table, args.episodes, seed, splits, args.workers, parts)
         ]
     return rows, recipes_report(rows, table, cfg.reward)
 

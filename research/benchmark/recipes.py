@@ -31,6 +31,7 @@ import itertools
 import logging
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,7 @@ from memrl.descriptor import FAMILIES
 from memrl.errors import MemrlError
 from memrl.gp import calibrated_posterior, expected_improvement
 from memrl.tables import REFERENCE_STEPS
+from memrl.utils import stable_hash
 from research.benchmark.stats import grouped, iqm
 
 __all__ = [
@@ -412,61 +414,102 @@ def controller_rows(
     timesteps: int,
     seed: int = 0,
     splits: tuple[str, ...] = CONTROLLER_SPLITS,
+    workers: int = 1,
+    parts: Path | None = None,
 ) -> list[dict[str, Any]]:
     """A controller trained by replay (PPO, ``timesteps`` steps, uniform preferences) on each fold's
     training tasks (folds of ``splits``), run deterministically on its test task at every
     preference: the regret of the recipe it delivers, on the scale of :func:`recipe_regret`, with
-    its two ablations."""
+    its two ablations. One PPO run per training set and variant, in ``workers`` single-threaded
+    processes; with ``parts``, each run's rows are kept there and an interrupted run resumes."""
+    from research.benchmark.experiments import RESULTS_VERSION, in_parallel
+
     unknown = sorted(set(splits) - set(SPLITS))
     if unknown:
         raise MemrlError(f"--control-splits: unknown split(s) {unknown}; choose from {', '.join(SPLITS)}")
     train_cfg = cfg.with_changes(
         {"env.mode": "control", "env.backend": "replay", "env.preferences": "uniform", "seed": seed}
     )
-    descriptors: dict[int, np.ndarray] = {}
     shared: dict[tuple[int, ...], list[tuple[int, str]]] = {}
     for test, train, split in (f for f in curve_folds(table) if f[2] in splits):
         shared.setdefault(tuple(train), []).append((test, split))
-    rows = []
-    runs = len(shared) * len(CONTROLLER_VARIANTS)
-    for i, ((training, tests), (label, no_signals, no_descriptor)) in enumerate(
-        itertools.product(shared.items(), CONTROLLER_VARIANTS)
-    ):
-        start = time.perf_counter()
-        env = ControlEnv(train_cfg, curves=table, tasks=list(training), descriptors=descriptors)
-        env.zero_signals, env.zero_descriptor = no_signals, no_descriptor
-        model = build_ppo(train_cfg, env)
-        model.learn(timesteps)
-        log.info(
-            "%s %d/%d (seed %d): %d PPO steps on %d training tasks in %.0f s",
-            label,
-            i + 1,
-            runs,
-            seed,
-            timesteps,
-            len(training),
-            time.perf_counter() - start,
+    every = sorted({t for training, tests in shared.items() for t in (*training, *(u for u, _ in tests))})
+    descriptors: dict[int, np.ndarray] = {}
+    env = ControlEnv(train_cfg, curves=table, tasks=every, descriptors=descriptors)
+    for t in every:  # computed once here, not in every worker
+        env.descriptor(t)
+    work = [
+        (train_cfg, table, list(training), tests, variant, timesteps, seed, descriptors)
+        for training, tests in shared.items()
+        for variant in CONTROLLER_VARIANTS
+    ]
+    keys = [
+        stable_hash(
+            [
+                "controller",
+                train_cfg.hash(),
+                table.digest([*training, *(t for t, _ in tests)]),
+                tests,
+                variant,
+                timesteps,
+                seed,
+                RESULTS_VERSION,
+            ]
         )
-        judge = ControlEnv(train_cfg, curves=table, tasks=[t for t, _ in tests], descriptors=descriptors)
-        judge.zero_signals, judge.zero_descriptor = no_signals, no_descriptor
-        for (test, split), w in itertools.product(tests, PREFERENCES):
-            obs, _ = judge.reset(seed=seed, options={"dataset": test, "preference": [w, 1.0 - w, 0.0]})
-            done = False
-            while not done:
-                action, _ = model.predict(obs, deterministic=True)
-                obs, _, done, _, info = judge.step(action)
-            regret = recipe_regret(table, cfg.reward, test, w)[judge.mask_row, judge.checkpoint]
-            rows.append(
-                {
-                    "method": label,
-                    "task": table.names[test],
-                    "split": split,
-                    "memorization_weight": w,
-                    "fine_tunes": 1,
-                    "regret": float(regret),
-                    "recipe": f"{''.join(map(str, info['mask']))}@{info['delivered_steps']}",
-                    "picks": f"{judge.mask_row}:{judge.checkpoint}",
-                    "seed": seed,
-                }
-            )
+        for _, _, training, tests, variant, *_ in work
+    ]
+    log.info(
+        "controllers: %d PPO runs of %d steps (seed %d), %d workers", len(work), timesteps, seed, workers
+    )
+    return [r for rows in in_parallel(_controller_run, work, workers, keys, parts) for r in rows]
+
+
+def _controller_run(
+    train_cfg: Config,
+    table: CurveTable,
+    training: list[int],
+    tests: list[tuple[int, str]],
+    variant: tuple[str, bool, bool],
+    timesteps: int,
+    seed: int,
+    descriptors: dict[int, np.ndarray],
+) -> list[dict[str, Any]]:
+    """One controller (or ablation) trained on ``training`` and judged on ``tests``."""
+    label, no_signals, no_descriptor = variant
+    start = time.perf_counter()
+    env = ControlEnv(train_cfg, curves=table, tasks=training, descriptors=descriptors)
+    env.zero_signals, env.zero_descriptor = no_signals, no_descriptor
+    model = build_ppo(train_cfg, env)
+    model.learn(timesteps)
+    log.info(
+        "%s (seed %d): %d PPO steps on %d training tasks in %.0f s",
+        label,
+        seed,
+        timesteps,
+        len(training),
+        time.perf_counter() - start,
+    )
+    judge = ControlEnv(train_cfg, curves=table, tasks=[t for t, _ in tests], descriptors=descriptors)
+    judge.zero_signals, judge.zero_descriptor = no_signals, no_descriptor
+    rows = []
+    for (test, split), w in itertools.product(tests, PREFERENCES):
+        obs, _ = judge.reset(seed=seed, options={"dataset": test, "preference": [w, 1.0 - w, 0.0]})
+        done = False
+        while not done:
+            action, _ = model.predict(obs, deterministic=True)
+            obs, _, done, _, info = judge.step(action)
+        regret = recipe_regret(table, train_cfg.reward, test, w)[judge.mask_row, judge.checkpoint]
+        rows.append(
+            {
+                "method": label,
+                "task": table.names[test],
+                "split": split,
+                "memorization_weight": w,
+                "fine_tunes": 1,
+                "regret": float(regret),
+                "recipe": f"{''.join(map(str, info['mask']))}@{info['delivered_steps']}",
+                "picks": f"{judge.mask_row}:{judge.checkpoint}",
+                "seed": seed,
+            }
+        )
     return rows
