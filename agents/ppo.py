@@ -108,8 +108,9 @@ def build_ppo(cfg: Config, env, run_dir: Path | None = None) -> PPO:
         verbose=0,
     )
     if control:
+        head: Any = model.policy.action_net  # the Bernoulli logits: the stop bit is the last
         with torch.no_grad():
-            model.policy.action_net.bias[-1] = math.log(stop_prior(cfg) / (1 - stop_prior(cfg)))
+            head.bias[-1] = math.log(stop_prior(cfg) / (1 - stop_prior(cfg)))
     return model
 
 

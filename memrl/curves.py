@@ -69,10 +69,7 @@ class CurveTable:
                 self.steps.tolist(),
                 sorted(self.values),
                 [hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() for a in arrays],
-                [
-                    None if self.references[t] is None else dataclasses.asdict(self.references[t])
-                    for t in tasks
-                ],
+                [_as_dict(self.references[t]) for t in tasks],
             ]
         )
 
@@ -127,6 +124,10 @@ class CurveTable:
         return np.array(
             [self.references[t] is not None and not np.isnan(values[t]).any() for t in range(len(self.names))]
         )
+
+
+def _as_dict(references: References | None) -> dict[str, Any] | None:
+    return None if references is None else dataclasses.asdict(references)
 
 
 def load_curves(cfg: Config, metrics: tuple[str, ...] | None = None) -> CurveTable:

@@ -74,7 +74,7 @@ def set_trainable(model: DiffusionModel, prefixes: list[str]) -> None:
     """From the next update on, train only the parameters under ``prefixes`` among those a
     switchable run holds (:func:`finetune` with ``may_train``); the others stay as they are, their
     optimizer state kept, and get no update (not even weight decay) while frozen."""
-    held = getattr(model, "switchable", None)
+    held = model.switchable
     if held is None:
         raise ValueError("set_trainable needs a run started with finetune(..., may_train=[...])")
     for name, p in model.unet.named_parameters():

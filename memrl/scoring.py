@@ -178,7 +178,7 @@ class CurveRecorder:
         self._sums = torch.zeros(ctx.space.k, dtype=torch.float64)
 
     def _group_params(self, model: DiffusionModel) -> list[list[torch.nn.Parameter]]:
-        held = getattr(model, "switchable", set())  # a run whose groups change: every group it may train
+        held = model.switchable or set()  # a run whose groups change: every group it may train
         named = [(n, p) for n, p in model.unet.named_parameters() if p.requires_grad or n in held]
         return [
             [p for n, p in named if any(n == q or n.startswith(q + ".") for q in prefixes)]

@@ -50,6 +50,8 @@ class DiffusionModel(nn.Module):
 
     scheduler_config: dict[str, Any] | None = None
     """A pipeline's noise-scheduler config (None: diffusers' default 1000-step schedule)."""
+    switchable: set[str] | None = None
+    """A switchable fine-tune's parameter names (:func:`memrl.finetune.set_trainable`), else None."""
 
     def __init__(self, unet: Any, num_classes: int) -> None:
         super().__init__()
