@@ -109,8 +109,9 @@ def build_ppo(cfg: Config, env, run_dir: Path | None = None) -> PPO:
     )
     if control:
         head: Any = model.policy.action_net  # the Bernoulli logits: the stop bit is the last
+        p_stop = stop_prior(cfg)
         with torch.no_grad():
-            head.bias[-1] = math.log(stop_prior(cfg) / (1 - stop_prior(cfg)))
+            head.bias[-1] = math.log(p_stop / (1 - p_stop))
     return model
 
 

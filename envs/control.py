@@ -103,7 +103,7 @@ def guarded_run(
     mask (every group that trained) and the trace (steps, signals, groups and the stop decision at
     every pause)."""
     k, steps = ctx.space.k, ctx.cfg.finetune.steps
-    switchable = policy.card.get("config", {}).get("env", {}).get("mask_changes") == "apply"
+    switchable = policy.config.env.mask_changes == "apply"
     base = loss_metrics(ctx.base, ctx)
     zeros = np.zeros(k, dtype=np.float32)
 

@@ -9,7 +9,7 @@ from memrl.config import Config
 from memrl.data import ImageSet
 from memrl.errors import ConfigError
 from memrl.models import DiffusionModel
-from memrl.peft_methods import apply_method
+from memrl.peft_methods import apply_method, under
 from memrl.training import FinetuneResult, resolve_device, train_denoiser
 
 __all__ = ["finetune", "set_trainable"]
@@ -79,4 +79,4 @@ def set_trainable(model: DiffusionModel, prefixes: list[str]) -> None:
         raise ValueError("set_trainable needs a run started with finetune(..., may_train=[...])")
     for name, p in model.unet.named_parameters():
         if name in held:
-            p.requires_grad_(any(name == q or name.startswith(q + ".") for q in prefixes))
+            p.requires_grad_(under(name, prefixes))

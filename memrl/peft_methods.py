@@ -25,19 +25,20 @@ from torch.nn.utils import parametrize
 
 from memrl.registry import METHODS  # noqa: F401  (re-exported)
 
-__all__ = ["SpectralShift", "apply_method", "merge_adapters"]
+__all__ = ["SpectralShift", "apply_method", "merge_adapters", "under"]
 
 _NORMS = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d)
 _WEIGHTED = (nn.Linear, nn.Conv2d)
 
 
+def under(name: str, prefixes: list[str]) -> bool:
+    """Whether the module or parameter ``name`` sits at or below one of ``prefixes``."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
 def _modules_under(root: nn.Module, prefixes: list[str]) -> list[tuple[str, nn.Module]]:
     """Every (name, module) at or below one of ``prefixes``."""
-    out = []
-    for name, module in root.named_modules():
-        if any(name == p or name.startswith(p + ".") for p in prefixes):
-            out.append((name, module))
-    return out
+    return [(name, module) for name, module in root.named_modules() if under(name, prefixes)]
 
 
 def _attention_class() -> type:

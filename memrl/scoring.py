@@ -23,6 +23,7 @@ from memrl.finetune import finetune
 from memrl.metrics.membership import membership_auc, membership_metrics, tpr_at_fpr
 from memrl.metrics.memorization import copy_scores, denoising_loss, extraction_count, noise_norm
 from memrl.metrics.quality import fid_kid
+from memrl.peft_methods import under
 from memrl.sampling import sample
 from memrl.spec import EvalSpec, Evaluation
 from memrl.training import FinetuneResult
@@ -180,10 +181,7 @@ class CurveRecorder:
     def _group_params(self, model: DiffusionModel) -> list[list[torch.nn.Parameter]]:
         held = model.switchable or set()  # a run whose groups change: every group it may train
         named = [(n, p) for n, p in model.unet.named_parameters() if p.requires_grad or n in held]
-        return [
-            [p for n, p in named if any(n == q or n.startswith(q + ".") for q in prefixes)]
-            for prefixes in self.ctx.space.groups.values()
-        ]
+        return [[p for n, p in named if under(n, prefixes)] for prefixes in self.ctx.space.groups.values()]
 
     def grad_share(self) -> list[float]:
         """Each group's share of the gradient norm since the last call (then reset)."""

@@ -46,7 +46,7 @@ def live_rows(cfg: Config, policies: list[Path], tasks: list[str]) -> list[dict[
         policy = load_policy(path)
         if policy.card["action_mode"] != "control":
             raise ConfigError(f"--policy {path}: a {policy.card['action_mode']} policy, not a controller")
-        changes = policy.card["config"]["env"].get("mask_changes", "ignore")
+        changes = policy.config.env.mask_changes
         env_cfg = cfg.with_changes(
             {"env.mode": "control", "env.backend": "inprocess", "env.mask_changes": changes}
         )
