@@ -480,3 +480,26 @@ def test_a_controller_is_judged_on_held_out_tasks(curve_cfg):
     rows = controller_rows(cfg, table, 16, splits=("held out",))
     assert {r["task"] for r in rows} == {"other"} and {r["split"] for r in rows} == {"held out"}
     assert len(rows) == 3 * 3 and all(np.isfinite(r["regret"]) for r in rows)  # 3 variants x 3 preferences
+
+
+def test_the_controllers_entropy_is_tuned_leaving_a_training_source_out(curve_cfg):
+    from memrl.envs.control import control_metrics
+
+    from memrl.curves import load_curves
+    from memrl.errors import MemrlError
+    from research.benchmark.recipes import tune_controller, tuned_entropy, tuning_lines
+
+    table = load_curves(curve_cfg, control_metrics(curve_cfg))
+    cfg = curve_cfg.with_changes({"ppo.n_steps": 8, "ppo.batch_size": 4})
+    with pytest.raises(MemrlError, match="two sources or more"):
+        tune_controller(cfg, table, 16, seeds=1, grid=(0.0,))  # both tasks are digits: no fold
+    table.sources = ["digits", "fashion"]  # each task its own source: two folds
+    rows = tune_controller(cfg, table, 16, seeds=1, grid=(0.0, 0.5))
+    assert {r["split"] for r in rows} == {"leave one source out"}
+    assert {r["method"] for r in rows} == {"controller"}  # no ablations
+    assert sorted({r["ent_coef"] for r in rows}) == [0.0, 0.5] and len(rows) == 2 * 2 * 3  # grid x tasks x w
+    means = {c: np.mean([r["regret"] for r in rows if r["ent_coef"] == c]) for c in (0.0, 0.5)}
+    assert tuned_entropy(rows) == min(means, key=lambda c: (round(means[c], 6), c))
+    tie = [{"ent_coef": c, "regret": 0.1} for c in (0.3, 0.1)]
+    assert tuned_entropy(tie) == 0.1  # a tie goes to the smaller coefficient
+    assert f"| {tuned_entropy(rows):g} (chosen) |" in tuning_lines(rows)

@@ -21,6 +21,7 @@ searching the test task; judged at 1..4 or 1..16 fine-tunes):
 
     python -m research.benchmark transfer --n-seeds 10   # --episodes (one-shot PPO), --search-episodes
     python -m research.benchmark tune --n-seeds 2      # --method ppo-search|ppo|regression, --nested
+    python -m research.benchmark tune --method controller --config bench3 --n-seeds 2   # curve suites
     python -m research.benchmark modes --n-seeds 3
     python -m research.benchmark claims
     python -m research.benchmark findings              # best masks per task, seed noise (no method runs)
@@ -39,6 +40,8 @@ at (``tune-METHOD.csv``, ``tune-METHOD.md``); the chosen values go in ``configs/
 ``ppo`` (the PPO policies) and ``research.benchmark.methods`` (the regression). The leave-one-out
 split of ``transfer`` then scores methods tuned on its own test tasks (optimistic); ``--nested``
 adds the honest figure: each left-out task's setting chosen on inner folds without it.
+``tune --method controller`` chooses the controller's PPO entropy coefficient on a curve suite by
+leaving one *training* source out (``tune-controller.*``; the choice goes in the suite's ``ppo``).
 ``modes`` compares mask mode with sequential mode (one group per step): the zero-shot regret of
 each one's first proposal after the same numbers of training episodes (``modes.*``).
 ``claims`` checks the MemControl paper's findings at small scale (``claims.*``): full fine-tuning
@@ -97,6 +100,8 @@ from research.benchmark.recipes import (
     recipe_rows,
     recipes_report,
     table_descriptors,
+    tune_controller,
+    tuning_lines,
 )
 from research.benchmark.stats import (
     plot_curves,
@@ -126,6 +131,18 @@ def _recipes(cfg: Config, args: argparse.Namespace) -> tuple[list[dict[str, Any]
             for r in controller_rows(cfg, table, args.episodes, seed, splits, args.workers, parts)
         ]
     return rows, recipes_report(rows, table, cfg.reward)
+
+
+def _tune_controller(cfg: Config, args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
+    """``tune --method controller``: the controller's entropy coefficient, leave one training
+    source out on a curve suite (:func:`research.benchmark.recipes.tune_controller`)."""
+    from memrl.utils import cache_dir
+
+    table = load_curves(cfg, control_metrics(cfg))
+    parts = args.parts or cache_dir() / "benchmark" / "recipes"  # shared with recipes: same keys
+    timesteps = args.episodes or cfg.ppo.total_timesteps
+    rows = tune_controller(cfg, table, timesteps, args.n_seeds, args.workers, parts)
+    return rows, tuning_lines(rows)
 
 
 def _live(cfg: Config, args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
@@ -193,9 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--method",
-        choices=tuple(TUNE_GRIDS),
+        choices=(*TUNE_GRIDS, "controller"),
         default="ppo-search",
-        help="tune: whose settings (the search policy, the one-shot PPO policy, the regression)",
+        help="tune: whose settings (the search policy, the one-shot PPO policy, the regression; the "
+        "controller's entropy coefficient on a curve suite, --episodes PPO steps per fold)",
     )
     parser.add_argument(
         "--nested",
@@ -253,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             text = summarise(rows)
             plot_transfer(rows, args.out / "transfer.png")
+        elif args.command == "tune" and args.method == "controller":
+            rows, text = _tune_controller(cfg, args)
+            name = "tune-controller"
         elif args.command == "tune":
             rows = tune(cfg, args.n_seeds, args.method, workers=args.workers, parts=parts, nested=args.nested)
             text = tuning_report(rows, args.nested)
