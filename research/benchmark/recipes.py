@@ -521,7 +521,7 @@ def _controller_run(
     return rows
 
 
-ENTROPY_GRID = (0.01, 0.03, 0.1, 0.3)
+ENTROPY_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
 """The PPO entropy coefficients ``tune --method controller`` tries. The controller's first action
 picks a mask bit by bit, so moving between two single-group masks passes through worse ones; too
 little entropy and PPO settles on one recipe for every task (measured: 0.01 on suite v3's 11
