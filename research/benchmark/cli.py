@@ -115,6 +115,14 @@ from research.benchmark.stats import (
 __all__ = ["REPORTS", "main", "run_record", "tuning_report"]
 
 
+def _controller_parts(args: argparse.Namespace) -> Path:
+    """Where controller runs keep their rows (``--parts``, else one cache folder for ``recipes`` and
+    ``tune --method controller``: their keys agree, so a run of one resumes the other's)."""
+    from memrl.utils import cache_dir
+
+    return args.parts or cache_dir() / "benchmark" / "recipes"
+
+
 def _recipes(cfg: Config, args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
     """The rules on a curve suite (``--config bench3``), and with ``--episodes N`` a controller
     trained for N PPO steps per fold and seed, with its ablations."""
@@ -122,9 +130,7 @@ def _recipes(cfg: Config, args: argparse.Namespace) -> tuple[list[dict[str, Any]
     rows = recipe_rows(table, cfg.reward, table_descriptors(cfg, table))
     if args.episodes:
         splits = tuple(s.strip() for s in args.control_splits.split(","))
-        from memrl.utils import cache_dir
-
-        parts = args.parts or cache_dir() / "benchmark" / "recipes"  # a rerun resumes from these
+        parts = _controller_parts(args)
         rows += [
             r
             for seed in range(args.n_seeds)
@@ -136,12 +142,9 @@ def _recipes(cfg: Config, args: argparse.Namespace) -> tuple[list[dict[str, Any]
 def _tune_controller(cfg: Config, args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
     """``tune --method controller``: the controller's entropy coefficient, leave one training
     source out on a curve suite (:func:`research.benchmark.recipes.tune_controller`)."""
-    from memrl.utils import cache_dir
-
     table = load_curves(cfg, control_metrics(cfg))
-    parts = args.parts or cache_dir() / "benchmark" / "recipes"  # shared with recipes: same keys
     timesteps = args.episodes or cfg.ppo.total_timesteps
-    rows = tune_controller(cfg, table, timesteps, args.n_seeds, args.workers, parts)
+    rows = tune_controller(cfg, table, timesteps, args.n_seeds, args.workers, _controller_parts(args))
     return rows, tuning_lines(rows)
 
 
