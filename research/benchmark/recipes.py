@@ -428,7 +428,26 @@ def controller_rows(
     its ablations (``variants``). One PPO run per training set and variant, in ``workers``
     single-threaded processes; with ``parts``, each run's rows are kept there and an interrupted
     run resumes."""
-    from research.benchmark.experiments import RESULTS_VERSION, in_parallel
+    from research.benchmark.experiments import in_parallel
+
+    work, keys = _controller_work(cfg, table, timesteps, seed, splits, variants)
+    log.info(
+        "controllers: %d PPO runs of %d steps (seed %d), %d workers", len(work), timesteps, seed, workers
+    )
+    return [r for rows in in_parallel(_controller_run, work, workers, keys, parts) for r in rows]
+
+
+def _controller_work(
+    cfg: Config,
+    table: CurveTable,
+    timesteps: int,
+    seed: int,
+    splits: tuple[str, ...],
+    variants: tuple[tuple[str, bool, bool], ...],
+) -> tuple[list[tuple[Any, ...]], list[str]]:
+    """:func:`controller_rows`' PPO runs (arguments of :func:`_controller_run`) and their keys: one
+    per training set of ``splits``' folds and variant."""
+    from research.benchmark.experiments import RESULTS_VERSION
 
     unknown = sorted(set(splits) - set(SPLITS))
     if unknown:
@@ -464,10 +483,7 @@ def controller_rows(
         )
         for _, _, training, tests, variant, *_ in work
     ]
-    log.info(
-        "controllers: %d PPO runs of %d steps (seed %d), %d workers", len(work), timesteps, seed, workers
-    )
-    return [r for rows in in_parallel(_controller_run, work, workers, keys, parts) for r in rows]
+    return work, keys
 
 
 def _controller_run(
@@ -546,14 +562,20 @@ def tune_controller(
             "tune --method controller leaves one training source out: the curve table needs complete "
             "training tasks of two sources or more (python -m memrl.tables build --config ...)"
         )
-    rows = []
-    for coef, seed in itertools.product(grid, range(seeds)):
+    from research.benchmark.experiments import in_parallel
+
+    work: list[tuple[Any, ...]] = []
+    keys: list[str] = []
+    coefs: list[float] = []
+    for coef, seed in itertools.product(grid, range(seeds)):  # one pool for every run: workers stay busy
         tuned = cfg.with_changes({"ppo.ent_coef": coef})
-        found = controller_rows(
-            tuned, table, timesteps, seed, ("leave one source out",), workers, parts, CONTROLLER_VARIANTS[:1]
+        found, found_keys = _controller_work(
+            tuned, table, timesteps, seed, ("leave one source out",), CONTROLLER_VARIANTS[:1]
         )
-        rows += [{**r, "ent_coef": coef} for r in found]
-    return rows
+        work, keys, coefs = work + found, keys + found_keys, coefs + [coef] * len(found)
+    log.info("tuning: %d PPO runs of %d steps, %d workers", len(work), timesteps, workers)
+    results = in_parallel(_controller_run, work, workers, keys, parts)
+    return [{**r, "ent_coef": coef} for rows, coef in zip(results, coefs) for r in rows]
 
 
 def tuned_entropy(rows: list[dict[str, Any]]) -> float:
