@@ -7,14 +7,16 @@ family in hindsight (an oracle per family, chosen on fine-tune seed 0):
 * (a) ``masks@150``: the curve table's masks at 150 steps (the fixed-length search of today),
 * (b) ``ones@any``: the mask of ones (every attention group) stopped at any checkpoint,
 * (c) ``full@any``: full fine-tuning (every parameter, MemControl's baseline) stopped at any checkpoint,
-* (d) ``any``: any (mask of groups, steps) of the table.
+* (d) ``any``: any (mask of groups, steps) of the table,
+* (e) ``masks@first``: the masks stopped at the first checkpoint (25 steps on bench3): ``any`` minus
+  this is all a stopping decision can add once the mask is right.
 
 Regret on the recipes benchmark's scale (:func:`research.benchmark.recipes.regret_array`: 0 = the
 task's best mask-of-groups point at seed 0, 1 = its worst; full fine-tuning may go below 0), means
 per split with 95% intervals and paired differences that resample tasks and fine-tune noise
 (:func:`research.benchmark.recipes.bootstrap_means`: the oracle's pick is re-run with another seed,
 so a pick that won by luck on seed 0 pays for it). Each task's Pareto front of (memorization term,
-quality term) for (a)-(d) with its hypervolume (reference point (1.5, 1.5), terms clipped to
+quality term) for (a)-(e) with its hypervolume (reference point (1.5, 1.5), terms clipped to
 [0, 1.5]). Plots: the fronts and the curves of a few tasks.
 
     python bench/premise.py --config bench3 --out docs/premise
@@ -48,7 +50,7 @@ from research.benchmark.recipes import (  # noqa: E402
     summary_lines,
 )
 
-METHODS = ("masks@150", "ones@any", "full@any", "any")
+METHODS = ("masks@150", "ones@any", "full@any", "any", "masks@first")
 REF_POINT = 1.5
 SPLITS = {False: "training", True: "held out"}
 
@@ -65,6 +67,7 @@ def family_points(table: CurveTable, at: int = REFERENCE_STEPS) -> dict[str, lis
         "ones@any": [(ones, c) for c in every],
         "full@any": [(full, c) for c in every],
         "any": [(m, c) for m in masks for c in every],
+        "masks@first": [(m, 0) for m in masks],
     }
 
 
@@ -123,7 +126,13 @@ def report(table: CurveTable, reward: Any, rows: list[dict[str, Any]]) -> str:
         "",
     ]
     out += ["| split | comparison | difference | re-run [95% interval] |", "|---|---|---|---|"]
-    pairs = [("ones@any", "masks@150"), ("full@any", "masks@150"), ("any", "masks@150"), ("any", "ones@any")]
+    pairs = [
+        ("ones@any", "masks@150"),
+        ("full@any", "masks@150"),
+        ("any", "masks@150"),
+        ("any", "ones@any"),
+        ("any", "masks@first"),
+    ]
     for split in dict.fromkeys(r["split"] for r in rows):
         for a, b in pairs:
             diff = draws[(split, a, 1)] - draws[(split, b, 1)]
@@ -148,7 +157,7 @@ def plot(table: CurveTable, reward: Any, out: Path, n_tasks: int = 6) -> list[Pa
     steps for the mask of ones, full fine-tuning and the best mask at 150 steps)."""
     plt = pyplot()
     tasks = [int(t) for t in np.flatnonzero(table.complete())][:n_tasks]
-    colours = dict(zip(METHODS, ("tab:blue", "tab:orange", "tab:red", "tab:grey"), strict=True))
+    colours = dict(zip(METHODS, ("tab:blue", "tab:orange", "tab:red", "tab:grey", "tab:green"), strict=True))
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.2), squeeze=False)
     for ax, t in zip(axes[0], tasks, strict=True):
         for method, points in family_terms(table, reward, t).items():

@@ -148,6 +148,8 @@ def test_a_curve_table_replays_every_stored_point_on_fixed_references(tmp_path):
     assert best["any"] == 0.0 and best["any"] <= min(best["masks@150"], best["ones@any"])
     regret = premise.recipe_regret(table, cfg.reward, 0, 0.5)
     assert best["ones@any"] == pytest.approx(float(np.min(regret[table.masks.index("1111")])))
+    groups = [i for i, m in enumerate(table.masks) if m != FULL]
+    assert best["masks@first"] == pytest.approx(float(np.min(regret[groups, 0])))  # shortest fine-tune
     square = np.array([[0.5, 0.5], [1.0, 0.0], [2.0, 2.0]])
     assert premise.hypervolume(square) == pytest.approx(1.0 * 1.0 + 0.5 * 0.5)
     with pytest.raises(StoreError, match="steps=5 is not a checkpoint"):
