@@ -11,6 +11,9 @@ family in hindsight (an oracle per family, chosen on fine-tune seed 0):
 * (e) ``masks@first``: the masks stopped at the first checkpoint (25 steps on bench3): ``any`` minus
   this is all a stopping decision can add once the mask is right.
 
+Beside them, no fine-tune at all (the base model, the task's own reference) on the same scale: a
+task where it scores below 0 is one where every recipe makes the model worse for every preference.
+
 Regret on the recipes benchmark's scale (:func:`research.benchmark.recipes.regret_array`: 0 = the
 task's best mask-of-groups point at seed 0, 1 = its worst; full fine-tuning may go below 0), means
 per split with 95% intervals and paired differences that resample tasks and fine-tune noise
@@ -37,7 +40,7 @@ from memrl.cli import add_config_args, config_from_args
 from memrl.config import dump_config
 from memrl.curves import FULL, CurveTable, load_curves
 from memrl.report import pyplot, save_figure
-from memrl.reward import pareto_front
+from memrl.reward import Reward, pareto_front
 from memrl.tables import REFERENCE_STEPS
 from memrl.utils import atomic_write_text, package_versions
 
@@ -46,6 +49,7 @@ from research.benchmark.recipes import (  # noqa: E402
     PREFERENCES,
     bootstrap_means,
     recipe_regret,
+    regret_scale,
     rerun,
     summary_lines,
 )
@@ -96,6 +100,17 @@ def premise_rows(table: CurveTable, reward: Any, at: int = REFERENCE_STEPS) -> l
     return rows
 
 
+def base_regret(table: CurveTable, reward: Any, t: int, w: float) -> float:
+    """Regret of not fine-tuning task ``t`` (its base-model reference) on :func:`recipe_regret`'s
+    scale; below 0 where the base model beats every stored recipe."""
+    refs = table.references[t]
+    assert refs is not None  # complete tasks have references
+    terms = Reward(reward, refs).terms(refs.none)
+    value = -(w * terms["memorization_term"] + (1 - w) * terms["quality_term"])
+    best, worst = regret_scale(table, reward, t, w)
+    return (best - value) / max(best - worst, 1e-9)
+
+
 def hypervolume(points: np.ndarray) -> float:
     """Area dominated by ``points`` (both coordinates minimised) up to (REF_POINT, REF_POINT)."""
     pts = np.clip(points[np.isfinite(points).all(axis=1)], 0, REF_POINT)
@@ -140,6 +155,24 @@ def report(table: CurveTable, reward: Any, rows: list[dict[str, Any]]) -> str:
                 [r["regret"] for r in rows if (r["split"], r["method"]) == (split, a)]
             ) - np.mean([r["regret"] for r in rows if (r["split"], r["method"]) == (split, b)])
             out.append(f"| {split} | {a} - {b} | {observed:+.3f} | {rerun(diff, signed=True)} |")
+    out += [
+        "",
+        "No fine-tune at all (the base model): its regret on the same scale, and the tasks where it "
+        "beats every stored recipe at every preference.",
+        "",
+        "| split | mean regret | w=0.25 | w=0.5 | w=0.75 | tasks where no fine-tune is best |",
+        "|---|---|---|---|---|---|",
+    ]
+    done = [int(t) for t in np.flatnonzero(table.complete())]
+    for split in dict.fromkeys(SPLITS[bool(table.heldout[t])] for t in done):
+        tasks = [t for t in done if SPLITS[bool(table.heldout[t])] == split]
+        base = np.array([[base_regret(table, reward, t, w) for w in PREFERENCES] for t in tasks])
+        never = [table.names[t] for t, row in zip(tasks, base, strict=True) if (row < 0).all()]
+        out.append(
+            f"| {split} | {base.mean():.3f} | "
+            + " | ".join(f"{v:.3f}" for v in base.mean(axis=0))
+            + f" | {len(never)} of {len(tasks)}: {', '.join(never) or 'none'} |"
+        )
     out += ["", "Hypervolume of each family's (memorization, quality) front per task (larger: better).", ""]
     out += ["| task | split | " + " | ".join(METHODS) + " |", "|---|---|" + "---|" * len(METHODS)]
     for t in np.flatnonzero(table.complete()):

@@ -150,6 +150,12 @@ def test_a_curve_table_replays_every_stored_point_on_fixed_references(tmp_path):
     assert best["ones@any"] == pytest.approx(float(np.min(regret[table.masks.index("1111")])))
     groups = [i for i, m in enumerate(table.masks) if m != FULL]
     assert best["masks@first"] == pytest.approx(float(np.min(regret[groups, 0])))  # shortest fine-tune
+    refs = table.references[0]
+    as_base = Reward(cfg.reward, refs).terms(refs.none)  # the base model's own metrics as a recipe
+    value = -(0.5 * as_base["memorization_term"] + 0.5 * as_base["quality_term"])
+    rewards = table.rewards(cfg.reward, 0, 0.5)[groups, 0, :]
+    expected = (rewards.max() - value) / (rewards.max() - rewards.min())
+    assert premise.base_regret(table, cfg.reward, 0, 0.5) == pytest.approx(expected)
     square = np.array([[0.5, 0.5], [1.0, 0.0], [2.0, 2.0]])
     assert premise.hypervolume(square) == pytest.approx(1.0 * 1.0 + 0.5 * 0.5)
     with pytest.raises(StoreError, match="steps=5 is not a checkpoint"):
