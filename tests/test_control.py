@@ -477,9 +477,10 @@ def test_a_controller_is_judged_on_held_out_tasks(curve_cfg):
     table = load_curves(curve_cfg, control_metrics(curve_cfg))
     table.heldout[1] = True  # "other" held out: trained on "tiny" alone
     cfg = curve_cfg.with_changes({"ppo.n_steps": 8, "ppo.batch_size": 4})
-    rows = controller_rows(cfg, table, 16, splits=("held out",))
+    rows = controller_rows(cfg, table, 16, seeds=(0, 1), splits=("held out",))
     assert {r["task"] for r in rows} == {"other"} and {r["split"] for r in rows} == {"held out"}
-    assert len(rows) == 3 * 3 and all(np.isfinite(r["regret"]) for r in rows)  # 3 variants x 3 preferences
+    assert {r["seed"] for r in rows} == {0, 1}  # every seed's runs in one pool
+    assert len(rows) == 2 * 3 * 3 and all(np.isfinite(r["regret"]) for r in rows)  # seeds x variants x w
 
 
 def test_the_controllers_entropy_is_tuned_leaving_a_training_source_out(curve_cfg):

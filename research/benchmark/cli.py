@@ -131,11 +131,8 @@ def _recipes(cfg: Config, args: argparse.Namespace) -> tuple[list[dict[str, Any]
     if args.episodes:
         splits = tuple(s.strip() for s in args.control_splits.split(","))
         parts = _controller_parts(args)
-        rows += [
-            r
-            for seed in range(args.n_seeds)
-            for r in controller_rows(cfg, table, args.episodes, seed, splits, args.workers, parts)
-        ]
+        seeds = tuple(range(args.n_seeds))
+        rows += controller_rows(cfg, table, args.episodes, seeds, splits, args.workers, parts)
     return rows, recipes_report(rows, table, cfg.reward)
 
 

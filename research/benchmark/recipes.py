@@ -416,7 +416,7 @@ def controller_rows(
     cfg: Config,
     table: CurveTable,
     timesteps: int,
-    seed: int = 0,
+    seeds: tuple[int, ...] = (0,),
     splits: tuple[str, ...] = CONTROLLER_SPLITS,
     workers: int = 1,
     parts: Path | None = None,
@@ -425,14 +425,18 @@ def controller_rows(
     """A controller trained by replay (PPO, ``timesteps`` steps, uniform preferences) on each fold's
     training tasks (folds of ``splits``), run deterministically on its test task at every
     preference: the regret of the recipe it delivers, on the scale of :func:`recipe_regret`, with
-    its ablations (``variants``). One PPO run per training set and variant, in ``workers``
-    single-threaded processes; with ``parts``, each run's rows are kept there and an interrupted
-    run resumes."""
+    its ablations (``variants``). One PPO run per training set, variant and seed of ``seeds``, all
+    in one pool of ``workers`` single-threaded processes; with ``parts``, each run's rows are kept
+    there and an interrupted run resumes."""
     from research.benchmark.experiments import in_parallel
 
-    work, keys = _controller_work(cfg, table, timesteps, seed, splits, variants)
+    work: list[tuple[Any, ...]] = []
+    keys: list[str] = []
+    for seed in seeds:
+        found, found_keys = _controller_work(cfg, table, timesteps, seed, splits, variants)
+        work, keys = work + found, keys + found_keys
     log.info(
-        "controllers: %d PPO runs of %d steps (seed %d), %d workers", len(work), timesteps, seed, workers
+        "controllers: %d PPO runs of %d steps (seeds %s), %d workers", len(work), timesteps, seeds, workers
     )
     return [r for rows in in_parallel(_controller_run, work, workers, keys, parts) for r in rows]
 
