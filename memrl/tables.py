@@ -145,16 +145,27 @@ def curve_jobs(cfg: Config) -> list[Job]:
     return out + noise
 
 
-def build_order(todo: list[Job], first: list[str], entries: list[Any]) -> list[Job]:
-    """``todo`` with the rows of the tasks named in ``first`` (noise seeds aside) moved ahead, in
-    their order otherwise; a name that is not one of ``entries``' tasks is refused by name."""
+def build_order(
+    todo: list[Job], first: list[str], entries: list[Any], noise_first: list[str] | None = None
+) -> list[Job]:
+    """``todo`` with the rows of the tasks named in ``first`` (noise seeds aside) moved ahead, then
+    the noise-seed rows of those in ``noise_first``, in their order otherwise; a name that is not
+    one of ``entries``' tasks is refused by name."""
     names = [e.name for e in entries]
-    unknown = [t for t in first if t not in names]
-    if unknown:
-        raise ConfigError(
-            f"--first {' '.join(unknown)}: no such task in this suite; its tasks: {', '.join(names)}"
-        )
-    return sorted(todo, key=lambda j: not (j.task in first and j.kind != "noise"))
+    noise_first = noise_first or []
+    for flag, asked in (("--first", first), ("--noise-first", noise_first)):
+        unknown = [t for t in asked if t not in names]
+        if unknown:
+            raise ConfigError(
+                f"{flag} {' '.join(unknown)}: no such task in this suite; its tasks: {', '.join(names)}"
+            )
+
+    def rank(j: Job) -> int:
+        if j.kind != "noise":
+            return 0 if j.task in first else 2
+        return 1 if j.task in noise_first else 2
+
+    return sorted(todo, key=rank)
 
 
 def jobs(cfg: Config) -> list[Job]:
@@ -242,19 +253,21 @@ def build(
     seed_from: Path | None = None,
     backend: str = "pool",
     first: list[str] | None = None,
+    noise_first: list[str] | None = None,
 ) -> int:
     """Evaluate every missing row into the working store (after importing ``seed_from``, a
     table built earlier): ``workers`` single-threaded local processes (``pool``), or Ray tasks
     (``ray``: ``workers`` at a time, on the cluster of ``ray.address``); ``first``: these tasks'
-    rows, noise seeds aside, before the rest (in :func:`jobs`' order otherwise). Returns how many
-    were evaluated."""
+    rows, noise seeds aside, before the rest, then ``noise_first``: these tasks' noise-seed rows
+    (in :func:`jobs`' order otherwise). Returns how many were evaluated."""
 
     if seed_from is not None and seed_from.is_file():
         log.info("imported %d rows from %s", import_rows(store_path, seed_from), seed_from)
     store = EvaluationStore(store_path)
     todo_all = jobs(cfg)
     have = store.hashes()
-    todo = build_order([j for j in todo_all if j.spec.hash not in have], first or [], suite(cfg))[:limit]
+    missing = [j for j in todo_all if j.spec.hash not in have]
+    todo = build_order(missing, first or [], suite(cfg), noise_first)[:limit]
     log.info(
         "%d of %d evaluations stored; %d to run with %d workers x %d threads",
         len(todo_all) - len([j for j in todo_all if j.spec.hash not in have]),
@@ -439,6 +452,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="build: these tasks' rows (noise seeds aside) before the rest",
     )
+    parser.add_argument(
+        "--noise-first",
+        nargs="+",
+        default=None,
+        help="build: then these tasks' noise-seed rows (what intervals over fine-tune noise need)",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     if args.log:
@@ -472,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
                 shipped,
                 args.backend,
                 args.first,
+                args.noise_first,
             )
             print(f"evaluated {n}; working store {store_path}")
         elif args.command == "status":

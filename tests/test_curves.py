@@ -244,3 +244,11 @@ def test_every_tasks_seed_0_curves_are_built_before_any_noise_row():
     ]
     with pytest.raises(ConfigError, match="--first elsewhere: no such task .* tiny, other"):
         build_order(curve_jobs(cfg), ["elsewhere"], suite(cfg))
+    jobs = build_order(curve_jobs(cfg), ["other"], suite(cfg), ["other"])  # and --noise-first other
+    order = [(j.task, j.kind) for j in jobs]
+    m = sum(1 for t, k in kinds if t == "other" and k == "noise")
+    assert order[:n] == [x for x in kinds if x[0] == "other" and x[1] != "noise"]
+    assert order[n : n + m] == [x for x in kinds if x == ("other", "noise")]  # its noise rows next
+    assert ("tiny", "noise") not in order[: n + m]
+    with pytest.raises(ConfigError, match="--noise-first elsewhere: no such task"):
+        build_order(curve_jobs(cfg), [], suite(cfg), ["elsewhere"])
