@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: re
 from research.benchmark.recipes import (  # noqa: E402
     PREFERENCES,
     bootstrap_means,
+    noise_line,
     recipe_regret,
     regret_scale,
     rerun,
@@ -133,7 +134,7 @@ def family_terms(table: CurveTable, reward: Any, t: int) -> dict[str, np.ndarray
 
 def report(table: CurveTable, reward: Any, rows: list[dict[str, Any]]) -> str:
     draws = bootstrap_means(rows, table, reward)
-    out = summary_lines(rows, draws, what="family")
+    out = summary_lines(rows, draws, what="family") + ["", noise_line(table)]
     out += [
         "",
         "Paired differences (first minus second; negative: the first is better), at seed 0 and re-run "

@@ -156,6 +156,9 @@ def test_a_curve_table_replays_every_stored_point_on_fixed_references(tmp_path):
     rewards = table.rewards(cfg.reward, 0, 0.5)[groups, 0, :]
     expected = (rewards.max() - value) / (rewards.max() - rewards.min())
     assert premise.base_regret(table, cfg.reward, 0, 0.5) == pytest.approx(expected)
+    assert "Fine-tune noise: 1 of 1 tasks have noise-seed rows (tiny)" in premise.noise_line(table)
+    table.values["heldout_loss"][:, :, 1:] = np.nan  # no noise seeds: the intervals say so
+    assert "no task has noise-seed rows yet" in premise.noise_line(table)
     square = np.array([[0.5, 0.5], [1.0, 0.0], [2.0, 2.0]])
     assert premise.hypervolume(square) == pytest.approx(1.0 * 1.0 + 0.5 * 0.5)
     with pytest.raises(StoreError, match="steps=5 is not a checkpoint"):

@@ -335,6 +335,23 @@ def bootstrap_means(
     return out
 
 
+def noise_line(table: CurveTable) -> str:
+    """What the re-run intervals resample: how many complete tasks have noise-seed rows
+    (:func:`bootstrap_means` borrows theirs for the others)."""
+    done = [int(t) for t in np.flatnonzero(table.complete())]
+    values = table.values["heldout_loss"]  # (tasks, masks, seeds, checkpoints)
+    noisy = [t for t in done if (~np.isnan(values[t]).any(axis=(1, 2))).any()]
+    if not noisy:
+        return (
+            "Fine-tune noise: no task has noise-seed rows yet, so the re-run intervals resample "
+            "tasks (and a controller's PPO seeds) only."
+        )
+    return (
+        f"Fine-tune noise: {len(noisy)} of {len(done)} tasks have noise-seed rows "
+        f"({', '.join(table.names[t] for t in noisy)}); the others borrow their seed-to-seed differences."
+    )
+
+
 def rerun(draws: np.ndarray, signed: bool = False) -> str:
     """``mean [2.5%, 97.5%]`` of bootstrap draws (:func:`bootstrap_means`)."""
     lo, hi = np.percentile(draws, [2.5, 97.5])
@@ -375,7 +392,7 @@ def recipes_report(rows: list[dict[str, Any]], table: CurveTable, reward: Reward
     noise (:func:`bootstrap_means`), IQM, worst task and the mean per preference; then every rule's
     paired difference from the controller (or, without one, from the single best recipe)."""
     draws = bootstrap_means(rows, table, reward)
-    out = summary_lines(rows, draws)
+    out = summary_lines(rows, draws) + ["", noise_line(table)]
     reference = "controller" if any(r["method"] == "controller" for r in rows) else "single-best-recipe"
     out += [
         "",
