@@ -38,7 +38,7 @@ import numpy as np
 
 from memrl.cli import add_config_args, config_from_args
 from memrl.config import dump_config
-from memrl.curves import FULL, CurveTable, load_curves
+from memrl.curves import FULL, CurveTable, load_curves, preference_reward
 from memrl.report import pyplot, save_figure
 from memrl.reward import Reward, pareto_front
 from memrl.tables import REFERENCE_STEPS
@@ -107,7 +107,7 @@ def base_regret(table: CurveTable, reward: Any, t: int, w: float) -> float:
     refs = table.references[t]
     assert refs is not None  # complete tasks have references
     terms = Reward(reward, refs).terms(refs.none)
-    value = -(w * terms["memorization_term"] + (1 - w) * terms["quality_term"])
+    value = float(preference_reward(np.array([terms["memorization_term"], terms["quality_term"]]), w))
     best, worst = regret_scale(table, reward, t, w)
     return (best - value) / max(best - worst, 1e-9)
 

@@ -115,8 +115,7 @@ class CurveTable:
 
     def rewards(self, reward: RewardConfig, task: int, w: float) -> np.ndarray:
         """(masks, seeds, checkpoints) rewards at memorization weight ``w`` (quality ``1 - w``)."""
-        terms = self.terms(reward, task)
-        return -(w * terms[..., 0] + (1 - w) * terms[..., 1])
+        return preference_reward(self.terms(reward, task), w)
 
     def complete(self, metric: str = "heldout_loss") -> np.ndarray:
         """(tasks,) whether every mask of seed 0 has its whole curve and the references exist."""
@@ -124,6 +123,12 @@ class CurveTable:
         return np.array(
             [self.references[t] is not None and not np.isnan(values[t]).any() for t in range(len(self.names))]
         )
+
+
+def preference_reward(terms: np.ndarray, w: float) -> np.ndarray:
+    """The reward of (..., 2) memorization and quality terms at memorization weight ``w`` (quality
+    ``1 - w``): what every curve point and replayed recipe is ranked by."""
+    return -(w * terms[..., 0] + (1 - w) * terms[..., 1])
 
 
 def _as_dict(references: References | None) -> dict[str, Any] | None:

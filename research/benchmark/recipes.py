@@ -445,17 +445,32 @@ def controller_rows(
     its ablations (``variants``). One PPO run per training set, variant and seed of ``seeds``, all
     in one pool of ``workers`` single-threaded processes; with ``parts``, each run's rows are kept
     there and an interrupted run resumes."""
+    settings = [(cfg, seed) for seed in seeds]
+    runs = _run_controllers(settings, table, timesteps, splits, variants, workers, parts)
+    return [r for _, rows in runs for r in rows]
+
+
+def _run_controllers(
+    settings: list[tuple[Config, int]],
+    table: CurveTable,
+    timesteps: int,
+    splits: tuple[str, ...],
+    variants: tuple[tuple[str, bool, bool], ...],
+    workers: int,
+    parts: Path | None,
+) -> list[tuple[int, list[dict[str, Any]]]]:
+    """Every PPO run of every (config, seed) of ``settings`` (:func:`_controller_work`) in one pool,
+    so the workers stay busy: each run's rows with the index of its setting."""
     from research.benchmark.experiments import in_parallel
 
     work: list[tuple[Any, ...]] = []
     keys: list[str] = []
-    for seed in seeds:
+    owners: list[int] = []
+    for i, (cfg, seed) in enumerate(settings):
         found, found_keys = _controller_work(cfg, table, timesteps, seed, splits, variants)
-        work, keys = work + found, keys + found_keys
-    log.info(
-        "controllers: %d PPO runs of %d steps (seeds %s), %d workers", len(work), timesteps, seeds, workers
-    )
-    return [r for rows in in_parallel(_controller_run, work, workers, keys, parts) for r in rows]
+        work, keys, owners = work + found, keys + found_keys, owners + [i] * len(found)
+    log.info("controllers: %d PPO runs of %d steps, %d workers", len(work), timesteps, workers)
+    return list(zip(owners, in_parallel(_controller_run, work, workers, keys, parts), strict=True))
 
 
 def _controller_work(
@@ -583,20 +598,12 @@ def tune_controller(
             "tune --method controller leaves one training source out: the curve table needs complete "
             "training tasks of two sources or more (python -m memrl.tables build --config ...)"
         )
-    from research.benchmark.experiments import in_parallel
-
-    work: list[tuple[Any, ...]] = []
-    keys: list[str] = []
-    coefs: list[float] = []
-    for coef, seed in itertools.product(grid, range(seeds)):  # one pool for every run: workers stay busy
-        tuned = cfg.with_changes({"ppo.ent_coef": coef})
-        found, found_keys = _controller_work(
-            tuned, table, timesteps, seed, ("leave one source out",), CONTROLLER_VARIANTS[:1]
-        )
-        work, keys, coefs = work + found, keys + found_keys, coefs + [coef] * len(found)
-    log.info("tuning: %d PPO runs of %d steps, %d workers", len(work), timesteps, workers)
-    results = in_parallel(_controller_run, work, workers, keys, parts)
-    return [{**r, "ent_coef": coef} for rows, coef in zip(results, coefs) for r in rows]
+    grid_seeds = list(itertools.product(grid, range(seeds)))
+    settings = [(cfg.with_changes({"ppo.ent_coef": coef}), seed) for coef, seed in grid_seeds]
+    runs = _run_controllers(
+        settings, table, timesteps, ("leave one source out",), CONTROLLER_VARIANTS[:1], workers, parts
+    )
+    return [{**r, "ent_coef": grid_seeds[i][0]} for i, rows in runs for r in rows]
 
 
 def tuned_entropy(rows: list[dict[str, Any]]) -> float:
