@@ -15,7 +15,10 @@ For the model (and, with ``--reference``, the model it was fine-tuned from, side
   images; a sample closer than ``metrics.copy_quantile`` of held-out images are is a near copy;
 * extraction: training images matched (tiled pixel distance) by a clique of 3 or more samples;
 * Wen et al.'s noise norm on each training image's label or caption (conditioned models);
-* KID of the samples against the held-out images.
+* KID of the samples against the held-out images;
+* with ``--reference``, domain fidelity: whether the samples left the reference model's domain
+  for the held-out images' (0 = draws like the reference, 1 = like the held-out images), which
+  KID and held-out loss cannot tell on a domain the reference never saw.
 
 Writes ``audit.json`` (every figure, settings, versions, fingerprints), ``exposure.csv`` (training
 images ranked by exposure: membership score and how many samples copy them) and ``report.md``
@@ -64,7 +67,7 @@ from memrl.metrics.memorization import (
     noise_norm,
     pia_error,
 )
-from memrl.metrics.quality import fid_kid
+from memrl.metrics.quality import domain_fidelity, fid_kid
 from memrl.models import load_model
 from memrl.models.stable_diffusion import (
     TextConditionedModel,
@@ -140,7 +143,10 @@ GATE_METRICS = (
     "loss_gap",
     "noise_norm",
 )
-"""The metrics ``--fail-above`` may name (the rows of the report's table)."""
+"""The metrics ``--fail-above`` may name (the rows of the report's table, with REPORTED)."""
+REPORTED = (*GATE_METRICS, "domain_fidelity")
+"""The rows of the report's table: the gate metrics and domain fidelity (higher is better, so no
+``--fail-above`` gate; NaN without a reference)."""
 
 
 def parse_gates(items: list[str]) -> dict[str, float]:
@@ -342,6 +348,7 @@ def measure(
         "copy_threshold": threshold,
         "extracted": float(extracted),
         "kid": quality["kid"],
+        "domain_fidelity": math.nan,  # needs a reference: add_domain_fidelity
         "noise_norm": float(norms.mean()) if norms is not None else math.nan,
         "per_image": {
             "loss": train_loss.tolist(),
@@ -406,6 +413,24 @@ def add_calibrated(results: dict[str, dict[str, Any]], fpr: float) -> None:
     model["_calibrated"] = (cal_train, cal_held)
 
 
+def add_domain_fidelity(results: dict[str, dict[str, Any]], heldout: Any, encoder: Any) -> None:
+    """The model's samples against the held-out images and the reference's samples
+    (:func:`memrl.metrics.quality.domain_fidelity`), into ``results["model"]``; left NaN with a
+    warning when there are too few held-out images or samples for the vote."""
+
+    def images(r: dict[str, Any]) -> torch.Tensor:
+        return torch.from_numpy(r["_samples"]).float() / 127.5 - 1
+
+    try:
+        figures = domain_fidelity(
+            encoder, images(results["model"]), heldout.images, images(results["reference"])
+        )
+    except DataError as e:
+        log.warning("no domain fidelity: %s", e)
+        return
+    results["model"]["domain_fidelity"] = figures["fidelity"]
+
+
 def write_outputs(out: Path, results: dict[str, dict[str, Any]], train: Any, meta: dict[str, Any]) -> None:
     """``audit.json``, ``exposure.csv``, the plots and ``report.md``."""
     plt = pyplot()
@@ -463,9 +488,7 @@ def write_outputs(out: Path, results: dict[str, dict[str, Any]], train: Any, met
         lo, hi = r.get(f"{k}_ci", (math.nan, math.nan))
         return f"{r[k]:.4f}" + (f" [{lo:.3f}, {hi:.3f}]" if math.isfinite(lo) else "")
 
-    rows = "\n".join(
-        f"| {k} | " + " | ".join(cell(results[n], k) for n in names) + " |" for k in GATE_METRICS
-    )
+    rows = "\n".join(f"| {k} | " + " | ".join(cell(results[n], k) for n in names) + " |" for k in REPORTED)
     top = "\n".join(
         f"| {rank} | {image_name(train, int(i))} | {per['copying_samples'][i]} | "
         f"{per['membership_score'][i]:+.2f} |"
@@ -505,7 +528,10 @@ def write_outputs(out: Path, results: dict[str, dict[str, Any]], train: Any, met
         f"to a training image than {meta['copy_quantile']:.0%} of held-out images are; extracted: training "
         "images reproduced by 3 or more samples; noise_norm: Wen et al.'s norm of the conditional minus "
         "unconditional noise prediction on each training image's label or caption (high for "
-        "memorized prompts; NaN for unconditional data).",
+        "memorized prompts; NaN for unconditional data); domain_fidelity (needs --reference): where the "
+        "samples lie between the reference model's samples (0) and the held-out images (1), by a "
+        "5-nearest-neighbour vote in the encoder's features; near 0 means the fine-tune has not learned "
+        "to draw the data's domain, whatever KID says.",
         "",
         "![membership](membership.png)",
         "",
@@ -613,6 +639,7 @@ def audit(args: argparse.Namespace) -> int:
     if reference is not None:
         results["reference"] = measure(reference, train, heldout, cfg, encoder, args.samples, args.fpr)
         add_calibrated(results, args.fpr)
+        add_domain_fidelity(results, heldout, encoder)
     verdicts = gate_verdicts(results["model"], gates, args.gate_on)
     failed = [line for ok, line in verdicts if not ok]
     meta = {
@@ -717,6 +744,8 @@ def summary_line(name: str, r: dict[str, Any], fpr: float, train: Any) -> str:
     )
     if math.isfinite(r["mia_auc_calibrated"]):
         text += f"; calibrated: TPR {ci('mia_tpr_calibrated')}, AUC {ci('mia_auc_calibrated')}"
+    if math.isfinite(r.get("domain_fidelity", math.nan)):
+        text += f"; domain fidelity {r['domain_fidelity']:.2f}"
     return text
 
 

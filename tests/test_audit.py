@@ -82,12 +82,15 @@ def test_the_audit_ranks_the_memorized_model_above_its_base_and_gates_it(models,
     assert np.allclose(tuned["per_image"]["calibrated_loss"], own)
     assert len(tuned["per_image"]["loss"]) == 4 and result["fingerprints"]["train"]
     assert tuned["noise_norm"] > 0 and len(tuned["per_image"]["noise_norm"]) == 4
+    # domain fidelity is measured against the reference's samples: none for the reference itself
+    assert np.isfinite(tuned["domain_fidelity"]) and base["domain_fidelity"] != base["domain_fidelity"]
+    assert f"domain fidelity {tuned['domain_fidelity']:.2f}" in proc.stdout
     rows = (tmp_path / "a" / "exposure.csv").read_text().splitlines()
     assert rows[0].startswith("rank,file,train_index") and len(rows) == 5
     for name in ("membership.png", "copies.png"):
         assert (tmp_path / "a" / name).read_bytes()[:4] == b"\x89PNG"
     report = (tmp_path / "a" / "report.md").read_text()
-    assert "**FAILED**" in report and "| mia_auc_calibrated | " in report
+    assert "**FAILED**" in report and "| mia_auc_calibrated | " in report and "| domain_fidelity | " in report
     passed = audit(models, "base", tmp_path / "b", "--fail-above", "mia_auc=0.8")
     assert passed.returncode == 0, passed.stderr[-2000:]
     import shutil

@@ -91,6 +91,30 @@ def test_quality_controls_rate_noise_and_constant_images_worst(ctx):
     assert kid["noise"] > 5 * abs(kid["real"]) and kid["constant"] > 5 * abs(kid["real"])
 
 
+def test_domain_fidelity_places_samples_between_the_base_domain_and_the_data():
+    """0 for another draw of the base model's domain, 1 for other images of the data's, and the
+    same for a source the base model never saw (text) as for one it did (fashion)."""
+    from memrl.data import bundled, load_splits
+    from memrl.encoders import get_encoder
+    from memrl.errors import DataError
+    from memrl.metrics.quality import domain_fidelity
+
+    cfg = load_config("default")
+    encoder = get_encoder(cfg, load_splits(cfg.data))
+    digits = bundled("digits", 16).images
+    for source in ("fashion", "text"):
+        data = bundled(source, 16).images
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
+        real, other = data[order[:64]], data[order[64:128]]
+        base, base_again = digits[:64], digits[64:128]
+        assert domain_fidelity(encoder, other, real, base)["fidelity"] > 0.8, source
+        assert abs(domain_fidelity(encoder, base_again, real, base)["fidelity"]) < 0.2, source
+        halfway = domain_fidelity(encoder, torch.cat([other[:32], base_again[:32]]), real, base)["fidelity"]
+        assert 0.2 < halfway < 0.8, source
+    with pytest.raises(DataError, match="more than 5 held-out images"):
+        domain_fidelity(encoder, other, real[:5], base)
+
+
 def test_the_shipped_encoder_is_one_fixed_model_and_refuses_other_sizes():
     from memrl.data import load_splits
     from memrl.encoders import get_encoder, shipped_encoder_path
