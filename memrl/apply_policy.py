@@ -37,7 +37,7 @@ from memrl.errors import ConfigError, MemrlError
 from memrl.peft_methods import merge_adapters
 from memrl.report import pyplot, save_figure, task_rows
 from memrl.reward import PREFERENCE_FIELDS, Reward, with_preference
-from memrl.scoring import finetune_and_score, score_model
+from memrl.scoring import domain_fidelities, finetune_and_score, score_model
 from memrl.searchers import CurveOracle, Knowledge, TaskOracle, make_searcher, run, spec_of
 from memrl.store import EvaluationStore
 from memrl.task import Task, TaskContext, architecture_space, full_unet, make_evaluator
@@ -48,11 +48,13 @@ __all__ = [
     "NEAR_DUPLICATE_RMS",
     "REPORT_METRICS",
     "SPLIT_FILE",
+    "add_domain_fidelity",
     "apply",
     "choose_mask",
     "deliver",
     "delivery_config",
     "duplicate_note",
+    "fidelity_note",
     "live_search",
     "main",
     "parse_args",
@@ -419,6 +421,38 @@ def guard(
     return mask, trace, evaluation
 
 
+FIDELITY_WARNING = 0.5
+"""Below this domain fidelity, with full fine-tuning at least :data:`FIDELITY_GAP` higher, the
+report says the delivered model may not have learned the data's domain."""
+FIDELITY_GAP = 0.25
+
+
+def add_domain_fidelity(cfg: Config, chosen: Any, full: Any) -> str:
+    """Each evaluation's ``domain_fidelity`` (:func:`memrl.scoring.domain_fidelities`) into its
+    metrics; returns the report's warning when the delivered model did not learn the domain
+    (:func:`fidelity_note`), logged too."""
+    ctx = TaskContext.get(cfg)
+    for evaluation, value in zip((chosen, full), domain_fidelities(ctx, [chosen, full]), strict=True):
+        evaluation.metrics["domain_fidelity"] = value
+    note = fidelity_note(chosen.metrics["domain_fidelity"], full.metrics["domain_fidelity"])
+    if note:
+        log.warning(note.strip())
+    return note
+
+
+def fidelity_note(chosen: float, full: float) -> str:
+    """The report's warning when the delivered model still draws like the base model while full
+    fine-tuning draws the data (empty otherwise, or when either figure is missing)."""
+    if not (chosen < FIDELITY_WARNING and full >= chosen + FIDELITY_GAP):
+        return ""
+    return (
+        f"**The delivered model may not have learned your images' domain**: its samples' domain fidelity "
+        f"is {chosen:.2f} (0 = the base model's samples, 1 = your held-out images) against {full:.2f} for "
+        "full fine-tuning. Its low memorization may only mean it learned little; look at its samples, "
+        "and a lower --memorization-weight trades memorization for the domain.\n\n"
+    )
+
+
 def plot_control(trace: list[dict[str, Any]], path: Path) -> None:
     """The run's signals at every pause, the stop marked."""
     plt = pyplot()
@@ -556,7 +590,8 @@ def _apply(args: argparse.Namespace, stack: contextlib.ExitStack) -> Path:
     # The comparison is true full fine-tuning: every group at block granularity = every parameter.
     whole = full_unet(final_cfg)
     full = deliver(whole, np.ones(architecture_space(whole).k, dtype=np.int8), None, store)
-    keys = (*REPORT_METRICS, "trainable_fraction")
+    unlearned = add_domain_fidelity(final_cfg, chosen, full)
+    keys = (*REPORT_METRICS, "domain_fidelity", "trainable_fraction")
     result = {
         "mask": mask.tolist(),
         "groups": task.space.selected(mask),
@@ -586,13 +621,15 @@ def _apply(args: argparse.Namespace, stack: contextlib.ExitStack) -> Path:
         f"Delivered model: {steps} fine-tune steps on {final_cfg.data.private_size} of the {n_images} "
         f"images ({final_cfg.data.heldout_size} held out to measure memorization and quality); saved to "
         f"`model/` (diffusers UNet, safetensors).\n\n"
-        f"{empty}{duplicate_note(duplicates)}"
+        f"{empty}{unlearned}{duplicate_note(duplicates)}"
         f"| metric | chosen mask | full fine-tune (every parameter) |\n|---|---|---|\n{rows}\n\n"
         "near_copy_fraction: share of samples closer to a training image than 99% of held-out images "
         "are; loss_gap: held-out minus training denoising loss (a membership signal); extracted: "
         "training images reproduced by a clique of samples; mia_auc_private / mia_tpr_private: "
         "membership inference from each image's denoising loss (ROC AUC, 0.5 = chance; true-positive "
-        "rate at a 1% false-positive rate), training images against held-out ones.\n"
+        "rate at a 1% false-positive rate), training images against held-out ones; domain_fidelity: where "
+        "the samples lie between the base model's samples (0) and the held-out images (1), which KID and "
+        "held-out loss cannot tell apart on a domain the base model never drew.\n"
         + (search_section(tried) if searched else "")
         + (control_section(tried) if controller else "")
         + (sweep_section(sweep) if sweep else "")

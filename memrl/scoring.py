@@ -9,6 +9,7 @@ KID/FID and Wen's noise norm. ``evaluate_spec(spec)`` is the same as a pure func
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from typing import TYPE_CHECKING, Any
@@ -18,11 +19,11 @@ import torch
 
 from memrl.context import TaskContext
 from memrl.encoders import embed
-from memrl.errors import SpecError
+from memrl.errors import DataError, SpecError
 from memrl.finetune import finetune
 from memrl.metrics.membership import membership_auc, membership_metrics, tpr_at_fpr
 from memrl.metrics.memorization import copy_scores, denoising_loss, extraction_count, noise_norm
-from memrl.metrics.quality import fid_kid
+from memrl.metrics.quality import domain_fidelity, fid_kid
 from memrl.peft_methods import under
 from memrl.sampling import sample
 from memrl.spec import EvalSpec, Evaluation
@@ -31,6 +32,7 @@ from memrl.utils import package_versions
 
 __all__ = [
     "CurveRecorder",
+    "domain_fidelities",
     "evaluate_spec",
     "finetune_and_score",
     "loss_metrics",
@@ -40,6 +42,8 @@ __all__ = [
 
 if TYPE_CHECKING:
     from memrl.models import DiffusionModel
+
+log = logging.getLogger("memrl.scoring")
 
 
 def sample_labels(ctx: TaskContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,6 +164,27 @@ def score_model(model: DiffusionModel, ctx: TaskContext, mask: np.ndarray, ft: F
         samples=_to_uint8(samples),
         nearest=nearest[:, 0].numpy(),
     )
+
+
+def domain_fidelities(ctx: TaskContext, evaluations: list[Evaluation]) -> list[float]:
+    """Each evaluation's samples placed between the base model's samples (0, drawn here as
+    :func:`score_model` draws) and the held-out images (1): :func:`memrl.metrics.quality.domain_fidelity`.
+    NaN (with a warning) where there are too few held-out images for the vote."""
+    s = ctx.cfg.sample
+    labels, _ = sample_labels(ctx)
+    drawn = sample(ctx.base, labels, steps=s.steps, guidance=s.guidance, seed=ctx.cfg.finetune.seed)
+    base = ctx.to_images(drawn)
+    out = []
+    for evaluation in evaluations:
+        if evaluation.samples is None:
+            raise SpecError("domain_fidelities needs evaluations that kept their samples (score_model's)")
+        images = torch.from_numpy(evaluation.samples).float() / 127.5 - 1
+        try:
+            out.append(domain_fidelity(ctx.encoder, images, ctx.splits.heldout.images, base)["fidelity"])
+        except DataError as e:
+            log.warning("no domain fidelity: %s", e)
+            out.append(math.nan)
+    return out
 
 
 class CurveRecorder:

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import math
 import subprocess
 import sys
 import zipfile
@@ -214,6 +215,9 @@ def test_apply_policy_delivers_a_model_trained_on_all_but_the_heldout_images(run
     assert "canaries: 0" in config and "duplication: 1" in config
     assert set(result["chosen"]) >= {"near_copy_fraction", "loss_gap", "kid", "trainable_fraction"}
     assert result["full_finetune"]["trainable_fraction"] == 1.0  # every UNet parameter
+    for key in ("chosen", "full_finetune"):  # placed between the base model's samples and the data
+        assert math.isfinite(result[key]["domain_fidelity"])
+    assert "| domain_fidelity | " in (out / "report.md").read_text()
     assert 0 <= result["chosen"]["trainable_fraction"] < 1
     from memrl.models import load_model
 
@@ -231,6 +235,15 @@ def test_apply_policy_delivers_a_model_trained_on_all_but_the_heldout_images(run
     guessed = run(*common, "--heldout", str(new_dataset), "--out", str(tmp_path / "guess"))
     assert guessed.returncode == 2 and "96 of its 120 images were fine-tuned on" in guessed.stderr
     assert "Traceback" not in guessed.stderr
+
+
+def test_the_report_warns_when_the_delivered_model_did_not_learn_the_domain():
+    from memrl.apply_policy import fidelity_note
+
+    assert "may not have learned" in fidelity_note(-0.1, 0.9)  # text at 25 steps vs the mask of ones
+    assert fidelity_note(0.6, 1.0) == ""  # it did learn the domain
+    assert fidelity_note(0.3, 0.4) == ""  # neither did full fine-tuning: nothing to blame on the mask
+    assert fidelity_note(math.nan, 0.9) == "" and fidelity_note(0.1, math.nan) == ""
 
 
 def test_apply_policy_sizes_the_splits_from_a_small_dataset(run_dir, tmp_path):

@@ -87,13 +87,14 @@ def domain_fidelity(
     = draws like the base model) and the real images' own (the ceiling: 1 = draws like the data).
     KID and held-out loss do not see this: a model that still draws its pretraining mix can score
     as well on them as one that draws the new domain (docs/world.md, the text task). Real and base
-    are cut to the same count so the vote is not tilted by their sizes."""
+    are cut to the same count so the vote is not tilted by their sizes; ``k`` is cut below it."""
     n = min(len(real), len(base))
-    if n <= k:
+    if n < 4:
         raise DataError(
-            f"domain fidelity needs more than {k} held-out images and base samples (got {len(real)} and "
+            f"domain fidelity needs at least 4 held-out images and base samples (got {len(real)} and "
             f"{len(base)}); give more held-out images or samples"
         )
+    k = min(k, n - 1)  # a leave-one-out vote needs k below the smaller group
 
     def features(x: torch.Tensor) -> torch.Tensor:
         return nn.functional.normalize(torch.cat([encoder(c) for c in x.split(512)]).float(), dim=1)
