@@ -58,12 +58,14 @@ def probe_task(entry, best: str) -> None:
         "constant": torch.zeros_like(other),
     }
     r = domain_fidelity(ctx.encoder, other, real, base)
-    print(f"\n## {entry.name} ({len(real)} held-out images as the data, {len(base)} base samples; "
-          f"raw share floor {r['floor']:.2f}, ceiling {r['ceiling']:.2f})\n")
+    print(
+        f"\n## {entry.name} ({len(real)} held-out images as the data, {len(base)} base samples; "
+        f"raw share floor {r['floor']:.2f}, ceiling {r['ceiling']:.2f})\n"
+    )
     print("| control | fidelity |\n|---|---|")
     for name, images in controls.items():
         print(f"| {name} | {cell(images)} |", flush=True)
-    print(f"\n| mask | " + " | ".join(f"{s} steps" for s in STEPS) + " |")
+    print("\n| mask | " + " | ".join(f"{s} steps" for s in STEPS) + " |")
     print("|---|" + "---|" * len(STEPS))
     for mask in (best, "1" * ctx.space.k):
         found: dict[int, str] = {}
