@@ -4,7 +4,8 @@ For each task: the base model alone (does it copy anything before fine-tuning?),
 metric's controls (KID of other real images, of noise and of a constant image against the
 held-out set), and one fine-tune of the mask of ones to ``--steps`` steps, scored at every
 checkpoint with the same pipeline as every evaluation (``memrl.scoring.score_model``: losses,
-samples, copies, extraction, KID/FID); with ``--mask full`` full fine-tuning of every parameter,
+samples, copies, extraction, KID/FID, and domain fidelity against the base model's samples:
+``memrl.scoring.domain_fidelities``); with ``--mask full`` full fine-tuning of every parameter,
 with ``--mask best`` each task's best mask of the curve tables, for the first task of each source.
 A sample sheet per task (samples beside their nearest
 training images) goes to ``docs/world/``; one JSON per task to ``--out`` (a rerun skips tasks
@@ -71,7 +72,7 @@ def measure_task(
 
     from memrl.finetune import finetune
     from memrl.metrics.quality import quality_controls
-    from memrl.scoring import score_model
+    from memrl.scoring import domain_fidelities, score_model
     from memrl.training import FinetuneResult
 
     cfg = load_config(cfg, {"finetune.steps": steps})
@@ -96,7 +97,15 @@ def measure_task(
         t0 = time.perf_counter()
         snapshot = FinetuneResult(trainable_params=1, total_params=1)
         result = score_model(model, ctx, ones, snapshot)
-        curve.append({"step": n, **_kept(result.metrics), "seconds": round(time.perf_counter() - t0, 1)})
+        fidelity = domain_fidelities(ctx, [result], base_eval)[0]
+        curve.append(
+            {
+                "step": n,
+                **_kept(result.metrics),
+                "domain_fidelity": fidelity,
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
         sheets[n] = (result.samples, result.nearest)
         log.info(
             "%s step %d: canary copies %.2f, near copies %.2f, extracted %d, KID %.4f",
@@ -287,8 +296,8 @@ def report(args: argparse.Namespace) -> int:
             f"{title}: [sheets](world/{kind}/).",
             "",
             "| source | task | mask | KID base / best (step) / 400 | KID noise / constant "
-            "| resembles the domain | peak canary copies (step) |",
-            "|---|---|---|---|---|---|---|",
+            "| resembles the domain | domain fidelity 25 / 100 / 400 | peak canary copies (step) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in found:
             best = min(r["curve"], key=lambda c: c["kid"])
@@ -299,7 +308,7 @@ def report(args: argparse.Namespace) -> int:
                 f"{_fmt(r['base']['kid'], 4)} / "
                 f"{_fmt(best['kid'], 4)} ({best['step']}) / {_fmt(r['curve'][-1]['kid'], 4)} | "
                 f"{_fmt(c['noise'], 4)} / {_fmt(c['constant'], 4)} | {'yes' if resembles(r) else 'no'} | "
-                f"{_fmt(top['canary_copy_fraction'])} ({top['step']}) |"
+                f"{fidelity_cells(r)} | {_fmt(top['canary_copy_fraction'])} ({top['step']}) |"
             )
     fulls = others["full"]
     head = [
@@ -317,6 +326,15 @@ def report(args: argparse.Namespace) -> int:
             if fulls
             else []
         ),
+        *(
+            [
+                f"- Full fine-tuning's samples reach the domain (domain fidelity at least {LEARNS_DOMAIN} at "
+                f"some checkpoint: 0 = the base model's samples, 1 = held-out images): "
+                f"{sum(learns_domain(r) for r in measured)} of {len(measured)} sources."
+            ]
+            if (measured := [r for r in fulls if "domain_fidelity" in r["curve"][0]])
+            else []
+        ),
         "",
     ]
     text = "\n".join(head + lines) + "\n"
@@ -329,6 +347,21 @@ def report(args: argparse.Namespace) -> int:
     atomic_write_text(out, text)
     print(text)
     return 0
+
+
+LEARNS_DOMAIN = 0.5
+"""A fine-tune has learned the domain when its domain fidelity reaches this at some checkpoint."""
+
+
+def learns_domain(r: dict[str, Any]) -> bool:
+    """Whether some checkpoint's domain fidelity reaches :data:`LEARNS_DOMAIN`."""
+    return any(c.get("domain_fidelity", math.nan) >= LEARNS_DOMAIN for c in r["curve"])
+
+
+def fidelity_cells(r: dict[str, Any]) -> str:
+    """Domain fidelity at 25, 100 and 400 steps (``-`` where a record predates the figure)."""
+    at = {c["step"]: c.get("domain_fidelity", math.nan) for c in r["curve"]}
+    return " / ".join(_fmt(at.get(step, math.nan)) for step in (25, 100, 400))
 
 
 RESEMBLES = 3.0

@@ -166,25 +166,34 @@ def score_model(model: DiffusionModel, ctx: TaskContext, mask: np.ndarray, ft: F
     )
 
 
-def domain_fidelities(ctx: TaskContext, evaluations: list[Evaluation]) -> list[float]:
-    """Each evaluation's samples placed between the base model's samples (0, drawn here as
-    :func:`score_model` draws) and the held-out images (1): :func:`memrl.metrics.quality.domain_fidelity`.
-    NaN (with a warning) where there are too few held-out images for the vote."""
-    s = ctx.cfg.sample
-    labels, _ = sample_labels(ctx)
-    drawn = sample(ctx.base, labels, steps=s.steps, guidance=s.guidance, seed=ctx.cfg.finetune.seed)
-    base = ctx.to_images(drawn)
-    out = []
+def domain_fidelities(
+    ctx: TaskContext, evaluations: list[Evaluation], base: Evaluation | None = None
+) -> list[float]:
+    """Each evaluation's samples placed between the base model's samples (0; ``base``'s, the base
+    model's own evaluation, or drawn here as :func:`score_model` draws them) and the held-out images
+    (1): :func:`memrl.metrics.quality.domain_fidelity`. NaN (with a warning) where there are too
+    few held-out images for the vote."""
+    if base is None:
+        s = ctx.cfg.sample
+        labels, _ = sample_labels(ctx)
+        drawn = sample(ctx.base, labels, steps=s.steps, guidance=s.guidance, seed=ctx.cfg.finetune.seed)
+        base_images = ctx.to_images(drawn)
+    else:
+        base_images = _from_uint8(base)
+    held, out = ctx.splits.heldout.images, []
     for evaluation in evaluations:
-        if evaluation.samples is None:
-            raise SpecError("domain_fidelities needs evaluations that kept their samples (score_model's)")
-        images = torch.from_numpy(evaluation.samples).float() / 127.5 - 1
         try:
-            out.append(domain_fidelity(ctx.encoder, images, ctx.splits.heldout.images, base)["fidelity"])
+            out.append(domain_fidelity(ctx.encoder, _from_uint8(evaluation), held, base_images)["fidelity"])
         except DataError as e:
             log.warning("no domain fidelity: %s", e)
             out.append(math.nan)
     return out
+
+
+def _from_uint8(evaluation: Evaluation) -> torch.Tensor:
+    if evaluation.samples is None:
+        raise SpecError("domain fidelity needs evaluations that kept their samples (score_model's)")
+    return torch.from_numpy(evaluation.samples).float() / 127.5 - 1
 
 
 class CurveRecorder:

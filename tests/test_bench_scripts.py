@@ -47,3 +47,19 @@ def test_the_release_command_checks_its_inputs_before_any_training(tmp_path):
 
     assert main(["--config", "test", "--results", str(tmp_path), "--to", str(tmp_path / "p")]) == 2
     assert not (tmp_path / "p").exists()
+
+
+def test_the_world_acceptance_measures_domain_fidelity_at_every_checkpoint():
+    """bench/world.py's records carry each checkpoint's domain fidelity against the base model's
+    own samples, and the report reads it (``-``-free) where it is there and says n/a where not."""
+    spec = importlib.util.spec_from_file_location("bench_world", BENCH / "world.py")
+    world = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(world)
+    record, sheets = world.measure_task("test", "test", heldout=False, steps=50)
+    assert [c["step"] for c in record["curve"]] == [25, 50] and set(sheets) == {"base", 25, 50}
+    fidelity = [c["domain_fidelity"] for c in record["curve"]]
+    assert all(-2 < f < 3 for f in fidelity), fidelity  # finite, on the 0 (base) to 1 (data) scale
+    assert world.fidelity_cells(record) == f"{fidelity[0]:.2f} / n/a / n/a"
+    assert world.learns_domain(record) == (max(fidelity) >= world.LEARNS_DOMAIN)
+    old = {"curve": [{"step": 25}]}  # a record from before the figure
+    assert world.fidelity_cells(old) == "n/a / n/a / n/a" and not world.learns_domain(old)
