@@ -356,6 +356,7 @@ def measure(
             "membership_score": membership_score(train_loss.numpy(), held).tolist(),
             "copying_samples": copies.tolist(),
         },
+        "_images": samples,  # in [-1, 1], for domain fidelity
         "_samples": ((samples.clamp(-1, 1) + 1) * 127.5).round().byte().numpy(),
         "_nearest": nearest.numpy(),
         "_losses": (train_loss.numpy(), held),
@@ -417,18 +418,13 @@ def add_domain_fidelity(results: dict[str, dict[str, Any]], heldout: Any, encode
     """The model's samples against the held-out images and the reference's samples
     (:func:`memrl.metrics.quality.domain_fidelity`), into ``results["model"]``; left NaN with a
     warning when there are too few held-out images or samples for the vote."""
-
-    def images(r: dict[str, Any]) -> torch.Tensor:
-        return torch.from_numpy(r["_samples"]).float() / 127.5 - 1
-
+    model, reference = results["model"], results["reference"]
     try:
-        figures = domain_fidelity(
-            encoder, images(results["model"]), heldout.images, images(results["reference"])
-        )
+        figures = domain_fidelity(encoder, model["_images"], heldout.images, reference["_images"])
     except DataError as e:
         log.warning("no domain fidelity: %s", e)
         return
-    results["model"]["domain_fidelity"] = figures["fidelity"]
+    model["domain_fidelity"] = figures["fidelity"]
 
 
 def write_outputs(out: Path, results: dict[str, dict[str, Any]], train: Any, meta: dict[str, Any]) -> None:

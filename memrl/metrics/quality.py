@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memrl.encoders import embed
 from memrl.errors import DataError
 
 __all__ = ["domain_fidelity", "fid_kid", "quality_controls"]
@@ -97,7 +98,7 @@ def domain_fidelity(
     k = min(k, n - 1)  # a leave-one-out vote needs k below the smaller group
 
     def features(x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.normalize(torch.cat([encoder(c) for c in x.split(512)]).float(), dim=1)
+        return nn.functional.normalize(embed(encoder, x), dim=1)
 
     pool = torch.cat([features(real[:n]), features(base[:n])])
     is_real = torch.cat([torch.ones(n), torch.zeros(n)])
