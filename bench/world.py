@@ -32,6 +32,7 @@ import numpy as np
 from memrl.config import load_config
 from memrl.context import TaskContext, full_unet, suite
 from memrl.data.bundled import SOURCES, suite_source
+from memrl.metrics.quality import FAINT_VOTE
 from memrl.utils import atomic_write_text, package_versions, setup_logging
 
 log = logging.getLogger("world")
@@ -102,7 +103,7 @@ def measure_task(
             {
                 "step": n,
                 **_kept(result.metrics),
-                "domain_fidelity": fidelity,
+                "domain_fidelity": fidelity["fidelity"],
                 "seconds": round(time.perf_counter() - t0, 1),
             }
         )
@@ -193,8 +194,7 @@ def run(args: argparse.Namespace) -> int:
     results.mkdir(parents=True, exist_ok=True)
     masks = {e.name: "ones" for e in entries}
     if args.mask != "ones":  # full fine-tuning or the best mask: the first task of each source
-        firsts = {e.cfg.data.source: e for e in reversed(entries)}
-        entries = [e for e in entries if firsts[e.cfg.data.source] is e]
+        entries = first_of_each_source(entries)
         masks = {e.name: args.mask for e in entries}
     if args.mask == "best":  # each task's best (mask, steps) at memorization weight 0.5, from its curves
         masks = best_masks(cfg)
@@ -215,6 +215,65 @@ def run(args: argparse.Namespace) -> int:
         write_sheet(entry.name, record, sheets, ctx)
         atomic_write_text(path, json.dumps(record, indent=1) + "\n")
         log.info("%s: %.0f s", entry.name, record["seconds"])
+    return 0
+
+
+def first_of_each_source(entries: list[Any]) -> list[Any]:
+    """The suite's first task of each source, in suite order."""
+    firsts = {e.cfg.data.source: e for e in reversed(entries)}
+    return [e for e in entries if firsts[e.cfg.data.source] is e]
+
+
+VOTE = RESULTS / "vote.json"
+REDRAWS = 3
+"""Further draws of the base model per source: domain fidelity's noise where nothing was learned."""
+
+
+def vote(args: argparse.Namespace) -> int:
+    """Per source (its first task): how well domain fidelity's vote tells the base model's samples
+    from held-out images (floor, ceiling, range; the same base samples as ``run``'s), and the
+    fidelity of :data:`REDRAWS` further draws of the base model, which should score 0. To
+    ``bench/results/world/vote.json``; the report reads it."""
+    import torch
+
+    from memrl.metrics.quality import domain_fidelity
+    from memrl.sampling import sample
+    from memrl.scoring import sample_labels, score_model
+    from memrl.training import FinetuneResult
+
+    out = {}
+    for entry in first_of_each_source(suite(load_config(args.config))):
+        ctx = TaskContext.get(entry.cfg)
+        base = score_model(ctx.base, ctx, np.zeros(ctx.space.k, dtype=np.int64), FinetuneResult())
+        base_images = torch.from_numpy(base.samples).float() / 127.5 - 1  # as domain_fidelities reads it
+        held = ctx.splits.heldout.images
+        figures = domain_fidelity(ctx.encoder, base_images, held, base_images)
+        labels, _ = sample_labels(ctx)
+        s, seed = ctx.cfg.sample, ctx.cfg.finetune.seed
+        redraws = [
+            domain_fidelity(
+                ctx.encoder,
+                ctx.to_images(sample(ctx.base, labels, steps=s.steps, guidance=s.guidance, seed=seed + i)),
+                held,
+                base_images,
+            )["fidelity"]
+            for i in range(1, REDRAWS + 1)
+        ]
+        out[entry.cfg.data.source] = {
+            "task": entry.name,
+            **{k: figures[k] for k in ("floor", "ceiling", "range")},
+            "redraws": redraws,
+            "heldout": len(held),
+            "samples": len(base_images),
+        }
+        log.info("%s: vote range %.2f, redraws %s", entry.name, figures["range"], np.round(redraws, 2))
+    record = {
+        "sources": out,
+        "config": args.config,
+        "versions": package_versions(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    atomic_write_text(VOTE, json.dumps(record, indent=1) + "\n")
     return 0
 
 
@@ -284,6 +343,15 @@ def report(args: argparse.Namespace) -> int:
         "the table above already shows)",
         "best": "The best mask of the curve tables (memorization weight 0.5, the first task of each source)",
     }
+    votes = json.loads(VOTE.read_text())["sources"] if VOTE.is_file() else {}
+
+    def vote_cell(source: str) -> str:
+        v = votes.get(source)
+        if v is None:
+            return "-"
+        faint = " faint" if v["range"] < FAINT_VOTE else ""
+        return f"{v['range']:.2f}{faint} ({min(v['redraws']):+.2f} to {max(v['redraws']):+.2f})"
+
     others: dict[str, list[dict[str, Any]]] = {}
     for kind, title in kinds.items():
         found = [json.loads(p.read_text()) for p in sorted((RESULTS / kind).glob("*.json"))]
@@ -296,8 +364,9 @@ def report(args: argparse.Namespace) -> int:
             f"{title}: [sheets](world/{kind}/).",
             "",
             "| source | task | mask | KID base / best (step) / 400 | KID noise / constant "
-            "| resembles the domain | domain fidelity 25 / 100 / 400 | peak canary copies (step) |",
-            "|---|---|---|---|---|---|---|---|",
+            "| resembles the domain | domain fidelity 25 / 100 / 400 | vote range (base redraws) "
+            "| peak canary copies (step) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in found:
             best = min(r["curve"], key=lambda c: c["kid"])
@@ -308,7 +377,8 @@ def report(args: argparse.Namespace) -> int:
                 f"{_fmt(r['base']['kid'], 4)} / "
                 f"{_fmt(best['kid'], 4)} ({best['step']}) / {_fmt(r['curve'][-1]['kid'], 4)} | "
                 f"{_fmt(c['noise'], 4)} / {_fmt(c['constant'], 4)} | {'yes' if resembles(r) else 'no'} | "
-                f"{fidelity_cells(r)} | {_fmt(top['canary_copy_fraction'])} ({top['step']}) |"
+                f"{fidelity_cells(r)} | {vote_cell(r['source'])} | "
+                f"{_fmt(top['canary_copy_fraction'])} ({top['step']}) |"
             )
     fulls = others["full"]
     head = [
@@ -330,7 +400,20 @@ def report(args: argparse.Namespace) -> int:
             [
                 f"- Full fine-tuning's samples reach the domain (domain fidelity at least {LEARNS_DOMAIN} at "
                 f"some checkpoint: 0 = the base model's samples, 1 = held-out images): "
-                f"{sum(learns_domain(r) for r in measured)} of {len(measured)} sources."
+                f"{sum(learns_domain(r) for r in measured)} of {len(measured)} sources"
+                + (
+                    f"; of the others, {len(faint)} where the vote is faint (range below {FAINT_VOTE}: "
+                    f"the base model already draws close to the held-out images): {', '.join(faint)}."
+                    if (
+                        faint := [
+                            r["source"]
+                            for r in measured
+                            if not learns_domain(r)
+                            and votes.get(r["source"], {}).get("range", 1.0) < FAINT_VOTE
+                        ]
+                    )
+                    else "."
+                )
             ]
             if (measured := [r for r in fulls if "domain_fidelity" in r["curve"][0]])
             else []
@@ -441,11 +524,13 @@ def main(argv: list[str] | None = None) -> int:
         help="ones: every attention group, each task; full: every parameter, and best: the best mask of "
         "the curve tables (memorization weight 0.5), the first task of each source",
     )
+    p_vote = sub.add_parser("vote", help="domain fidelity's vote range and base redraws per source")
+    p_vote.add_argument("--config", default="bench3")
     p_report = sub.add_parser("report", help="write docs/world.md")
     p_report.add_argument("--config", default="bench3")
     p_report.add_argument("--keep-prose", action="store_true", help="keep the '## Reading' section")
     args = parser.parse_args(argv)
-    return run(args) if args.command == "run" else report(args)
+    return {"run": run, "vote": vote, "report": report}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ from memrl.metrics.memorization import (
     noise_norm,
     pia_error,
 )
-from memrl.metrics.quality import domain_fidelity, fid_kid
+from memrl.metrics.quality import FAINT_VOTE, domain_fidelity, fid_kid
 from memrl.models import load_model
 from memrl.models.stable_diffusion import (
     TextConditionedModel,
@@ -349,6 +349,7 @@ def measure(
         "extracted": float(extracted),
         "kid": quality["kid"],
         "domain_fidelity": math.nan,  # needs a reference: add_domain_fidelity
+        "domain_vote_range": math.nan,
         "noise_norm": float(norms.mean()) if norms is not None else math.nan,
         "per_image": {
             "loss": train_loss.tolist(),
@@ -425,6 +426,7 @@ def add_domain_fidelity(results: dict[str, dict[str, Any]], heldout: Any, encode
         log.warning("no domain fidelity: %s", e)
         return
     model["domain_fidelity"] = figures["fidelity"]
+    model["domain_vote_range"] = figures["range"]
 
 
 def write_outputs(out: Path, results: dict[str, dict[str, Any]], train: Any, meta: dict[str, Any]) -> None:
@@ -742,6 +744,11 @@ def summary_line(name: str, r: dict[str, Any], fpr: float, train: Any) -> str:
         text += f"; calibrated: TPR {ci('mia_tpr_calibrated')}, AUC {ci('mia_auc_calibrated')}"
     if math.isfinite(r.get("domain_fidelity", math.nan)):
         text += f"; domain fidelity {r['domain_fidelity']:.2f}"
+        if r.get("domain_vote_range", math.nan) < FAINT_VOTE:
+            text += (
+                " (faint: the reference already draws close to the held-out images, vote range "
+                f"{r['domain_vote_range']:.2f})"
+            )
     return text
 
 

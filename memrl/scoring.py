@@ -168,11 +168,12 @@ def score_model(model: DiffusionModel, ctx: TaskContext, mask: np.ndarray, ft: F
 
 def domain_fidelities(
     ctx: TaskContext, evaluations: list[Evaluation], base: Evaluation | None = None
-) -> list[float]:
+) -> list[dict[str, float]]:
     """Each evaluation's samples placed between the base model's samples (0; ``base``'s, the base
     model's own evaluation, or drawn here as :func:`score_model` draws them) and the held-out images
-    (1): :func:`memrl.metrics.quality.domain_fidelity`. NaN (with a warning) where there are too
-    few held-out images for the vote."""
+    (1): :func:`memrl.metrics.quality.domain_fidelity`'s figures (``fidelity``, the vote's
+    ``floor``, ``ceiling`` and ``range``). NaN (with a warning) where there are too few held-out
+    images for the vote."""
     if base is None:
         s = ctx.cfg.sample
         labels, _ = sample_labels(ctx)
@@ -183,10 +184,10 @@ def domain_fidelities(
     held, out = ctx.splits.heldout.images, []
     for evaluation in evaluations:
         try:
-            out.append(domain_fidelity(ctx.encoder, _from_uint8(evaluation), held, base_images)["fidelity"])
+            out.append(domain_fidelity(ctx.encoder, _from_uint8(evaluation), held, base_images))
         except DataError as e:
             log.warning("no domain fidelity: %s", e)
-            out.append(math.nan)
+            out.append(dict.fromkeys(("fidelity", "share", "floor", "ceiling", "range"), math.nan))
     return out
 
 

@@ -63,3 +63,22 @@ def test_the_world_acceptance_measures_domain_fidelity_at_every_checkpoint():
     assert world.learns_domain(record) == (max(fidelity) >= world.LEARNS_DOMAIN)
     old = {"curve": [{"step": 25}]}  # a record from before the figure
     assert world.fidelity_cells(old) == "n/a / n/a / n/a" and not world.learns_domain(old)
+
+
+def test_the_world_vote_says_how_well_domain_fidelity_tells_base_samples_from_data(tmp_path, monkeypatch):
+    """``bench/world.py vote``: per source, the vote's floor and ceiling on the same base samples
+    as ``run`` and further draws of the base model, whose fidelity is the figure's noise."""
+    import argparse
+    import json
+
+    spec = importlib.util.spec_from_file_location("bench_world", BENCH / "world.py")
+    world = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(world)
+    monkeypatch.setattr(world, "VOTE", tmp_path / "vote.json")
+    assert world.vote(argparse.Namespace(config="test")) == 0
+    sources = json.loads((tmp_path / "vote.json").read_text())["sources"]
+    assert sources
+    for v in sources.values():
+        assert 0 <= v["floor"] <= 1 and 0 <= v["ceiling"] <= 1
+        assert v["range"] == v["ceiling"] - v["floor"]
+        assert len(v["redraws"]) == world.REDRAWS and all(-5 < f < 5 for f in v["redraws"])

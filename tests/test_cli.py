@@ -244,6 +244,8 @@ def test_the_report_warns_when_the_delivered_model_did_not_learn_the_domain():
     assert fidelity_note(0.6, 1.0) == ""  # it did learn the domain
     assert fidelity_note(0.3, 0.4) == ""  # neither did full fine-tuning: nothing to blame on the mask
     assert fidelity_note(math.nan, 0.9) == "" and fidelity_note(0.1, math.nan) == ""
+    faint = fidelity_note(-0.1, 0.9, vote_range=0.2)  # the base model already draws close to the data
+    assert "faint" in faint and "0.20" in faint and "may not have learned" not in faint
 
 
 def test_apply_policy_sizes_the_splits_from_a_small_dataset(run_dir, tmp_path):

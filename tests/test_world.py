@@ -97,7 +97,7 @@ def test_domain_fidelity_places_samples_between_the_base_domain_and_the_data():
     from memrl.data import bundled, load_splits
     from memrl.encoders import get_encoder
     from memrl.errors import DataError
-    from memrl.metrics.quality import domain_fidelity
+    from memrl.metrics.quality import FAINT_VOTE, domain_fidelity
 
     cfg = load_config("default")
     encoder = get_encoder(cfg, load_splits(cfg.data))
@@ -111,6 +111,9 @@ def test_domain_fidelity_places_samples_between_the_base_domain_and_the_data():
         assert abs(domain_fidelity(encoder, base_again, real, base)["fidelity"]) < 0.2, source
         halfway = domain_fidelity(encoder, torch.cat([other[:32], base_again[:32]]), real, base)["fidelity"]
         assert 0.2 < halfway < 0.8, source
+        assert domain_fidelity(encoder, other, real, base)["range"] > FAINT_VOTE, source
+    # a "base model" that already draws the data: the vote cannot tell, and says it is faint
+    assert domain_fidelity(encoder, other[:32], real, other[32:])["range"] < FAINT_VOTE
     assert domain_fidelity(encoder, other, real[:6], base)["fidelity"] > 0.5  # k cut to 5 of 6
     with pytest.raises(DataError, match="at least 4 held-out images"):
         domain_fidelity(encoder, other, real[:3], base)

@@ -12,7 +12,14 @@ from torch import nn
 from memrl.encoders import embed
 from memrl.errors import DataError
 
-__all__ = ["domain_fidelity", "fid_kid", "quality_controls"]
+__all__ = ["FAINT_VOTE", "domain_fidelity", "fid_kid", "quality_controls"]
+
+FAINT_VOTE = 0.4
+"""Below this vote range (``ceiling - floor`` of :func:`domain_fidelity`) the base model's samples
+are hard to tell from the held-out images, and domain fidelity is faint: on suite v3's sources
+with a range of 0.19-0.38 (photos, fashion, coins, camera, non-faces) another draw of the base
+model scored -0.26 to +0.16, against -0.13 to +0.12 where the range is 0.52 or more
+(docs/world.md, "the vote")."""
 
 
 class _Features(nn.Module):
@@ -88,7 +95,9 @@ def domain_fidelity(
     = draws like the base model) and the real images' own (the ceiling: 1 = draws like the data).
     KID and held-out loss do not see this: a model that still draws its pretraining mix can score
     as well on them as one that draws the new domain (docs/world.md, the text task). Real and base
-    are cut to the same count so the vote is not tilted by their sizes; ``k`` is cut below it."""
+    are cut to the same count so the vote is not tilted by their sizes; ``k`` is cut below it.
+    ``range`` (ceiling - floor) says how well the vote tells the two apart: below
+    :data:`FAINT_VOTE` the figure is faint (the base model already draws close to the data)."""
     n = min(len(real), len(base))
     if n < 4:
         raise DataError(
@@ -117,4 +126,5 @@ def domain_fidelity(
         "share": raw,
         "floor": floor,
         "ceiling": ceiling,
+        "range": ceiling - floor,
     }
