@@ -224,7 +224,8 @@ def first_of_each_source(entries: list[Any]) -> list[Any]:
     return [e for e in entries if firsts[e.cfg.data.source] is e]
 
 
-VOTE = RESULTS / "vote.json"
+VOTE = RESULTS / "vote" / "vote.json"
+"""Not beside the task records: the report reads every ``*.json`` there as one."""
 REDRAWS = 3
 """Further draws of the base model per source: domain fidelity's noise where nothing was learned."""
 
@@ -233,7 +234,7 @@ def vote(args: argparse.Namespace) -> int:
     """Per source (its first task): how well domain fidelity's vote tells the base model's samples
     from held-out images (floor, ceiling, range; the same base samples as ``run``'s), and the
     fidelity of :data:`REDRAWS` further draws of the base model, which should score 0. To
-    ``bench/results/world/vote.json``; the report reads it."""
+    ``bench/results/world/vote/vote.json``; the report reads it."""
     import torch
 
     from memrl.metrics.quality import domain_fidelity
@@ -273,6 +274,7 @@ def vote(args: argparse.Namespace) -> int:
         "versions": package_versions(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
+    VOTE.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(VOTE, json.dumps(record, indent=1) + "\n")
     return 0
 

@@ -16,10 +16,10 @@ __all__ = ["FAINT_VOTE", "domain_fidelity", "fid_kid", "quality_controls"]
 
 FAINT_VOTE = 0.4
 """Below this vote range (``ceiling - floor`` of :func:`domain_fidelity`) the base model's samples
-are hard to tell from the held-out images, and domain fidelity is faint: on suite v3's sources
-with a range of 0.19-0.38 (photos, fashion, coins, camera, non-faces) another draw of the base
-model scored -0.26 to +0.16, against -0.13 to +0.12 where the range is 0.52 or more
-(docs/world.md, "the vote")."""
+are hard to tell from the held-out images, and domain fidelity is faint: on suite v3's five
+sources with a range of 0.18-0.38 (photos, fashion, coins, camera, non-faces) further draws of
+the base model scored -0.23 to +0.17, against -0.10 to +0.07 on the nine with 0.52 or more
+(``python bench/world.py vote``; docs/world.md)."""
 
 
 class _Features(nn.Module):
