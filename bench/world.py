@@ -235,29 +235,19 @@ def vote(args: argparse.Namespace) -> int:
     from held-out images (floor, ceiling, range; the same base samples as ``run``'s), and the
     fidelity of :data:`REDRAWS` further draws of the base model, which should score 0. To
     ``bench/results/world/vote/vote.json``; the report reads it."""
-    import torch
-
     from memrl.metrics.quality import domain_fidelity
-    from memrl.sampling import sample
-    from memrl.scoring import sample_labels, score_model
+    from memrl.scoring import base_samples, from_uint8, score_model
     from memrl.training import FinetuneResult
 
     out = {}
     for entry in first_of_each_source(suite(load_config(args.config))):
         ctx = TaskContext.get(entry.cfg)
         base = score_model(ctx.base, ctx, np.zeros(ctx.space.k, dtype=np.int64), FinetuneResult())
-        base_images = torch.from_numpy(base.samples).float() / 127.5 - 1  # as domain_fidelities reads it
-        held = ctx.splits.heldout.images
+        base_images, held = from_uint8(base), ctx.splits.heldout.images
         figures = domain_fidelity(ctx.encoder, base_images, held, base_images)
-        labels, _ = sample_labels(ctx)
-        s, seed = ctx.cfg.sample, ctx.cfg.finetune.seed
+        seed = ctx.cfg.finetune.seed
         redraws = [
-            domain_fidelity(
-                ctx.encoder,
-                ctx.to_images(sample(ctx.base, labels, steps=s.steps, guidance=s.guidance, seed=seed + i)),
-                held,
-                base_images,
-            )["fidelity"]
+            domain_fidelity(ctx.encoder, base_samples(ctx, seed + i), held, base_images)["fidelity"]
             for i in range(1, REDRAWS + 1)
         ]
         out[entry.cfg.data.source] = {
@@ -383,6 +373,18 @@ def report(args: argparse.Namespace) -> int:
                 f"{_fmt(top['canary_copy_fraction'])} ({top['step']}) |"
             )
     fulls = others["full"]
+    measured = [r for r in fulls if "domain_fidelity" in r["curve"][0]]
+    faint = [
+        r["source"]
+        for r in measured
+        if not learns_domain(r) and votes.get(r["source"], {}).get("range", 1.0) < FAINT_VOTE
+    ]
+    faint_note = (
+        f"; of the others, {len(faint)} where the vote is faint (range below {FAINT_VOTE}: the base "
+        f"model already draws close to the held-out images): {', '.join(faint)}."
+        if faint
+        else "."
+    )
     head = [
         "# The world of base model v2: does memorization happen, and can the metrics tell?",
         "",
@@ -402,22 +404,9 @@ def report(args: argparse.Namespace) -> int:
             [
                 f"- Full fine-tuning's samples reach the domain (domain fidelity at least {LEARNS_DOMAIN} at "
                 f"some checkpoint: 0 = the base model's samples, 1 = held-out images): "
-                f"{sum(learns_domain(r) for r in measured)} of {len(measured)} sources"
-                + (
-                    f"; of the others, {len(faint)} where the vote is faint (range below {FAINT_VOTE}: "
-                    f"the base model already draws close to the held-out images): {', '.join(faint)}."
-                    if (
-                        faint := [
-                            r["source"]
-                            for r in measured
-                            if not learns_domain(r)
-                            and votes.get(r["source"], {}).get("range", 1.0) < FAINT_VOTE
-                        ]
-                    )
-                    else "."
-                )
+                f"{sum(learns_domain(r) for r in measured)} of {len(measured)} sources{faint_note}"
             ]
-            if (measured := [r for r in fulls if "domain_fidelity" in r["curve"][0]])
+            if measured
             else []
         ),
         "",

@@ -32,9 +32,11 @@ from memrl.utils import package_versions
 
 __all__ = [
     "CurveRecorder",
+    "base_samples",
     "domain_fidelities",
     "evaluate_spec",
     "finetune_and_score",
+    "from_uint8",
     "loss_metrics",
     "sample_labels",
     "score_model",
@@ -174,24 +176,28 @@ def domain_fidelities(
     (1): :func:`memrl.metrics.quality.domain_fidelity`'s figures (``fidelity``, the vote's
     ``floor``, ``ceiling`` and ``range``). NaN (with a warning) where there are too few held-out
     images for the vote."""
-    if base is None:
-        s = ctx.cfg.sample
-        labels, _ = sample_labels(ctx)
-        drawn = sample(ctx.base, labels, steps=s.steps, guidance=s.guidance, seed=ctx.cfg.finetune.seed)
-        base_images = ctx.to_images(drawn)
-    else:
-        base_images = _from_uint8(base)
+    base_images = base_samples(ctx) if base is None else from_uint8(base)
     held, out = ctx.splits.heldout.images, []
     for evaluation in evaluations:
         try:
-            out.append(domain_fidelity(ctx.encoder, _from_uint8(evaluation), held, base_images))
+            out.append(domain_fidelity(ctx.encoder, from_uint8(evaluation), held, base_images))
         except DataError as e:
             log.warning("no domain fidelity: %s", e)
             out.append(dict.fromkeys(("fidelity", "share", "floor", "ceiling", "range"), math.nan))
     return out
 
 
-def _from_uint8(evaluation: Evaluation) -> torch.Tensor:
+def base_samples(ctx: TaskContext, seed: int | None = None) -> torch.Tensor:
+    """The base model's samples in [-1, 1], drawn as :func:`score_model` draws them (seed: the
+    fine-tune seed unless given)."""
+    s = ctx.cfg.sample
+    labels, _ = sample_labels(ctx)
+    seed = ctx.cfg.finetune.seed if seed is None else seed
+    return ctx.to_images(sample(ctx.base, labels, steps=s.steps, guidance=s.guidance, seed=seed))
+
+
+def from_uint8(evaluation: Evaluation) -> torch.Tensor:
+    """An evaluation's kept samples back in [-1, 1]."""
     if evaluation.samples is None:
         raise SpecError("domain fidelity needs evaluations that kept their samples (score_model's)")
     return torch.from_numpy(evaluation.samples).float() / 127.5 - 1
